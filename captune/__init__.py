@@ -1,0 +1,1 @@
+"""captune: hyperparameter search for image captioning with Ray Tune, Optuna and MLflow."""

@@ -1,0 +1,192 @@
+"""The `captune` command: a thin layer over the library functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from trainables.models import ARCHS
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print("captune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        print(f"captune: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(e: Exception) -> bool:
+    from captune.training import TrainFailed
+    from data.images import ImageError
+    from data.layouts import LayoutError
+    from data.prepare import DataProblems
+    from trainables.checkpoint import CheckpointError
+    from trainables.config import ConfigError
+    from trainables.encoders import WeightsUnavailable
+
+    return isinstance(e, (ConfigError, LayoutError, DataProblems, CheckpointError, ImageError,
+                          WeightsUnavailable, TrainFailed, FileNotFoundError))
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+def cmd_synth(args) -> int:
+    from data.synth import write_synthetic
+
+    t0 = time.perf_counter()
+    out = write_synthetic(args.out, images=args.images, seed=args.seed)
+    print(f"wrote {args.images:,} images with 5 captions each to {out} in {time.perf_counter() - t0:.1f}s "
+          f"(Kaggle layout, preset {out / 'captune.yaml'})")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from data.check import check_dataset, format_report
+
+    report = check_dataset(args.dir, seed=args.seed, decode_images=not args.no_decode, progress=not args.json)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if report["problems"] else 0
+
+
+def cmd_train(args) -> int:
+    from captune.training import run_train
+    from trainables.config import compose, parse_overrides, preset_layers, read_config_file
+
+    layers = preset_layers(args.data, args.arch)
+    if args.config:
+        layers += read_config_file(args.config, args.arch)
+    flags = {k: v for k, v in (("epochs", args.epochs), ("image_blind", args.image_blind or None),
+                               ("skip_bad", args.skip_bad or None)) if v is not None}
+    layers += [("command line", flags), ("--set", parse_overrides(args.set))]
+    cfg = compose(args.arch, layers)
+    if args.gpu:
+        _require_gpu()
+    out = Path(args.out or Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"training {cfg.arch} on {args.data} with {args.workers} worker(s): " +
+          ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+    t0 = time.perf_counter()
+    outcome = run_train(cfg, args.data, out, workers=args.workers, use_gpu=args.gpu,
+                        tracking_uri=args.tracking_uri, experiment=args.experiment, ray_address=args.address)
+    best, final = outcome.metrics["best"], outcome.metrics["final"]
+    print(f"done in {time.perf_counter() - t0:.0f}s. validation BLEU-1..4 at the last epoch ({final['epoch']}): " +
+          " ".join(f"{final[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")))
+    print(f"saved the best epoch ({best['epoch']}, bleu4 {best['bleu4']:.4f}) to {outcome.checkpoint}, "
+          f"metrics in {outcome.out_dir / 'metrics.json'}")
+    print(f"MLflow run {outcome.run_id}: captune caption runs:/{outcome.run_id}/model IMAGE")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from captune.tracking import resolve_model
+    from trainables.checkpoint import load_checkpoint
+    from trainables.inference import evaluate_split
+
+    loaded = load_checkpoint(resolve_model(args.model, args.tracking_uri))
+    scores = evaluate_split(loaded, args.data, split=args.split, beam=args.beam, skip_bad=args.skip_bad)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        print(f"{args.split} split, {scores['images']:,} images, beam {args.beam}: " +
+              "  ".join(f"BLEU-{n} {scores[f'bleu{n}']:.4f}" for n in range(1, 5)))
+    return 0
+
+
+def cmd_caption(args) -> int:
+    from captune.tracking import resolve_model
+    from trainables.checkpoint import load_checkpoint
+    from trainables.inference import caption_images
+
+    loaded = load_checkpoint(resolve_model(args.model, args.tracking_uri))
+    for image, caption in zip(args.images, caption_images(loaded, args.images, beam=args.beam)):
+        print(f"{image}\t{caption}")
+    return 0
+
+
+def _require_gpu() -> None:
+    import torch
+
+    from trainables.config import ConfigError
+
+    if not torch.cuda.is_available():
+        raise ConfigError("--gpu: no CUDA GPU is visible on this machine (train on CPU without --gpu)")
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="captune", description=__doc__)
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="write or check datasets").add_subparsers(required=True, metavar="ACTION")
+    s = data.add_parser("synth", help="write the built-in dataset of shape scenes (Kaggle layout)")
+    s.add_argument("--out", required=True, help="folder to write")
+    s.add_argument("--images", type=_positive, default=3000, help="number of images (default 3000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(run=cmd_synth)
+    c = data.add_parser("check", help="report a dataset's layout, sizes and every problem")
+    c.add_argument("dir")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--seed", type=int, default=0, help="seed of the split for layouts without one")
+    c.add_argument("--no-decode", action="store_true", help="skip decoding every image")
+    c.set_defaults(run=cmd_check)
+
+    t = sub.add_parser("train", help="train one captioner with Ray Train")
+    t.add_argument("--arch", required=True, choices=ARCHS)
+    t.add_argument("--data", required=True, help="dataset folder (any Flickr8k layout)")
+    t.add_argument("--workers", type=_positive, default=1, help="Ray Train workers (DDP)")
+    t.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); else CPUs (gloo)")
+    t.add_argument("--epochs", type=_positive)
+    t.add_argument("--config", help="YAML file of settings (over the dataset's preset)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    t.add_argument("--image-blind", action="store_true", help="control run: shuffle images against captions")
+    t.add_argument("--skip-bad", action="store_true", help="leave out bad dataset items (counted)")
+    t.add_argument("--out", help="output folder (default runs/ARCH-TIME)")
+    _tracking_args(t)
+    t.add_argument("--experiment", default="captune-train", help="MLflow experiment name")
+    t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    t.set_defaults(run=cmd_train)
+
+    e = sub.add_parser("evaluate", help="BLEU-1..4 of a model on a dataset split")
+    e.add_argument("model", help="checkpoint path, or MLflow URI (runs:/ID/model, models:/NAME@ALIAS)")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--beam", type=_positive, default=1, help="beam width (1 = greedy)")
+    e.add_argument("--skip-bad", action="store_true")
+    e.add_argument("--json", action="store_true")
+    _tracking_args(e)
+    e.set_defaults(run=cmd_evaluate)
+
+    k = sub.add_parser("caption", help="caption image files")
+    k.add_argument("model", help="checkpoint path, or MLflow URI (runs:/ID/model, models:/NAME@ALIAS)")
+    k.add_argument("images", nargs="+", metavar="IMAGE")
+    k.add_argument("--beam", type=_positive, default=3)
+    _tracking_args(k)
+    k.set_defaults(run=cmd_caption)
+    return p
+
+
+def _tracking_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                                          "else the SQLite store in mlflow/)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""On-disk array caches (decoded pixels, frozen-encoder features), shared by every process.
+
+An entry is a .npy file plus a .json sidecar holding its key. Both are written under a new name
+and renamed into place, the sidecar last, and a file lock makes concurrent trials wait for one
+builder, so a half-written or foreign file is never read as valid: it is rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CAPTUNE_CACHE_DIR", Path.home() / ".cache" / "captune"))
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    """Changes when any file is added, removed, renamed, resized or touched."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = p.stat()
+            h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except FileNotFoundError:
+            h.update(f"{p.name}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def cached_array(cache_dir: Path, kind: str, key: dict, shape: tuple[int, ...], dtype: str,
+                 build: Callable[[np.ndarray], dict]) -> tuple[np.ndarray, dict]:
+    """A read-only memory map of the array for `key`, built by `build(out)` when absent or invalid.
+
+    `build` fills `out` and returns a JSON-able dict (e.g. problems found) kept in the sidecar
+    and returned with the array on every later hit.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_dir / f"{kind}-{digest}.npy"
+    sidecar = path.with_suffix(".json")
+    with FileLock(str(path) + ".lock"):
+        found = _open_valid(path, sidecar, key, shape, dtype)
+        if found is not None:
+            return found
+        partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+        try:
+            info = build(out)
+            out.flush()
+        except BaseException:
+            del out
+            partial.unlink(missing_ok=True)
+            raise
+        del out
+        os.replace(partial, path)
+        _write_json(sidecar, {"key": key, "shape": list(shape), "dtype": dtype,
+                              "bytes": path.stat().st_size, "info": info})
+    return np.load(path, mmap_mode="r"), info
+
+
+def _open_valid(path: Path, sidecar: Path, key: dict, shape, dtype) -> tuple[np.ndarray, dict] | None:
+    try:
+        meta = json.loads(sidecar.read_text())
+        if meta["key"] != key or path.stat().st_size != meta["bytes"]:
+            return None
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+    if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+        return None
+    return arr, meta["info"]
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)

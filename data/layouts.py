@@ -1,0 +1,261 @@
+"""Readers for Flickr8k's published layouts, chosen automatically from what a folder holds.
+
+1. original: an image folder + Flickr8k_text/Flickr8k.token.txt (`name.jpg#n<TAB>caption`)
+   and Flickr_8k.{train,dev,test}Images.txt (the official split).
+2. karpathy: dataset_flickr8k.json (a split per image, raw sentences) + an image folder.
+3. kaggle: Images/*.jpg + captions.txt (CSV with header `image,caption`), split by a seeded draw.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path, PurePosixPath
+
+from data.corpus import SPLITS, Corpus, Problem, seeded_split
+from data.text import tokenize
+
+IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images")
+TEXT_DIRS = ("Flickr8k_text", ".")
+SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+               "test": "Flickr_8k.testImages.txt"}
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+_CAPTION_ID = re.compile(r"^(?P<image>.+)#(?P<n>\d+)$")
+
+
+class LayoutError(ValueError):
+    """The folder is not a dataset in any known layout."""
+
+
+def load_corpus(root: str | Path, seed: int = 0) -> Corpus:
+    """Read the dataset at `root` in whichever layout it has; problems are collected, not raised."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"{root}: no such directory")
+    for reader in (_read_original, _read_karpathy, _read_kaggle):
+        corpus = reader(root, seed)
+        if corpus is not None:
+            return corpus
+    listing = sorted(p.name for p in root.iterdir())[:10]
+    raise LayoutError(
+        f"{root}: unknown dataset layout (holds {listing or 'nothing'}). Expected one of: "
+        f"Images/ + captions.txt (Kaggle); an image folder ({', '.join(IMAGE_DIRS)}) + "
+        "Flickr8k_text/Flickr8k.token.txt and the Flickr_8k.*Images.txt split files (original); "
+        "dataset_flickr8k.json + an image folder (Karpathy). "
+        "Or write the built-in dataset with `captune data synth --out DIR`."
+    )
+
+
+# --- layouts -------------------------------------------------------------------------------------
+
+def _read_original(root: Path, seed: int) -> Corpus | None:
+    token = _first_existing(root / d / "Flickr8k.token.txt" for d in TEXT_DIRS)
+    if token is None:
+        return None
+    problems: list[Problem] = []
+    image_dir = _image_dir(root, problems, token)
+    captions: dict[str, list[str]] = {}
+    seen: dict[str, int] = {}
+    first_line: dict[str, int] = {}
+    for line_no, line in _text_lines(token, problems):
+        if not line.strip():
+            continue
+        key, tab, caption = line.partition("\t")
+        match = _CAPTION_ID.match(key.strip())
+        if not tab or match is None:
+            problems.append(Problem("malformed_line", str(token), line_no,
+                                    f"expected 'image.jpg#n<TAB>caption', got {line[:80]!r}"))
+            continue
+        image, key = match["image"], key.strip()
+        if key in seen:
+            problems.append(Problem("duplicate_entry", str(token), line_no,
+                                    f"caption id {key} already given on line {seen[key]}", image))
+            continue
+        seen[key] = line_no
+        first_line.setdefault(image, line_no)
+        _add_caption(captions, image, caption, str(token), line_no, problems)
+    splits = {}
+    split_lines: dict[str, tuple[str, int]] = {}
+    for split, name in SPLIT_FILES.items():
+        path = token.parent / name
+        if not path.exists():
+            problems.append(Problem("missing_split_file", str(path), None,
+                                    f"split file {name} not found; that split is empty"))
+            splits[split] = []
+            continue
+        splits[split] = _read_split_file(path, split, captions, split_lines, problems)
+    corpus = Corpus(root, "original", token, image_dir, captions, splits, problems)
+    _check_images_exist(corpus, token, first_line)
+    _report_unsplit(corpus)
+    return corpus
+
+
+def _read_karpathy(root: Path, seed: int) -> Corpus | None:
+    path = _first_existing([root / "dataset_flickr8k.json"])
+    if path is None:
+        return None
+    problems: list[Problem] = []
+    image_dir = _image_dir(root, problems, path)
+    raw = path.read_bytes()
+    try:
+        doc = json.loads(raw.decode("utf-8-sig"))
+        entries = doc["images"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        problems.append(Problem("malformed_file", str(path), getattr(e, "lineno", None),
+                                f"not a Karpathy split file (expected {{'images': [...]}}): {e}"))
+        return Corpus(root, "karpathy", path, image_dir, {}, {s: [] for s in SPLITS}, problems)
+    captions: dict[str, list[str]] = {}
+    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for i, entry in enumerate(entries):
+        where = f"images[{i}]"
+        try:
+            image, split, sentences = entry["filename"], entry["split"], entry["sentences"]
+            raws = [s["raw"] for s in sentences]
+        except (KeyError, TypeError) as e:
+            problems.append(Problem("malformed_line", str(path), None, f"{where}: missing field {e}"))
+            continue
+        if image in captions:
+            problems.append(Problem("duplicate_entry", str(path), None,
+                                    f"{where}: image {image} listed twice; the first entry is used"))
+            continue
+        if split not in KARPATHY_SPLITS:
+            problems.append(Problem("malformed_line", str(path), None,
+                                    f"{where}: unknown split {split!r}", image))
+            continue
+        if not _safe_name(image, str(path), None, problems):
+            continue
+        captions.setdefault(image, [])
+        for j, caption in enumerate(raws):
+            _add_caption(captions, image, caption, str(path), None, problems, f"{where}.sentences[{j}]")
+        splits[KARPATHY_SPLITS[split]].append(image)
+    corpus = Corpus(root, "karpathy", path, image_dir, captions, splits, problems)
+    _check_images_exist(corpus, path, {})
+    return corpus
+
+
+def _read_kaggle(root: Path, seed: int) -> Corpus | None:
+    path = _first_existing([root / "captions.txt"])
+    if path is None:
+        return None
+    problems: list[Problem] = []
+    image_dir = _image_dir(root, problems, path)
+    text = _decode(path, problems)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    captions: dict[str, list[str]] = {}
+    first_line: dict[str, int] = {}
+    header = next(reader, None)
+    if header is None or [h.strip().lower() for h in header] != ["image", "caption"]:
+        problems.append(Problem("malformed_line", str(path), 1,
+                                f"expected the header 'image,caption', got {header!r}"))
+    for row in reader:
+        line_no = reader.line_num
+        if not row or row == [""]:
+            continue
+        if len(row) != 2:
+            problems.append(Problem("malformed_line", str(path), line_no,
+                                    f"expected 2 fields 'image,caption', got {len(row)}: {row!r:.80}"))
+            continue
+        first_line.setdefault(row[0].strip(), line_no)
+        _add_caption(captions, row[0].strip(), row[1], str(path), line_no, problems)
+    corpus = Corpus(root, "kaggle", path, image_dir, captions, {}, problems)
+    _check_images_exist(corpus, path, first_line)
+    corpus.splits = seeded_split(list(captions), seed)
+    return corpus
+
+
+# --- shared pieces -------------------------------------------------------------------------------
+
+def _first_existing(paths) -> Path | None:
+    return next((p for p in paths if p.is_file()), None)
+
+
+def _image_dir(root: Path, problems: list[Problem], caption_file: Path) -> Path:
+    for name in IMAGE_DIRS:
+        if (root / name).is_dir():
+            return root / name
+    problems.append(Problem("missing_image_dir", str(root), None,
+                            f"no image folder beside {caption_file.name}: expected one of {IMAGE_DIRS}"))
+    return root / "Images"
+
+
+def _decode(path: Path, problems: list[Problem]) -> str:
+    """File text with a UTF-8 BOM dropped; bytes that are not UTF-8 are reported by line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8-sig", errors="replace")
+        for n, line in enumerate(text.splitlines(), 1):
+            if "\ufffd" in line:
+                problems.append(Problem("encoding", str(path), n,
+                                        f"bytes that are not UTF-8 (shown as \ufffd): {line[:80]!r}"))
+        return text
+
+
+def _text_lines(path: Path, problems: list[Problem]):
+    # splitlines() accepts LF and CRLF alike.
+    yield from enumerate(_decode(path, problems).splitlines(), 1)
+
+
+def _safe_name(image: str, file: str, line: int | None, problems: list[Problem]) -> bool:
+    """Image names must stay inside the image folder: no absolute paths, no '..'."""
+    p = PurePosixPath(image.replace("\\", "/"))
+    if not image or p.is_absolute() or ".." in p.parts or (len(image) > 1 and image[1] == ":"):
+        problems.append(Problem("bad_image_name", file, line,
+                                f"image name {image!r} points outside the image folder", None))
+        return False
+    return True
+
+
+def _add_caption(captions: dict[str, list[str]], image: str, caption: str, file: str,
+                 line: int | None, problems: list[Problem], where: str = "") -> None:
+    if not _safe_name(image, file, line, problems):
+        return
+    captions.setdefault(image, [])
+    if tokenize(caption):
+        captions[image].append(caption.strip())
+    else:
+        prefix = f"{where}: " if where else ""
+        problems.append(Problem("empty_caption", file, line, f"{prefix}caption of {image} has no words"))
+
+
+def _read_split_file(path: Path, split: str, captions: dict, seen: dict[str, tuple[str, int]],
+                     problems: list[Problem]) -> list[str]:
+    names = []
+    for line_no, line in _text_lines(path, problems):
+        name = line.strip()
+        if not name:
+            continue
+        if name in seen:
+            other, other_line = seen[name]
+            problems.append(Problem("duplicate_entry", str(path), line_no,
+                                    f"{name} already listed in the {other} split (line {other_line})"))
+            continue
+        seen[name] = (split, line_no)
+        if name not in captions:
+            problems.append(Problem("no_captions", str(path), line_no, f"{name} has no captions"))
+            continue
+        names.append(name)
+    return names
+
+
+def _check_images_exist(corpus: Corpus, file: Path, line_of: dict[str, int]) -> None:
+    for image in [im for im, caps in corpus.captions.items() if not caps]:
+        corpus.problems.append(Problem("no_captions", str(file), line_of.get(image),
+                                       f"{image} has no usable caption", image))
+    present = {p.name for p in corpus.image_dir.iterdir()} if corpus.image_dir.is_dir() else set()
+    for image in corpus.captions:
+        if image not in present and not corpus.image_path(image).is_file():
+            corpus.problems.append(Problem("missing_image", str(file), line_of.get(image),
+                                           f"{image} has captions but no file in {corpus.image_dir}", image))
+
+
+def _report_unsplit(corpus: Corpus) -> None:
+    unsplit = corpus.unsplit()
+    missing = corpus.bad_images()
+    for image in unsplit:
+        if image not in missing:
+            corpus.problems.append(Problem("no_split", str(corpus.caption_file), None,
+                                           f"{image} is in no split file; it is not used", image,
+                                           severity="warning"))

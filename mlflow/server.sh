@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Start the MLflow tracking server (and UI) over captune's store, bound to 127.0.0.1 only.
+#   mlflow/server.sh                 # http://127.0.0.1:5000, SQLite store mlflow/mlflow.db
+#   PORT=5001 mlflow/server.sh
+#   BACKEND_URI=postgresql://user@db/mlflow ARTIFACTS=s3://bucket/mlflow mlflow/server.sh   # a team's server
+# Runs logged before from the command line (SQLite store) show up as they are.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(dirname "$here")
+mlflow_bin=${MLFLOW_BIN:-$root/.venv/bin/mlflow}
+[ -x "$mlflow_bin" ] || mlflow_bin=mlflow
+export MLFLOW_DISABLE_TELEMETRY=${MLFLOW_DISABLE_TELEMETRY:-true}
+# Without the job runner the server starts in ~4 s and ~0.45 GB instead of ~10 s and 2.3 GB.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
+exec "$mlflow_bin" server \
+  --backend-store-uri "${BACKEND_URI:-sqlite:///$here/mlflow.db}" \
+  --artifacts-destination "${ARTIFACTS:-$here/artifacts}" \
+  --host "${HOST:-127.0.0.1}" --port "${PORT:-5000}" --workers "${WORKERS:-1}"

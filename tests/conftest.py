@@ -1,0 +1,50 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+SHARED_FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+
+# Small and fast: 32-pixel images, tiny layers. Learnability is measured by the acceptance runs.
+TINY = {"image_size": 32, "embed_size": 16, "hidden_size": 32, "batch_size": 16, "epochs": 1,
+        "vocab_threshold": 1, "lr": 0.003, "encoder_cnn": "vgg-small", "encoder_rnn": "resnet18"}
+
+
+def tiny_overrides(arch: str, **more) -> dict:
+    base = {k: v for k, v in TINY.items() if not k.startswith("encoder_")}
+    base["encoder"] = TINY["encoder_cnn"] if arch == "cnn-lstm" else TINY["encoder_rnn"]
+    base.update(pretrained=False, fine_tune=True)
+    base.update(more)
+    return base
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    from data.synth import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("synth"), images=60, seed=1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["CAPTUNE_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # More logical CPUs than this 2-core machine has, or Train workers wait for a CPU forever.
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

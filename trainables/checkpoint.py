@@ -1,0 +1,76 @@
+"""Checkpoint I/O: state_dicts plus the configuration needed to rebuild, never pickled modules."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.vocab import Vocabulary
+from trainables.models import Captioner, ModelConfig, build_model
+
+FORMAT = "captune-checkpoint/1"
+FILENAME = "model.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked: wrong file, wrong format, wrong architecture."""
+
+
+@dataclass
+class Loaded:
+    model: Captioner
+    vocab: Vocabulary
+    payload: dict  # everything else saved: train_config, epoch, history, optimizer, ...
+
+
+def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocabulary, *,
+                    encoder_trained: bool, **extra) -> Path:
+    """Write atomically. A frozen ImageNet encoder is not stored: it is rebuilt from torchvision's
+    weights on load, which keeps per-epoch checkpoints of VGG16 models small."""
+    path = Path(path)
+    keep_encoder = encoder_trained or not model.cfg.pretrained
+    state = {k: v for k, v in model.state_dict().items() if keep_encoder or not k.startswith("encoder.")}
+    payload = {"format": FORMAT, "model_config": model.cfg.to_dict(), "vocab": vocab.to_dict(),
+               "encoder_stored": keep_encoder, "model": state, **extra}
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_payload(path: str | Path, map_location: str = "cpu") -> dict:
+    """The saved dict, checked to be a captune checkpoint; tensors only, no code is unpickled."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except Exception as e:  # torch raises several types for files that are not checkpoints
+        raise CheckpointError(f"{path}: not a readable captune checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a captune checkpoint (expected format {FORMAT})")
+    return payload
+
+
+def load_checkpoint(path: str | Path, arch: str | None = None, map_location: str = "cpu") -> Loaded:
+    """Rebuild a model from a checkpoint file (or a folder holding model.pt), refusing one whose
+    architecture is not `arch`."""
+    payload = read_payload(path, map_location)
+    cfg = ModelConfig(**payload["model_config"])
+    if arch is not None and cfg.arch != arch:
+        raise CheckpointError(f"{path}: checkpoint is a {cfg.arch} model, not the requested {arch}")
+    stored = payload["encoder_stored"]
+    # A stored encoder is loaded over a randomly initialised one: no download needed.
+    model = build_model(ModelConfig(**{**cfg.to_dict(), "pretrained": cfg.pretrained and not stored}))
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    missing = [k for k in missing if stored or not k.startswith("encoder.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit a {cfg.arch} model "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.cfg = cfg
+    model.eval()
+    return Loaded(model, Vocabulary.from_dict(payload["vocab"]), payload)

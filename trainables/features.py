@@ -1,0 +1,38 @@
+"""Frozen-encoder features, computed once per (encoder, weights, image size, image list)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.cache import cached_array
+from data.prepare import PreparedData
+from trainables.encoders import ImageEncoder, weights_enum
+
+
+def weights_id(encoder: str, pretrained: bool, seed: int) -> str:
+    # A random-init encoder's weights follow from the seed (and the torch version's init code).
+    return weights_enum(encoder).name if pretrained else f"random-seed{seed}-torch{torch.__version__}"
+
+
+def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: PreparedData,
+                     cache_dir: Path, device: torch.device, batch_size: int = 128,
+                     progress: bool = True) -> np.ndarray:
+    """(N, F) float32 features of every image in `data`, memory-mapped from the shared cache."""
+    key = {"encoder": name, "weights": weights, "pixels": data.pixels_key}
+    n = len(data.images)
+
+    @torch.no_grad()
+    def build(out: np.ndarray) -> dict:
+        encoder.eval()
+        for start in tqdm(range(0, n, batch_size), desc=f"encoding images with {name}", disable=not progress,
+                          leave=False):
+            pixels = torch.from_numpy(np.ascontiguousarray(data.pixels[start:start + batch_size])).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out[start:start + batch_size] = encoder(pixels).float().cpu().numpy()
+        return {}
+
+    features, _ = cached_array(cache_dir, f"features-{name}", key, (n, encoder.out_features), "float32", build)
+    return features

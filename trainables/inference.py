@@ -1,0 +1,75 @@
+"""Captioning with a trained model: validation decoding, evaluation on a split, new images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data.images import read_image
+from data.vocab import Vocabulary
+from trainables.checkpoint import Loaded
+from trainables.models import Captioner
+
+
+@torch.no_grad()
+def decode(model: Captioner, inputs: np.ndarray, rows: np.ndarray, vocab: Vocabulary, max_len: int,
+           beam: int, *, encode: bool, device: torch.device, rank: int = 0, world_size: int = 1,
+           batch_size: int = 256) -> list[str]:
+    """Free-running captions of inputs[rows] (pixels if `encode`, else features). With several
+    ranks, each decodes an interleaved share and all exchange them, so all return the full list."""
+    model.eval()
+    mine = np.arange(rank, len(rows), world_size)
+    hyps = []
+    for start in range(0, len(mine), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(inputs[rows[mine[start:start + batch_size]]])).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats = model.encoder(x) if encode else x.float()
+            ids = model.caption(feats, vocab.start_id, vocab.end_id, max_len, beam)
+        hyps += [vocab.decode(seq) for seq in ids.tolist()]
+    if world_size == 1:
+        return hyps
+    shares: list = [None] * world_size
+    dist.all_gather_object(shares, hyps)
+    out = [""] * len(rows)
+    for r, share in enumerate(shares):
+        out[r::world_size] = share
+    return out
+
+
+def image_size_of(loaded: Loaded) -> int:
+    return int(loaded.payload.get("train_config", {}).get("image_size", 224))
+
+
+def max_len_of(loaded: Loaded) -> int:
+    return int(loaded.payload.get("train_config", {}).get("max_len", 30))
+
+
+def caption_images(loaded: Loaded, paths: list[str | Path], beam: int = 1,
+                   device: torch.device | None = None) -> list[str]:
+    """One caption per image file (any size, JPEG or PNG), prepared as in training."""
+    device = device or torch.device("cpu")
+    size = image_size_of(loaded)
+    pixels = np.stack([read_image(p, size) for p in paths])
+    model = loaded.model.to(device)
+    return decode(model, pixels, np.arange(len(paths)), loaded.vocab, max_len_of(loaded), beam,
+                  encode=True, device=device)
+
+
+def evaluate_split(loaded: Loaded, data_root: str | Path, split: str = "test", beam: int = 1,
+                   cache_dir: Path | None = None, skip_bad: bool = False,
+                   device: torch.device | None = None) -> dict:
+    """Corpus BLEU-1..4 of the model's captions on a split of a dataset, against all references."""
+    from data.cache import default_cache_dir
+    from data.prepare import prepare_data
+    from trainables.metrics import bleu
+
+    device = device or torch.device("cpu")
+    seed = int(loaded.payload.get("train_config", {}).get("seed", 0))  # the seeded split it trained on
+    data = prepare_data(data_root, image_size_of(loaded), cache_dir or default_cache_dir(),
+                        skip_bad=skip_bad, seed=seed, progress=False)
+    rows = data.rows(split)
+    hyps = decode(loaded.model.to(device), data.pixels, rows, loaded.vocab, max_len_of(loaded), beam,
+                  encode=True, device=device)
+    return {"split": split, "beam": beam, "images": len(rows), **bleu(hyps, data.captions(split))}

@@ -1,0 +1,160 @@
+"""The per-worker training function shared by both architectures, in plain PyTorch.
+
+`train` runs on every rank. What differs between a Ray Train worker and a plain process (rank,
+device, how to wrap the model for DDP, where reports go) arrives in a `WorkerContext`.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data.batches import CaptionTable, ImageBatches
+from data.cache import default_cache_dir
+from data.prepare import PreparedData, prepare_data
+from trainables.checkpoint import FILENAME, CheckpointError, load_checkpoint, save_checkpoint
+from trainables.config import TrainConfig
+from trainables.features import encoder_features, weights_id
+from trainables.inference import decode
+from trainables.metrics import bleu
+from trainables.models import Captioner, ModelConfig, build_model
+
+
+class Diverged(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # report(metrics, checkpoint_dir or None): called by every rank once per epoch
+    report: Callable[[dict, Path | None], None] = lambda metrics, ckpt: None
+    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    resume_from: Path | None = None  # a folder holding model.pt
+
+
+class TeacherForcing(nn.Module):
+    """What DDP wraps: encoder (when trained) and decoder in one forward, so every trained
+    parameter takes part in the all-reduce."""
+
+    def __init__(self, model: Captioner, encode: bool):
+        super().__init__()
+        self.model, self.encode = model, encode
+
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        feats = self.model.encoder(inputs) if self.encode else inputs.float()  # (B, F)
+        return self.model(feats[owner], captions)  # (C, T-1, V)
+
+
+def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext) -> dict:
+    """Train for cfg.epochs, reporting validation BLEU after each epoch; returns the last metrics."""
+    lead = ctx.rank == 0
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    data = prepare_data(data_root, cfg.image_size, cache_dir, skip_bad=cfg.skip_bad, seed=cfg.seed,
+                        progress=lead)
+    vocab = data.vocabulary(cfg.vocab_threshold)
+    torch.manual_seed(cfg.seed)  # same init on every rank, and the same frozen random encoder
+    model = build_model(ModelConfig(cfg.arch, len(vocab), cfg.encoder, cfg.pretrained, cfg.embed_size,
+                                    cfg.hidden_size, cfg.num_layers, cfg.dropout))
+    inputs = _encoder_inputs(model, cfg, data, cache_dir, ctx.device, lead)
+    model.to(ctx.device)
+    module = ctx.wrap_model(TeacherForcing(model, encode=cfg.fine_tune).to(ctx.device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    start_epoch, history = 0, []
+    if ctx.resume_from is not None:
+        start_epoch, history = _resume(ctx.resume_from, cfg, model, vocab, optimizer)
+
+    train_rows = data.rows("train")
+    if cfg.image_blind:  # control run: each image's captions now describe another image
+        train_rows = np.random.default_rng(cfg.seed).permutation(train_rows)
+    batches = ImageBatches(inputs, train_rows, CaptionTable.build(data.captions("train"), vocab, cfg.max_len),
+                           cfg.batch_size, ctx.rank, ctx.world_size, shuffle=True, seed=cfg.seed)
+    val_rows, val_refs = data.rows("val"), data.captions("val")
+    if cfg.val_images:
+        val_rows, val_refs = val_rows[:cfg.val_images], val_refs[:cfg.val_images]
+
+    metrics: dict = history[-1] if history else {}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        loss = _train_epoch(module, model, batches, optimizer, cfg, ctx, epoch)
+        t1 = time.perf_counter()
+        hyps = decode(model, inputs, val_rows, vocab, cfg.max_len, cfg.val_beam, encode=cfg.fine_tune,
+                      device=ctx.device, rank=ctx.rank, world_size=ctx.world_size)
+        metrics = {"epoch": epoch + 1, "loss": loss, **bleu(hyps, val_refs),
+                   "epoch_seconds": t1 - t0, "val_seconds": time.perf_counter() - t1,
+                   "vocab_size": len(vocab), "skipped_items": len(data.skipped)}
+        history.append(metrics)
+        if lead:
+            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  " +
+                  "  ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")) +
+                  f"  ({metrics['epoch_seconds']:.1f}s train, {metrics['val_seconds']:.1f}s val)", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp) / FILENAME, model, vocab, encoder_trained=cfg.fine_tune,
+                                train_config=cfg.to_dict(), epoch=epoch + 1, history=history,
+                                optimizer=optimizer.state_dict(), example=hyps[:5])
+                ctx.report(metrics, Path(tmp))
+        else:
+            ctx.report(metrics, None)
+    return metrics
+
+
+def _encoder_inputs(model: Captioner, cfg: TrainConfig, data: PreparedData, cache_dir: Path,
+                    device: torch.device, progress: bool) -> np.ndarray:
+    """Pixels when the encoder trains; else its features, from the shared cache."""
+    if cfg.fine_tune:
+        return data.pixels
+    model.encoder.requires_grad_(False)
+    model.encoder.to(device)
+    return encoder_features(model.encoder, cfg.encoder, weights_id(cfg.encoder, cfg.pretrained, cfg.seed),
+                            data, cache_dir, device, progress=progress)
+
+
+def _train_epoch(module: nn.Module, model: Captioner, batches: ImageBatches, optimizer, cfg: TrainConfig,
+                 ctx: WorkerContext, epoch: int) -> float:
+    model.train()
+    if not cfg.fine_tune:
+        model.encoder.eval()  # frozen: keep BatchNorm statistics as they are
+    batches.set_epoch(epoch)
+    pad = 0
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # summed token loss, tokens
+    for step, batch in enumerate(batches):
+        captions = batch.captions.to(ctx.device)
+        targets = captions[:, 1:]
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+            logits = module(batch.inputs.to(ctx.device), captions, batch.image_of_caption.to(ctx.device))
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                           ignore_index=pad)
+        if not torch.isfinite(loss):
+            raise Diverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                           f"(lr={cfg.lr}): training diverged")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        tokens = (targets != pad).sum()
+        total += torch.stack([loss.detach().double() * tokens, tokens.double()])
+    if ctx.world_size > 1:
+        dist.all_reduce(total)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _resume(folder: Path, cfg: TrainConfig, model: Captioner, vocab, optimizer) -> tuple[int, list]:
+    loaded = load_checkpoint(folder, arch=cfg.arch)
+    if loaded.vocab.words != vocab.words:
+        raise CheckpointError(f"{folder}: checkpoint vocabulary differs from this run's "
+                              f"(vocab_threshold or data changed); refusing to resume")
+    model.load_state_dict(loaded.model.state_dict())
+    optimizer.load_state_dict(loaded.payload["optimizer"])
+    return int(loaded.payload["epoch"]), list(loaded.payload["history"])
+

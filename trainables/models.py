@@ -1,0 +1,123 @@
+"""The two captioners. Model code only: no data loading, no training.
+
+Both share `Captioner`, which owns decoding through three hooks: `start` (state from image
+features), `step` (one word) and `forward` (teacher forcing over whole captions).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from trainables.decoding import generate
+from trainables.encoders import build_encoder
+
+ARCHS = ("cnn-lstm", "resnet-gru")
+
+State = tuple[torch.Tensor, ...]  # recurrent state; every tensor has the batch on dim 1
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    vocab_size: int
+    encoder: str
+    pretrained: bool = False
+    embed_size: int = 256
+    hidden_size: int = 512
+    num_layers: int = 1
+    dropout: float = 0.3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Captioner(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg.encoder, cfg.pretrained)
+        # Image features arrive at any scale (a random or ImageNet encoder, frozen or not):
+        # normalising them lets the decoder use them from the first steps on.
+        self.feat_norm = nn.BatchNorm1d(self.encoder.out_features)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_size)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def start(self, feats: torch.Tensor) -> State:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        raise NotImplementedError
+
+    def forward(self, feats: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: logits (C, T-1, V) predicting captions[:, 1:] from captions[:, :-1]."""
+        raise NotImplementedError
+
+    @staticmethod
+    def reorder(state: State, index: torch.Tensor) -> State:
+        return tuple(s.index_select(1, index) for s in state)
+
+    @torch.no_grad()
+    def caption(self, feats: torch.Tensor, start_id: int, end_id: int, max_len: int,
+                beam: int = 1) -> torch.Tensor:
+        """Token ids (B, <=max_len) by beam search; beam=1 is greedy search."""
+        return generate(self, feats, start_id, end_id, max_len, beam)
+
+
+class CnnLstm(Captioner):
+    """Show and Tell: the projected image feature is the LSTM's first input."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.project = nn.Linear(self.encoder.out_features, cfg.embed_size)
+        self.lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
+                            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+
+    def start(self, feats: torch.Tensor) -> State:
+        image = self.project(self.feat_norm(feats)).unsqueeze(1)  # (B, 1, E)
+        _, state = self.lstm(image)
+        return state
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
+        return self.head(self.drop(out[:, 0])), state
+
+    def forward(self, feats: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        image = self.project(self.feat_norm(feats)).unsqueeze(1)  # (C, 1, E)
+        words = self.drop(self.embed(captions[:, :-1]))  # (C, T-1, E)
+        out, _ = self.lstm(torch.cat([image, words], dim=1))  # (C, T, H)
+        return self.head(self.drop(out[:, 1:]))  # (C, T-1, V)
+
+
+class ResnetGru(Captioner):
+    """The pooled image feature initialises the GRU's hidden state."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.init_hidden = nn.Linear(self.encoder.out_features, cfg.hidden_size * cfg.num_layers)
+        self.gru = nn.GRU(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
+                          dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+
+    def start(self, feats: torch.Tensor) -> State:
+        h = torch.tanh(self.init_hidden(self.feat_norm(feats)))  # (B, L*H)
+        h = h.view(feats.size(0), self.cfg.num_layers, self.cfg.hidden_size).transpose(0, 1)
+        return (h.contiguous(),)  # (L, B, H)
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        out, h = self.gru(self.embed(tokens).unsqueeze(1), state[0])  # (B, 1, H)
+        return self.head(self.drop(out[:, 0])), (h,)
+
+    def forward(self, feats: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        words = self.drop(self.embed(captions[:, :-1]))  # (C, T-1, E)
+        out, _ = self.gru(words, self.start(feats)[0])  # (C, T-1, H)
+        return self.head(self.drop(out))  # (C, T-1, V)
+
+
+def build_model(cfg: ModelConfig) -> Captioner:
+    if cfg.arch == "cnn-lstm":
+        return CnnLstm(cfg)
+    if cfg.arch == "resnet-gru":
+        return ResnetGru(cfg)
+    raise ValueError(f"unknown arch {cfg.arch!r}: choose one of {ARCHS}")

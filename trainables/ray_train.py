@@ -1,0 +1,74 @@
+"""Ray Train: the per-worker function under a TorchTrainer, DDP over N workers (NCCL on GPUs,
+gloo on CPUs)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from trainables.config import TrainConfig
+from trainables.loop import WorkerContext, train
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. `config` holds plain values only: the TrainConfig as a dict, the
+    dataset folder, and where to log metrics in MLflow (rank 0 does)."""
+    cfg = TrainConfig(**config["train"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    logger = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from captune.tracking import EpochLogger
+
+        logger = EpochLogger(config["tracking_uri"], config["mlflow_run_id"])
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        if logger is not None:
+            logger.log(metrics)
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    ctx = WorkerContext(rank=rank, world_size=context.get_world_size(), device=ray.train.torch.get_device(),
+                        report=report, wrap_model=ray.train.torch.prepare_model)
+    resume = ray.train.get_checkpoint()
+    if resume is None:
+        train(cfg, config["data_root"], ctx)
+        return
+    with resume.as_directory() as folder:  # restarted after a failure: go on from the last epoch
+        ctx.resume_from = Path(folder)
+        train(cfg, config["data_root"], ctx)
+
+
+def cpus_per_worker(workers: int) -> int:
+    """On one machine, split its cores between the workers (Ray sets each worker's thread count
+    from this); at least one each."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, use_gpu: bool = False,
+                 gpus_per_worker: float = 1.0, cpus: int | None = None, name: str | None = None,
+                 storage_path: str | None = None, max_failures: int = 0,
+                 tracking_uri: str | None = None, mlflow_run_id: str | None = None) -> TorchTrainer:
+    resources = {"CPU": cpus or cpus_per_worker(workers)}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "data_root": str(Path(data_root).resolve()),
+                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="bleu4",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            # Ray Train's per-report INFO lines would drown the one line per epoch that rank 0
+            # prints; print() is left unpatched so that line appears once.
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
