@@ -146,6 +146,10 @@ def _train_epoch(module: nn.Module, model: Captioner, batches: ImageBatches, opt
         total += torch.stack([loss.detach().double() * tokens, tokens.double()])
     if ctx.world_size > 1:
         dist.all_reduce(total)
+        # DDP syncs buffers (BatchNorm statistics) at the start of each forward, so after the last
+        # step they differ per rank: take rank 0's, and every rank validates the same model.
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
     return float(total[0] / total[1].clamp(min=1))
 
 

@@ -1,0 +1,117 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captune.cli import main
+from tests import datasets
+from tests.conftest import tiny_overrides
+
+CAPTUNE = [sys.executable, "-m", "captune.cli"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.run([*CAPTUNE, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_synth_and_check_json(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--images", "40", "--seed", "3"]) == 0
+    assert (tmp_path / "d" / "captune.yaml").is_file()
+    capsys.readouterr()
+    assert main(["data", "check", str(tmp_path / "d"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layout"] == "kaggle" and report["images"] == 40 and report["captions"] == 200
+    assert sum(report["splits"].values()) == 40 and report["problems"] == []
+    # the same seed writes the same bytes
+    main(["data", "synth", "--out", str(tmp_path / "e"), "--images", "40", "--seed", "3"])
+    for name in ("captions.txt", "Images/synth_3_000007.jpg"):
+        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "e" / name).read_bytes()
+
+
+@pytest.fixture()
+def bad_dataset(tmp_path) -> Path:
+    caps = datasets.sample_captions(12)
+    root = datasets.kaggle(tmp_path / "bad", caps, images=[im for im in caps if im != "img002.jpg"])
+    (root / "Images" / "img003.jpg").write_bytes(b"")
+    good = (root / "Images" / "img004.jpg").read_bytes()
+    (root / "Images" / "img004.jpg").write_bytes(good[: len(good) // 2])
+    with open(root / "captions.txt", "a") as f:
+        f.write("img006.jpg,a caption,with,too many fields\n")
+    return root
+
+
+def test_bad_items_are_named_without_traceback(bad_dataset):
+    check = run_cli("data", "check", str(bad_dataset))
+    assert check.returncode == 1
+    for needle in ("img002.jpg", "img003.jpg", "empty file", "img004.jpg", "truncated", "captions.txt:38",
+                   "malformed_line"):
+        assert needle in check.stdout, needle
+    train = run_cli("train", "--arch", "cnn-lstm", "--data", str(bad_dataset), "--set", "pretrained=false",
+                    "--set", "encoder=vgg-small")
+    assert train.returncode == 2 and "Traceback" not in train.stderr
+    assert "img002.jpg" in train.stderr and "captions.txt:38" in train.stderr and "--skip-bad" in train.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "lr=-1"], "lr=-1.0 must be greater than 0"),
+    (["--set", "hidden_size=0"], "hidden_size=0 must be at least 1"),
+    (["--set", "colour=red"], "unknown key 'colour'"),
+    (["--set", "epochs=two"], "epochs='two' is not a valid int"),
+    (["--set", "encoder=resnet50"], "encoder='resnet50' does not fit arch cnn-lstm"),
+])
+def test_bad_settings_are_refused_naming_the_key(synth_dir, args, needle):
+    result = run_cli("train", "--arch", "cnn-lstm", "--data", str(synth_dir), *args)
+    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_layout_and_missing_model(tmp_path):
+    result = run_cli("data", "check", str(tmp_path))
+    assert result.returncode == 2 and "unknown dataset layout" in result.stderr
+    result = run_cli("caption", str(tmp_path / "nope.pt"), str(tmp_path / "x.jpg"))
+    assert result.returncode == 2 and "nope.pt: no such checkpoint" in result.stderr
+
+
+def test_train_evaluate_caption_and_mlflow(ray_cluster, synth_dir, tmp_path, tracking_uri, capsys):
+    from mlflow import MlflowClient
+
+    out = tmp_path / "run"
+    sets = [f"--set={k}={v}" for k, v in tiny_overrides("resnet-gru", epochs=2).items() if k != "epochs"]
+    assert main(["train", "--arch", "resnet-gru", "--data", str(synth_dir), "--epochs", "2", "--out", str(out),
+                 "--tracking-uri", tracking_uri, *sets]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert set(metrics["final"]) == {"epoch", "bleu1", "bleu2", "bleu3", "bleu4"}
+    assert (out / "model.pt").is_file()
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("captune-train")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["arch"] == "resnet-gru" and run.data.params["hidden_size"] == "32"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")] == [1, 2]
+    assert run.data.metrics["bleu4"] == pytest.approx(metrics["final"]["bleu4"])
+
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "model.pt"), "--data", str(synth_dir), "--split", "val", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["images"] == 6 and 0 <= scores["bleu4"] <= 1
+
+    photo = tmp_path / "photo.png"
+    Image.open(next((synth_dir / "Images").iterdir())).resize((300, 200)).save(photo)
+    uri = f"runs:/{run.info.run_id}/model"
+    assert main(["caption", uri, str(photo), str(next((synth_dir / "Images").iterdir())),
+                 "--tracking-uri", tracking_uri]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(len(line.split("\t")[1].split()) >= 1 for line in lines)
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    mlflow.set_tracking_uri(tracking_uri)
+    predicted = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [str(photo)]}))
+    assert len(predicted) == 1 and isinstance(predicted[0], str)
