@@ -113,6 +113,64 @@ def cmd_caption(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from search.compare import compare, format_comparison
+    from search.leaderboard import format_leaderboard, leaderboard
+    from search.sweep import SweepRequest, run_sweep
+    from trainables.config import parse_overrides
+
+    req = SweepRequest(name=args.name, data_root=args.data, archs=[a.strip() for a in args.arch.split(",") if a.strip()],
+                       trials=args.trials, epochs=args.epochs, config_file=args.config,
+                       overrides=parse_overrides(args.set), workers_per_trial=args.workers_per_trial,
+                       gpus_per_worker=args.gpus_per_worker, storage=args.storage, resume=args.resume,
+                       tracking_uri=args.tracking_uri, address=args.address)
+    t0 = time.perf_counter()
+    outcomes = run_sweep(req)
+    print(f"\nsweep {args.name} done in {time.perf_counter() - t0:.0f}s")
+    for o in outcomes:
+        if o.best is None:
+            print(f"[{o.arch}] no trial finished an epoch ({o.errors} of {o.trials} failed)")
+            continue
+        c = o.champion or {}
+        verdict = ("now champion" if c.get("promoted") else
+                   f"champion stays v{c['previous']['version']} (bleu4 {c['previous']['bleu4']:.4f})") if c else ""
+        print(f"[{o.arch}] best trial {o.best['trial_id']}: bleu4 {o.best['bleu4']:.4f}; "
+              f"registered {c.get('name')} v{c.get('version')}, {verdict}; {o.errors} of {o.trials} trials failed")
+    print("\nleaderboard (validation bleu4):")
+    print(format_leaderboard(leaderboard(args.name, args.tracking_uri), top=20))
+    print()
+    print(format_comparison(compare(args.name, args.data, args.tracking_uri)))
+    print(f"\nMLflow UI: {_ui_command(args.tracking_uri)}  (experiment '{args.name}')")
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from search.leaderboard import format_leaderboard, leaderboard
+
+    rows = leaderboard(args.name, args.tracking_uri)
+    print(json.dumps(rows, indent=2) if args.json else format_leaderboard(rows, top=args.top))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from search.compare import compare, format_comparison
+
+    results = compare(args.name, args.data, args.tracking_uri)
+    print(json.dumps(results, indent=2) if args.json else format_comparison(results))
+    return 0
+
+
+def _ui_command(tracking_uri: str | None) -> str:
+    from captune.tracking import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("http"):
+        return f"open {uri}"
+    if uri == f"sqlite:///{Path('mlflow').resolve() / 'mlflow.db'}" or "/mlflow/mlflow.db" in uri:
+        return "mlflow/server.sh   # then open http://127.0.0.1:5000"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
 def _require_gpu() -> None:
     import torch
 
@@ -163,6 +221,37 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--experiment", default="captune-train", help="MLflow experiment name")
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     t.set_defaults(run=cmd_train)
+
+    w = sub.add_parser("sweep", help="Ray Tune + Optuna search per architecture, on validation bleu4")
+    w.add_argument("--data", required=True, help="dataset folder (any Flickr8k layout)")
+    w.add_argument("--arch", default=",".join(ARCHS), help="comma-separated architectures (default: both)")
+    w.add_argument("--trials", type=_positive, help="trials per architecture (default: the config's)")
+    w.add_argument("--epochs", type=_positive, help="maximum epochs per trial (default: the config's)")
+    w.add_argument("--name", default="captune-sweep", help="sweep name: MLflow experiment and Tune folder")
+    w.add_argument("--config", help="sweep YAML (default: search/spaces.yaml)")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a setting for all trials")
+    w.add_argument("--workers-per-trial", type=_positive, default=1, help="DDP workers per trial")
+    w.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per worker; fractions pack trials on a GPU (default 0: CPU)")
+    w.add_argument("--storage", default="runs/sweeps", help="Tune results: a folder, s3://..., or a shared mount")
+    w.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this --name")
+    _tracking_args(w)
+    w.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    w.set_defaults(run=cmd_sweep)
+
+    lb = sub.add_parser("leaderboard", help="a sweep's trials by validation bleu4, from MLflow")
+    lb.add_argument("name")
+    lb.add_argument("--json", action="store_true")
+    lb.add_argument("--top", type=_positive)
+    _tracking_args(lb)
+    lb.set_defaults(run=cmd_leaderboard)
+
+    cp = sub.add_parser("compare", help="both champions on the test split, greedy and beam 3")
+    cp.add_argument("name")
+    cp.add_argument("--data", help="dataset folder (default: the sweep's)")
+    cp.add_argument("--json", action="store_true")
+    _tracking_args(cp)
+    cp.set_defaults(run=cmd_compare)
 
     e = sub.add_parser("evaluate", help="BLEU-1..4 of a model on a dataset split")
     e.add_argument("model", help="checkpoint path, or MLflow URI (runs:/ID/model, models:/NAME@ALIAS)")

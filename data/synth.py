@@ -14,7 +14,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 CANVAS = 128
-COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
+COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30),
+           "purple": (140, 60, 190), "orange": (245, 135, 25)}
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": (13, 17), "large": (27, 33)}  # side length range in pixels
 POSITIONS = {"left": (0, 43), "middle": (43, 85), "right": (85, 128)}  # x band of every shape
@@ -36,7 +37,7 @@ cnn-lstm:
   vocab_threshold: 2
   lr: 0.002
   batch_size: 64
-  epochs: 12
+  epochs: 20
 resnet-gru:
   encoder: resnet18
   pretrained: false
@@ -47,7 +48,7 @@ resnet-gru:
   vocab_threshold: 2
   lr: 0.002
   batch_size: 64
-  epochs: 12
+  epochs: 20
 """
 
 
@@ -60,18 +61,18 @@ class Scene:
     position: str
 
     def captions(self) -> list[str]:
-        """Five differently worded, equally true captions."""
+        """Five differently worded, equally true captions. Filler words are few and differ
+        between wordings, so n-grams shared by all captions cannot be matched without the image."""
         n, many = self.count, self.count > 1
         noun = self.shape + ("s" if many else "")
         article = "a" if n == 1 else COUNT_WORDS[n]
         where = "in the middle" if self.position == "middle" else f"on the {self.position}"
-        be = "are" if many else "is"
         return [
             f"{article} {self.size} {self.colour} {noun} {where}",
-            f"there {be} {COUNT_WORDS[n]} {self.colour} {noun} {where} of the picture",
-            f"{COUNT_WORDS[n]} {self.size} {noun} , coloured {self.colour} , {where}",
-            f"an image showing {article} {self.colour} {noun} , {self.size} , {where}",
-            f"{where} {be} {article} {self.size} {self.colour} {noun}",
+            f"{COUNT_WORDS[n]} {self.colour} {noun} , all {self.size} , {self.position}",
+            f"{self.position} : {article} {self.size} {noun} in {self.colour}",
+            f"{self.size} {self.colour} {noun} {where} , {COUNT_WORDS[n]} in number",
+            f"{self.colour} {self.size} {noun} , {COUNT_WORDS[n]} , placed {self.position}",
         ]
 
 

@@ -39,8 +39,11 @@ def cache_dir(tmp_path_factory) -> Path:
 def ray_cluster():
     import ray
 
-    # More logical CPUs than this 2-core machine has, or Train workers wait for a CPU forever.
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    from captune.raycluster import init_ray
+
+    # As the CLI starts it: more logical CPUs than this 2-core machine has (or Train workers wait
+    # for a CPU forever) and the dashboard, whose State API frees a stopped trial's placement group.
+    init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
 

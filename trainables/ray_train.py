@@ -2,6 +2,7 @@
 gloo on CPUs)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from trainables.loop import WorkerContext, train
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. `config` holds plain values only: the TrainConfig as a dict, the
     dataset folder, and where to log metrics in MLflow (rank 0 does)."""
+    # One line per epoch from rank 0 is the progress report; Ray Train's per-report INFO lines
+    # (the whole metrics dict, every epoch) would drown it.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = TrainConfig(**config["train"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -51,8 +55,11 @@ def cpus_per_worker(workers: int) -> int:
 
 def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, use_gpu: bool = False,
                  gpus_per_worker: float = 1.0, cpus: int | None = None, name: str | None = None,
-                 storage_path: str | None = None, max_failures: int = 0,
-                 tracking_uri: str | None = None, mlflow_run_id: str | None = None) -> TorchTrainer:
+                 storage_path: str | None = None, max_failures: int = 0, keep: str = "best",
+                 callbacks: list | None = None, tracking_uri: str | None = None,
+                 mlflow_run_id: str | None = None) -> TorchTrainer:
+    """keep="best": the two best checkpoints by validation bleu4 (a training run's result);
+    keep="last": only the latest (a sweep trial, scored by its last epoch)."""
     resources = {"CPU": cpus or cpus_per_worker(workers)}
     if use_gpu:
         resources["GPU"] = gpus_per_worker
@@ -63,11 +70,12 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="bleu4",
-                                               checkpoint_score_order="max"),
+            checkpoint_config=(CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="bleu4",
+                                                checkpoint_score_order="max") if keep == "best"
+                               else CheckpointConfig(num_to_keep=1)),
+            callbacks=callbacks,
             failure_config=FailureConfig(max_failures=max_failures),
-            # Ray Train's per-report INFO lines would drown the one line per epoch that rank 0
-            # prints; print() is left unpatched so that line appears once.
+            # print() is left unpatched so that rank 0's epoch line appears once, not twice.
             logging_config=LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),

@@ -1,0 +1,33 @@
+# Everything a fresh machine needs: `make demo` (the main job) and `make test` (what CI runs).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= datasets/synth
+
+.PHONY: demo test setup clean
+
+setup: $(VENV)/.installed
+
+# torch/torchvision are pinned in pyproject.toml; on the project's machines pip takes them from local disk.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+$(DATA)/captions.txt: | $(VENV)/.installed
+	$(BIN)/captune data synth --out $(DATA)
+
+# Main job: a sweep on the built-in dataset: both architectures, Ray Tune + Optuna + ASHA on
+# validation bleu4, every trial in MLflow (mlflow/mlflow.db), champions registered and compared.
+SWEEP ?= demo-$(shell date +%Y%m%d-%H%M%S)
+TRIALS ?= 4
+demo: $(VENV)/.installed $(DATA)/captions.txt
+	$(BIN)/captune data check $(DATA)
+	$(BIN)/captune sweep --data $(DATA) --name $(SWEEP) --trials $(TRIALS)
+
+test: $(VENV)/.installed
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs $(DATA)

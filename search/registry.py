@@ -1,0 +1,123 @@
+"""Champions: the best trial of each architecture registered as `captune-<arch>`, with the alias
+`champion` moved only when the new model beats the current champion on the same validation split."""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+from captune import tracking
+from data.layouts import load_corpus
+from trainables.checkpoint import load_checkpoint, read_payload
+
+ALIAS = "champion"
+
+
+def model_name(arch: str) -> str:
+    return f"captune-{arch}"
+
+
+def validation_key(data_root: str | Path, train_config: dict) -> str:
+    """Identifies what a validation bleu4 was measured on: the images and captions of the
+    validation split and the decoding settings."""
+    corpus = load_corpus(data_root, seed=int(train_config.get("seed", 0)))
+    h = hashlib.sha256()
+    for image in corpus.splits["val"][: train_config.get("val_images") or None]:
+        h.update(image.encode() + b"\0" + "\0".join(corpus.captions[image]).encode() + b"\n")
+    h.update(f"beam={train_config.get('val_beam', 1)} max_len={train_config.get('max_len')}".encode())
+    return h.hexdigest()[:16]
+
+
+def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
+    """Log the best trial's model in its run, register it, and move the champion alias if it wins."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name, checkpoint = model_name(arch), Path(best["checkpoint"])
+    payload = read_payload(checkpoint)
+    key = validation_key(data_root, payload["train_config"])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_champion_artifacts(checkpoint, data_root, Path(tmp))
+        client.log_artifacts(best["run_id"], tmp, "champion")
+    with mlflow.start_run(run_id=best["run_id"]):
+        info = tracking.log_captioner(checkpoint, registered_name=name)
+    version = str(info.registered_model_version)
+    for tag, value in {"bleu4": best["bleu4"], "val_key": key, "trial_id": best["trial_id"]}.items():
+        client.set_model_version_tag(name, version, tag, str(value))
+    try:
+        current = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:
+        current = None
+    result = {"name": name, "version": version, "bleu4": best["bleu4"], "previous": None, "promoted": False}
+    if current is None:
+        result["promoted"] = True
+    else:
+        mine, theirs = best["bleu4"], _champion_score(current, key, data_root, payload["train_config"])
+        if current.tags.get("val_key") != key:  # measured on other data: score both here, alike
+            mine = _score(f"models:/{name}/{version}", data_root, payload["train_config"])
+        result["previous"] = {"version": current.version, "bleu4": theirs}
+        result["promoted"] = mine > theirs
+    if result["promoted"]:
+        client.set_registered_model_alias(name, ALIAS, version)
+    return result
+
+
+def _champion_score(current, key: str, data_root, train_config: dict) -> float:
+    if current.tags.get("val_key") == key and "bleu4" in current.tags:
+        return float(current.tags["bleu4"])
+    return _score(f"models:/{current.name}/{current.version}", data_root, train_config)
+
+
+def _score(uri: str, data_root, train_config: dict) -> float:
+    from trainables.inference import evaluate_split
+
+    loaded = load_checkpoint(tracking.resolve_model(uri))
+    return evaluate_split(loaded, data_root, split="val", beam=int(train_config.get("val_beam", 1)))["bleu4"]
+
+
+def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path, images: int = 8) -> None:
+    """vocab.json, config.json, learning_curves.png and val_examples.png (validation images with
+    the generated caption above the references)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from trainables.inference import caption_images
+
+    loaded = load_checkpoint(checkpoint)
+    payload = loaded.payload
+    (out / "vocab.json").write_text(json.dumps(payload["vocab"], indent=1))
+    (out / "config.json").write_text(json.dumps({"model": payload["model_config"],
+                                                 "train": payload["train_config"]}, indent=2))
+    history = payload["history"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    epochs = [h["epoch"] for h in history]
+    ax1.plot(epochs, [h["loss"] for h in history], marker="o")
+    ax1.set(xlabel="epoch", ylabel="training loss (cross-entropy per token)")
+    for n in range(1, 5):
+        ax2.plot(epochs, [h[f"bleu{n}"] for h in history], marker="o", label=f"BLEU-{n}")
+    ax2.set(xlabel="epoch", ylabel="validation BLEU", ylim=(0, 1))
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=100)
+    plt.close(fig)
+
+    corpus = load_corpus(data_root, seed=int(payload["train_config"].get("seed", 0)))
+    names = corpus.splits["val"][:images]
+    paths = [corpus.image_path(n) for n in names]
+    hyps = caption_images(loaded, paths, beam=1)
+    cols = 4
+    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(4 * cols, 4.2 * -(-len(names) // cols)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, path, name, hyp in zip(axes.flat, paths, names, hyps):
+        ax.imshow(Image.open(path).convert("RGB"))
+        refs = "\n".join(corpus.captions[name][:3])
+        ax.set_title(f"{hyp}\n— references —\n{refs}", fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(out / "val_examples.png", dpi=90)
+    plt.close(fig)

@@ -1,0 +1,115 @@
+"""Sweep settings and per-architecture search spaces, read from YAML (search/spaces.yaml by
+default), kept apart from the model code and turned into Ray Tune distributions here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from trainables.config import KEYS, ConfigError, TrainConfig
+from trainables.models import ARCHS
+
+DEFAULT_FILE = Path(__file__).with_name("spaces.yaml")
+KINDS = ("loguniform", "uniform", "int", "choice")
+
+
+@dataclass
+class SweepSettings:
+    trials: int = 6
+    max_epochs: int = 12
+    grace_period: int = 3
+    reduction_factor: int = 2
+    seed: int = 0
+    max_concurrent: int = 0  # 0: as many trials as the cluster's CPUs (or GPUs) hold
+
+
+@dataclass
+class SearchSpace:
+    """Searched keys as {key: (kind, args)} and fixed keys as {key: value}, for one architecture."""
+    arch: str
+    searched: dict[str, tuple[str, list]] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def to_tune(self) -> dict[str, Any]:
+        out = {}
+        for key, (kind, args) in self.searched.items():
+            if kind == "loguniform":
+                out[key] = tune.loguniform(*args)
+            elif kind == "uniform":
+                out[key] = tune.uniform(*args)
+            elif kind == "int":
+                out[key] = tune.randint(args[0], args[1] + 1)  # randint's upper end is exclusive
+            else:
+                out[key] = tune.choice(args)
+        return out
+
+    def default_point(self, base: TrainConfig, source: str) -> dict[str, Any]:
+        """The base configuration's values of the searched keys, checked to lie in the space."""
+        point = {}
+        for key, (kind, args) in self.searched.items():
+            value = getattr(base, key)
+            inside = value in args if kind == "choice" else args[0] <= value <= args[1]
+            if not inside:
+                raise ConfigError(f"{source}: the default {key}={value!r} of {self.arch} lies outside its "
+                                  f"search space {{{kind}: {args}}}; widen the space or change the default")
+            point[key] = value
+        return point
+
+
+def load_spaces(path: str | Path | None = None) -> tuple[SweepSettings, dict[str, SearchSpace]]:
+    path = Path(path) if path else DEFAULT_FILE
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read sweep config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML "
+                          f"({getattr(e, 'problem', e)})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'sweep' and per-architecture sections")
+    unknown = set(doc) - {"sweep", *ARCHS}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected 'sweep', {', '.join(ARCHS)}")
+    settings = _settings(doc.get("sweep") or {}, f"{path} [sweep]")
+    return settings, {arch: _space(arch, doc.get(arch) or {}, f"{path} [{arch}]") for arch in ARCHS}
+
+
+def _settings(section: dict, source: str) -> SweepSettings:
+    known = {f.name for f in fields(SweepSettings)}
+    values = {}
+    for key, value in section.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        lowest = 0 if key in ("seed", "max_concurrent") else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+            raise ConfigError(f"{source}: {key}={value!r} must be an integer >= {lowest}")
+        values[key] = value
+    return SweepSettings(**values)
+
+
+def _space(arch: str, section: dict, source: str) -> SearchSpace:
+    space = SearchSpace(arch)
+    for key, spec in section.items():
+        if key not in KEYS or key == "arch":
+            raise ConfigError(f"{source}: unknown training key {key!r}; known keys: {', '.join(k for k in KEYS if k != 'arch')}")
+        if not isinstance(spec, dict):
+            space.fixed[key] = spec
+            continue
+        if len(spec) != 1 or next(iter(spec)) not in KINDS:
+            raise ConfigError(f"{source}: {key}: expected one of {{{' | '.join(KINDS)}: ...}}, got {spec!r}")
+        kind, args = next(iter(spec.items()))
+        if not isinstance(args, list) or not args or (kind != "choice" and len(args) != 2):
+            raise ConfigError(f"{source}: {key}: {kind} takes {'a list of values' if kind == 'choice' else '[low, high]'}, got {args!r}")
+        if kind != "choice":
+            if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args) or args[0] >= args[1]:
+                raise ConfigError(f"{source}: {key}: {kind} needs numbers low < high, got {args!r}")
+            if kind == "loguniform" and args[0] <= 0:
+                raise ConfigError(f"{source}: {key}: loguniform needs low > 0, got {args!r}")
+            if kind == "int" and not all(isinstance(a, int) for a in args):
+                raise ConfigError(f"{source}: {key}: int needs integer bounds, got {args!r}")
+        space.searched[key] = (kind, list(args))
+    return space

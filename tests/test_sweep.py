@@ -1,0 +1,138 @@
+"""Sweeps on tiny generated data, with the real local Ray cluster, Optuna and MLflow."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from captune.cli import main
+from tests.conftest import tiny_overrides
+
+# The built-in dataset's preset (lr 0.002, hidden 256, threshold 2) is the default point: inside.
+SEARCHED = {"lr": {"loguniform": [0.001, 0.01]}, "hidden_size": {"choice": [32, 256]},
+            "vocab_threshold": {"int": [1, 2]}}
+
+
+def sweep_yaml(path: Path, trials: int, epochs: int, space: dict | None = None, **settings) -> Path:
+    doc = {"sweep": {"trials": trials, "max_epochs": epochs, "grace_period": 1, "reduction_factor": 2, "seed": 0,
+                     **settings}}
+    for arch in ("cnn-lstm", "resnet-gru"):
+        fixed = {k: v for k, v in tiny_overrides(arch).items() if k not in ("epochs",) and k not in (space or SEARCHED)}
+        doc[arch] = {**fixed, **(space or SEARCHED)}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def trial_runs(client, name):
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'trial'", max_results=1000)
+
+
+def test_sweep_both_archs_records_runs_registers_champions(ray_cluster, synth_dir, tmp_path, tracking_uri, capsys):
+    config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=2)
+    assert main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config),
+                 "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]) == 0
+    out = capsys.readouterr().out
+    assert "leaderboard" in out and "BLEU-4 beam 3" in out and "MLflow UI" in out
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("s1")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'search'")
+    assert sorted(r.data.tags["arch"] for r in parents) == ["cnn-lstm", "resnet-gru"]
+    trials = trial_runs(client, "s1")
+    assert len(trials) == 6 and len({r.data.tags["captune.trial_id"] for r in trials}) == 6
+    by_parent = {p.info.run_id: p.data.tags["arch"] for p in parents}
+    for run in trials:
+        assert by_parent[run.data.tags["mlflow.parentRunId"]] == run.data.params["arch"]
+        assert run.data.tags["captune.end_state"] in ("finished", "early-stopped")
+        assert {"lr", "hidden_size", "vocab_threshold", "embed_size"} <= set(run.data.params)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")]
+        assert steps == list(range(1, len(steps) + 1)) and steps
+    # each search evaluates the default configuration (the preset) as one of its trials
+    for arch in by_parent.values():
+        assert any((float(r.data.params["lr"]), r.data.params["hidden_size"], r.data.params["vocab_threshold"])
+                   == (0.002, "256", "2") for r in trials if r.data.params["arch"] == arch), arch
+
+    # the leaderboard is MLflow's own ordering by metrics.bleu4
+    capsys.readouterr()
+    assert main(["leaderboard", "s1", "--json", "--tracking-uri", tracking_uri]) == 0
+    board = json.loads(capsys.readouterr().out)
+    ordered = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'trial'",
+                                 order_by=["metrics.bleu4 DESC"])
+    assert [r["run_id"] for r in board] == [r.info.run_id for r in ordered]
+    assert board[0]["bleu4"] >= board[-1]["bleu4"]
+
+    # both champions are registered, load by name and caption an image
+    image = next((synth_dir / "Images").iterdir())
+    for arch in ("cnn-lstm", "resnet-gru"):
+        version = client.get_model_version_by_alias(f"captune-{arch}", "champion")
+        assert float(version.tags["bleu4"]) == max(r.data.metrics["bleu4"] for r in trials if r.data.params["arch"] == arch)
+        arts = {a.path for a in client.list_artifacts(version.run_id, "champion")}
+        assert {"champion/vocab.json", "champion/config.json", "champion/learning_curves.png",
+                "champion/val_examples.png"} <= arts
+        assert main(["caption", f"models:/captune-{arch}@champion", str(image), "--tracking-uri", tracking_uri]) == 0
+        assert str(image) in capsys.readouterr().out
+    # a rerun under the same name is refused unless resumed
+    assert main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config),
+                 "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]) == 2
+    assert "continue it with --resume" in capsys.readouterr().err
+
+
+def test_asha_stops_poor_trials_and_failed_trials_are_recorded(ray_cluster, synth_dir, tmp_path, tracking_uri):
+    # lr 1e-7 learns nothing (ASHA stops it at the first rung); lr 1e5 diverges (the trial fails)
+    space = {"lr": {"choice": [0.002, 1.0e-7, 1.0e5]}}
+    config = sweep_yaml(tmp_path / "sweep.yaml", trials=5, epochs=3, space=space, max_concurrent=1, seed=3)
+    assert main(["sweep", "--data", str(synth_dir), "--name", "s2", "--arch", "cnn-lstm", "--config", str(config),
+                 "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]) == 0
+    runs = trial_runs(MlflowClient(tracking_uri), "s2")
+    assert len(runs) == 5
+    state = {}
+    for run in runs:
+        state.setdefault(float(run.data.params["lr"]), set()).add(run.data.tags["captune.end_state"])
+    assert state[0.002] == {"finished"}
+    assert state[1e-7] == {"early-stopped"}
+    assert state[1e5] == {"failed"}
+    failed = next(r for r in runs if r.data.tags["captune.end_state"] == "failed")
+    assert failed.info.status == "FAILED" and "diverged" in failed.data.tags["captune.error"]
+
+
+def test_killed_sweep_resumes_without_repeating_trials(synth_dir, tmp_path, tracking_uri):
+    config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=2, max_concurrent=1)
+    args = [sys.executable, "-m", "captune.cli", "sweep", "--data", str(synth_dir), "--name", "s3", "--arch",
+            "resnet-gru", "--config", str(config), "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    client = MlflowClient(tracking_uri)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill the driver once one trial has ended and another has begun
+        time.sleep(2)
+        exp = client.get_experiment_by_name("s3")
+        if exp is None:
+            continue
+        states = [r.data.tags.get("captune.end_state") for r in trial_runs(client, "s3")]
+        if states.count("finished") + states.count("early-stopped") >= 1 and len(states) >= 2:
+            break
+    else:
+        pytest.fail("the sweep did not get through a trial in time: " + (tmp_path / "first.log").read_text()[-2000:])
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    time.sleep(3)
+    second = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    runs = trial_runs(client, "s3")
+    ids = [r.data.tags["captune.trial_id"] for r in runs]
+    assert len(ids) == 3 == len(set(ids))
+    assert all(r.data.tags["captune.end_state"] in ("finished", "early-stopped") for r in runs)
+    study = optuna.load_study(study_name="s3-resnet-gru", storage=f"sqlite:///{tmp_path / 'tune' / 's3-optuna.db'}")
+    assert len(study.trials) == 3
+    tune_trials = {p.name for p in (tmp_path / "tune" / "s3-resnet-gru").iterdir() if p.is_dir()}
+    assert len(tune_trials) == 3
