@@ -57,8 +57,11 @@ def prepare_data(root: str | Path, image_size: int, cache_dir: Path, *, skip_bad
     """
     root = Path(root)
     corpus = load_corpus(root, seed=seed)
-    _stop_or_skip(root, corpus, corpus.errors, skip_bad)
-    images = sorted({im for split in SPLITS for im in corpus.splits[split]})
+    text_errors = corpus.errors
+    # Images already known bad (missing) are not decoded; all others are, so that one report
+    # names every problem, text and image alike.
+    known_bad = corpus.bad_images()
+    images = sorted({im for split in SPLITS for im in corpus.splits[split]} - known_bad)
     paths = [corpus.image_path(im) for im in images]
     key = {"files": files_fingerprint(paths), "count": len(paths), "size": image_size}
 
@@ -71,8 +74,11 @@ def prepare_data(root: str | Path, image_size: int, cache_dir: Path, *, skip_bad
 
     pixels, info = cached_array(cache_dir, f"pixels{image_size}", key, (len(images), 3, image_size, image_size),
                                 "uint8", decode)
-    bad = [Problem("corrupt_image", msg.split(":", 1)[0], None, msg, im) for im, msg in info["errors"].items()]
-    _stop_or_skip(root, corpus, bad, skip_bad)
+    bad = []
+    for im, msg in info["errors"].items():
+        file, _, detail = msg.partition(": ")  # ImageError messages start with the file's path
+        bad.append(Problem("corrupt_image", file, None, detail, im))
+    _stop_or_skip(root, corpus, text_errors + bad, skip_bad)
     corpus.problems.extend(bad)
     skipped = corpus.errors if skip_bad else []
     return PreparedData(corpus, images, pixels, key, skipped)
