@@ -6,10 +6,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 from ray import tune
 
-from trainables.config import KEYS, ConfigError, TrainConfig
+from trainables.config import KEYS, ConfigError, TrainConfig, read_yaml_mapping
 from trainables.models import ARCHS
 
 DEFAULT_FILE = Path(__file__).with_name("spaces.yaml")
@@ -61,16 +60,7 @@ class SearchSpace:
 
 def load_spaces(path: str | Path | None = None) -> tuple[SweepSettings, dict[str, SearchSpace]]:
     path = Path(path) if path else DEFAULT_FILE
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read sweep config ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML "
-                          f"({getattr(e, 'problem', e)})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'sweep' and per-architecture sections")
+    doc = read_yaml_mapping(path)
     unknown = set(doc) - {"sweep", *ARCHS}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected 'sweep', {', '.join(ARCHS)}")

@@ -130,9 +130,8 @@ def parse_overrides(pairs: list[str], source: str = "--set") -> dict[str, str]:
     return out
 
 
-def read_config_file(path: str | Path, arch: str) -> list[tuple[str, dict]]:
-    """Layers from a YAML file: keys shared by both architectures at the top level, or per
-    architecture under `cnn-lstm:` / `resnet-gru:` (the section for `arch` wins)."""
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file's top-level mapping; errors name the file (and line, for syntax errors)."""
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text()) or {}
@@ -144,6 +143,14 @@ def read_config_file(path: str | Path, arch: str) -> list[tuple[str, dict]]:
         raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(doc).__name__}")
+    return doc
+
+
+def read_config_file(path: str | Path, arch: str) -> list[tuple[str, dict]]:
+    """Layers from a YAML file: keys shared by both architectures at the top level, or per
+    architecture under `cnn-lstm:` / `resnet-gru:` (the section for `arch` wins)."""
+    path = Path(path)
+    doc = read_yaml_mapping(path)
     shared = {k: v for k, v in doc.items() if k not in ARCHS}
     section = doc.get(arch) or {}
     if not isinstance(section, dict):
