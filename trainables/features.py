@@ -29,7 +29,8 @@ def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: Prepa
         encoder.eval()
         for start in tqdm(range(0, n, batch_size), desc=f"encoding images with {name}", disable=not progress,
                           leave=False):
-            pixels = torch.from_numpy(np.ascontiguousarray(data.pixels[start:start + batch_size])).to(device)
+            # a slice of the read-only memory map: copy it, torch wants writable memory
+            pixels = torch.from_numpy(np.array(data.pixels[start:start + batch_size])).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out[start:start + batch_size] = encoder(pixels).float().cpu().numpy()
         return {}
