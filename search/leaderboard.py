@@ -13,10 +13,11 @@ def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -
 
     from captune import tracking
 
-    client = MlflowClient(tracking.configure(tracking_uri))
+    uri = tracking.configure(tracking_uri)
+    client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        raise ConfigError(f"no sweep named {name!r} in the MLflow store {tracking.default_tracking_uri() if not tracking_uri else tracking_uri}")
+        raise ConfigError(f"no sweep named {name!r} in the MLflow store {uri}")
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'trial'",
                               order_by=["metrics.bleu4 DESC"], max_results=limit)
     rows = []

@@ -7,8 +7,6 @@ restarted by `--resume` finds its own checkpoints and goes on from its last epoc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -42,8 +40,3 @@ def trial_trainable(setup: TrialSetup):
     """The trainable Tune runs, holding no CPU itself (its Train workers reserve theirs)."""
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0, "memory": 1})
 
-
-def checkpoint_file(result_metrics: dict) -> Path:
-    from trainables.checkpoint import FILENAME
-
-    return Path(result_metrics["checkpoint_path"]) / FILENAME
