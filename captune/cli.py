@@ -233,7 +233,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--workers-per-trial", type=_positive, default=1, help="DDP workers per trial")
     w.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPUs per worker; fractions pack trials on a GPU (default 0: CPU)")
-    w.add_argument("--storage", default="runs/sweeps", help="Tune results: a folder, s3://..., or a shared mount")
+    w.add_argument("--storage", default=None,
+                   help="Tune results: a folder, s3://..., or a shared mount (default: $CAPTUNE_STORAGE/sweeps "
+                        "when CAPTUNE_STORAGE is set, as on a cluster.yaml cluster, else runs/sweeps)")
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this --name")
     _tracking_args(w)
     w.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")

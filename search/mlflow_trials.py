@@ -11,7 +11,9 @@ from ray.tune import Callback
 from captune.raycluster import root_cause
 
 TRIAL_TAG, SWEEP_TAG, KIND_TAG, STATE_TAG = "captune.trial_id", "captune.sweep", "captune.kind", "captune.end_state"
-LOGGED = ("loss", "bleu1", "bleu2", "bleu3", "bleu4", "epoch_seconds", "val_seconds", "vocab_size")
+NODE_TAG = "captune.node_id"  # the Ray node that ran the trial (its last epoch, after a restart)
+LOGGED = ("loss", "bleu1", "bleu2", "bleu3", "bleu4", "epoch_seconds", "val_seconds", "setup_seconds",
+          "vocab_size")
 
 
 def find_or_create_run(client: MlflowClient, experiment_id: str, tags: dict[str, str], run_name: str,
@@ -33,7 +35,7 @@ class MlflowTrials(Callback):
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.sweep, self.arch, self.base, self.max_epochs = sweep, arch, base, max_epochs
         self.runs: dict[str, str] = {}  # trial_id -> run_id
-        self.last_epoch: dict[str, int] = {}
+        self.last_epoch: dict[str, int] = {}  # the last epoch logged to the trial's run
 
     @property
     def client(self) -> MlflowClient:
@@ -55,6 +57,9 @@ class MlflowTrials(Callback):
             if created:
                 params = {**self.base, **trial.config, "arch": self.arch}
                 self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+            else:  # found again after a resume: epochs logged before it are not logged twice
+                history = self.client.get_metric_history(run_id, "bleu4")
+                self.last_epoch[trial.trial_id] = max((m.step for m in history), default=0)
             self.runs[trial.trial_id] = run_id
         return self.runs[trial.trial_id]
 
@@ -64,11 +69,14 @@ class MlflowTrials(Callback):
         self.client.update_run(run_id, status="RUNNING")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        step = int(result.get("epoch", 0))
+        run_id, step = self._run(trial), int(result.get("epoch", 0))
+        if step <= self.last_epoch.get(trial.trial_id, 0):
+            return  # a trial rerun from an older checkpoint than its run has seen
         self.last_epoch[trial.trial_id] = step
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(result[k]), now, step) for k in LOGGED if k in result]
-        self.client.log_batch(self._run(trial), metrics=metrics)
+        tags = [RunTag(NODE_TAG, str(result["node_id"]))] if "node_id" in result else []
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run(trial)

@@ -35,7 +35,7 @@ class SweepRequest:
     overrides: dict = field(default_factory=dict)  # --set, applied to every trial
     workers_per_trial: int = 1
     gpus_per_worker: float = 0.0  # 0: CPU trials
-    storage: str = "runs/sweeps"
+    storage: str | None = None  # None: default_storage()
     resume: bool = False
     tracking_uri: str | None = None
     address: str | None = None
@@ -53,7 +53,7 @@ class ArchSearch:
 class ArchOutcome:
     arch: str
     parent_run_id: str
-    best: dict | None  # {"trial_id", "run_id", "bleu4", "config", "checkpoint"}
+    best: dict | None  # {"trial_id", "run_id", "bleu4", "config"}
     trials: int
     errors: int
     champion: dict | None = None  # from search.registry.promote
@@ -89,7 +89,14 @@ def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
     return settings, searches
 
 
-def storage_root(storage: str) -> str:
+def default_storage() -> str:
+    """$CAPTUNE_STORAGE/sweeps (a cluster's one storage setting, see cluster.yaml), else a local folder."""
+    shared = os.environ.get("CAPTUNE_STORAGE", "").rstrip("/")
+    return f"{shared}/sweeps" if shared else "runs/sweeps"
+
+
+def storage_root(storage: str | None) -> str:
+    storage = storage or default_storage()
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
@@ -104,15 +111,16 @@ def run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     experiment_id = tracking.experiment_id(req.name, uri)
     client = mlflow.MlflowClient(uri)
     init_ray(req.address)
+    # Snapshot Tune's experiment state every second (not every 10 s or more): a killed driver
+    # then loses at most a second of it on --resume.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     use_gpu = req.gpus_per_worker > 0
-    if use_gpu and not _cluster_has("GPU"):
-        raise ConfigError(f"--gpus-per-worker {req.gpus_per_worker}: the Ray cluster has no GPU")
+    if use_gpu:
+        _wait_for_gpus(req)
     outcomes = []
     for search in searches:
         arch, base = search.arch, search.base
-        # Decode every image once, here: a bad dataset stops the sweep before any trial starts.
-        prepare_data(req.data_root, base.image_size, Path(base.cache_dir) if base.cache_dir else default_cache_dir(),
-                     skip_bad=base.skip_bad, seed=base.seed)
+        _prepare(req.data_root, base, features=not _attached(req) and not (FEATURE_KEYS & set(search.space.searched)))
         parent_id, created = find_or_create_run(client, experiment_id, {SWEEP_TAG: req.name, KIND_TAG: "search",
                                                                         "arch": arch}, run_name=f"{arch}-search")
         if created:
@@ -139,21 +147,26 @@ def run_sweep(req: SweepRequest) -> list[ArchOutcome]:
                                        param_space=search.space.to_tune())
         else:
             from optuna.storages import RDBStorage
-            from ray.tune.search.optuna import OptunaSearch
 
-            searcher = OptunaSearch(points_to_evaluate=[search.default_point], seed=settings.seed,
+            from search.searcher import ResumableOptunaSearch
+
+            searcher = ResumableOptunaSearch(points_to_evaluate=[search.default_point], seed=settings.seed,
                                     storage=RDBStorage(_optuna_url(root, req.name)), study_name=experiment)
             scheduler = ASHAScheduler(time_attr="epoch", max_t=settings.max_epochs,
                                       grace_period=settings.grace_period,
                                       reduction_factor=settings.reduction_factor)
-            concurrent = min(settings.trials, settings.max_concurrent or
-                             _max_concurrent(req.workers_per_trial, cpus, req.gpus_per_worker))
+            concurrent = min(settings.trials, settings.max_concurrent or _max_concurrent(req, cpus))
+            client.set_tag(parent_id, "captune.concurrent_trials", str(concurrent))
             print(f"[{arch}] {settings.trials} trials, up to {concurrent} at a time, "
                   f"{settings.max_epochs} epochs at most; results in {path}")
             tuner = tune.Tuner(
                 trainable, param_space=search.space.to_tune(),
                 tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                            num_samples=settings.trials, max_concurrent_trials=concurrent),
+                                            num_samples=settings.trials, max_concurrent_trials=concurrent,
+                                            # a reused actor (in-process trials) starts a trial in
+                                            # well under a second; a DDP trial's actor is still
+                                            # tearing its worker group down when the next one starts
+                                            reuse_actors=setup.in_process),
                 run_config=tune.RunConfig(
                     name=experiment, storage_path=root,
                     callbacks=[MlflowTrials(uri, experiment_id, parent_id, req.name, arch, base.to_dict(),
@@ -163,6 +176,23 @@ def run_sweep(req: SweepRequest) -> list[ArchOutcome]:
         grid = tuner.fit()
         outcomes.append(_finish(client, grid, search, parent_id, req))
     return outcomes
+
+
+FEATURE_KEYS = {"image_size", "encoder", "pretrained", "fine_tune", "seed"}  # what a feature cache depends on
+
+
+def _prepare(data_root: str, base: TrainConfig, features: bool) -> None:
+    """Decode every image once, here: a bad dataset stops the sweep before any trial starts. On a
+    local cluster, a frozen encoder's features too (when the space leaves them fixed), so the first
+    trials start training at once instead of one encoding while the others wait on its lock."""
+    import torch
+
+    from trainables.features import frozen_features
+
+    cache_dir = Path(base.cache_dir) if base.cache_dir else default_cache_dir()
+    data = prepare_data(data_root, base.image_size, cache_dir, skip_bad=base.skip_bad, seed=base.seed)
+    if features and not base.fine_tune:  # (on a cluster each node builds its own copy, in a trial)
+        frozen_features(base, data, cache_dir, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest) -> ArchOutcome:
@@ -178,14 +208,15 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest)
         runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
                                   filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
         outcome.best = {"trial_id": trial_id, "run_id": runs[0].info.run_id if runs else None,
-                        "bleu4": float(top.metrics[METRIC]), "config": top.config,
-                        "checkpoint": str(Path(top.metrics["checkpoint_path"]) / "model.pt")}
+                        "bleu4": float(top.metrics[METRIC]), "config": top.config}
         tags = client.get_run(parent_id).data.tags
         if tags.get("captune.best_trial") == trial_id and "captune.champion" in tags:
             # a resumed sweep whose search had already ended: registered before, not again
             outcome.champion = json.loads(tags["captune.champion"])
         elif outcome.best["run_id"]:
-            outcome.champion = promote(client, search.arch, outcome.best, req.data_root)
+            with _checkpoint(top).as_directory() as folder:  # downloaded when the storage is remote
+                outcome.champion = promote(client, search.arch, {**outcome.best, "checkpoint": Path(folder) / "model.pt"},
+                                           req.data_root)
             client.set_tag(parent_id, "captune.champion", json.dumps(outcome.champion))
         client.log_metric(parent_id, f"best_{METRIC}", outcome.best["bleu4"])
         client.set_tag(parent_id, "captune.best_trial", trial_id)
@@ -193,6 +224,16 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest)
     client.set_tag(parent_id, "captune.failed_trials", str(errors))
     client.set_terminated(parent_id, "FINISHED" if scored else "FAILED")
     return outcome
+
+
+def _checkpoint(result):
+    """A trial's last checkpoint: Tune's own for an in-process trial; for a DDP trial, the Train
+    run's, whose path TuneReportCallback reported (on the same filesystem as Tune's storage)."""
+    from ray.tune import Checkpoint
+
+    if result.checkpoint is not None:
+        return result.checkpoint
+    return Checkpoint(result.metrics["checkpoint_path"], filesystem=result.filesystem)
 
 
 def _params(values: dict) -> list:
@@ -209,26 +250,66 @@ def _optuna_url(root: str, name: str) -> str:
     return f"sqlite:///{folder / f'{name}-optuna.db'}"
 
 
-def _cluster_has(resource: str) -> bool:
+def _wait_for_gpus(req: SweepRequest) -> None:
+    """A local cluster has its GPUs or none. An autoscaling cluster (cluster.yaml's GPU workers
+    start at zero) is asked for one trial's worth and given CAPTUNE_GPU_WAIT_S (default 900 s)
+    to add a GPU node before the sweep is refused."""
+    import time
+
     import ray
 
-    return ray.cluster_resources().get(resource, 0) > 0
+    def gpus() -> float:
+        return ray.cluster_resources().get("GPU", 0)
+
+    if gpus() > 0:
+        return
+    where = "the local Ray cluster has no GPU (torch sees none)"
+    if _attached(req):
+        from ray.autoscaler.sdk import request_resources
+
+        wait = float(os.environ.get("CAPTUNE_GPU_WAIT_S", "900"))
+        print(f"waiting up to {wait:.0f}s for the autoscaler to add a GPU node ...", flush=True)
+        request_resources(bundles=[{"GPU": req.gpus_per_worker}] * req.workers_per_trial)
+        deadline = time.monotonic() + wait
+        while gpus() == 0 and time.monotonic() < deadline:
+            time.sleep(5)
+        request_resources(bundles=[])  # from now on, pending trials drive the autoscaler
+        if gpus() > 0:
+            return
+        where = f"the Ray cluster at {req.address or os.environ.get('RAY_ADDRESS')} has no GPU after {wait:.0f}s"
+    raise ConfigError(f"--gpus-per-worker {req.gpus_per_worker}: {where}; leave the option out to train on CPUs")
+
+
+def _attached(req: SweepRequest) -> bool:
+    return bool(req.address or os.environ.get("RAY_ADDRESS"))
 
 
 def _cpus_per_worker(req: SweepRequest) -> int:
-    if req.address or os.environ.get("RAY_ADDRESS"):
+    """CPUs (and torch threads) per training worker. Locally: CPU trials get one core per worker,
+    which beats fewer trials with more threads for models this small (measured: two 1-thread
+    trials on 2 cores train 1.25x faster in total than one 2-thread trial); GPU trials split the
+    cores between the trials that share the GPUs, to keep batches coming. On a cluster: 2 per
+    CPU worker, 1 per GPU worker (its GPU does the work)."""
+    if _attached(req):
         return 1 if req.gpus_per_worker else 2
-    from trainables.ray_train import cpus_per_worker
+    cores = os.cpu_count() or 1
+    if not req.gpus_per_worker:
+        return 1
+    import ray
 
-    return cpus_per_worker(req.workers_per_trial)
+    slots = max(1, int(ray.cluster_resources().get("GPU", 0) // req.gpus_per_worker))
+    return max(1, cores // slots)
 
 
-def _max_concurrent(workers: int, cpus: int, gpus_per_worker: float) -> int:
+def _max_concurrent(req: SweepRequest, cpus: int) -> int:
     """As many trials as the cluster holds at once: by GPUs for GPU trials (fractions pack
-    several on one GPU), else by CPUs."""
+    several on one GPU), else by CPUs: the real cores of this machine for a local cluster, whose
+    logical CPU count is padded (see captune.raycluster)."""
     import ray
 
     resources = ray.cluster_resources()
-    if gpus_per_worker:
-        return max(1, int(resources.get("GPU", 0) // (workers * gpus_per_worker)))
-    return max(1, int(resources.get("CPU", 1) // (workers * cpus)))
+    workers = req.workers_per_trial
+    if req.gpus_per_worker:
+        return max(1, int(resources.get("GPU", 0) // (workers * req.gpus_per_worker)))
+    cpus_total = resources.get("CPU", 1) if _attached(req) else (os.cpu_count() or 1)
+    return max(1, int(cpus_total // (workers * cpus)))

@@ -136,3 +136,19 @@ def test_killed_sweep_resumes_without_repeating_trials(synth_dir, tmp_path, trac
     assert len(study.trials) == 3
     tune_trials = {p.name for p in (tmp_path / "tune" / "s3-resnet-gru").iterdir() if p.is_dir()}
     assert len(tune_trials) == 3
+
+
+def test_multi_worker_trials_run_ddp_through_torchtrainer(ray_cluster, synth_dir, tmp_path, tracking_uri):
+    # Two workers per trial: each trial is a Ray Train TorchTrainer run reporting through
+    # TuneReportCallback; its checkpoint (in the Train run's storage) becomes the champion.
+    config = sweep_yaml(tmp_path / "sweep.yaml", trials=2, epochs=1)
+    assert main(["sweep", "--data", str(synth_dir), "--name", "s4", "--arch", "cnn-lstm", "--config", str(config),
+                 "--workers-per-trial", "2", "--storage", str(tmp_path / "tune"),
+                 "--tracking-uri", tracking_uri]) == 0
+    client = MlflowClient(tracking_uri)
+    runs = trial_runs(client, "s4")
+    assert len(runs) == 2 and all(r.data.tags["captune.end_state"] in ("finished", "early-stopped") for r in runs)
+    train_runs = sorted(p.name for p in (tmp_path / "tune" / "s4-cnn-lstm-train").iterdir())
+    assert train_runs == sorted(f"trial-{r.data.tags['captune.trial_id']}" for r in runs)
+    version = client.get_model_version_by_alias("captune-cnn-lstm", "champion")
+    assert version.run_id in {r.info.run_id for r in runs}

@@ -9,7 +9,8 @@ from tqdm import tqdm
 
 from data.cache import cached_array
 from data.prepare import PreparedData
-from trainables.encoders import ImageEncoder, weights_enum
+from trainables.config import TrainConfig
+from trainables.encoders import ImageEncoder, build_encoder, weights_enum
 
 
 def weights_id(encoder: str, pretrained: bool, seed: int) -> str:
@@ -37,3 +38,14 @@ def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: Prepa
 
     features, _ = cached_array(cache_dir, f"features-{name}", key, (n, encoder.out_features), "float32", build)
     return features
+
+
+def frozen_features(cfg: TrainConfig, data: PreparedData, cache_dir: Path, device: torch.device,
+                    progress: bool = True) -> np.ndarray:
+    """The features `train` would compute for cfg's frozen encoder, built ahead of the trials (a
+    sweep's driver does this once, with all its cores). Seeding then building the encoder gives
+    the weights that `build_model` gives it after the same seed: the encoder is its first layer."""
+    torch.manual_seed(cfg.seed)
+    encoder = build_encoder(cfg.encoder, cfg.pretrained).requires_grad_(False).to(device)
+    return encoder_features(encoder, cfg.encoder, weights_id(cfg.encoder, cfg.pretrained, cfg.seed), data,
+                            cache_dir, device, progress=progress)

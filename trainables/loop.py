@@ -40,6 +40,7 @@ class WorkerContext:
     report: Callable[[dict, Path | None], None] = lambda metrics, ckpt: None
     wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
     resume_from: Path | None = None  # a folder holding model.pt
+    created_at: float = field(default_factory=time.perf_counter)  # to report the set-up time
 
 
 class TeacherForcing(nn.Module):
@@ -55,12 +56,14 @@ class TeacherForcing(nn.Module):
         return self.model(feats[owner], captions)  # (C, T-1, V)
 
 
-def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext) -> dict:
-    """Train for cfg.epochs, reporting validation BLEU after each epoch; returns the last metrics."""
+def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: PreparedData | None = None) -> dict:
+    """Train for cfg.epochs, reporting validation BLEU after each epoch; returns the last metrics.
+    `data`: the dataset already prepared at cfg.image_size (a reused trial process keeps it)."""
     lead = ctx.rank == 0
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    data = prepare_data(data_root, cfg.image_size, cache_dir, skip_bad=cfg.skip_bad, seed=cfg.seed,
-                        progress=lead)
+    if data is None:
+        data = prepare_data(data_root, cfg.image_size, cache_dir, skip_bad=cfg.skip_bad, seed=cfg.seed,
+                            progress=lead)
     vocab = data.vocabulary(cfg.vocab_threshold)
     torch.manual_seed(cfg.seed)  # same init on every rank, and the same frozen random encoder
     model = build_model(ModelConfig(cfg.arch, len(vocab), cfg.encoder, cfg.pretrained, cfg.embed_size,
@@ -85,6 +88,7 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext) -> dict:
         val_rows, val_refs = val_rows[:cfg.val_images], val_refs[:cfg.val_images]
 
     metrics: dict = history[-1] if history else {}
+    setup_seconds = time.perf_counter() - ctx.created_at  # from context to first step: data, model, cache
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         loss = _train_epoch(module, model, batches, optimizer, cfg, ctx, epoch)
@@ -93,6 +97,7 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext) -> dict:
                       device=ctx.device, rank=ctx.rank, world_size=ctx.world_size)
         metrics = {"epoch": epoch + 1, "loss": loss, **bleu(hyps, val_refs),
                    "epoch_seconds": t1 - t0, "val_seconds": time.perf_counter() - t1,
+                   "setup_seconds": setup_seconds,
                    "vocab_size": len(vocab), "skipped_items": len(data.skipped)}
         history.append(metrics)
         if lead:

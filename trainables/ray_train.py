@@ -30,11 +30,13 @@ def train_loop_per_worker(config: dict) -> None:
 
         logger = EpochLogger(config["tracking_uri"], config["mlflow_run_id"])
 
+    node = ray.get_runtime_context().get_node_id()
+
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         if logger is not None:
             logger.log(metrics)
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report({**metrics, "node_id": node}, checkpoint=checkpoint)
 
     ctx = WorkerContext(rank=rank, world_size=context.get_world_size(), device=ray.train.torch.get_device(),
                         report=report, wrap_model=ray.train.torch.prepare_model)

@@ -1,0 +1,137 @@
+"""Target 3: Flickr8k at real scale: the real caption files and splits (40,455 captions, the real
+vocabulary) with generated stand-in images under the real names.
+
+    python benchmarks/flickr8k_scale.py [--flickr ../shared/data/flickr8k]
+
+Per architecture (the built-in preset's frozen encoders at 64 px, one thread as a trial has
+here): seconds per training epoch, BLEU evaluation time on the 1,000 validation images (greedy
+and beam 3) and the trial's peak memory. Then the whole sweep's memory (proportional set size of
+every process of the driver and its local Ray cluster, sampled) with 2 and then 4 concurrent
+trials; the last line is what each extra trial adds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_FILES = ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt", "Flickr_8k.testImages.txt")
+PRESET = {"pretrained": False, "fine_tune": False, "image_size": 64, "embed_size": 128, "hidden_size": 256,
+          "vocab_threshold": 5, "lr": 0.002, "batch_size": 64, "skip_bad": True}
+ENCODER = {"cnn-lstm": "vgg-small", "resnet-gru": "resnet18"}
+
+
+def build_dataset(flickr: Path, out: Path) -> Path:
+    """The original layout: real text files, 300 distinct generated scenes linked round-robin
+    under the 8,091 real image names."""
+    from data.synth import write_synthetic
+
+    (out / "Flickr8k_text").mkdir(parents=True)
+    for name in TEXT_FILES:
+        shutil.copy(flickr / name, out / "Flickr8k_text" / name)
+    scenes = sorted((write_synthetic(out / "_scenes", images=300) / "Images").iterdir())
+    images = out / "Flicker8k_Dataset"
+    images.mkdir()
+    names = sorted({ln.split("#")[0] for ln in (flickr / "Flickr8k.token.txt").read_text().splitlines() if ln})
+    for i, name in enumerate(n for n in names if n.endswith(".jpg")):
+        (images / name).hardlink_to(scenes[i % len(scenes)])
+    return out
+
+
+def one_trial(arch: str, root: str) -> None:
+    """Child process: one epoch as a sweep trial runs it, then validation-split evaluation."""
+    import torch
+
+    torch.set_num_threads(1)
+    from trainables.checkpoint import load_checkpoint
+    from trainables.config import TrainConfig
+    from trainables.inference import evaluate_split
+    from trainables.loop import WorkerContext, train
+
+    saved = Path(tempfile.mkdtemp()) / "model.pt"
+
+    def keep(metrics, folder):
+        if folder is not None:
+            shutil.copy(Path(folder) / "model.pt", saved)
+
+    cfg = TrainConfig(arch=arch, encoder=ENCODER[arch], epochs=1, **PRESET)
+    metrics = train(cfg, root, WorkerContext(report=keep))
+    loaded = load_checkpoint(saved)
+    timings = {}
+    for beam in (1, 3):
+        t0 = time.perf_counter()
+        evaluate_split(loaded, root, "val", beam=beam, skip_bad=True)
+        timings[f"eval_beam{beam}"] = time.perf_counter() - t0
+    print(json.dumps({"epoch_seconds": metrics["epoch_seconds"], "vocab_size": metrics["vocab_size"],
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **timings}))
+
+
+def sweep_memory(root: Path, work: Path, concurrent: int) -> float:
+    """Peak summed PSS (MB) of `captune sweep` and its local Ray cluster, `concurrent` trials."""
+    config = work / f"sweep{concurrent}.yaml"
+    space = {**PRESET, "encoder": "resnet18", "val_images": 100, "lr": {"loguniform": [1e-3, 3e-3]}}
+    config.write_text(yaml.safe_dump({"sweep": {"trials": concurrent, "max_epochs": 1, "grace_period": 1,
+                                                "max_concurrent": concurrent}, "resnet-gru": space}))
+    command = [sys.executable, "-m", "captune.cli", "sweep", "--data", str(root), "--name", f"mem{concurrent}",
+               "--arch", "resnet-gru", "--config", str(config), "--storage", str(work / "sweeps"),
+               "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0.0
+    while driver.poll() is None:
+        total = 0
+        for p in [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]:
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        peak = max(peak, total / 2**20)
+        time.sleep(0.5)
+    if driver.returncode != 0:
+        raise SystemExit(f"sweep with {concurrent} concurrent trials failed: {' '.join(command)}")
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flickr", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return one_trial(args.one, args.root)
+    flickr = Path(args.flickr)
+    if not (flickr / "Flickr8k.token.txt").is_file():
+        raise SystemExit(f"{flickr}: no Flickr8k.token.txt there; pass --flickr DIR (the real caption files)")
+    work = Path(tempfile.mkdtemp(prefix="captune-f8k-"))
+    os.environ["CAPTUNE_CACHE_DIR"] = str(work / "cache")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    root = build_dataset(flickr, work / "flickr8k")
+    print(f"machine: {os.cpu_count()} cores, CPU only; data {root} (original layout, real captions)")
+    for arch in ENCODER:
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, __file__, "--one", arch, "--root", str(root)], capture_output=True,
+                             text=True, cwd=ROOT)
+        if out.returncode != 0:
+            raise SystemExit(out.stderr[-3000:])
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{arch:10s} ({ENCODER[arch]}, vocab {r['vocab_size']}): epoch {r['epoch_seconds']:.1f} s, "
+              f"val BLEU greedy {r['eval_beam1']:.1f} s, beam 3 {r['eval_beam3']:.1f} s, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB  (process total {time.perf_counter() - t0:.0f} s, caches included)")
+    mem = {n: sweep_memory(root, work, n) for n in (2, 4)}
+    print(f"sweep memory (PSS, driver + local Ray): 2 trials {mem[2]:.0f} MB, 4 trials {mem[4]:.0f} MB")
+    print(f"memory_per_extra_trial: {(mem[4] - mem[2]) / 2:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

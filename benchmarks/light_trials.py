@@ -1,0 +1,71 @@
+"""Target 2: how much of a sweep's wall time goes to anything but training and validation, and
+how long a trial takes from its start to its first training step.
+
+    python benchmarks/light_trials.py [--trials 4] [--epochs 12] [--data DIR]
+
+Runs `captune sweep` (both architectures, the built-in dataset unless --data, a fresh feature
+cache and MLflow store) and reads the answer back from MLflow: each trial run's start time, the
+time of its first reported epoch, and the seconds that epoch spent training and validating.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=None, help="default: search/spaces.yaml's max_epochs")
+    parser.add_argument("--data", default=None, help="default: a fresh copy of the built-in dataset")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="captune-bench-"))
+    os.environ["CAPTUNE_CACHE_DIR"] = str(tmp / "cache")  # nothing cached from earlier runs
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    from captune.cli import main as captune
+    from data.synth import write_synthetic
+
+    data = args.data or str(write_synthetic(tmp / "synth"))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    t0 = time.time()
+    epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+    if captune(["sweep", "--data", data, "--name", "bench", "--trials", str(args.trials), *epochs,
+                "--storage", str(tmp / "sweeps"), "--tracking-uri", uri]) != 0:
+        raise SystemExit("the sweep failed")
+    wall = time.time() - t0
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("bench").experiment_id], max_results=1000)
+    busy, first_step, setup, slots = 0.0, [], [], 1
+    for run in runs:
+        if run.data.tags.get("captune.kind") == "search":
+            slots = max(slots, int(run.data.tags["captune.concurrent_trials"]))
+        if run.data.tags.get("captune.kind") != "trial":
+            continue
+        history = {k: {m.step: m for m in client.get_metric_history(run.info.run_id, k)}
+                   for k in ("epoch_seconds", "val_seconds", "bleu4", "setup_seconds")}
+        busy += sum(m.value for k in ("epoch_seconds", "val_seconds") for m in history[k].values())
+        # first result's arrival at the driver minus that epoch's own work: an upper bound on the
+        # time from the trial's start to its first step (it also holds saving the checkpoint)
+        first = history["bleu4"][1].timestamp / 1000 - run.info.start_time / 1000
+        first_step.append(first - history["epoch_seconds"][1].value - history["val_seconds"][1].value)
+        setup.append(history["setup_seconds"][1].value)
+    share = 1 - busy / (wall * slots)
+    print(f"machine: {os.cpu_count()} cores, CPU only; {len(first_step)} trials, {slots} at a time; data {data}")
+    print(f"trial start -> first training step (s): min {min(first_step):.2f}  median "
+          f"{statistics.median(first_step):.2f}  max {max(first_step):.2f}")
+    print(f"  of which inside the trial function (data, model, cache): median {statistics.median(setup):.2f} s")
+    print(f"sweep wall time {wall:.0f} s (Ray start, data and feature cache, trials, champions, test-split comparison); "
+          f"training+validation {busy:.0f} trial-seconds on {slots} slots")
+    print(f"results kept in {tmp}")
+    print(f"sweep_time_outside_training: {100 * share:.1f} %")
+
+
+if __name__ == "__main__":
+    main()
