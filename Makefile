@@ -21,7 +21,7 @@ $(DATA)/captions.txt: | $(VENV)/.installed
 # Main job: a sweep on the built-in dataset: both architectures, Ray Tune + Optuna + ASHA on
 # validation bleu4, every trial in MLflow (mlflow/mlflow.db), champions registered and compared.
 SWEEP ?= demo-$(shell date +%Y%m%d-%H%M%S)
-TRIALS ?= 4
+TRIALS ?= 6
 demo: $(VENV)/.installed $(DATA)/captions.txt
 	$(BIN)/captune data check $(DATA)
 	$(BIN)/captune sweep --data $(DATA) --name $(SWEEP) --trials $(TRIALS)

@@ -31,12 +31,13 @@ def _is_user_error(e: Exception) -> bool:
     from data.images import ImageError
     from data.layouts import LayoutError
     from data.prepare import DataProblems
+    from search.sweep import TrackingUnreachable
     from trainables.checkpoint import CheckpointError
     from trainables.config import ConfigError
     from trainables.encoders import WeightsUnavailable
 
     return isinstance(e, (ConfigError, LayoutError, DataProblems, CheckpointError, ImageError,
-                          WeightsUnavailable, TrainFailed, FileNotFoundError))
+                          WeightsUnavailable, TrainFailed, TrackingUnreachable, FileNotFoundError))
 
 
 # --- commands ------------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ def cached_array(cache_dir: Path, kind: str, key: dict, shape: tuple[int, ...], 
         found = _open_valid(path, sidecar, key, shape, dtype)
         if found is not None:
             return found
+        # Writers hold the lock, so any half file left here is from a process that died.
+        for stale in path.parent.glob(f"{path.name}.partial-*"):
+            stale.unlink(missing_ok=True)
         partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
         try:

@@ -208,16 +208,23 @@ def _safe_name(image: str, file: str, line: int | None, problems: list[Problem])
     return True
 
 
+MAX_CAPTION_WORDS = 200  # Flickr8k's longest caption has 38 words
+
+
 def _add_caption(captions: dict[str, list[str]], image: str, caption: str, file: str,
                  line: int | None, problems: list[Problem], where: str = "") -> None:
     if not _safe_name(image, file, line, problems):
         return
     captions.setdefault(image, [])
-    if tokenize(caption):
-        captions[image].append(caption.strip())
-    else:
-        prefix = f"{where}: " if where else ""
+    words = len(tokenize(caption))
+    prefix = f"{where}: " if where else ""
+    if not words:
         problems.append(Problem("empty_caption", file, line, f"{prefix}caption of {image} has no words"))
+    elif words > MAX_CAPTION_WORDS:
+        problems.append(Problem("long_caption", file, line, f"{prefix}caption of {image} has {words} words "
+                                f"(more than {MAX_CAPTION_WORDS}: lines run together?)"))
+    else:
+        captions[image].append(caption.strip())
 
 
 def _read_split_file(path: Path, split: str, captions: dict, seen: dict[str, tuple[str, int]],

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from data.cache import cached_array, files_fingerprint
 from data.corpus import SPLITS, Corpus, Problem
-from data.images import read_images
+from data.images import default_decoder, read_images
 from data.layouts import load_corpus
 from data.text import tokenize
 from data.vocab import Vocabulary
@@ -63,13 +63,14 @@ def prepare_data(root: str | Path, image_size: int, cache_dir: Path, *, skip_bad
     known_bad = corpus.bad_images()
     images = sorted({im for split in SPLITS for im in corpus.splits[split]} - known_bad)
     paths = [corpus.image_path(im) for im in images]
-    key = {"files": files_fingerprint(paths), "count": len(paths), "size": image_size}
+    decoder = default_decoder()  # pixels differ a little between decoders: part of the key
+    key = {"files": files_fingerprint(paths), "count": len(paths), "size": image_size, "decoder": decoder}
 
     def decode(out: np.ndarray) -> dict:
         bar = tqdm(total=len(paths), desc=f"decoding images at {image_size}px", unit="img",
                    disable=not progress, leave=False)
         with bar:
-            _, errors = read_images(paths, image_size, out=out, progress=bar)
+            _, errors = read_images(paths, image_size, out=out, progress=bar, decoder=decoder)
         return {"errors": {images[i]: msg for i, msg in errors.items()}}
 
     pixels, info = cached_array(cache_dir, f"pixels{image_size}", key, (len(images), 3, image_size, image_size),

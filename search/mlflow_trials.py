@@ -1,7 +1,13 @@
 """MLflow bookkeeping of a sweep, done on the driver: a parent run per architecture search and a
-child run per trial, found again by tag after a resume so that no trial is recorded twice."""
+child run per trial, found again by tag after a resume so that no trial is recorded twice.
+
+Every record goes through an outbox: when the tracking server cannot be reached, the records wait
+(in order, and in Tune's experiment snapshot, so a `--resume` still has them) while training goes
+on, and are written once the server answers again.
+"""
 from __future__ import annotations
 
+import os
 import time
 
 from mlflow import MlflowClient
@@ -14,6 +20,7 @@ TRIAL_TAG, SWEEP_TAG, KIND_TAG, STATE_TAG = "captune.trial_id", "captune.sweep",
 NODE_TAG = "captune.node_id"  # the Ray node that ran the trial (its last epoch, after a restart)
 LOGGED = ("loss", "bleu1", "bleu2", "bleu3", "bleu4", "epoch_seconds", "val_seconds", "setup_seconds",
           "vocab_size")
+RETRY_EVERY_S = 5.0
 
 
 def find_or_create_run(client: MlflowClient, experiment_id: str, tags: dict[str, str], run_name: str,
@@ -36,6 +43,10 @@ class MlflowTrials(Callback):
         self.sweep, self.arch, self.base, self.max_epochs = sweep, arch, base, max_epochs
         self.runs: dict[str, str] = {}  # trial_id -> run_id
         self.last_epoch: dict[str, int] = {}  # the last epoch logged to the trial's run
+        self.pending: list[tuple[str, str, dict]] = []  # (record kind, trial_id, payload), oldest first
+        self.outage_since: float | None = None
+        self.last_try = 0.0
+        self.reconciled = False
 
     @property
     def client(self) -> MlflowClient:
@@ -47,55 +58,127 @@ class MlflowTrials(Callback):
         # Tune pickles its callbacks with the experiment state, for `--resume`.
         return {**self.__dict__, "_client": None}
 
-    def _run(self, trial) -> str:
-        if trial.trial_id not in self.runs:
+    # Tune's events become records.
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._record("start", trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        metrics = {k: float(result[k]) for k in LOGGED if k in result}
+        self._record("result", trial, epoch=int(result.get("epoch", 0)), metrics=metrics,
+                     node=str(result.get("node_id", "")), diverged=result.get("diverged_reason"))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._record("restart", trial, reason=_error_text(trial))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        self._record("complete", trial, epoch=int(last.get("epoch", 0)), diverged=last.get("diverged_reason"))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._record("error", trial, reason=_error_text(trial))
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self.reconciled and self._flush():
+            self._mark_interrupted({t.trial_id for t in trials})
+        elif self.pending and time.monotonic() - self.last_try >= RETRY_EVERY_S:
+            self._flush()
+
+    def on_experiment_end(self, trials, **info):
+        wait = float(os.environ.get("CAPTUNE_MLFLOW_WAIT_S", "120"))
+        deadline = time.monotonic() + wait
+        while not self._flush() and time.monotonic() < deadline:
+            time.sleep(RETRY_EVERY_S)
+        if self.pending:
+            print(f"MLflow at {self.tracking_uri} still unreachable after {wait:.0f}s: {len(self.pending)} "
+                  f"record(s) of the {self.arch} search are not written yet. They are kept with the sweep; "
+                  f"`captune sweep --name {self.sweep} --resume` writes them once the server is back.", flush=True)
+
+    # The outbox.
+    def _record(self, kind: str, trial, **payload) -> None:
+        self.pending.append((kind, trial.trial_id, {"config": dict(trial.config), **payload}))
+        self._flush()
+
+    def _flush(self) -> bool:
+        """Write the waiting records in order; False when the server did not answer."""
+        self.last_try = time.monotonic()
+        while self.pending:
+            kind, trial_id, payload = self.pending[0]
+            try:
+                self._write(kind, trial_id, payload)
+            except Exception as e:  # the server is down, restarting, or timing out: keep the record
+                if self.outage_since is None:
+                    self.outage_since = time.monotonic()
+                    print(f"MLflow at {self.tracking_uri} unreachable ({type(e).__name__}); training goes on, "
+                          f"records are held and written when it answers", flush=True)
+                return False
+            self.pending.pop(0)
+        if self.outage_since is not None:
+            print(f"MLflow reachable again after {time.monotonic() - self.outage_since:.0f}s; held records written",
+                  flush=True)
+            self.outage_since = None
+        return True
+
+    def _write(self, kind: str, trial_id: str, p: dict) -> None:
+        run_id = self._run(trial_id, p["config"])
+        client = self.client
+        if kind == "start":
+            client.set_tag(run_id, STATE_TAG, "running")
+            client.update_run(run_id, status="RUNNING")
+        elif kind == "result":
+            if p["epoch"] <= self.last_epoch.get(trial_id, 0):
+                return  # a trial rerun from an older checkpoint than its run has seen
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, now, p["epoch"]) for k, v in p["metrics"].items()],
+                             tags=[RunTag(NODE_TAG, p["node"])] if p["node"] else [])
+            self.last_epoch[trial_id] = p["epoch"]
+        elif kind == "restart":
+            restarts = int(client.get_run(run_id).data.tags.get("captune.restarts", "0")) + 1
+            client.set_tag(run_id, "captune.restarts", str(restarts))
+            client.set_tag(run_id, "captune.last_restart_reason", root_cause(Exception(p["reason"]))[:5000])
+        elif kind == "complete":
+            epoch = max(p["epoch"], self.last_epoch.get(trial_id, 0))
+            if p["diverged"]:
+                client.set_tag(run_id, STATE_TAG, "diverged")
+                client.set_tag(run_id, "captune.error", str(p["diverged"])[:5000])
+                client.set_terminated(run_id, "FAILED")
+            else:
+                client.set_tag(run_id, STATE_TAG, "finished" if epoch >= self.max_epochs else "early-stopped")
+                client.set_terminated(run_id, "FINISHED")
+            client.set_tag(run_id, "captune.epochs_run", str(epoch))
+        elif kind == "error":
+            client.set_tag(run_id, STATE_TAG, "failed")
+            client.set_tag(run_id, "captune.error", root_cause(Exception(p["reason"]))[:5000])
+            client.set_terminated(run_id, "FAILED")
+
+    def _run(self, trial_id: str, config: dict) -> str:
+        if trial_id not in self.runs:
             run_id, created = find_or_create_run(
-                self.client, self.experiment_id,
-                {TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep, "arch": self.arch},
-                run_name=f"{self.arch}-{trial.trial_id}",
+                self.client, self.experiment_id, {TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep, "arch": self.arch},
+                run_name=f"{self.arch}-{trial_id}",
                 extra_tags={"mlflow.parentRunId": self.parent_run_id, KIND_TAG: "trial", STATE_TAG: "running"})
             if created:
-                params = {**self.base, **trial.config, "arch": self.arch}
+                params = {**self.base, **config, "arch": self.arch}
                 self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
             else:  # found again after a resume: epochs logged before it are not logged twice
                 history = self.client.get_metric_history(run_id, "bleu4")
-                self.last_epoch[trial.trial_id] = max((m.step for m in history), default=0)
-            self.runs[trial.trial_id] = run_id
-        return self.runs[trial.trial_id]
+                self.last_epoch[trial_id] = max((m.step for m in history), default=0)
+            self.runs[trial_id] = run_id
+        return self.runs[trial_id]
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
-        self.client.set_tag(run_id, STATE_TAG, "running")
-        self.client.update_run(run_id, status="RUNNING")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id, step = self._run(trial), int(result.get("epoch", 0))
-        if step <= self.last_epoch.get(trial.trial_id, 0):
-            return  # a trial rerun from an older checkpoint than its run has seen
-        self.last_epoch[trial.trial_id] = step
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now, step) for k in LOGGED if k in result]
-        tags = [RunTag(NODE_TAG, str(result["node_id"]))] if "node_id" in result else []
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
-        epoch = self.last_epoch.get(trial.trial_id) or _last_epoch(trial)
-        state = "finished" if epoch >= self.max_epochs else "early-stopped"
-        self.client.set_tag(run_id, STATE_TAG, state)
-        self.client.set_tag(run_id, "captune.epochs_run", str(epoch))
-        self.client.set_terminated(run_id, "FINISHED")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
-        reason = _error_text(trial)
-        self.client.set_tag(run_id, STATE_TAG, "failed")
-        self.client.set_tag(run_id, "captune.error", root_cause(Exception(reason))[:5000])
-        self.client.set_terminated(run_id, "FAILED")
-
-
-def _last_epoch(trial) -> int:
-    return int((trial.last_result or {}).get("epoch", 0))
+    def _mark_interrupted(self, known: set[str]) -> None:
+        """After a resume: a run whose trial Tune's last snapshot never held (the driver died in the
+        second between that trial's start and the next snapshot) will never go on; say so."""
+        self.reconciled = True
+        runs = self.client.search_runs(
+            [self.experiment_id], max_results=10000,
+            filter_string=f"tags.`{SWEEP_TAG}` = '{self.sweep}' and tags.arch = '{self.arch}' and "
+                          f"tags.`{KIND_TAG}` = 'trial' and tags.`{STATE_TAG}` = 'running'")
+        for run in runs:
+            if run.data.tags[TRIAL_TAG] not in known:
+                self.client.set_tag(run.info.run_id, STATE_TAG, "interrupted")
+                self.client.set_tag(run.info.run_id, "captune.error",
+                                    "the sweep driver was killed before Tune saved this trial; it was not resumed")
+                self.client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _error_text(trial) -> str:

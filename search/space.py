@@ -23,6 +23,7 @@ class SweepSettings:
     reduction_factor: int = 2
     seed: int = 0
     max_concurrent: int = 0  # 0: as many trials as the cluster's CPUs (or GPUs) hold
+    max_failures: int = 2  # restarts of a trial whose process died, from its last checkpoint
 
 
 @dataclass
@@ -74,7 +75,7 @@ def _settings(section: dict, source: str) -> SweepSettings:
     for key, value in section.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
-        lowest = 0 if key in ("seed", "max_concurrent") else 1
+        lowest = 0 if key in ("seed", "max_concurrent", "max_failures") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
             raise ConfigError(f"{source}: {key}={value!r} must be an integer >= {lowest}")
         values[key] = value

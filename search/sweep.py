@@ -10,7 +10,7 @@ from pathlib import Path
 from captune import tracking
 from captune.raycluster import init_ray
 from data.cache import default_cache_dir
-from data.prepare import prepare_data
+from data.prepare import PreparedData, prepare_data
 from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_create_run
 from search.space import SearchSpace, SweepSettings, load_spaces
 from search.trial import TrialSetup, trial_trainable
@@ -22,6 +22,10 @@ METRIC, MODE = "bleu4", "max"
 
 class SweepExists(ConfigError):
     """A sweep of that name exists and --resume was not given (or the reverse)."""
+
+
+class TrackingUnreachable(RuntimeError):
+    """The MLflow server did not answer when the sweep needed it; nothing computed is lost."""
 
 
 @dataclass
@@ -101,9 +105,46 @@ def storage_root(storage: str | None) -> str:
 
 
 def run_sweep(req: SweepRequest) -> list[ArchOutcome]:
+    try:
+        return _run_sweep(req)
+    except Exception as e:
+        if isinstance(e, TrackingUnreachable) or not _unreachable(e):
+            raise
+        raise TrackingUnreachable(f"MLflow at {req.tracking_uri or tracking.default_tracking_uri()} did not answer "
+                                  f"({type(e).__name__}); results computed so far are kept under "
+                                  f"{storage_root(req.storage)}: rerun with --resume once it answers") from None
+
+
+@dataclass
+class SearchJob:
+    """One architecture's search, as the driver hands it to the task that runs it."""
+    req: SweepRequest
+    settings: SweepSettings
+    search: ArchSearch
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    root: str
+    cpus: int
+    concurrent: int
+    restore: bool  # Tune's experiment state exists: resume it
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.req.name}-{self.search.arch}"
+
+    @property
+    def path(self) -> str:
+        return f"{self.root}/{self.experiment}"
+
+
+def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
+    """Check and prepare everything here, then run the architectures' searches side by side, each
+    in a Ray task of its own on this node: one search's last trials and champion registration
+    overlap the other's trials instead of leaving cores idle."""
     import mlflow
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     settings, searches = plan(req)
     root = storage_root(req.storage)
@@ -111,77 +152,134 @@ def run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     experiment_id = tracking.experiment_id(req.name, uri)
     client = mlflow.MlflowClient(uri)
     init_ray(req.address)
-    # Snapshot Tune's experiment state every second (not every 10 s or more): a killed driver
-    # then loses at most a second of it on --resume.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    use_gpu = req.gpus_per_worker > 0
-    if use_gpu:
+    if req.gpus_per_worker > 0:
         _wait_for_gpus(req)
-    outcomes = []
+    cpus = _cpus_per_worker(req)
+    concurrent = settings.max_concurrent or max(1, _max_concurrent(req, cpus) // len(searches))
+    jobs = []
     for search in searches:
-        arch, base = search.arch, search.base
-        _prepare(req.data_root, base, features=not _attached(req) and not (FEATURE_KEYS & set(search.space.searched)))
-        parent_id, created = find_or_create_run(client, experiment_id, {SWEEP_TAG: req.name, KIND_TAG: "search",
-                                                                        "arch": arch}, run_name=f"{arch}-search")
-        if created:
-            client.log_batch(parent_id, params=_params({
-                **{f"space.{k}": f"{kind}{args}" for k, (kind, args) in search.space.searched.items()},
-                **{f"base.{k}": v for k, v in base.to_dict().items()}, **vars(settings),
-                "data": str(Path(req.data_root).resolve()), "workers_per_trial": req.workers_per_trial,
-                "gpus_per_worker": req.gpus_per_worker}))
-        client.update_run(parent_id, status="RUNNING")
-        experiment = f"{req.name}-{arch}"
-        path = f"{root}/{experiment}"
-        cpus = _cpus_per_worker(req)
-        setup = TrialSetup(base=base.to_dict(), data_root=str(Path(req.data_root).resolve()),
-                           train_storage=f"{root}/{experiment}-train", workers=req.workers_per_trial,
-                           use_gpu=use_gpu, gpus_per_worker=req.gpus_per_worker or 1.0, cpus_per_worker=cpus)
-        trainable = trial_trainable(setup)
-        exists = tune.Tuner.can_restore(path)
-        if exists and not req.resume:
-            raise SweepExists(f"sweep {req.name!r} already has results for {arch} at {path}: "
-                              f"continue it with --resume, or choose another --name")
-        if exists:
-            print(f"[{arch}] resuming {path}")
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                       param_space=search.space.to_tune())
-        else:
-            from optuna.storages import RDBStorage
+        arch = search.arch
+        path = f"{root}/{req.name}-{arch}"
+        restore = _can_restore(path)  # with --resume, a search that never started starts now
+        if restore and not req.resume:
+            raise SweepExists(f"sweep {req.name!r} already has results for {arch} at {path}: continue it with "
+                              f"--resume, or choose another --name")
+        data = _prepare(req.data_root, search.base,
+                        features=not _attached(req) and not (FEATURE_KEYS & set(search.space.searched)))
+        _check_vocabulary(data, search, req.config_file)
+        parent_id = _parent_run(client, experiment_id, req, settings, search)
+        jobs.append(SearchJob(req, settings, search, uri, experiment_id, parent_id, root, cpus,
+                              min(settings.trials, concurrent), restore))
+    if not all(job.restore for job in jobs):  # create the study database once, before the searches share it
+        from optuna.storages import RDBStorage
 
-            from search.searcher import ResumableOptunaSearch
+        RDBStorage(_optuna_url(root, req.name))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=0, max_retries=0)(_run_search).options(scheduling_strategy=here)
+    pending = {task.remote(job): job for job in jobs}
+    outcomes, failures = {}, []
+    while pending:  # wait for all: one search failing does not cut the other short
+        [ref], _ = ray.wait(list(pending))
+        job = pending.pop(ref)
+        try:
+            outcomes[job.search.arch] = ray.get(ref)
+        except Exception as e:
+            failures.append(e)
+    if failures:
+        raise failures[0]
+    return [outcomes[job.search.arch] for job in jobs]
 
-            searcher = ResumableOptunaSearch(points_to_evaluate=[search.default_point], seed=settings.seed,
-                                    storage=RDBStorage(_optuna_url(root, req.name)), study_name=experiment)
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=settings.max_epochs,
-                                      grace_period=settings.grace_period,
-                                      reduction_factor=settings.reduction_factor)
-            concurrent = min(settings.trials, settings.max_concurrent or _max_concurrent(req, cpus))
-            client.set_tag(parent_id, "captune.concurrent_trials", str(concurrent))
-            print(f"[{arch}] {settings.trials} trials, up to {concurrent} at a time, "
-                  f"{settings.max_epochs} epochs at most; results in {path}")
-            tuner = tune.Tuner(
-                trainable, param_space=search.space.to_tune(),
-                tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                            num_samples=settings.trials, max_concurrent_trials=concurrent,
-                                            # a reused actor (in-process trials) starts a trial in
-                                            # well under a second; a DDP trial's actor is still
-                                            # tearing its worker group down when the next one starts
-                                            reuse_actors=setup.in_process),
-                run_config=tune.RunConfig(
-                    name=experiment, storage_path=root,
-                    callbacks=[MlflowTrials(uri, experiment_id, parent_id, req.name, arch, base.to_dict(),
-                                            settings.max_epochs)],
-                    failure_config=tune.FailureConfig(fail_fast=False)),
-            )
-        grid = tuner.fit()
-        outcomes.append(_finish(client, grid, search, parent_id, req))
-    return outcomes
+
+def _can_restore(path: str) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(path)
+
+
+def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSettings, search: ArchSearch) -> str:
+    arch, base = search.arch, search.base
+    parent_id, created = find_or_create_run(client, experiment_id, {SWEEP_TAG: req.name, KIND_TAG: "search",
+                                                                    "arch": arch}, run_name=f"{arch}-search")
+    if created:
+        client.log_batch(parent_id, params=_params({
+            **{f"space.{k}": f"{kind}{args}" for k, (kind, args) in search.space.searched.items()},
+            **{f"base.{k}": v for k, v in base.to_dict().items()}, **vars(settings),
+            "data": str(Path(req.data_root).resolve()), "workers_per_trial": req.workers_per_trial,
+            "gpus_per_worker": req.gpus_per_worker}))
+    client.update_run(parent_id, status="RUNNING")
+    return parent_id
+
+
+def _run_search(job: SearchJob) -> ArchOutcome:
+    """One architecture's Tune search (a Ray task): Optuna, ASHA, MLflow, then its champion."""
+    import mlflow
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    # Snapshot Tune's experiment state every second (not every 10 s or more): a killed driver
+    # then loses at most a second of it on --resume. An MLflow server that does not answer must
+    # not hold the search for minutes per call (the client retries 7 times by default): the
+    # trial callback holds records and retries itself.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    req, settings, search = job.req, job.settings, job.search
+    arch, base = search.arch, search.base
+    tracking.configure(job.tracking_uri)  # this process's mlflow library (registration uses it)
+    client = mlflow.MlflowClient(job.tracking_uri)
+    use_gpu = req.gpus_per_worker > 0
+    setup = TrialSetup(base=base.to_dict(), data_root=str(Path(req.data_root).resolve()),
+                       train_storage=f"{job.path}-train", workers=req.workers_per_trial, use_gpu=use_gpu,
+                       gpus_per_worker=req.gpus_per_worker or 1.0, cpus_per_worker=job.cpus)
+    trainable = trial_trainable(setup)
+    if job.restore:
+        print(f"[{arch}] resuming {job.path}", flush=True)
+        tuner = tune.Tuner.restore(job.path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   param_space=search.space.to_tune())
+    else:
+        from optuna.storages import RDBStorage
+
+        from search.searcher import ResumableOptunaSearch
+
+        searcher = ResumableOptunaSearch(points_to_evaluate=[search.default_point], seed=settings.seed,
+                                         storage=RDBStorage(_optuna_url(job.root, req.name)),
+                                         study_name=job.experiment)
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=settings.max_epochs, grace_period=settings.grace_period,
+                                  reduction_factor=settings.reduction_factor)
+        client.set_tag(job.parent_run_id, "captune.concurrent_trials", str(job.concurrent))
+        print(f"[{arch}] {settings.trials} trials, up to {job.concurrent} at a time, "
+              f"{settings.max_epochs} epochs at most; results in {job.path}", flush=True)
+        tuner = tune.Tuner(
+            trainable, param_space=search.space.to_tune(),
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                        num_samples=settings.trials, max_concurrent_trials=job.concurrent,
+                                        # a reused actor (in-process trials) starts a trial in well
+                                        # under a second; a DDP trial's actor is still tearing its
+                                        # worker group down when the next one starts
+                                        reuse_actors=setup.in_process),
+            run_config=tune.RunConfig(
+                name=job.experiment, storage_path=job.root,
+                callbacks=[MlflowTrials(job.tracking_uri, job.experiment_id, job.parent_run_id, req.name, arch,
+                                        base.to_dict(), settings.max_epochs)],
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures, fail_fast=False)),
+        )
+    grid = tuner.fit()
+    try:
+        return _finish(client, grid, search, job.parent_run_id, req)
+    except Exception as e:
+        if not _unreachable(e):
+            raise
+        raise TrackingUnreachable(
+            f"MLflow at {job.tracking_uri} did not answer ({type(e).__name__}) when the {arch} search ended. Its "
+            f"trials are done and kept in {job.path}; once the server answers, `captune sweep --name {req.name} "
+            f"--resume --data {req.data_root}` writes what is missing and registers the champions without "
+            f"training again.") from None
 
 
 FEATURE_KEYS = {"image_size", "encoder", "pretrained", "fine_tune", "seed"}  # what a feature cache depends on
 
 
-def _prepare(data_root: str, base: TrainConfig, features: bool) -> None:
+def _prepare(data_root: str, base: TrainConfig, features: bool) -> PreparedData:
     """Decode every image once, here: a bad dataset stops the sweep before any trial starts. On a
     local cluster, a frozen encoder's features too (when the space leaves them fixed), so the first
     trials start training at once instead of one encoding while the others wait on its lock."""
@@ -193,14 +291,28 @@ def _prepare(data_root: str, base: TrainConfig, features: bool) -> None:
     data = prepare_data(data_root, base.image_size, cache_dir, skip_bad=base.skip_bad, seed=base.seed)
     if features and not base.fine_tune:  # (on a cluster each node builds its own copy, in a trial)
         frozen_features(base, data, cache_dir, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return data
+
+
+def _check_vocabulary(data: PreparedData, search: ArchSearch, config_file: str | None) -> None:
+    """The highest vocabulary threshold a trial may draw must leave words to learn."""
+    kind, args = search.space.searched.get("vocab_threshold", ("choice", [search.base.vocab_threshold]))
+    highest = max(args) if kind == "choice" else args[1]
+    try:
+        data.vocabulary(highest)
+    except ValueError as e:
+        where = f"{config_file or 'search/spaces.yaml'} [{search.arch}]" if "vocab_threshold" in search.space.searched \
+            else "the configuration"
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest) -> ArchOutcome:
     from search.mlflow_trials import TRIAL_TAG
     from search.registry import promote
 
-    scored = [r for r in grid if r.error is None and r.metrics and METRIC in r.metrics]
-    errors = sum(r.error is not None for r in grid)
+    scored = [r for r in grid if r.error is None and r.metrics and METRIC in r.metrics
+              and not r.metrics.get("diverged_reason")]
+    errors = sum(r.error is not None or bool((r.metrics or {}).get("diverged_reason")) for r in grid)
     outcome = ArchOutcome(search.arch, parent_id, None, len(grid), errors)
     if scored:
         top = max(scored, key=lambda r: r.metrics[METRIC])
@@ -224,6 +336,15 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest)
     client.set_tag(parent_id, "captune.failed_trials", str(errors))
     client.set_terminated(parent_id, "FINISHED" if scored else "FAILED")
     return outcome
+
+
+def _unreachable(error: BaseException) -> bool:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    text = str(error)
+    return isinstance(error, (requests.exceptions.RequestException, ConnectionError)) or (
+        isinstance(error, MlflowException) and ("Max retries exceeded" in text or "Connection" in text))
 
 
 def _checkpoint(result):

@@ -22,7 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from data.cache import default_cache_dir
 from data.prepare import PreparedData, prepare_data
 from trainables.config import TrainConfig
-from trainables.loop import WorkerContext, train
+from trainables.loop import Diverged, WorkerContext, train
 from trainables.ray_train import make_trainer
 
 
@@ -71,13 +71,18 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
 
     ctx = WorkerContext(device=device, report=report)
     data = _prepared(setup.data_root, cfg.image_size, cfg.cache_dir, cfg.skip_bad, cfg.seed)
-    resume = tune.get_checkpoint()
-    if resume is None:
-        train(cfg, setup.data_root, ctx, data=data)
-        return
-    with resume.as_directory() as folder:  # restarted: go on from the last reported epoch
-        ctx.resume_from = Path(folder)
-        train(cfg, setup.data_root, ctx, data=data)
+    try:
+        resume = tune.get_checkpoint()
+        if resume is None:
+            train(cfg, setup.data_root, ctx, data=data)
+            return
+        with resume.as_directory() as folder:  # restarted: go on from the last reported epoch
+            ctx.resume_from = Path(folder)
+            train(cfg, setup.data_root, ctx, data=data)
+    except Diverged as e:
+        # Not an error to retry (it would diverge again) but a result: worthless (bleu4 0) to ASHA
+        # and Optuna, recorded in MLflow as diverged with the reason.
+        tune.report({"epoch": e.epoch, "bleu4": 0.0, "diverged_reason": str(e), "node_id": node})
 
 
 @functools.lru_cache(maxsize=2)

@@ -85,7 +85,7 @@ def test_sweep_both_archs_records_runs_registers_champions(ray_cluster, synth_di
     assert "continue it with --resume" in capsys.readouterr().err
 
 
-def test_asha_stops_poor_trials_and_failed_trials_are_recorded(ray_cluster, synth_dir, tmp_path, tracking_uri):
+def test_asha_stops_poor_trials_and_diverged_trials_are_recorded(ray_cluster, synth_dir, tmp_path, tracking_uri):
     # lr 1e-7 learns nothing (ASHA stops it at the first rung); lr 1e30 diverges (the trial fails)
     space = {"lr": {"choice": [0.002, 1.0e-7, 1.0e30]}}
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=5, epochs=3, space=space, max_concurrent=1, seed=3)
@@ -98,9 +98,10 @@ def test_asha_stops_poor_trials_and_failed_trials_are_recorded(ray_cluster, synt
         state.setdefault(float(run.data.params["lr"]), set()).add(run.data.tags["captune.end_state"])
     assert state[0.002] == {"finished"}
     assert state[1e-7] == {"early-stopped"}
-    assert state[1e30] == {"failed"}
-    failed = next(r for r in runs if r.data.tags["captune.end_state"] == "failed")
-    assert failed.info.status == "FAILED" and "diverged" in failed.data.tags["captune.error"]
+    assert state[1e30] == {"diverged"}  # stopped at once, not retried, the sweep went on
+    diverged = [r for r in runs if r.data.tags["captune.end_state"] == "diverged"]
+    assert all(r.info.status == "FAILED" and "training diverged" in r.data.tags["captune.error"] and
+               r.data.metrics["bleu4"] == 0.0 and "captune.restarts" not in r.data.tags for r in diverged)
 
 
 def test_killed_sweep_resumes_without_repeating_trials(synth_dir, tmp_path, tracking_uri):
@@ -129,13 +130,23 @@ def test_killed_sweep_resumes_without_repeating_trials(synth_dir, tmp_path, trac
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
 
     runs = trial_runs(client, "s3")
-    ids = [r.data.tags["captune.trial_id"] for r in runs]
-    assert len(ids) == 3 == len(set(ids))
-    assert all(r.data.tags["captune.end_state"] in ("finished", "early-stopped") for r in runs)
+    done = [r.data.tags["captune.trial_id"] for r in runs if r.data.tags["captune.end_state"] != "interrupted"]
+    assert len(done) == 3 == len(set(done))
+    assert all(r.data.tags["captune.end_state"] in ("finished", "early-stopped") for r in runs
+               if r.data.tags["captune.trial_id"] in done)
+    # A trial started in the second before the kill, after Tune's last snapshot, is closed in both
+    # Optuna (failed) and MLflow (interrupted); usually there is none.
+    interrupted = len(runs) - len(done)
     study = optuna.load_study(study_name="s3-resnet-gru", storage=f"sqlite:///{tmp_path / 'tune' / 's3-optuna.db'}")
-    assert len(study.trials) == 3
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED) == 3
+    assert states.count(optuna.trial.TrialState.FAIL) >= interrupted
+    for run in runs:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")] == \
+               list(range(1, int(run.data.tags.get("captune.epochs_run", 0)) + 1)) or \
+               run.data.tags["captune.end_state"] == "interrupted"  # each epoch logged once
     tune_trials = {p.name for p in (tmp_path / "tune" / "s3-resnet-gru").iterdir() if p.is_dir()}
-    assert len(tune_trials) == 3
+    assert 3 <= len(tune_trials) <= 3 + interrupted
 
 
 def test_multi_worker_trials_run_ddp_through_torchtrainer(ray_cluster, synth_dir, tmp_path, tracking_uri):

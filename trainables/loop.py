@@ -28,7 +28,11 @@ from trainables.models import Captioner, ModelConfig, build_model
 
 
 class Diverged(FloatingPointError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite (in `epoch`, counted from 1)."""
+
+    def __init__(self, message: str, epoch: int = 0):
+        super().__init__(message)
+        self.epoch = epoch
 
 
 @dataclass
@@ -142,7 +146,7 @@ def _train_epoch(module: nn.Module, model: Captioner, batches: ImageBatches, opt
                                            ignore_index=pad)
         if not torch.isfinite(loss):
             raise Diverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                           f"(lr={cfg.lr}): training diverged")
+                           f"(lr={cfg.lr}): training diverged", epoch=epoch + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
