@@ -36,6 +36,8 @@ def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
 
     name, checkpoint = model_name(arch), Path(best["checkpoint"])
     payload = read_payload(checkpoint)
+    if payload["model_config"]["arch"] != arch:  # never register one architecture under the other's name
+        raise RuntimeError(f"{checkpoint}: a {payload['model_config']['arch']} checkpoint, not {arch}")
     key = validation_key(data_root, payload["train_config"])
     with tempfile.TemporaryDirectory() as tmp:
         write_champion_artifacts(checkpoint, data_root, Path(tmp))

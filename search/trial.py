@@ -104,4 +104,13 @@ def _train_ddp(cfg: TrainConfig, setup: TrialSetup) -> None:
 
 
 def trial_trainable(setup: TrialSetup):
-    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), setup.resources())
+    """A trainable named after its architecture. Tune registers trainables cluster-wide by name
+    (tune.with_parameters included), so two searches running side by side under one name would
+    share one setup: the last one registered."""
+    arch = setup.base["arch"].replace("-", "_")
+
+    def trainable(config: dict) -> None:
+        run_trial(config, setup)
+
+    trainable.__name__ = trainable.__qualname__ = f"trial_{arch}"
+    return tune.with_resources(trainable, setup.resources())

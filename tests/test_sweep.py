@@ -13,6 +13,8 @@ import yaml
 from mlflow import MlflowClient
 
 from captune.cli import main
+from captune.tracking import resolve_model
+from trainables.checkpoint import load_checkpoint
 from tests.conftest import tiny_overrides
 
 # The built-in dataset's preset (lr 0.002, hidden 256, threshold 2) is the default point: inside.
@@ -77,6 +79,8 @@ def test_sweep_both_archs_records_runs_registers_champions(ray_cluster, synth_di
         arts = {a.path for a in client.list_artifacts(version.run_id, "champion")}
         assert {"champion/vocab.json", "champion/config.json", "champion/learning_curves.png",
                 "champion/val_examples.png"} <= arts
+        champion = load_checkpoint(resolve_model(f"models:/captune-{arch}@champion", tracking_uri))
+        assert champion.model.cfg.arch == arch  # the searches ran side by side, each its own architecture
         assert main(["caption", f"models:/captune-{arch}@champion", str(image), "--tracking-uri", tracking_uri]) == 0
         assert str(image) in capsys.readouterr().out
     # a rerun under the same name is refused unless resumed
