@@ -80,7 +80,7 @@ def one_trial(arch: str, root: str) -> None:
 def sweep_memory(root: Path, work: Path, concurrent: int) -> float:
     """Peak summed PSS (MB) of `captune sweep` and its local Ray cluster, `concurrent` trials."""
     config = work / f"sweep{concurrent}.yaml"
-    space = {**PRESET, "encoder": "resnet18", "val_images": 100, "lr": {"loguniform": [1e-3, 3e-3]}}
+    space = {**PRESET, "encoder": "resnet18", "val_images": 100, "lr": {"loguniform": [1e-4, 3e-3]}}
     config.write_text(yaml.safe_dump({"sweep": {"trials": concurrent, "max_epochs": 1, "grace_period": 1,
                                                 "max_concurrent": concurrent}, "resnet-gru": space}))
     command = [sys.executable, "-m", "captune.cli", "sweep", "--data", str(root), "--name", f"mem{concurrent}",
