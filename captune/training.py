@@ -9,7 +9,6 @@ from pathlib import Path
 
 from captune import tracking
 from captune.raycluster import init_ray, root_cause
-from data.cache import default_cache_dir
 from data.prepare import prepare_data
 from trainables.checkpoint import FILENAME, read_payload
 from trainables.config import TrainConfig
@@ -38,7 +37,7 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
     out.mkdir(parents=True, exist_ok=True)
     # Check the data and decode the images once, here, before any worker starts: a bad dataset
     # fails in seconds with the full report, and the workers find the pixel cache ready.
-    data = prepare_data(data_root, cfg.image_size, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
+    data = prepare_data(data_root, cfg.image_size, cfg.cache_path(),
                         skip_bad=cfg.skip_bad, seed=cfg.seed)
     if data.skipped:
         print(f"--skip-bad: left out {len(data.skipped)} bad item(s):")

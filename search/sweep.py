@@ -287,7 +287,7 @@ def _prepare(data_root: str, base: TrainConfig, features: bool) -> PreparedData:
 
     from trainables.features import frozen_features
 
-    cache_dir = Path(base.cache_dir) if base.cache_dir else default_cache_dir()
+    cache_dir = base.cache_path()
     data = prepare_data(data_root, base.image_size, cache_dir, skip_bad=base.skip_bad, seed=base.seed)
     if features and not base.fine_tune:  # (on a cluster each node builds its own copy, in a trial)
         frozen_features(base, data, cache_dir, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

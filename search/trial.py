@@ -19,11 +19,10 @@ import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from data.cache import default_cache_dir
 from data.prepare import PreparedData, prepare_data
 from trainables.config import TrainConfig
-from trainables.loop import Diverged, WorkerContext, train
-from trainables.ray_train import make_trainer
+from trainables.loop import Diverged, WorkerContext
+from trainables.ray_train import make_trainer, train_resuming
 
 
 @dataclass(frozen=True)
@@ -70,15 +69,9 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
         tune.report({**metrics, "node_id": node}, checkpoint=checkpoint)
 
     ctx = WorkerContext(device=device, report=report)
-    data = _prepared(setup.data_root, cfg.image_size, cfg.cache_dir, cfg.skip_bad, cfg.seed)
+    data = _prepared(setup.data_root, cfg.image_size, cfg.cache_path(), cfg.skip_bad, cfg.seed)
     try:
-        resume = tune.get_checkpoint()
-        if resume is None:
-            train(cfg, setup.data_root, ctx, data=data)
-            return
-        with resume.as_directory() as folder:  # restarted: go on from the last reported epoch
-            ctx.resume_from = Path(folder)
-            train(cfg, setup.data_root, ctx, data=data)
+        train_resuming(cfg, setup.data_root, ctx, tune.get_checkpoint(), data=data)
     except Diverged as e:
         # Not an error to retry (it would diverge again) but a result: worthless (bleu4 0) to ASHA
         # and Optuna, recorded in MLflow as diverged with the reason.
@@ -86,11 +79,10 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def _prepared(root: str, image_size: int, cache_dir: str | None, skip_bad: bool, seed: int) -> PreparedData:
+def _prepared(root: str, image_size: int, cache_dir: Path, skip_bad: bool, seed: int) -> PreparedData:
     """The checked dataset and its memory-mapped pixel cache, read once per reused trial actor
     (the sweep driver has already built the cache and stopped on any problem)."""
-    return prepare_data(root, image_size, Path(cache_dir) if cache_dir else default_cache_dir(),
-                        skip_bad=skip_bad, seed=seed, progress=False)
+    return prepare_data(root, image_size, cache_dir, skip_bad=skip_bad, seed=seed, progress=False)
 
 
 def _train_ddp(cfg: TrainConfig, setup: TrialSetup) -> None:

@@ -51,6 +51,12 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def cache_path(self) -> Path:
+        """Where decoded pixels and encoder features are cached."""
+        from data.cache import default_cache_dir
+
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
     def validate(self, source: str = "configuration") -> "TrainConfig":
         """Refuse values no run could use, naming the key."""
         def bad(key: str, why: str) -> ConfigError:

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 from data.batches import CaptionTable, ImageBatches
-from data.cache import default_cache_dir
 from data.prepare import PreparedData, prepare_data
 from trainables.checkpoint import FILENAME, CheckpointError, load_checkpoint, save_checkpoint
 from trainables.config import TrainConfig
@@ -64,7 +63,7 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
     """Train for cfg.epochs, reporting validation BLEU after each epoch; returns the last metrics.
     `data`: the dataset already prepared at cfg.image_size (a reused trial process keeps it)."""
     lead = ctx.rank == 0
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    cache_dir = cfg.cache_path()
     if data is None:
         data = prepare_data(data_root, cfg.image_size, cache_dir, skip_bad=cfg.skip_bad, seed=cfg.seed,
                             progress=lead)

@@ -40,13 +40,17 @@ def train_loop_per_worker(config: dict) -> None:
 
     ctx = WorkerContext(rank=rank, world_size=context.get_world_size(), device=ray.train.torch.get_device(),
                         report=report, wrap_model=ray.train.torch.prepare_model)
-    resume = ray.train.get_checkpoint()
-    if resume is None:
-        train(cfg, config["data_root"], ctx)
-        return
-    with resume.as_directory() as folder:  # restarted after a failure: go on from the last epoch
+    train_resuming(cfg, config["data_root"], ctx, ray.train.get_checkpoint())
+
+
+def train_resuming(cfg: TrainConfig, data_root: str, ctx: WorkerContext, checkpoint, data=None) -> dict:
+    """`train`, going on from `checkpoint` (the last one reported: a Ray Train or a Ray Tune
+    Checkpoint) when Ray restarted the run; None for a fresh start."""
+    if checkpoint is None:
+        return train(cfg, data_root, ctx, data=data)
+    with checkpoint.as_directory() as folder:
         ctx.resume_from = Path(folder)
-        train(cfg, config["data_root"], ctx)
+        return train(cfg, data_root, ctx, data=data)
 
 
 def cpus_per_worker(workers: int) -> int:
