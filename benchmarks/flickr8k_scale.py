@@ -1,7 +1,7 @@
 """Target 3: Flickr8k at real scale: the real caption files and splits (40,455 captions, the real
 vocabulary) with generated stand-in images under the real names.
 
-    python benchmarks/flickr8k_scale.py [--flickr ../shared/data/flickr8k]
+    python benchmarks/flickr8k_scale.py [--flickr ../shared/data/flickr8k] [--only trial|sweep]
 
 Per architecture (the built-in preset's frozen encoders at 64 px, one thread as a trial has
 here): seconds per training epoch, BLEU evaluation time on the 1,000 validation images (greedy
@@ -86,7 +86,8 @@ def sweep_memory(root: Path, work: Path, concurrent: int) -> float:
     command = [sys.executable, "-m", "captune.cli", "sweep", "--data", str(root), "--name", f"mem{concurrent}",
                "--arch", "resnet-gru", "--config", str(config), "--storage", str(work / "sweeps"),
                "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = work / f"sweep{concurrent}.log"
+    driver = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     peak = 0.0
     while driver.poll() is None:
         total = 0
@@ -98,13 +99,16 @@ def sweep_memory(root: Path, work: Path, concurrent: int) -> float:
         peak = max(peak, total / 2**20)
         time.sleep(0.5)
     if driver.returncode != 0:
-        raise SystemExit(f"sweep with {concurrent} concurrent trials failed: {' '.join(command)}")
+        raise SystemExit(f"sweep with {concurrent} concurrent trials failed: {' '.join(command)}\n"
+                         f"{log.read_text()[-3000:]}\n(whole log: {log})")
     return peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flickr", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
+    parser.add_argument("--only", choices=("trial", "sweep"),
+                        help="only the per-architecture trial figures, or only the sweep memory")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,7 +122,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     root = build_dataset(flickr, work / "flickr8k")
     print(f"machine: {os.cpu_count()} cores, CPU only; data {root} (original layout, real captions)")
-    for arch in ENCODER:
+    for arch in ENCODER if args.only != "sweep" else ():
         t0 = time.perf_counter()
         out = subprocess.run([sys.executable, __file__, "--one", arch, "--root", str(root)], capture_output=True,
                              text=True, cwd=ROOT)
@@ -128,6 +132,8 @@ def main() -> None:
         print(f"{arch:10s} ({ENCODER[arch]}, vocab {r['vocab_size']}): epoch {r['epoch_seconds']:.1f} s, "
               f"val BLEU greedy {r['eval_beam1']:.1f} s, beam 3 {r['eval_beam3']:.1f} s, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB  (process total {time.perf_counter() - t0:.0f} s, caches included)")
+    if args.only == "trial":
+        return
     mem = {n: sweep_memory(root, work, n) for n in (2, 4)}
     print(f"sweep memory (PSS, driver + local Ray): 2 trials {mem[2]:.0f} MB, 4 trials {mem[4]:.0f} MB")
     print(f"memory_per_extra_trial: {(mem[4] - mem[2]) / 2:.0f} MB")

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainables.models import ARCHS
+from trainables.catalog import ARCHS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,18 +26,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _is_user_error(e: Exception) -> bool:
-    from captune.training import TrainFailed
-    from data.images import ImageError
-    from data.layouts import LayoutError
-    from data.prepare import DataProblems
-    from search.sweep import TrackingUnreachable
-    from trainables.checkpoint import CheckpointError
-    from trainables.config import ConfigError
-    from trainables.encoders import WeightsUnavailable
+# Errors a user causes (bad data, settings, paths): printed as one line, no traceback. Matched by
+# name, so that checking an error never imports the heavy modules (torch, Ray, MLflow) that define
+# some of them; a module that raised one is loaded anyway.
+USER_ERRORS = {"trainables.config.ConfigError", "data.layouts.LayoutError", "data.prepare.DataProblems",
+               "trainables.checkpoint.CheckpointError", "data.images.ImageError",
+               "trainables.encoders.WeightsUnavailable", "captune.training.TrainFailed",
+               "search.sweep.TrackingUnreachable", "builtins.FileNotFoundError"}
 
-    return isinstance(e, (ConfigError, LayoutError, DataProblems, CheckpointError, ImageError,
-                          WeightsUnavailable, TrainFailed, TrackingUnreachable, FileNotFoundError))
+
+def _is_user_error(e: Exception) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in USER_ERRORS for c in type(e).__mro__)
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -61,7 +60,6 @@ def cmd_check(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from captune.training import run_train
     from trainables.config import compose, parse_overrides, preset_layers, read_config_file
 
     layers = preset_layers(args.data, args.arch)
@@ -70,9 +68,11 @@ def cmd_train(args) -> int:
     flags = {k: v for k, v in (("epochs", args.epochs), ("image_blind", args.image_blind or None),
                                ("skip_bad", args.skip_bad or None)) if v is not None}
     layers += [("command line", flags), ("--set", parse_overrides(args.set))]
-    cfg = compose(args.arch, layers)
+    cfg = compose(args.arch, layers)  # settings are checked before torch and Ray are loaded
     if args.gpu:
         _require_gpu()
+    from captune.training import run_train
+
     out = Path(args.out or Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"training {cfg.arch} on {args.data} with {args.workers} worker(s): " +
           ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
@@ -90,10 +90,12 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from captune.tracking import resolve_model
+
+    model = resolve_model(args.model, args.tracking_uri)  # a wrong path fails before torch loads
     from trainables.checkpoint import load_checkpoint
     from trainables.inference import evaluate_split
 
-    loaded = load_checkpoint(resolve_model(args.model, args.tracking_uri))
+    loaded = load_checkpoint(model)
     scores = evaluate_split(loaded, args.data, split=args.split, beam=args.beam, skip_bad=args.skip_bad)
     if args.json:
         print(json.dumps(scores))
@@ -105,10 +107,12 @@ def cmd_evaluate(args) -> int:
 
 def cmd_caption(args) -> int:
     from captune.tracking import resolve_model
+
+    model = resolve_model(args.model, args.tracking_uri)  # a wrong path fails before torch loads
     from trainables.checkpoint import load_checkpoint
     from trainables.inference import caption_images
 
-    loaded = load_checkpoint(resolve_model(args.model, args.tracking_uri))
+    loaded = load_checkpoint(model)
     for image, caption in zip(args.images, caption_images(loaded, args.images, beam=args.beam)):
         print(f"{image}\t{caption}")
     return 0
@@ -156,7 +160,7 @@ def cmd_leaderboard(args) -> int:
 def cmd_compare(args) -> int:
     from search.compare import compare, format_comparison
 
-    results = compare(args.name, args.data, args.tracking_uri)
+    results = compare(args.name, args.data, args.tracking_uri, skip_bad=args.skip_bad)
     print(json.dumps(results, indent=2) if args.json else format_comparison(results))
     return 0
 
@@ -253,6 +257,8 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("name")
     cp.add_argument("--data", help="dataset folder (default: the sweep's)")
     cp.add_argument("--json", action="store_true")
+    cp.add_argument("--skip-bad", action="store_true",
+                    help="leave out bad items (implied for a champion that trained with --skip-bad)")
     _tracking_args(cp)
     cp.set_defaults(run=cmd_compare)
 

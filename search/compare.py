@@ -7,11 +7,13 @@ from pathlib import Path
 from search.mlflow_trials import KIND_TAG, SWEEP_TAG, find_or_create_run
 from search.registry import ALIAS, model_name
 from trainables.config import ConfigError
-from trainables.models import ARCHS
+from trainables.catalog import ARCHS
 
 
 def compare(name: str, data_root: str | None = None, tracking_uri: str | None = None,
-            beams: tuple[int, ...] = (1, 3), split: str = "test") -> dict:
+            beams: tuple[int, ...] = (1, 3), split: str = "test", skip_bad: bool = False) -> dict:
+    """A champion trained with skip_bad (its search's setting) is evaluated with it too: the
+    real Flickr8k token file names an image that does not exist."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -32,8 +34,9 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
             continue
         root = data_root or _sweep_data(client, experiment.experiment_id, name, arch)
         loaded = load_checkpoint(tracking.resolve_model(f"models:/{model_name(arch)}@{ALIAS}", uri))
+        skip = skip_bad or bool(loaded.payload.get("train_config", {}).get("skip_bad", False))
         results["models"][arch] = {"version": version.version, "data": root, **{
-            f"beam{k}": {key: v for key, v in evaluate_split(loaded, root, split=split, beam=k).items()
+            f"beam{k}": {key: v for key, v in evaluate_split(loaded, root, split=split, beam=k, skip_bad=skip).items()
                          if key.startswith("bleu")} for k in beams}}
     if not results["models"]:
         raise ConfigError(f"no champion is registered yet ({', '.join(model_name(a) for a in ARCHS)}): run a sweep first")

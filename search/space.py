@@ -8,8 +8,8 @@ from typing import Any
 
 from ray import tune
 
+from trainables.catalog import ARCHS
 from trainables.config import KEYS, ConfigError, TrainConfig, read_yaml_mapping
-from trainables.models import ARCHS
 
 DEFAULT_FILE = Path(__file__).with_name("spaces.yaml")
 KINDS = ("loguniform", "uniform", "int", "choice")

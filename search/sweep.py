@@ -15,7 +15,7 @@ from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_crea
 from search.space import SearchSpace, SweepSettings, load_spaces
 from search.trial import TrialSetup, trial_trainable
 from trainables.config import ConfigError, TrainConfig, compose, preset_layers, replace
-from trainables.models import ARCHS
+from trainables.catalog import ARCHS
 
 METRIC, MODE = "bleu4", "max"
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,18 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
-def sweep_command(synth_dir, tmp_path, name, config, tracking_uri, *more):
-    return [sys.executable, "-m", "captune.cli", "sweep", "--data", str(synth_dir), "--name", name, "--arch",
-            "resnet-gru", "--config", str(config), "--storage", str(tmp_path / "tune"), "--tracking-uri",
-            tracking_uri, *more]
+def sweep_args(synth_dir, tmp_path, name, config, tracking_uri) -> list[str]:
+    return ["sweep", "--data", str(synth_dir), "--name", name, "--arch", "resnet-gru", "--config", str(config),
+            "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]
+
+
+def sweep_in_background(args: list[str]) -> Future:
+    """`captune sweep` in a thread of this process, on the session's Ray cluster: the test acts on
+    the sweep's trial processes and services while it runs (and saves a Ray start)."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(main, args)
+    pool.shutdown(wait=False)
+    return future
 
 
 def wait_for(condition, seconds: float, what: str, log: Path | None = None):
@@ -52,20 +61,19 @@ def trial_processes() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if "ImplicitFunc" in " ".join(p.info["cmdline"] or [])]
 
 
-def test_killed_trial_process_resumes_from_its_checkpoint(synth_dir, tmp_path, tracking_uri):
+def test_killed_trial_process_resumes_from_its_checkpoint(ray_cluster, synth_dir, tmp_path, tracking_uri):
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=2, epochs=5, max_concurrent=1, grace_period=5)
-    log = tmp_path / "sweep.log"
-    with open(log, "w") as out:
-        sweep = subprocess.Popen(sweep_command(synth_dir, tmp_path, "k1", config, tracking_uri), stdout=out,
-                                 stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
-        client = MlflowClient(tracking_uri)
-        # kill the trial's process once it has reported two epochs
-        wait_for(lambda: any(len(s) >= 2 for s in epochs_logged(client, "k1").values()), 240, "two epochs", log)
-        victims = trial_processes()
-        assert victims, "no trial process found"
-        for p in victims:
-            p.send_signal(signal.SIGKILL)
-        assert sweep.wait(timeout=600) == 0, log.read_text()[-3000:]
+    sweep = sweep_in_background(sweep_args(synth_dir, tmp_path, "k1", config, tracking_uri))
+    client = MlflowClient(tracking_uri)
+    # kill the trial's process once it has reported two epochs
+    wait_for(lambda: any(len(s) >= 2 for s in epochs_logged(client, "k1").values()) or sweep.done(), 240,
+             "two epochs")
+    assert not sweep.done(), f"the sweep ended before the kill: {sweep.result()}"
+    victims = trial_processes()
+    assert victims, "no trial process found"
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    assert sweep.result(timeout=600) == 0
     runs = trial_runs(client, "k1")
     assert len(runs) == 2 and all(r.data.tags["captune.end_state"] == "finished" for r in runs)
     # every epoch logged once, in order: the restarted trial went on from its last checkpoint
@@ -112,20 +120,18 @@ def mlflow_server(tmp_path):
         server.stop()
 
 
-def test_mlflow_outage_during_a_sweep_loses_nothing(mlflow_server, synth_dir, tmp_path):
+def test_mlflow_outage_during_a_sweep_loses_nothing(ray_cluster, mlflow_server, synth_dir, tmp_path, capfd):
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=2, epochs=4, max_concurrent=1, grace_period=4)
-    log = tmp_path / "sweep.log"
-    with open(log, "w") as out:
-        sweep = subprocess.Popen(sweep_command(synth_dir, tmp_path, "o1", config, mlflow_server.uri), stdout=out,
-                                 stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
-        client = MlflowClient(mlflow_server.uri)
-        wait_for(lambda: any(epochs_logged(client, "o1").values()), 240, "a first epoch in MLflow", log)
-        mlflow_server.stop()
-        time.sleep(30)  # the sweep trains on meanwhile
-        assert sweep.poll() is None, "the sweep stopped while MLflow was away: " + log.read_text()[-3000:]
-        mlflow_server.start()
-        assert sweep.wait(timeout=600) == 0, log.read_text()[-3000:]
-    assert "MLflow" in log.read_text() and "unreachable" in log.read_text()
+    sweep = sweep_in_background(sweep_args(synth_dir, tmp_path, "o1", config, mlflow_server.uri))
+    client = MlflowClient(mlflow_server.uri)
+    wait_for(lambda: any(epochs_logged(client, "o1").values()) or sweep.done(), 240, "a first epoch in MLflow")
+    mlflow_server.stop()
+    time.sleep(30)  # the sweep trains on meanwhile
+    assert not sweep.done(), f"the sweep stopped while MLflow was away: {sweep.result()}"
+    mlflow_server.start()
+    assert sweep.result(timeout=600) == 0
+    said = capfd.readouterr()
+    assert "MLflow" in said.out + said.err and "unreachable" in said.out + said.err
     runs = trial_runs(client, "o1")
     assert len(runs) == 2 and all(r.data.tags["captune.end_state"] == "finished" for r in runs)
     assert all(steps == [1, 2, 3, 4] for steps in epochs_logged(client, "o1").values())
@@ -209,7 +215,7 @@ def test_bad_inputs_are_named(tmp_path):
     assert long.line == 41 and "3000 words" in long.detail and long.severity == "error"
 
 
-def test_duplicate_listing_and_skip_bad_counts(synth_dir, tmp_path):
+def test_duplicate_listing_and_skip_bad_counts(ray_cluster, tmp_path, capsys):
     # an image listed in two split files is named; --skip-bad trains without it and says so
     caps = datasets.sample_captions(20)
     names = list(caps)
@@ -219,14 +225,12 @@ def test_duplicate_listing_and_skip_bad_counts(synth_dir, tmp_path):
     dup = next(p for p in corpus.problems if p.kind == "duplicate_entry")
     assert dup.line == 3 and "img000.jpg" in dup.detail and "Flickr_8k.devImages.txt" in dup.file
     (root / "Flicker8k_Dataset" / "img005.jpg").write_text("not an image")
-    out = subprocess.run([sys.executable, "-m", "captune.cli", "train", "--arch", "cnn-lstm", "--data", str(root),
-                          "--skip-bad", "--set", "pretrained=false", "--set", "encoder=vgg-small", "--set", "epochs=1",
-                          "--set", "image_size=32", "--set", "hidden_size=16", "--set", "embed_size=16",
-                          "--set", "vocab_threshold=1", "--out", str(tmp_path / "run"),
-                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
-                         capture_output=True, text=True, env=ENV, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    said = out.stdout + out.stderr
+    sets = ["pretrained=false", "encoder=vgg-small", "image_size=32", "hidden_size=16", "embed_size=16",
+            "vocab_threshold=1"]
+    assert main(["train", "--arch", "cnn-lstm", "--data", str(root), "--skip-bad", "--epochs", "1",
+                 *(f"--set={s}" for s in sets), "--out", str(tmp_path / "run"),
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 0
+    said = capsys.readouterr().out
     assert "--skip-bad: left out 2 bad item(s)" in said and "img005.jpg" in said and "duplicate_entry" in said
 
 

@@ -108,7 +108,7 @@ def test_asha_stops_poor_trials_and_diverged_trials_are_recorded(ray_cluster, sy
                r.data.metrics["bleu4"] == 0.0 and "captune.restarts" not in r.data.tags for r in diverged)
 
 
-def test_killed_sweep_resumes_without_repeating_trials(synth_dir, tmp_path, tracking_uri):
+def test_killed_sweep_resumes_without_repeating_trials(ray_cluster, synth_dir, tmp_path, tracking_uri):
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=2, max_concurrent=1)
     args = [sys.executable, "-m", "captune.cli", "sweep", "--data", str(synth_dir), "--name", "s3", "--arch",
             "resnet-gru", "--config", str(config), "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]
@@ -130,8 +130,8 @@ def test_killed_sweep_resumes_without_repeating_trials(synth_dir, tmp_path, trac
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     time.sleep(3)
-    second = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    # the killed driver took its own local Ray cluster with it; resume on the session's
+    assert main(args[3:] + ["--resume"]) == 0
 
     runs = trial_runs(client, "s3")
     done = [r.data.tags["captune.trial_id"] for r in runs if r.data.tags["captune.end_state"] != "interrupted"]
@@ -156,13 +156,13 @@ def test_killed_sweep_resumes_without_repeating_trials(synth_dir, tmp_path, trac
 def test_multi_worker_trials_run_ddp_through_torchtrainer(ray_cluster, synth_dir, tmp_path, tracking_uri):
     # Two workers per trial: each trial is a Ray Train TorchTrainer run reporting through
     # TuneReportCallback; its checkpoint (in the Train run's storage) becomes the champion.
-    config = sweep_yaml(tmp_path / "sweep.yaml", trials=2, epochs=1)
+    config = sweep_yaml(tmp_path / "sweep.yaml", trials=1, epochs=1)
     assert main(["sweep", "--data", str(synth_dir), "--name", "s4", "--arch", "cnn-lstm", "--config", str(config),
                  "--workers-per-trial", "2", "--storage", str(tmp_path / "tune"),
                  "--tracking-uri", tracking_uri]) == 0
     client = MlflowClient(tracking_uri)
     runs = trial_runs(client, "s4")
-    assert len(runs) == 2 and all(r.data.tags["captune.end_state"] in ("finished", "early-stopped") for r in runs)
+    assert len(runs) == 1 and runs[0].data.tags["captune.end_state"] == "finished"
     train_runs = sorted(p.name for p in (tmp_path / "tune" / "s4-cnn-lstm-train").iterdir())
     assert train_runs == sorted(f"trial-{r.data.tags['captune.trial_id']}" for r in runs)
     version = client.get_model_version_by_alias("captune-cnn-lstm", "champion")

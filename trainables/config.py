@@ -9,8 +9,7 @@ from typing import Any
 
 import yaml
 
-from trainables.encoders import RESNET_ENCODERS, VGG_ENCODERS
-from trainables.models import ARCHS
+from trainables.catalog import ARCHS, RESNET_ENCODERS, VGG_ENCODERS
 
 PRESET_FILE = "captune.yaml"  # a dataset folder's own preset, e.g. the built-in dataset's
 

@@ -10,8 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-VGG_ENCODERS = ("vgg-small", "vgg11", "vgg13", "vgg16", "vgg19")
-RESNET_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+from trainables.catalog import RESNET_ENCODERS, VGG_ENCODERS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
