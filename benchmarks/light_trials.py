@@ -2,6 +2,7 @@
 how long a trial takes from its start to its first training step.
 
     python benchmarks/light_trials.py [--trials 6] [--epochs 12] [--data DIR]
+    python benchmarks/light_trials.py --sweep NAME --tracking-uri URI --wall SECONDS   # one that ran
 
 Runs `captune sweep` (both architectures, the built-in dataset unless --data, a fresh feature
 cache and MLflow store) and reads the answer back from MLflow: each trial run's start time, the
@@ -22,12 +23,17 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6, help="per architecture (search/spaces.yaml: 6)")
     parser.add_argument("--epochs", type=int, default=None, help="default: search/spaces.yaml's max_epochs")
     parser.add_argument("--data", default=None, help="default: a fresh copy of the built-in dataset")
+    parser.add_argument("--sweep", help="measure a sweep that already ran (e.g. `make demo`'s) instead of running one")
+    parser.add_argument("--tracking-uri", help="with --sweep: its MLflow store")
+    parser.add_argument("--wall", type=float, help="with --sweep: its command's wall time in seconds")
     args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if args.sweep:
+        if not (args.tracking_uri and args.wall):
+            parser.error("--sweep needs --tracking-uri and --wall")
+        return report(args.tracking_uri, args.sweep, args.wall)
     tmp = Path(tempfile.mkdtemp(prefix="captune-bench-"))
     os.environ["CAPTUNE_CACHE_DIR"] = str(tmp / "cache")  # nothing cached from earlier runs
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow import MlflowClient
-
     from captune.cli import main as captune
     from data.synth import write_synthetic
 
@@ -39,13 +45,19 @@ def main() -> None:
                 "--storage", str(tmp / "sweeps"), "--tracking-uri", uri]) != 0:
         raise SystemExit("the sweep failed")
     wall = time.time() - t0
+    print(f"data {data}; results kept in {tmp}")
+    report(uri, "bench", wall)
+
+
+def report(uri: str, name: str, wall: float) -> None:
+    from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("bench").experiment_id], max_results=1000)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
     busy, first_step, setup, slots = 0.0, [], [], 0
     for run in runs:
-        if run.data.tags.get("captune.kind") == "search":  # the searches run side by side
-            slots += int(run.data.tags["captune.concurrent_trials"])
+        if run.data.tags.get("captune.kind") == "search":  # the searches share the sweep's slots
+            slots = int(run.data.tags["captune.trial_slots"])
         if run.data.tags.get("captune.kind") != "trial":
             continue
         history = {k: {m.step: m for m in client.get_metric_history(run.info.run_id, k)}
@@ -57,13 +69,12 @@ def main() -> None:
         first_step.append(first - history["epoch_seconds"][1].value - history["val_seconds"][1].value)
         setup.append(history["setup_seconds"][1].value)
     share = 1 - busy / (wall * slots)
-    print(f"machine: {os.cpu_count()} cores, CPU only; {len(first_step)} trials, {slots} at a time; data {data}")
+    print(f"machine: {os.cpu_count()} cores, CPU only; sweep {name}: {len(first_step)} trials, {slots} at a time")
     print(f"trial start -> first training step (s): min {min(first_step):.2f}  median "
           f"{statistics.median(first_step):.2f}  max {max(first_step):.2f}")
     print(f"  of which inside the trial function (data, model, cache): median {statistics.median(setup):.2f} s")
     print(f"sweep wall time {wall:.0f} s (Ray start, data and feature cache, trials, champions, test-split comparison); "
           f"training+validation {busy:.0f} trial-seconds on {slots} slots")
-    print(f"results kept in {tmp}")
     print(f"sweep_time_outside_training: {100 * share:.1f} %")
 
 

@@ -54,9 +54,10 @@ class TeacherForcing(nn.Module):
         super().__init__()
         self.model, self.encode = model, encode
 
-    def forward(self, inputs: torch.Tensor, captions: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor, owner: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
         feats = self.model.encoder(inputs) if self.encode else inputs.float()  # (B, F)
-        return self.model(feats[owner], captions)  # (C, T-1, V)
+        return self.model(feats[owner], captions, mask)  # (N, V): the N words to predict
 
 
 def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: PreparedData | None = None) -> dict:
@@ -138,11 +139,11 @@ def _train_epoch(module: nn.Module, model: Captioner, batches: ImageBatches, opt
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # summed token loss, tokens
     for step, batch in enumerate(batches):
         captions = batch.captions.to(ctx.device)
-        targets = captions[:, 1:]
+        mask = captions[:, 1:] != pad  # (C, T-1): the words to predict, <end> included
+        targets = captions[:, 1:][mask]  # (N,)
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
-            logits = module(batch.inputs.to(ctx.device), captions, batch.image_of_caption.to(ctx.device))
-        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                           ignore_index=pad)
+            logits = module(batch.inputs.to(ctx.device), captions, batch.image_of_caption.to(ctx.device), mask)
+        loss = nn.functional.cross_entropy(logits.float(), targets)
         if not torch.isfinite(loss):
             raise Diverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
                            f"(lr={cfg.lr}): training diverged", epoch=epoch + 1)
@@ -150,7 +151,7 @@ def _train_epoch(module: nn.Module, model: Captioner, batches: ImageBatches, opt
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        tokens = (targets != pad).sum()
+        tokens = mask.sum()
         total += torch.stack([loss.detach().double() * tokens, tokens.double()])
     if ctx.world_size > 1:
         dist.all_reduce(total)

@@ -50,9 +50,18 @@ class Captioner(nn.Module):
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
-    def forward(self, feats: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: logits (C, T-1, V) predicting captions[:, 1:] from captions[:, :-1]."""
+    def teacher_forced(self, feats: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """Decoder outputs (C, T-1, H) reading captions[:, :-1], one caption per row of feats."""
         raise NotImplementedError
+
+    def forward(self, feats: torch.Tensor, captions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: logits (C, T-1, V) predicting captions[:, 1:]; with a mask (C, T-1),
+        only the (N, V) logits of the masked positions. Full-vocabulary logits of padding would be
+        most of a training step's memory and of its time."""
+        out = self.teacher_forced(feats, captions)  # (C, T-1, H)
+        if mask is not None:
+            out = out[mask]  # (N, H)
+        return self.head(self.drop(out))
 
     @staticmethod
     def reorder(state: State, index: torch.Tensor) -> State:
@@ -83,11 +92,11 @@ class CnnLstm(Captioner):
         out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
         return self.head(self.drop(out[:, 0])), state
 
-    def forward(self, feats: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    def teacher_forced(self, feats: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         image = self.project(self.feat_norm(feats)).unsqueeze(1)  # (C, 1, E)
         words = self.drop(self.embed(captions[:, :-1]))  # (C, T-1, E)
         out, _ = self.lstm(torch.cat([image, words], dim=1))  # (C, T, H)
-        return self.head(self.drop(out[:, 1:]))  # (C, T-1, V)
+        return out[:, 1:]  # (C, T-1, H)
 
 
 class ResnetGru(Captioner):
@@ -108,10 +117,10 @@ class ResnetGru(Captioner):
         out, h = self.gru(self.embed(tokens).unsqueeze(1), state[0])  # (B, 1, H)
         return self.head(self.drop(out[:, 0])), (h,)
 
-    def forward(self, feats: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    def teacher_forced(self, feats: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         words = self.drop(self.embed(captions[:, :-1]))  # (C, T-1, E)
         out, _ = self.gru(words, self.start(feats)[0])  # (C, T-1, H)
-        return self.head(self.drop(out))  # (C, T-1, V)
+        return out
 
 
 def build_model(cfg: ModelConfig) -> Captioner:
