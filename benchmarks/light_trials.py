@@ -56,8 +56,8 @@ def report(uri: str, name: str, wall: float) -> None:
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
     busy, first_step, setup, slots = 0.0, [], [], 0
     for run in runs:
-        if run.data.tags.get("captune.kind") == "search":  # the searches share the sweep's slots
-            slots = int(run.data.tags["captune.trial_slots"])
+        if run.data.tags.get("captune.kind") == "search":  # the searches run side by side
+            slots += int(run.data.tags["captune.concurrent_trials"])
         if run.data.tags.get("captune.kind") != "trial":
             continue
         history = {k: {m.step: m for m in client.get_metric_history(run.info.run_id, k)}

@@ -125,10 +125,8 @@ class SearchJob:
     experiment_id: str
     parent_run_id: str
     root: str
-    cpus: int  # threads per training worker
-    reserved_cpus: float  # logical CPUs an in-process trial reserves (see _reserved_cpus)
-    concurrent: int  # this search's trials at once
-    slots: int  # the whole sweep's trials at once
+    cpus: int
+    concurrent: int
     restore: bool  # Tune's experiment state exists: resume it
 
     @property
@@ -157,13 +155,7 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     if req.gpus_per_worker > 0:
         _wait_for_gpus(req)
     cpus = _cpus_per_worker(req)
-    slots = settings.max_concurrent * len(searches) if settings.max_concurrent else _max_concurrent(req, cpus)
-    # In-process trials of all searches draw on the same slots, and Ray's reservations hold them to
-    # `slots` at once: a search that ends early hands its slots to the other instead of leaving
-    # cores idle. DDP trials (whose worker groups reserve their own CPUs) get a fixed share each.
-    shared = req.workers_per_trial == 1 and not settings.max_concurrent
-    concurrent = settings.max_concurrent or (slots if shared else max(1, slots // len(searches)))
-    reserved = _reserved_cpus(req, cpus, slots)
+    concurrent = settings.max_concurrent or max(1, _max_concurrent(req, cpus) // len(searches))
     jobs = []
     for search in searches:
         arch = search.arch
@@ -176,8 +168,8 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
                         features=not _attached(req) and not (FEATURE_KEYS & set(search.space.searched)))
         _check_vocabulary(data, search, req.config_file)
         parent_id = _parent_run(client, experiment_id, req, settings, search)
-        jobs.append(SearchJob(req, settings, search, uri, experiment_id, parent_id, root, cpus, reserved,
-                              min(settings.trials, concurrent), slots, restore))
+        jobs.append(SearchJob(req, settings, search, uri, experiment_id, parent_id, root, cpus,
+                              min(settings.trials, concurrent), restore))
     if not all(job.restore for job in jobs):  # create the study database once, before the searches share it
         from optuna.storages import RDBStorage
 
@@ -231,9 +223,6 @@ def _run_search(job: SearchJob) -> ArchOutcome:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-    # With shared slots a search may wait minutes for the other's trials to end, which Tune would
-    # report after 60 s as a cluster short of resources (the sweep checked them before starting).
-    os.environ.setdefault("TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S", "3600")
     req, settings, search = job.req, job.settings, job.search
     arch, base = search.arch, search.base
     tracking.configure(job.tracking_uri)  # this process's mlflow library (registration uses it)
@@ -241,8 +230,7 @@ def _run_search(job: SearchJob) -> ArchOutcome:
     use_gpu = req.gpus_per_worker > 0
     setup = TrialSetup(base=base.to_dict(), data_root=str(Path(req.data_root).resolve()),
                        train_storage=f"{job.path}-train", workers=req.workers_per_trial, use_gpu=use_gpu,
-                       gpus_per_worker=req.gpus_per_worker or 1.0, cpus_per_worker=job.cpus,
-                       reserved_cpus=job.reserved_cpus)
+                       gpus_per_worker=req.gpus_per_worker or 1.0, cpus_per_worker=job.cpus)
     trainable = trial_trainable(setup)
     if job.restore:
         print(f"[{arch}] resuming {job.path}", flush=True)
@@ -259,7 +247,6 @@ def _run_search(job: SearchJob) -> ArchOutcome:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=settings.max_epochs, grace_period=settings.grace_period,
                                   reduction_factor=settings.reduction_factor)
         client.set_tag(job.parent_run_id, "captune.concurrent_trials", str(job.concurrent))
-        client.set_tag(job.parent_run_id, "captune.trial_slots", str(job.slots))
         print(f"[{arch}] {settings.trials} trials, up to {job.concurrent} at a time, "
               f"{settings.max_epochs} epochs at most; results in {job.path}", flush=True)
         tuner = tune.Tuner(
@@ -433,17 +420,6 @@ def _cpus_per_worker(req: SweepRequest) -> int:
 
     slots = max(1, int(ray.cluster_resources().get("GPU", 0) // req.gpus_per_worker))
     return max(1, cores // slots)
-
-
-def _reserved_cpus(req: SweepRequest, cpus: int, slots: int) -> float:
-    """Logical CPUs an in-process trial reserves: its cores, except on a local CPU-only cluster,
-    whose logical CPU count is padded (see captune.raycluster). There each trial reserves its
-    share of the padded count, so that Ray never runs more than `slots` trials at once."""
-    if _attached(req) or req.gpus_per_worker:
-        return cpus
-    import ray
-
-    return max(cpus, ray.cluster_resources().get("CPU", cpus) / slots)
 
 
 def _max_concurrent(req: SweepRequest, cpus: int) -> int:

@@ -33,8 +33,7 @@ class TrialSetup:
     workers: int = 1
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
-    cpus_per_worker: int = 1  # torch threads per worker
-    reserved_cpus: float | None = None  # what an in-process trial reserves from Ray (default: its threads)
+    cpus_per_worker: int = 1
 
     @property
     def in_process(self) -> bool:
@@ -45,8 +44,7 @@ class TrialSetup:
         workers, which reserve their own CPUs and GPUs."""
         if not self.in_process:
             return {"cpu": 0, "memory": 1}  # {"cpu": 0} alone is refused
-        gpus = self.gpus_per_worker if self.use_gpu else 0
-        return {"cpu": self.reserved_cpus or self.cpus_per_worker, "gpu": gpus}
+        return {"cpu": self.cpus_per_worker, "gpu": self.gpus_per_worker if self.use_gpu else 0}
 
 
 def run_trial(config: dict, setup: TrialSetup) -> None:

@@ -57,10 +57,8 @@ def test_sweep_both_archs_records_runs_registers_champions(ray_cluster, synth_di
         assert {"lr", "hidden_size", "vocab_threshold", "embed_size"} <= set(run.data.params)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")]
         assert steps == list(range(1, len(steps) + 1)) and steps
-    # both searches draw on the same slots, one per core: never more trials at once than cores
-    slots = {int(p.data.tags["captune.trial_slots"]) for p in parents}
-    assert slots == {os.cpu_count()} and all(p.data.tags["captune.concurrent_trials"] == str(min(3, os.cpu_count()))
-                                             for p in parents)
+    # the searches split the slots, one per core: never more trials at once than cores
+    assert all(int(p.data.tags["captune.concurrent_trials"]) == min(3, max(1, os.cpu_count() // 2)) for p in parents)
     spans = [(r.info.start_time, max(m.timestamp for m in client.get_metric_history(r.info.run_id, "bleu4")))
              for r in trials]
     assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= os.cpu_count()
