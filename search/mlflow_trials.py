@@ -65,7 +65,7 @@ class MlflowTrials(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {k: float(result[k]) for k in LOGGED if k in result}
         self._record("result", trial, epoch=int(result.get("epoch", 0)), metrics=metrics,
-                     node=str(result.get("node_id", "")), diverged=result.get("diverged_reason"))
+                     node=str(result.get("node_id", "")))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._record("restart", trial, reason=_error_text(trial))
@@ -137,18 +137,20 @@ class MlflowTrials(Callback):
             client.set_tag(run_id, "captune.last_restart_reason", root_cause(Exception(p["reason"]))[:5000])
         elif kind == "complete":
             epoch = max(p["epoch"], self.last_epoch.get(trial_id, 0))
-            if p["diverged"]:
-                client.set_tag(run_id, STATE_TAG, "diverged")
-                client.set_tag(run_id, "captune.error", str(p["diverged"])[:5000])
-                client.set_terminated(run_id, "FAILED")
-            else:
-                client.set_tag(run_id, STATE_TAG, "finished" if epoch >= self.max_epochs else "early-stopped")
-                client.set_terminated(run_id, "FINISHED")
             client.set_tag(run_id, "captune.epochs_run", str(epoch))
+            if p["diverged"]:
+                self._end(run_id, "diverged", "FAILED", str(p["diverged"]))
+            else:
+                self._end(run_id, "finished" if epoch >= self.max_epochs else "early-stopped", "FINISHED")
         elif kind == "error":
-            client.set_tag(run_id, STATE_TAG, "failed")
-            client.set_tag(run_id, "captune.error", root_cause(Exception(p["reason"]))[:5000])
-            client.set_terminated(run_id, "FAILED")
+            self._end(run_id, "failed", "FAILED", root_cause(Exception(p["reason"])))
+
+    def _end(self, run_id: str, state: str, status: str, error: str | None = None) -> None:
+        """A trial run's end: its captune.end_state, the reason when it did not finish, its MLflow status."""
+        self.client.set_tag(run_id, STATE_TAG, state)
+        if error:
+            self.client.set_tag(run_id, "captune.error", error[:5000])
+        self.client.set_terminated(run_id, status)
 
     def _run(self, trial_id: str, config: dict) -> str:
         if trial_id not in self.runs:
@@ -175,10 +177,8 @@ class MlflowTrials(Callback):
                           f"tags.`{KIND_TAG}` = 'trial' and tags.`{STATE_TAG}` = 'running'")
         for run in runs:
             if run.data.tags[TRIAL_TAG] not in known:
-                self.client.set_tag(run.info.run_id, STATE_TAG, "interrupted")
-                self.client.set_tag(run.info.run_id, "captune.error",
-                                    "the sweep driver was killed before Tune saved this trial; it was not resumed")
-                self.client.set_terminated(run.info.run_id, "KILLED")
+                self._end(run.info.run_id, "interrupted", "KILLED",
+                          "the sweep driver was killed before Tune saved this trial; it was not resumed")
 
 
 def _error_text(trial) -> str:

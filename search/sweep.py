@@ -310,9 +310,8 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest)
     from search.mlflow_trials import TRIAL_TAG
     from search.registry import promote
 
-    scored = [r for r in grid if r.error is None and r.metrics and METRIC in r.metrics
-              and not r.metrics.get("diverged_reason")]
-    errors = sum(r.error is not None or bool((r.metrics or {}).get("diverged_reason")) for r in grid)
+    scored = [r for r in grid if r.error is None and r.metrics and METRIC in r.metrics and not _diverged(r)]
+    errors = sum(r.error is not None or _diverged(r) for r in grid)
     outcome = ArchOutcome(search.arch, parent_id, None, len(grid), errors)
     if scored:
         top = max(scored, key=lambda r: r.metrics[METRIC])
@@ -336,6 +335,11 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest)
     client.set_tag(parent_id, "captune.failed_trials", str(errors))
     client.set_terminated(parent_id, "FINISHED" if scored else "FAILED")
     return outcome
+
+
+def _diverged(result) -> bool:
+    """A trial that diverged reports bleu4 0 with the reason (search.trial): not a candidate."""
+    return bool((result.metrics or {}).get("diverged_reason"))
 
 
 def _unreachable(error: BaseException) -> bool:

@@ -115,3 +115,14 @@ def test_train_evaluate_caption_and_mlflow(ray_cluster, synth_dir, tmp_path, tra
     mlflow.set_tracking_uri(tracking_uri)
     predicted = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [str(photo)]}))
     assert len(predicted) == 1 and isinstance(predicted[0], str)
+
+
+def test_user_errors_named_by_the_cli_exist():
+    # the CLI matches user errors by name (to stay light); a renamed class would print a traceback
+    import importlib
+
+    from captune.cli import USER_ERRORS
+
+    for name in USER_ERRORS:
+        module, cls = name.rsplit(".", 1)
+        assert issubclass(getattr(importlib.import_module(module), cls), Exception), name
