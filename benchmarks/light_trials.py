@@ -54,10 +54,11 @@ def report(uri: str, name: str, wall: float) -> None:
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
-    busy, first_step, setup, slots = 0.0, [], [], 0
+    busy, first_step, setup, slots, shared = 0.0, [], [], 0, 0
     for run in runs:
         if run.data.tags.get("captune.kind") == "search":  # the searches run side by side
-            slots += int(run.data.tags["captune.concurrent_trials"])
+            slots += int(run.data.tags["captune.concurrent_trials"])  # a fixed number each
+            shared = int(run.data.tags.get("captune.sweep_slots", 0))  # or a pool of them (search.slots)
         if run.data.tags.get("captune.kind") != "trial":
             continue
         history = {k: {m.step: m for m in client.get_metric_history(run.info.run_id, k)}
@@ -68,6 +69,7 @@ def report(uri: str, name: str, wall: float) -> None:
         first = history["bleu4"][1].timestamp / 1000 - run.info.start_time / 1000
         first_step.append(first - history["epoch_seconds"][1].value - history["val_seconds"][1].value)
         setup.append(history["setup_seconds"][1].value)
+    slots = shared or slots
     share = 1 - busy / (wall * slots)
     print(f"machine: {os.cpu_count()} cores, CPU only; sweep {name}: {len(first_step)} trials, {slots} at a time")
     print(f"trial start -> first training step (s): min {min(first_step):.2f}  median "

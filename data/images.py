@@ -85,10 +85,10 @@ def decode_jpegs(paths: list[Path], size: int, out: np.ndarray, device: str, pro
         except (RuntimeError, OSError, ValueError):
             left += chunk
             continue
-        for i, image in zip(chunk, images):
-            square = torch.nn.functional.interpolate(image[None].float(), size=(size, size), mode="bilinear",
-                                                     antialias=True, align_corners=False)  # (1, 3, S, S)
-            out[i] = square[0].round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        squares = torch.cat([torch.nn.functional.interpolate(image[None].float(), size=(size, size), mode="bilinear",
+                                                             antialias=True, align_corners=False)
+                             for image in images])  # (B, 3, S, S): images differ in size, so one at a time
+        out[chunk] = squares.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()  # one copy back per batch
         if progress is not None:
             progress.update(len(chunk))
     return sorted(left)

@@ -126,7 +126,8 @@ class SearchJob:
     parent_run_id: str
     root: str
     cpus: int
-    concurrent: int
+    concurrent: int  # this search's share of the slots (all of them, when it runs alone)
+    slots: int  # trial slots shared by the sweep's searches (search.slots); 0: `concurrent` is fixed
     restore: bool  # Tune's experiment state exists: resume it
 
     @property
@@ -155,7 +156,9 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     if req.gpus_per_worker > 0:
         _wait_for_gpus(req)
     cpus = _cpus_per_worker(req)
-    concurrent = settings.max_concurrent or max(1, _max_concurrent(req, cpus) // len(searches))
+    # max_concurrent fixes each search's trials at once; else the searches share the cluster's slots
+    slots = 0 if settings.max_concurrent else max(len(searches), _max_concurrent(req, cpus))
+    concurrent = settings.max_concurrent or slots // len(searches)
     jobs = []
     for search in searches:
         arch = search.arch
@@ -169,25 +172,39 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
         _check_vocabulary(data, search, req.config_file)
         parent_id = _parent_run(client, experiment_id, req, settings, search)
         jobs.append(SearchJob(req, settings, search, uri, experiment_id, parent_id, root, cpus,
-                              min(settings.trials, concurrent), restore))
+                              min(settings.trials, concurrent), slots, restore))
     if not all(job.restore for job in jobs):  # create the study database once, before the searches share it
         from optuna.storages import RDBStorage
 
         RDBStorage(_optuna_url(root, req.name))
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    pool = _slot_pool(req.name, slots, [search.arch for search in searches])  # always: a resumed search may use it
     task = ray.remote(num_cpus=0, max_retries=0)(_run_search).options(scheduling_strategy=here)
     pending = {task.remote(job): job for job in jobs}
     outcomes, failures = {}, []
-    while pending:  # wait for all: one search failing does not cut the other short
-        [ref], _ = ray.wait(list(pending))
-        job = pending.pop(ref)
-        try:
-            outcomes[job.search.arch] = ray.get(ref)
-        except Exception as e:
-            failures.append(e)
+    try:
+        while pending:  # wait for all: one search failing does not cut the other short
+            [ref], _ = ray.wait(list(pending))
+            job = pending.pop(ref)
+            try:
+                outcomes[job.search.arch] = ray.get(ref)
+            except Exception as e:
+                failures.append(e)
+    finally:
+        ray.kill(pool)
     if failures:
         raise failures[0]
     return [outcomes[job.search.arch] for job in jobs]
+
+
+def _slot_pool(sweep: str, slots: int, archs: list[str]):
+    from search.slots import create_pool
+
+    try:
+        return create_pool(sweep, slots or len(archs), archs)
+    except ValueError as e:  # Ray: the name is taken
+        raise SweepExists(f"a sweep named {sweep!r} is already running on this Ray cluster ({e}); wait for it, "
+                          f"or choose another --name") from None
 
 
 def _can_restore(path: str) -> bool:
@@ -213,8 +230,11 @@ def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSe
 def _run_search(job: SearchJob) -> ArchOutcome:
     """One architecture's Tune search (a Ray task): Optuna, ASHA, MLflow, then its champion."""
     import mlflow
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+
+    from search.slots import pool_name
 
     # Snapshot Tune's experiment state every second (not every 10 s or more): a killed driver
     # then loses at most a second of it on --resume. An MLflow server that does not answer must
@@ -247,12 +267,21 @@ def _run_search(job: SearchJob) -> ArchOutcome:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=settings.max_epochs, grace_period=settings.grace_period,
                                   reduction_factor=settings.reduction_factor)
         client.set_tag(job.parent_run_id, "captune.concurrent_trials", str(job.concurrent))
-        print(f"[{arch}] {settings.trials} trials, up to {job.concurrent} at a time, "
-              f"{settings.max_epochs} epochs at most; results in {job.path}", flush=True)
+        limit = None
+        if job.slots:
+            from search.slots import SharedSlots
+
+            client.set_tag(job.parent_run_id, "captune.sweep_slots", str(job.slots))
+            searcher = SharedSlots(searcher, req.name, arch, min(job.slots, settings.trials), settings.trials)
+            at_once = f"{job.concurrent} at a time, more when the other searches leave slots free"
+        else:
+            limit, at_once = job.concurrent, f"up to {job.concurrent} at a time"
+        print(f"[{arch}] {settings.trials} trials, {at_once}, {settings.max_epochs} epochs at most; "
+              f"results in {job.path}", flush=True)
         tuner = tune.Tuner(
             trainable, param_space=search.space.to_tune(),
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                        num_samples=settings.trials, max_concurrent_trials=job.concurrent,
+                                        num_samples=settings.trials, max_concurrent_trials=limit,
                                         # a reused actor (in-process trials) starts a trial in well
                                         # under a second; a DDP trial's actor is still tearing its
                                         # worker group down when the next one starts
@@ -263,7 +292,10 @@ def _run_search(job: SearchJob) -> ArchOutcome:
                                         base.to_dict(), settings.max_epochs)],
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures, fail_fast=False)),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:  # ended or failed: its slots go to the other searches
+        ray.get_actor(pool_name(req.name)).satisfied.remote(arch)
     try:
         return _finish(client, grid, search, job.parent_run_id, req)
     except Exception as e:

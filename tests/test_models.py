@@ -24,7 +24,8 @@ def test_output_shapes(arch):
     logits = model(feats, captions)
     assert logits.shape == (3, 6, 12)
     mask = torch.rand(3, 6) > 0.4  # training computes the logits of real words only
-    assert torch.allclose(model(feats, captions, mask), logits[mask], atol=1e-6)
+    positions = mask.flatten().nonzero().squeeze(1)
+    assert torch.allclose(model(feats, captions, positions), logits[mask], atol=1e-6)
     logits, state = model.step(captions[:, 0], model.start(feats))
     assert logits.shape == (3, 12) and all(s.shape[1] == 3 for s in state)
     out = model.caption(feats, start_id=1, end_id=2, max_len=5, beam=3)

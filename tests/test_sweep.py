@@ -59,6 +59,7 @@ def test_sweep_both_archs_records_runs_registers_champions(ray_cluster, synth_di
         assert steps == list(range(1, len(steps) + 1)) and steps
     # the searches split the slots, one per core: never more trials at once than cores
     assert all(int(p.data.tags["captune.concurrent_trials"]) == min(3, max(1, os.cpu_count() // 2)) for p in parents)
+    assert all(p.data.tags["captune.sweep_slots"] == str(max(2, os.cpu_count())) for p in parents)  # search.slots
     spans = [(r.info.start_time, max(m.timestamp for m in client.get_metric_history(r.info.run_id, "bleu4")))
              for r in trials]
     assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= os.cpu_count()

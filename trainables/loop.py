@@ -55,9 +55,9 @@ class TeacherForcing(nn.Module):
         self.model, self.encode = model, encode
 
     def forward(self, inputs: torch.Tensor, captions: torch.Tensor, owner: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+                positions: torch.Tensor) -> torch.Tensor:
         feats = self.model.encoder(inputs) if self.encode else inputs.float()  # (B, F)
-        return self.model(feats[owner], captions, mask)  # (N, V): the N words to predict
+        return self.model(feats[owner], captions, positions)  # (N, V): the N words to predict
 
 
 def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: PreparedData | None = None) -> dict:
@@ -76,7 +76,8 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
     model.to(ctx.device)
     module = ctx.wrap_model(TeacherForcing(model, encode=cfg.fine_tune).to(ctx.device))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for the whole update on the GPU, not several per parameter
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=ctx.device.type == "cuda")
 
     start_epoch, history = 0, []
     if ctx.resume_from is not None:
@@ -135,24 +136,27 @@ def _train_epoch(module: nn.Module, model: Captioner, batches: ImageBatches, opt
     if not cfg.fine_tune:
         model.encoder.eval()  # frozen: keep BatchNorm statistics as they are
     batches.set_epoch(epoch)
-    pad = 0
-    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # summed token loss, tokens
-    for step, batch in enumerate(batches):
-        captions = batch.captions.to(ctx.device)
-        mask = captions[:, 1:] != pad  # (C, T-1): the words to predict, <end> included
-        targets = captions[:, 1:][mask]  # (N,)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
-            logits = module(batch.inputs.to(ctx.device), captions, batch.image_of_caption.to(ctx.device), mask)
+    pad, device = 0, ctx.device
+    loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0  # over this rank's words
+    for step, batch in enumerate(batches, 1):
+        # Which words to predict is worked out on the host: a boolean index or a loss check on
+        # the GPU would stop the host every step until the device caught up.
+        mask = batch.captions[:, 1:] != pad  # (C, T-1): the words to predict, <end> included
+        positions = mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # (N,)
+        targets = batch.captions[:, 1:][mask].to(device, non_blocking=True)  # (N,)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = module(batch.inputs.to(device, non_blocking=True), batch.captions.to(device, non_blocking=True),
+                            batch.image_of_caption.to(device, non_blocking=True), positions)
         loss = nn.functional.cross_entropy(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise Diverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                           f"(lr={cfg.lr}): training diverged", epoch=epoch + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        tokens = mask.sum()
-        total += torch.stack([loss.detach().double() * tokens, tokens.double()])
+        loss_sum += loss.detach().double() * len(targets)
+        tokens += len(targets)
+        if step % FINITE_CHECK_STEPS == 0 or step == len(batches):
+            _check_finite(loss_sum, epoch, step, cfg)
+    total = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
     if ctx.world_size > 1:
         dist.all_reduce(total)
         # DDP syncs buffers (BatchNorm statistics) at the start of each forward, so after the last
@@ -160,6 +164,15 @@ def _train_epoch(module: nn.Module, model: Captioner, batches: ImageBatches, opt
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
     return float(total[0] / total[1].clamp(min=1))
+
+
+FINITE_CHECK_STEPS = 16  # a NaN loss stays NaN in the running sum: checking it now and then is enough
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int, cfg: TrainConfig) -> None:
+    if not torch.isfinite(loss_sum):
+        raise Diverged(f"loss is {loss_sum.item()} at epoch {epoch + 1}, by step {step} "
+                       f"(lr={cfg.lr}): training diverged", epoch=epoch + 1)
 
 
 def _resume(folder: Path, cfg: TrainConfig, model: Captioner, vocab, optimizer) -> tuple[int, list]:

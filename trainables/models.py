@@ -54,13 +54,14 @@ class Captioner(nn.Module):
         """Decoder outputs (C, T-1, H) reading captions[:, :-1], one caption per row of feats."""
         raise NotImplementedError
 
-    def forward(self, feats: torch.Tensor, captions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher forcing: logits (C, T-1, V) predicting captions[:, 1:]; with a mask (C, T-1),
-        only the (N, V) logits of the masked positions. Full-vocabulary logits of padding would be
-        most of a training step's memory and of its time."""
+    def forward(self, feats: torch.Tensor, captions: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: logits (C, T-1, V) predicting captions[:, 1:]; with `positions`, flat
+        indices (N,) into the (C, T-1) grid, only the (N, V) logits of those. Full-vocabulary
+        logits of padding would be most of a training step's memory and of its time."""
         out = self.teacher_forced(feats, captions)  # (C, T-1, H)
-        if mask is not None:
-            out = out[mask]  # (N, H)
+        if positions is not None:
+            out = out.flatten(0, 1).index_select(0, positions)  # (N, H)
         return self.head(self.drop(out))
 
     @staticmethod

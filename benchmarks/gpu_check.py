@@ -1,0 +1,227 @@
+"""Target 5: the training core and the feature extraction on a GPU, without Ray, at Flickr8k
+scale, each against a plain-PyTorch loop doing the same work on the same card.
+
+    python benchmarks/gpu_check.py [--flickr ../shared/data/flickr8k] [--json OUT.json]
+    python benchmarks/gpu_check.py --limit 40 --device cpu     # smoke-test size, any machine
+
+The real caption and split files, with generated JPEGs at Flickr8k's size (500x375) under the
+8,091 real names.
+1. Feature extraction, JPEG decoding included: the project's path (`prepare_data`: nvJPEG
+   decoding into the 224 px pixel cache; `frozen_features`: ResNet-50, bf16, channels_last)
+   against plain torchvision (`decode_jpeg` on the GPU, resize, ResNet-50, features to host).
+2. Training: epochs of each architecture at its default size (vgg16 / resnet50 features, embed
+   256, hidden 512, the real vocabulary) on the 30,000 training captions, 255 captions a step,
+   through `trainables.loop.train`, against a plain loop with the same model and all data already
+   on the GPU.
+The last line is the worst of the ratios (ours / plain); the goal is 1.5 at most.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from PIL import Image
+from torch import nn
+
+from data.batches import CaptionTable
+from data.layouts import SPLIT_FILES
+from data.prepare import prepare_data
+from data.synth import draw, random_scene
+from trainables.config import TrainConfig
+from trainables.encoders import IMAGENET_MEAN, IMAGENET_STD
+from trainables.features import frozen_features
+from trainables.loop import WorkerContext, train
+from trainables.models import ModelConfig, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = "Flickr8k.token.txt"
+SIZE = 224
+CAPTIONS_PER_STEP = 255  # 51 images with their 5 captions each
+
+
+def _photo(args: tuple[int, str]) -> None:
+    """A 500x375 JPEG with a photo's level of detail: a scene, upscaled, with sensor-like noise."""
+    seed, path = args
+    rng = random.Random(seed)
+    image = draw(random_scene(rng), rng).resize((500, 375), Image.Resampling.BICUBIC)
+    noise = np.random.default_rng(seed).normal(0, 6, (375, 500, 3))
+    Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def build_dataset(flickr: Path, out: Path, limit: int, distinct: int = 500) -> Path:
+    """Flickr8k's original layout with the real text files (the first `limit` images of each
+    split when limit > 0) and `distinct` generated photos linked round-robin under the names."""
+    text = out / "Flickr8k_text"
+    text.mkdir(parents=True)
+    keep = set()
+    for name in SPLIT_FILES.values():
+        keep |= set((flickr / name).read_text().split()[:limit or None])
+    for name in (TOKENS, *SPLIT_FILES.values()):
+        lines = [ln for ln in (flickr / name).read_text().splitlines()
+                 if ln.strip() and (not limit or ln.split("#")[0].split()[0] in keep)]
+        (text / name).write_text("\n".join(lines) + "\n")
+    names = sorted({ln.split("#")[0] for ln in (text / TOKENS).read_text().splitlines() if ln.strip()})
+    scenes = out / "_scenes"
+    scenes.mkdir()
+    sources = [scenes / f"{i}.jpg" for i in range(min(distinct, len(names)))]
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(_photo, enumerate(map(str, sources)), chunksize=16))
+    images = out / "Flicker8k_Dataset"
+    images.mkdir()
+    for i, name in enumerate(names):
+        (images / name).hardlink_to(sources[i % len(sources)])
+    return out
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_features(paths: list[Path], device: torch.device, batch: int = 256) -> float:
+    """Seconds for plain torchvision: read, decode on the device, resize, ResNet-50 in bf16."""
+    model = torchvision.models.resnet50()
+    model.fc = nn.Identity()
+    model = model.eval().to(device, memory_format=torch.channels_last)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    out = []
+    synchronize(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(paths), batch):
+            files = [torchvision.io.read_file(str(p)) for p in paths[start:start + batch]]
+            images = torchvision.io.decode_jpeg(files, mode=torchvision.io.ImageReadMode.RGB, device=device)
+            x = torch.cat([nn.functional.interpolate(im[None].float(), size=(SIZE, SIZE), mode="bilinear",
+                                                     antialias=True) for im in images])  # (B, 3, S, S)
+            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out.append(model(x).float().cpu())
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def our_features(root: Path, cache: Path, device: torch.device) -> tuple[float, float]:
+    """Seconds for the project's path: decode into the pixel cache, then ResNet-50 features."""
+    t0 = time.perf_counter()
+    data = prepare_data(root, SIZE, cache, skip_bad=True, progress=False)
+    t1 = time.perf_counter()
+    cfg = TrainConfig(arch="resnet-gru", encoder="resnet50", pretrained=False, image_size=SIZE)
+    frozen_features(cfg, data, cache, device, progress=False)
+    synchronize(device)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def our_training(cfg: TrainConfig, root: Path, device: torch.device) -> list[dict]:
+    """Every epoch's metrics from the training core itself (trainables.loop.train)."""
+    history: list[dict] = []
+    train(cfg, root, WorkerContext(device=device, report=lambda metrics, ckpt: history.append(metrics)))
+    return history
+
+
+def plain_training(cfg: TrainConfig, root: Path, device: torch.device, epochs: int) -> tuple[list[float], int]:
+    """Epoch seconds of a plain loop: same model and data, everything on the device beforehand,
+    a batch padded to its longest caption, full-grid logits with ignore_index, fused Adam."""
+    data = prepare_data(root, SIZE, cfg.cache_path(), skip_bad=True, progress=False)
+    vocab = data.vocabulary(cfg.vocab_threshold)
+    torch.manual_seed(cfg.seed)
+    model = build_model(ModelConfig(cfg.arch, len(vocab), cfg.encoder, False, cfg.embed_size, cfg.hidden_size,
+                                    cfg.num_layers, cfg.dropout))
+    feats_all = frozen_features(cfg, data, cfg.cache_path(), device, progress=False)
+    feats = torch.from_numpy(np.array(feats_all[data.rows("train")])).to(device)  # (I, F)
+    table = CaptionTable.build(data.captions("train"), vocab, cfg.max_len)
+    captions = table.tokens.to(device)  # (C, T)
+    owner = torch.from_numpy(np.repeat(np.arange(len(feats)), np.diff(table.offsets))).to(device)  # (C,)
+    lengths = (table.tokens != vocab.pad_id).sum(1).numpy()
+    model.to(device).train()
+    model.encoder.eval()
+    params = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=device.type == "cuda")
+    times = []
+    for epoch in range(epochs):
+        order = np.random.default_rng(epoch).permutation(len(captions))
+        synchronize(device)
+        t0 = time.perf_counter()
+        for start in range(0, len(order), CAPTIONS_PER_STEP):
+            rows = order[start:start + CAPTIONS_PER_STEP]
+            width = int(lengths[rows].max())
+            idx = torch.from_numpy(rows).to(device, non_blocking=True)
+            caps = captions[idx, :width]  # (B, W)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(feats[owner[idx]], caps)  # (B, W-1, V)
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), caps[:, 1:].flatten(),
+                                               ignore_index=vocab.pad_id)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times, int((lengths - 1).sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flickr", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
+    parser.add_argument("--limit", type=int, default=0, help="first N images of each split (0: all)")
+    parser.add_argument("--epochs", type=int, default=3, help="the first is a warm-up; the best of the rest counts")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", help="also write every figure to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU here; pass --device cpu for the smoke-test size")
+    flickr = Path(args.flickr)
+    if not (flickr / TOKENS).is_file():
+        raise SystemExit(f"{flickr}: no {TOKENS} there; pass --flickr DIR (the real caption files)")
+    work = Path(tempfile.mkdtemp(prefix="captune-gpu-"))
+    os.environ["CAPTUNE_CACHE_DIR"] = str(work / "cache")
+    card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"machine: {card}, {os.cpu_count()} CPU cores; torch {torch.__version__}, torchvision {torchvision.__version__}")
+    t0 = time.perf_counter()
+    root = build_dataset(flickr, work / "flickr8k", args.limit)
+    paths = sorted((root / "Flicker8k_Dataset").iterdir())
+    print(f"data: {len(paths)} JPEGs at 500x375 generated in {time.perf_counter() - t0:.0f} s")
+    fig: dict = {"card": card, "images": len(paths), "torch": torch.__version__}
+
+    plain_features(paths[:256], device)  # warm-up: CUDA context, nvJPEG, cuDNN
+    fig["decode_s"], fig["encode_s"] = our_features(root, work / "cache", device)
+    fig["plain_features_s"] = plain_features(paths, device)
+    ours = fig["decode_s"] + fig["encode_s"]
+    fig["features_ratio"] = ours / fig["plain_features_s"]
+    print(f"features (decode + ResNet-50 bf16, {SIZE}px, {len(paths)} images): ours {ours:.2f} s "
+          f"(decode {fig['decode_s']:.2f} s = {len(paths) / fig['decode_s']:.0f} img/s, encode {fig['encode_s']:.2f} s "
+          f"= {len(paths) / fig['encode_s']:.0f} img/s), plain {fig['plain_features_s']:.2f} s: "
+          f"ratio {fig['features_ratio']:.2f}")
+
+    for arch, encoder in (("cnn-lstm", "vgg16"), ("resnet-gru", "resnet50")):
+        cfg = TrainConfig(arch=arch, encoder=encoder, pretrained=False, image_size=SIZE, epochs=args.epochs,
+                          batch_size=CAPTIONS_PER_STEP // 5, skip_bad=True, val_images=1000)
+        history = our_training(cfg, root, device)
+        plain, tokens = plain_training(cfg, root, device, args.epochs)
+        best = min(h["epoch_seconds"] for h in history[1:] or history)
+        base = min(plain[1:] or plain)
+        fig[arch] = {"epoch_s": [h["epoch_seconds"] for h in history], "plain_epoch_s": plain, "tokens": tokens,
+                     "setup_s": history[0]["setup_seconds"], "val_greedy_s": history[-1]["val_seconds"],
+                     "vocab": history[0]["vocab_size"], "bleu4": history[-1]["bleu4"], "ratio": best / base}
+        print(f"{arch:10s} ({encoder} features, vocab {history[0]['vocab_size']}): epoch ours {best:.3f} s "
+              f"({tokens / best / 1e6:.2f} M tokens/s), plain {base:.3f} s ({tokens / base / 1e6:.2f} M tokens/s): "
+              f"ratio {best / base:.2f}; set-up {history[0]['setup_seconds']:.1f} s (features built), "
+              f"greedy validation on 1,000 images {history[-1]['val_seconds']:.2f} s")
+    worst = max(fig["features_ratio"], fig["cnn-lstm"]["ratio"], fig["resnet-gru"]["ratio"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(fig, indent=1))
+    print(f"gpu_check_worst_ratio: {worst:.2f} x")
+
+
+if __name__ == "__main__":
+    main()
