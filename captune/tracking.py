@@ -89,9 +89,19 @@ def log_captioner(checkpoint: Path, registered_name: str | None = None):
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return [f"{p}=={version(p)}" for p in ("torch", "torchvision", "mlflow", "nltk", "pillow", "pandas")]
+    def pinned(*names: str) -> str:  # the first of these that is installed
+        for name in names:
+            try:
+                return f"{name}=={version(name)}"
+            except PackageNotFoundError:
+                pass
+        raise PackageNotFoundError(f"none of {', '.join(names)} is installed: the model's requirements need it")
+
+    # mlflow-skinny serves as well as mlflow to load the model (a GPU image may carry only that)
+    return [pinned("torch"), pinned("torchvision"), pinned("mlflow", "mlflow-skinny"), pinned("nltk"),
+            pinned("pillow"), pinned("pandas")]
 
 
 def resolve_model(model: str, tracking_uri: str | None = None) -> Path:

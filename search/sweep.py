@@ -6,16 +6,19 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from captune import tracking
 from captune.raycluster import init_ray
 from data.cache import default_cache_dir
-from data.prepare import PreparedData, prepare_data
 from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_create_run
 from search.space import SearchSpace, SweepSettings, load_spaces
 from search.trial import TrialSetup, trial_trainable
 from trainables.config import ConfigError, TrainConfig, compose, preset_layers, replace
 from trainables.catalog import ARCHS
+
+if TYPE_CHECKING:  # the search tasks import this module: the data code (and nltk) stays out of them
+    from data.prepare import PreparedData
 
 METRIC, MODE = "bleu4", "max"
 
@@ -317,6 +320,7 @@ def _prepare(data_root: str, base: TrainConfig, features: bool) -> PreparedData:
     trials start training at once instead of one encoding while the others wait on its lock."""
     import torch
 
+    from data.prepare import prepare_data
     from trainables.features import frozen_features
 
     cache_dir = base.cache_path()

