@@ -72,8 +72,8 @@ class SharedSlots(ConcurrencyLimiter):
         return self._pool
 
     def suggest(self, trial_id: str) -> dict | None:
-        if len(self.live_trials) >= self.max_concurrent:
-            return None
+        if len(self.live_trials) >= self.max_concurrent:  # as ConcurrencyLimiter would refuse, but
+            return None  # before taking a pool slot that another search may be asking for meanwhile
         if not ray.get(self.pool().acquire.remote(self.search, trial_id)):
             return None
         suggestion = super().suggest(trial_id)

@@ -13,11 +13,15 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 from ray import tune
 
 from trainables.config import TrainConfig
+
+if TYPE_CHECKING:
+    from data.prepare import PreparedData
 
 # torch, torchvision, nltk and the training code are imported where trials run (see _Entry), not
 # on import: the search task that builds the trainable from this module then starts in 6 s, not
@@ -83,9 +87,9 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def _prepared(root: str, image_size: int, cache_dir: Path, skip_bad: bool, seed: int):
-    """The checked dataset (a PreparedData) and its memory-mapped pixel cache, read once per
-    reused trial actor (the sweep driver has already built the cache and stopped on any problem)."""
+def _prepared(root: str, image_size: int, cache_dir: Path, skip_bad: bool, seed: int) -> PreparedData:
+    """The checked dataset and its memory-mapped pixel cache, read once per reused trial actor
+    (the sweep driver has already built the cache and stopped on any problem)."""
     from data.prepare import prepare_data
 
     return prepare_data(root, image_size, cache_dir, skip_bad=skip_bad, seed=seed, progress=False)
