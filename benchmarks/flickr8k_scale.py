@@ -87,11 +87,12 @@ def sweep_memory(root: Path, work: Path, concurrent: int) -> float:
                "--arch", "resnet-gru", "--config", str(config), "--storage", str(work / "sweeps"),
                "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
     log = work / f"sweep{concurrent}.log"
+    started = time.time()
     driver = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     peak = 0.0
     while driver.poll() is None:
         total = 0
-        for p in [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]:
+        for p in _sweep_processes(driver.pid, started):
             try:
                 total += p.memory_full_info().pss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -102,6 +103,23 @@ def sweep_memory(root: Path, work: Path, concurrent: int) -> float:
         raise SystemExit(f"sweep with {concurrent} concurrent trials failed: {' '.join(command)}\n"
                          f"{log.read_text()[-3000:]}\n(whole log: {log})")
     return peak
+
+
+def _sweep_processes(driver: int, started: float) -> set[psutil.Process]:
+    """The driver and all its descendants, plus the fork server the sweep's first worker started
+    (it leaves the driver's process tree when that worker ends) and the workers forked from it."""
+    roots = [psutil.Process(driver)]
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        if "--serve" in (p.info["cmdline"] or []) and (p.info["create_time"] or 0) >= started - 1 \
+                and any("captune.forkserver" in part for part in p.info["cmdline"]):
+            roots.append(p)
+    found = set()
+    for root in roots:
+        try:
+            found.update([root, *root.children(recursive=True)])
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def main() -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from captune.forkserver import worker_command
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
@@ -10,14 +12,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"py_executable": worker_command()} if fork_workers(remote=bool(address)) else None
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
         return
     # A local cluster gets more logical CPUs than a 2-core machine has, or the Train controller
     # and the workers wait on each other for a CPU forever. The dashboard (which serves the
     # State API that Train uses to free a stopped run's placement group) listens on localhost.
     ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True,
-             dashboard_host="127.0.0.1", logging_level="WARNING")
+             dashboard_host="127.0.0.1", logging_level="WARNING", runtime_env=runtime_env)
+
+
+def fork_workers(remote: bool) -> bool:
+    """Whether this job's Ray workers are forks of a preloaded server (captune.forkserver): on for
+    a local cluster; on a running cluster only with CAPTUNE_FORK_WORKERS=1, as its nodes must
+    have this project installed at this Python's path."""
+    value = os.environ.get("CAPTUNE_FORK_WORKERS", "0" if remote else "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"CAPTUNE_FORK_WORKERS={value!r}: use 1 (fork workers) or 0 (start them plainly)")
+    return value == "1"
 
 
 def root_cause(error: BaseException) -> str:

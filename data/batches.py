@@ -35,8 +35,9 @@ class CaptionTable:
 @dataclass
 class Batch:
     inputs: torch.Tensor  # (B, 3, S, S) uint8 pixels, or (B, F) cached features
-    captions: torch.Tensor  # (C, T) long, <start> ... <end> <pad>...
+    captions: torch.Tensor  # (C, T) long, <start> ... <end> <pad>..., longest first
     image_of_caption: torch.Tensor  # (C,) long: which of the B inputs each caption describes
+    lengths: list[int]  # (C,) tokens of each caption, <start> and <end> included, non-increasing
 
 
 class ImageBatches:
@@ -66,6 +67,9 @@ class ImageBatches:
         lo, hi = self.table.offsets[images], self.table.offsets[images + 1]
         caption_rows = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
         owner = np.repeat(np.arange(len(images)), hi - lo)
-        captions = self.table.tokens[caption_rows]
-        width = int((captions != 0).sum(1).max())  # drop all-pad columns
-        return Batch(inputs, captions[:, :width].contiguous(), torch.from_numpy(owner))
+        # Longest caption first, as the models' packed sequences want them; a plain list, which
+        # DDP leaves on the host (pack_padded_sequence takes lengths there).
+        lengths = (self.table.tokens[caption_rows] != 0).sum(1).numpy()
+        order = np.argsort(-lengths, kind="stable")
+        captions = self.table.tokens[caption_rows[order], :int(lengths.max())]  # (C, T): no all-pad columns
+        return Batch(inputs, captions, torch.from_numpy(owner[order]), lengths[order].tolist())

@@ -4,7 +4,7 @@ import torch
 from data.vocab import Vocabulary
 from trainables.checkpoint import CheckpointError, load_checkpoint, read_payload, save_checkpoint
 from trainables.decoding import generate
-from trainables.models import ARCHS, ModelConfig, build_model
+from trainables.models import ARCHS, ModelConfig, build_model, packed
 
 ENCODER = {"cnn-lstm": "vgg-small", "resnet-gru": "resnet18"}
 
@@ -23,9 +23,10 @@ def test_output_shapes(arch):
     captions = torch.randint(0, 12, (3, 7))
     logits = model(feats, captions)
     assert logits.shape == (3, 6, 12)
-    mask = torch.rand(3, 6) > 0.4  # training computes the logits of real words only
-    positions = mask.flatten().nonzero().squeeze(1)
-    assert torch.allclose(model(feats, captions, positions), logits[mask], atol=1e-6)
+    # Training runs the decoder over real words only (packed, longest caption first): the logits
+    # it gets must be those of the padded run at the same places.
+    lengths = [7, 5, 2]
+    assert torch.allclose(model(feats, captions, lengths), packed(logits, lengths, 1).data, atol=1e-5)
     logits, state = model.step(captions[:, 0], model.start(feats))
     assert logits.shape == (3, 12) and all(s.shape[1] == 3 for s in state)
     out = model.caption(feats, start_id=1, end_id=2, max_len=5, beam=3)

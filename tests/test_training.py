@@ -79,3 +79,22 @@ def test_two_worker_ddp_on_cpu_keeps_ranks_identical(ray_cluster, synth_dir, tmp
     # every rank reports the same metrics (loss all-reduced, BLEU on the gathered captions)
     strip = lambda ms: [{k: v for k, v in m.items() if not k.endswith("seconds")} for m in ms]  # noqa: E731
     assert strip(r0["metrics"]) == strip(r1["metrics"])
+
+
+def test_batches_hold_every_caption_of_their_images_longest_first():
+    import numpy as np
+
+    from data.batches import CaptionTable, ImageBatches
+    from data.vocab import Vocabulary
+
+    captions = [["a b", "a b c d"], ["c"], ["d d d", "a", "b c"]]
+    vocab = Vocabulary.build([c.split() for caps in captions for c in caps], min_count=1)
+    table = CaptionTable.build(captions, vocab, max_len=10)
+    features = np.arange(6, dtype=np.float32).reshape(3, 2)  # one row per image
+    (batch,) = ImageBatches(features, np.arange(3), table, batch_size=3, shuffle=False)
+    assert batch.lengths == sorted(batch.lengths, reverse=True)  # what the packed decoder needs
+    assert batch.lengths == (batch.captions != vocab.pad_id).sum(1).tolist()
+    assert batch.captions.shape[1] == max(batch.lengths)  # no all-padding columns
+    owners = [int(batch.inputs[i, 0]) // 2 for i in batch.image_of_caption]  # the image each caption is on
+    pairs = sorted((image, vocab.decode(ids)) for image, ids in zip(owners, batch.captions.tolist()))
+    assert pairs == sorted((image, c) for image, caps in enumerate(captions) for c in caps)

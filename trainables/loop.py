@@ -23,7 +23,7 @@ from trainables.config import TrainConfig
 from trainables.features import encoder_features, weights_id
 from trainables.inference import decode
 from trainables.metrics import bleu
-from trainables.models import Captioner, ModelConfig, build_model
+from trainables.models import Captioner, ModelConfig, build_model, packed
 
 
 class Diverged(FloatingPointError):
@@ -55,9 +55,9 @@ class TeacherForcing(nn.Module):
         self.model, self.encode = model, encode
 
     def forward(self, inputs: torch.Tensor, captions: torch.Tensor, owner: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
+                lengths: list[int]) -> torch.Tensor:
         feats = self.model.encoder(inputs) if self.encode else inputs.float()  # (B, F)
-        return self.model(feats[owner], captions, positions)  # (N, V): the N words to predict
+        return self.model(feats[owner], captions, lengths)  # (N, V): the N words to predict
 
 
 def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: PreparedData | None = None) -> dict:
@@ -136,17 +136,15 @@ def _train_epoch(module: nn.Module, model: Captioner, batches: ImageBatches, opt
     if not cfg.fine_tune:
         model.encoder.eval()  # frozen: keep BatchNorm statistics as they are
     batches.set_epoch(epoch)
-    pad, device = 0, ctx.device
+    device = ctx.device
     loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0  # over this rank's words
     for step, batch in enumerate(batches, 1):
-        # Which words to predict is worked out on the host: a boolean index or a loss check on
-        # the GPU would stop the host every step until the device caught up.
-        mask = batch.captions[:, 1:] != pad  # (C, T-1): the words to predict, <end> included
-        positions = mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # (N,)
-        targets = batch.captions[:, 1:][mask].to(device, non_blocking=True)  # (N,)
+        # Which words to predict is worked out on the host, from the caption lengths: a boolean
+        # index or a loss check on the GPU would stop the host every step until the device caught up.
+        targets = packed(batch.captions[:, 1:], batch.lengths, 1).data.to(device, non_blocking=True)  # (N,)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = module(batch.inputs.to(device, non_blocking=True), batch.captions.to(device, non_blocking=True),
-                            batch.image_of_caption.to(device, non_blocking=True), positions)
+                            batch.image_of_caption.to(device, non_blocking=True), batch.lengths)
         loss = nn.functional.cross_entropy(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

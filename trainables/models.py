@@ -50,19 +50,20 @@ class Captioner(nn.Module):
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
-    def teacher_forced(self, feats: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        """Decoder outputs (C, T-1, H) reading captions[:, :-1], one caption per row of feats."""
+    def teacher_forced(self, feats: torch.Tensor, captions: torch.Tensor,
+                       lengths: list[int] | None = None) -> torch.Tensor:
+        """Decoder outputs reading captions[:, :-1], one caption per row of feats: (C, T-1, H), or
+        with `lengths` the (N, H) outputs of real words only (see `forward`)."""
         raise NotImplementedError
 
     def forward(self, feats: torch.Tensor, captions: torch.Tensor,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher forcing: logits (C, T-1, V) predicting captions[:, 1:]; with `positions`, flat
-        indices (N,) into the (C, T-1) grid, only the (N, V) logits of those. Full-vocabulary
-        logits of padding would be most of a training step's memory and of its time."""
-        out = self.teacher_forced(feats, captions)  # (C, T-1, H)
-        if positions is not None:
-            out = out.flatten(0, 1).index_select(0, positions)  # (N, H)
-        return self.head(self.drop(out))
+                lengths: list[int] | None = None) -> torch.Tensor:
+        """Teacher forcing: logits (C, T-1, V) predicting captions[:, 1:]. With `lengths`, each
+        caption's token count (longest first), only the logits of the N words to predict, (N, V),
+        in the order of `packed(captions[:, 1:], lengths, 1).data`. The recurrent layer then runs
+        over real words only: padding is about half of a Flickr8k batch, and full-vocabulary logits
+        of padding would be most of a training step's memory."""
+        return self.head(self.drop(self.teacher_forced(feats, captions, lengths)))
 
     @staticmethod
     def reorder(state: State, index: torch.Tensor) -> State:
@@ -93,11 +94,15 @@ class CnnLstm(Captioner):
         out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
         return self.head(self.drop(out[:, 0])), state
 
-    def teacher_forced(self, feats: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    def teacher_forced(self, feats: torch.Tensor, captions: torch.Tensor,
+                       lengths: list[int] | None = None) -> torch.Tensor:
         image = self.project(self.feat_norm(feats)).unsqueeze(1)  # (C, 1, E)
         words = self.drop(self.embed(captions[:, :-1]))  # (C, T-1, E)
-        out, _ = self.lstm(torch.cat([image, words], dim=1))  # (C, T, H)
-        return out[:, 1:]  # (C, T-1, H)
+        inputs = torch.cat([image, words], dim=1)  # (C, T, E)
+        if lengths is None:
+            return self.lstm(inputs)[0][:, 1:]  # (C, T-1, H)
+        out, _ = self.lstm(packed(inputs, lengths))  # the image and each caption's words but its last
+        return out.data[len(lengths):]  # (N, H): the first time step (the image's) of every caption dropped
 
 
 class ResnetGru(Captioner):
@@ -118,10 +123,19 @@ class ResnetGru(Captioner):
         out, h = self.gru(self.embed(tokens).unsqueeze(1), state[0])  # (B, 1, H)
         return self.head(self.drop(out[:, 0])), (h,)
 
-    def teacher_forced(self, feats: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    def teacher_forced(self, feats: torch.Tensor, captions: torch.Tensor,
+                       lengths: list[int] | None = None) -> torch.Tensor:
         words = self.drop(self.embed(captions[:, :-1]))  # (C, T-1, E)
-        out, _ = self.gru(words, self.start(feats)[0])  # (C, T-1, H)
-        return out
+        hidden = self.start(feats)[0]  # (L, C, H)
+        if lengths is None:
+            return self.gru(words, hidden)[0]  # (C, T-1, H)
+        return self.gru(packed(words, lengths, 1), hidden)[0].data  # (N, H)
+
+
+def packed(seq: torch.Tensor, lengths: list[int], drop_last: int = 0) -> nn.utils.rnn.PackedSequence:
+    """seq (C, T, ...) packed to lengths[i] - drop_last steps per row, rows already longest first.
+    Its .data holds the real steps only, time step by time step."""
+    return nn.utils.rnn.pack_padded_sequence(seq, [n - drop_last for n in lengths], batch_first=True)
 
 
 def build_model(cfg: ModelConfig) -> Captioner:

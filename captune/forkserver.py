@@ -1,0 +1,299 @@
+"""Ray workers forked from one preloaded process per node, so that the trials of a sweep share the
+memory their imports take.
+
+Ray starts every worker as a new Python process (raylet, then `setup_worker.py`, which execs
+`<py_executable> default_worker.py ...`). Importing what a trial needs (torch, torchvision, Ray
+Tune, nltk, the training code) costs each of those processes about 520 MB of private memory here,
+before any training: more than a small trial's whole working set. With
+`runtime_env={"py_executable": worker_command()}`, Ray execs this module instead, as a small
+stand-in for the worker. It asks the node's fork server for a child, a fork of a process that has
+already imported all of that, and hands it the worker's arguments, environment, working folder
+and standard streams. The child then runs `default_worker.py` as the worker would have; its
+imported pages stay shared with the server (copy-on-write). The stand-in waits for the child,
+passes on the signals Ray sends it and exits with the child's status, so Ray sees the process it
+started behave as its worker; a child whose stand-in dies goes with it.
+
+The first worker on a node that needs the server starts it; it ends with that node's raylet, and
+is started afresh when the project's code changes. If it cannot be started, a worker starts the
+usual way, with a warning in its log: the fork server saves memory, never decides whether a sweep
+runs.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("captune", "data", "search", "trainables")  # the project's code, whose changes restart the server
+# What a trial process imports anyway. Ray is imported too: its import-time settings come from the
+# node's environment, the same for every worker the node's raylet starts.
+PRELOAD = ("torch", "torchvision", "nltk", "ray", "ray.tune", "ray.train", "ray.train.torch",
+           "search.trial", "trainables.loop", "trainables.ray_train")
+RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+START_TIMEOUT_S = 180.0
+MESSAGE_BYTES = 1 << 20
+
+
+def worker_command() -> str:
+    """The `py_executable` that makes a Ray job's workers forks of the node's fork server."""
+    return f"{shlex.quote(sys.executable)} -m captune.forkserver"  # Ray runs it through bash
+
+
+def socket_path(raylet_pid: int) -> str:
+    """One server per raylet and version of the project's code (file names, sizes, times), in a
+    folder only this user can enter: whoever can connect can have the server run code."""
+    digest = hashlib.sha1(sys.executable.encode())
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).glob("*.py")):
+            st = path.stat()
+            digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return os.path.join(_private_folder(), f"{raylet_pid}-{digest.hexdigest()[:10]}.sock")
+
+
+def _private_folder() -> str:
+    folder = os.path.join(tempfile.gettempdir(), f"captune-fork-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    st = os.stat(folder)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RuntimeError(f"{folder} is not this user's private folder (owner {st.st_uid}, "
+                           f"mode {st.st_mode & 0o777:o}): refusing to use it")
+    return folder
+
+
+# --- the stand-in, in the process Ray started ---------------------------------------------------
+
+def stand_in(worker_argv: list[str]) -> None:
+    """Run the worker as a fork of the server, or, when there is none, exec it the usual way."""
+    raylet = os.getppid()  # Ray execs the worker command in the process the raylet started
+    request = {"argv": worker_argv, "env": dict(os.environ), "cwd": os.getcwd(), "pgid": os.getpgrp()}
+    try:
+        conn = _connect(socket_path(raylet), raylet)
+        socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+        reply = conn.recv(MESSAGE_BYTES)
+        if not reply:
+            raise RuntimeError("the fork server did not fork this worker (see its log)")
+    except (OSError, RuntimeError) as e:
+        print(f"captune.forkserver: no fork server ({e}); starting this worker without it", file=sys.stderr,
+              flush=True)
+        os.execv(sys.executable, [sys.executable, *worker_argv])
+    child = json.loads(reply)["pid"]
+    for sig in RELAYED:
+        signal.signal(sig, lambda signum, _frame: _relay(child, signum))
+    reply = conn.recv(MESSAGE_BYTES)  # the child's exit status, once it has ended
+    code = json.loads(reply)["exit_code"] if reply else 1
+    if code < 0:  # ended by a signal: end the same way
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
+
+
+def _relay(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _connect(path: str, raylet: int) -> socket.socket:
+    try:
+        return _dial(path)
+    except OSError:
+        pass
+    # One worker starts the server; the others, started at the same moment, wait for it.
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _dial(path)
+        except OSError:
+            return _start_server(path, raylet)
+
+
+def _dial(path: str) -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        conn.connect(path)
+    except OSError:
+        conn.close()
+        raise
+    return conn
+
+
+def _start_server(path: str, raylet: int) -> socket.socket:
+    log = path[:-len(".sock")] + ".log"
+    with open(log, "ab") as out:
+        server = subprocess.Popen([sys.executable, "-m", "captune.forkserver", "--serve", path, str(raylet)],
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                  process_group=0, cwd=ROOT)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the fork server exited with status {server.returncode}; its log: {log}")
+        try:
+            return _dial(path)
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError(f"the fork server did not start within {START_TIMEOUT_S:.0f} s; its log: {log}")
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+def serve(path: str, raylet: int) -> None:
+    import gc
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    # Objects that exist now are never collected; a collection in a child would otherwise write to
+    # every one of them and copy the pages they lie on.
+    gc.collect()
+    gc.freeze()
+    if os.path.exists(path):
+        os.unlink(path)  # left by a server that was killed
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)  # in a folder only this user can enter (see socket_path)
+    listener.listen(64)
+    children: dict[int, socket.socket] = {}
+    print(f"fork server {os.getpid()} for raylet {raylet}: {path}", flush=True)
+    try:
+        while _alive(raylet):
+            ready, _, _ = select.select([listener], [], [], 0.5)
+            if ready:
+                conn, _ = listener.accept()
+                pid = _fork_worker(conn, listener, children)
+                if pid:
+                    children[pid] = conn
+            _reap(children)
+    finally:
+        listener.close()
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _fork_worker(conn: socket.socket, listener: socket.socket, children: dict) -> int | None:
+    fds: list[int] = []
+    try:
+        conn.settimeout(10)  # a stand-in sends its request as soon as it connects
+        message, fds, _, _ = socket.recv_fds(conn, MESSAGE_BYTES, 3)
+        conn.settimeout(None)
+        request = json.loads(message)
+        sys.stdout.flush()
+        pid = os.fork()
+    except (OSError, ValueError) as e:  # the stand-in, told nothing, starts its worker plainly
+        print(f"no worker forked for a stand-in: {type(e).__name__}: {e}", flush=True)
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return None
+    if pid == 0:
+        listener.close()
+        for other in children.values():
+            other.close()
+        _become_worker(conn, request, fds)  # never returns
+    for fd in fds:
+        os.close(fd)
+    conn.send(json.dumps({"pid": pid}).encode(), socket.MSG_NOSIGNAL)
+    print(f"worker {pid} started", flush=True)
+    return pid
+
+
+def _reap(children: dict[int, socket.socket]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        print(f"worker {pid} ended: exit code {code}", flush=True)
+        if conn is not None:
+            try:
+                conn.send(json.dumps({"exit_code": code}).encode(), socket.MSG_NOSIGNAL)
+            except OSError:
+                pass  # its stand-in is gone already
+            conn.close()
+
+
+def _become_worker(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """In the forked child: become the worker Ray asked for, then exit as it would have."""
+    import atexit
+    import runpy
+    import threading
+    import traceback
+
+    code = 1
+    try:
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            if fd != target:
+                os.close(fd)
+        # Ray ends a worker by signalling the process group it started it in: join it, as the
+        # worker would have been in it (the server has a group of its own, which Ray never ends).
+        os.setpgid(0, request["pgid"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        sys.argv = list(request["argv"])
+        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as `python default_worker.py` has it
+        if "numpy" in sys.modules:  # a new process seeds NumPy's global generator afresh; forks share it
+            sys.modules["numpy"].random.seed()
+        threading.Thread(target=_end_with_stand_in, args=(conn,), daemon=True, name="stand-in watch").start()
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported as the worker's own crash would be
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _end_with_stand_in(conn: socket.socket) -> None:
+    """The stand-in never writes: its end closing means it was killed (SIGKILL cannot be
+    relayed), and the worker must not outlive it."""
+    while True:
+        try:
+            if not conn.recv(1):
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    os._exit(1)
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--serve"]:
+        serve(argv[1], int(argv[2]))
+    else:
+        stand_in(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,117 @@
+"""The fork server that Ray's workers are forked from (captune.forkserver): first without Ray,
+this test process standing in for the raylet, then under the real local Ray cluster."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from captune.forkserver import socket_path
+
+WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv, "cwd": os.getcwd(),
+                      "env": os.environ.get("CAPTUNE_TEST_VALUE"), "pgid": os.getpgrp(),
+                      "preloaded": "trainables.loop" in sys.modules}), flush=True)
+    if sys.argv[1] == "sleep":
+        time.sleep(300)
+    sys.exit(int(sys.argv[2]))
+""")
+
+
+@pytest.fixture(scope="module")
+def worker_script(tmp_path_factory):
+    path = tmp_path_factory.mktemp("forkserver") / "worker.py"
+    path.write_text(WORKER)
+    yield path
+    # The server serves this test process (as it would a raylet) until it ends; end it now.
+    server = socket_path(os.getpid())
+    for p in psutil.process_iter(["cmdline"]):
+        if server in (p.info["cmdline"] or []):
+            p.terminate()
+
+
+def stand_in(script, *args, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "captune.forkserver", str(script), *args],
+                            stdout=subprocess.PIPE, text=True, cwd=script.parent,
+                            env={**os.environ, "CAPTUNE_TEST_VALUE": "from the stand-in", **env},
+                            process_group=0)  # as Ray starts a worker: in a group of its own
+
+
+def first_line(proc: subprocess.Popen) -> dict:
+    return json.loads(proc.stdout.readline())
+
+
+def test_worker_runs_as_a_fork_with_the_stand_ins_arguments_streams_and_exit_status(worker_script):
+    proc = stand_in(worker_script, "exit", "3")
+    seen = first_line(proc)
+    assert proc.wait(timeout=120) == 3
+    assert seen["pid"] != proc.pid and "--serve" in psutil.Process(seen["ppid"]).cmdline()  # a fork of the server
+    assert seen["argv"] == [str(worker_script), "exit", "3"]
+    assert seen["cwd"] == str(worker_script.parent)
+    assert seen["env"] == "from the stand-in"
+    assert seen["pgid"] == proc.pid  # the stand-in's process group, which Ray signals to end it
+    assert seen["preloaded"]  # the training code was imported before the fork
+
+
+def test_signals_reach_the_worker_and_it_does_not_outlive_its_stand_in(worker_script):
+    proc = stand_in(worker_script, "sleep", "0")
+    worker = first_line(proc)["pid"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM  # the worker's end, passed on
+    assert not _running(worker)
+
+    proc = stand_in(worker_script, "sleep", "0")
+    worker = first_line(proc)["pid"]
+    proc.kill()  # SIGKILL cannot be relayed: the worker notices its stand-in is gone
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(worker)
+
+
+def test_without_a_server_the_worker_starts_plainly(worker_script, tmp_path):
+    # A server that cannot import what it preloads exits; the worker must start all the same.
+    (tmp_path / "nltk.py").write_text("raise ImportError('broken on purpose by the test')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "CAPTUNE_TEST_VALUE": "plain"}
+    # Through a shell, so that the stand-in's parent (its "raylet") has no server yet.
+    proc = subprocess.Popen(["sh", "-c", f'{sys.executable} -m captune.forkserver "$0" exit 4', str(worker_script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = first_line(proc)
+    assert proc.wait(timeout=120) == 4
+    assert seen["ppid"] == proc.pid and not seen["preloaded"] and seen["env"] == "plain"  # exec'd in place
+    assert "starting this worker without it" in proc.stderr.read()
+
+
+def test_ray_workers_are_forks_and_ending_one_leaves_the_others(ray_cluster):
+    ray = ray_cluster
+
+    @ray.remote
+    class Probe:
+        def where(self):
+            import sys
+
+            return os.getpid(), os.getppid(), "trainables.loop" in sys.modules
+
+    a, b = Probe.remote(), Probe.remote()
+    (pid_a, server_a, preloaded), (pid_b, server_b, _) = ray.get([a.where.remote(), b.where.remote()])
+    assert preloaded and server_a == server_b
+    assert "--serve" in psutil.Process(server_a).cmdline()
+    ray.kill(a)  # Ray ends the actor's process group: that must not reach the server or b
+    time.sleep(2)
+    assert not _running(pid_a)
+    assert ray.get(b.where.remote())[0] == pid_b and _running(server_a)
+    ray.kill(b)  # its CPU back to the session's cluster
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
