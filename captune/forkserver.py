@@ -4,7 +4,7 @@ memory their imports take.
 Ray starts every worker as a new Python process (raylet, then `setup_worker.py`, which execs
 `<py_executable> default_worker.py ...`). Importing what a trial needs (torch, torchvision, Ray
 Tune, nltk, the training code) costs each of those processes about 520 MB of private memory here,
-before any training: more than a small trial's whole working set. With
+before any training: more than a small trial's whole working set. All of it but Ray can be shared. With
 `runtime_env={"py_executable": worker_command()}`, Ray execs this module instead, as a small
 stand-in for the worker. It asks the node's fork server for a child, a fork of a process that has
 already imported all of that, and hands it the worker's arguments, environment, working folder
@@ -36,10 +36,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("captune", "data", "search", "trainables")  # the project's code, whose changes restart the server
-# What a trial process imports anyway. Ray is imported too: its import-time settings come from the
-# node's environment, the same for every worker the node's raylet starts.
-PRELOAD = ("torch", "torchvision", "nltk", "ray", "ray.tune", "ray.train", "ray.train.torch",
-           "search.trial", "trainables.loop", "trainables.ray_train")
+# What a trial process imports, but Ray: its native library seeds the generator of placement group
+# ids as it loads, so workers forked after loading it would all make the same ids (seen here: two
+# searches' trials given one placement group). Each worker loads Ray itself (about 94 MB of private
+# memory); the libraries Ray needs are preloaded.
+PRELOAD = ("torch", "torchvision", "nltk", "pandas", "pyarrow", "requests", "pydantic", "google.protobuf",
+           "jsonschema", "fsspec", "click", "msgpack", "trainables.loop")
 RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 START_TIMEOUT_S = 180.0
 MESSAGE_BYTES = 1 << 20
@@ -155,6 +157,9 @@ def serve(path: str, raylet: int) -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    if "ray" in sys.modules:
+        raise RuntimeError("the fork server must not load Ray before forking (see PRELOAD); "
+                           f"imported by one of {PRELOAD}")
     # Objects that exist now are never collected; a collection in a child would otherwise write to
     # every one of them and copy the pages they lie on.
     gc.collect()

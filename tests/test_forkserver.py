@@ -110,6 +110,27 @@ def test_ray_workers_are_forks_and_ending_one_leaves_the_others(ray_cluster):
     ray.kill(b)  # its CPU back to the session's cluster
 
 
+def test_forked_workers_make_distinct_placement_group_ids(ray_cluster):
+    # Ray's native library seeds its id generator as it loads: loaded in the server, every fork
+    # made the same placement group ids, and two searches' trials shared one placement group.
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0)
+    class Maker:  # an actor: a worker process of its own
+        def first_placement_group(self):
+            from ray.util.placement_group import placement_group, remove_placement_group
+
+            group = placement_group([{"CPU": 0.01}])
+            remove_placement_group(group)
+            return os.getpid(), group.id.hex()
+
+    makers = [Maker.remote() for _ in range(2)]
+    found = ray.get([m.first_placement_group.remote() for m in makers])
+    assert found[0][0] != found[1][0] and found[0][1] != found[1][1]
+    for maker in makers:
+        ray.kill(maker)
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
