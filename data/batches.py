@@ -69,7 +69,8 @@ class ImageBatches:
         owner = np.repeat(np.arange(len(images)), hi - lo)
         # Longest caption first, as the models' packed sequences want them; a plain list, which
         # DDP leaves on the host (pack_padded_sequence takes lengths there).
-        lengths = (self.table.tokens[caption_rows] != 0).sum(1).numpy()
+        tokens = self.table.tokens[caption_rows]  # (C, max_len + 2)
+        lengths = (tokens != 0).sum(1).numpy()
         order = np.argsort(-lengths, kind="stable")
-        captions = self.table.tokens[caption_rows[order], :int(lengths.max())]  # (C, T): no all-pad columns
+        captions = tokens[order, :int(lengths.max())]  # (C, T): no all-pad columns
         return Batch(inputs, captions, torch.from_numpy(owner[order]), lengths[order].tolist())
