@@ -20,7 +20,6 @@ runs.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +32,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from filelock import FileLock
+
+from data.fingerprint import files_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("captune", "data", "search", "trainables")  # the project's code, whose changes restart the server
@@ -55,12 +58,9 @@ def worker_command() -> str:
 def socket_path(raylet_pid: int) -> str:
     """One server per raylet and version of the project's code (file names, sizes, times), in a
     folder only this user can enter: whoever can connect can have the server run code."""
-    digest = hashlib.sha1(sys.executable.encode())
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).glob("*.py")):
-            st = path.stat()
-            digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return os.path.join(_private_folder(), f"{raylet_pid}-{digest.hexdigest()[:10]}.sock")
+    code = files_fingerprint([path for package in PACKAGES for path in sorted((ROOT / package).glob("*.py"))])
+    digest = hashlib.sha1(f"{sys.executable}\0{code}".encode()).hexdigest()[:10]
+    return os.path.join(_private_folder(), f"{raylet_pid}-{digest}.sock")
 
 
 def _private_folder() -> str:
@@ -113,8 +113,7 @@ def _connect(path: str, raylet: int) -> socket.socket:
     except OSError:
         pass
     # One worker starts the server; the others, started at the same moment, wait for it.
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(path + ".lock"):
         try:
             return _dial(path)
         except OSError:

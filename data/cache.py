@@ -20,18 +20,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CAPTUNE_CACHE_DIR", Path.home() / ".cache" / "captune"))
 
 
-def files_fingerprint(paths: list[Path]) -> str:
-    """Changes when any file is added, removed, renamed, resized or touched."""
-    h = hashlib.sha256()
-    for p in paths:
-        try:
-            st = p.stat()
-            h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except FileNotFoundError:
-            h.update(f"{p.name}\0missing\n".encode())
-    return h.hexdigest()
-
-
 def cached_array(cache_dir: Path, kind: str, key: dict, shape: tuple[int, ...], dtype: str,
                  build: Callable[[np.ndarray], dict]) -> tuple[np.ndarray, dict]:
     """A read-only memory map of the array for `key`, built by `build(out)` when absent or invalid.

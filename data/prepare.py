@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.cache import cached_array, files_fingerprint
+from data.cache import cached_array
+from data.fingerprint import files_fingerprint
 from data.corpus import SPLITS, Corpus, Problem
 from data.images import default_decoder, read_images
 from data.layouts import load_corpus
