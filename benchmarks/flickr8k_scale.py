@@ -7,7 +7,8 @@ Per architecture (the built-in preset's frozen encoders at 64 px, one thread as 
 here): seconds per training epoch, BLEU evaluation time on the 1,000 validation images (greedy
 and beam 3) and the trial's peak memory. Then the whole sweep's memory (proportional set size of
 every process of the driver and its local Ray cluster, sampled) with 2 and then 4 concurrent
-trials; the last line is what each extra trial adds.
+trials, the caches already built, each run --repeats times; the last line is what each extra
+trial adds to the mean peak.
 """
 from __future__ import annotations
 
@@ -77,16 +78,30 @@ def one_trial(arch: str, root: str) -> None:
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **timings}))
 
 
-def sweep_memory(root: Path, work: Path, concurrent: int) -> float:
+def warm_caches(root: Path) -> None:
+    """Decode the images and encode them with the sweep's frozen resnet18 now, as the per-arch runs
+    do in a full run: the sweeps' peaks are then their trials', not the driver's one-off cache build."""
+    import torch
+
+    from data.prepare import prepare_data
+    from trainables.config import TrainConfig
+    from trainables.features import frozen_features
+
+    cfg = TrainConfig(arch="resnet-gru", encoder="resnet18", **PRESET)
+    data = prepare_data(root, cfg.image_size, cfg.cache_path(), skip_bad=True, progress=False)
+    frozen_features(cfg, data, cfg.cache_path(), torch.device("cpu"), progress=False)
+
+
+def sweep_memory(root: Path, work: Path, concurrent: int, run: int) -> float:
     """Peak summed PSS (MB) of `captune sweep` and its local Ray cluster, `concurrent` trials."""
     config = work / f"sweep{concurrent}.yaml"
     space = {**PRESET, "encoder": "resnet18", "val_images": 100, "lr": {"loguniform": [1e-4, 3e-3]}}
     config.write_text(yaml.safe_dump({"sweep": {"trials": concurrent, "max_epochs": 1, "grace_period": 1,
                                                 "max_concurrent": concurrent}, "resnet-gru": space}))
-    command = [sys.executable, "-m", "captune.cli", "sweep", "--data", str(root), "--name", f"mem{concurrent}",
+    command = [sys.executable, "-m", "captune.cli", "sweep", "--data", str(root), "--name", f"mem{concurrent}-{run}",
                "--arch", "resnet-gru", "--config", str(config), "--storage", str(work / "sweeps"),
                "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
-    log = work / f"sweep{concurrent}.log"
+    log = work / f"sweep{concurrent}-{run}.log"
     started = time.time()
     driver = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     peak = 0.0
@@ -127,6 +142,8 @@ def main() -> None:
     parser.add_argument("--flickr", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
     parser.add_argument("--only", choices=("trial", "sweep"),
                         help="only the per-architecture trial figures, or only the sweep memory")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="sweeps per concurrency; their peaks are averaged (one run's peak varies by ±100 MB)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -152,8 +169,11 @@ def main() -> None:
               f"peak RSS {r['peak_rss_mb']:.0f} MB  (process total {time.perf_counter() - t0:.0f} s, caches included)")
     if args.only == "trial":
         return
-    mem = {n: sweep_memory(root, work, n) for n in (2, 4)}
-    print(f"sweep memory (PSS, driver + local Ray): 2 trials {mem[2]:.0f} MB, 4 trials {mem[4]:.0f} MB")
+    warm_caches(root)
+    peaks = {n: [sweep_memory(root, work, n, run) for run in range(args.repeats)] for n in (2, 4)}
+    mem = {n: sum(p) / len(p) for n, p in peaks.items()}
+    print("sweep memory (peak PSS, driver + local Ray): " + ", ".join(
+        f"{n} trials {mem[n]:.0f} MB (runs: {', '.join(f'{p:.0f}' for p in peaks[n])})" for n in (2, 4)))
     print(f"memory_per_extra_trial: {(mem[4] - mem[2]) / 2:.0f} MB")
 
 

@@ -89,13 +89,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from captune.tracking import resolve_model
+    from captune.tracking import load_captioner
 
-    model = resolve_model(args.model, args.tracking_uri)  # a wrong path fails before torch loads
-    from trainables.checkpoint import load_checkpoint
+    loaded = load_captioner(args.model, args.tracking_uri)  # a wrong path fails before torch loads
     from trainables.inference import evaluate_split
 
-    loaded = load_checkpoint(model)
     scores = evaluate_split(loaded, args.data, split=args.split, beam=args.beam, skip_bad=args.skip_bad)
     if args.json:
         print(json.dumps(scores))
@@ -106,13 +104,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_caption(args) -> int:
-    from captune.tracking import resolve_model
+    from captune.tracking import load_captioner
 
-    model = resolve_model(args.model, args.tracking_uri)  # a wrong path fails before torch loads
-    from trainables.checkpoint import load_checkpoint
+    loaded = load_captioner(args.model, args.tracking_uri)  # a wrong path fails before torch loads
     from trainables.inference import caption_images
 
-    loaded = load_checkpoint(model)
     for image, caption in zip(args.images, caption_images(loaded, args.images, beam=args.beam)):
         print(f"{image}\t{caption}")
     return 0

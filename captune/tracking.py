@@ -1,8 +1,15 @@
-"""MLflow: where runs go, per-epoch logging, logging captioners as models, resolving model URIs."""
+"""MLflow: where runs go, per-epoch logging, logging captioners as models, loading them back."""
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainables.checkpoint import Loaded
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "model"  # the logged model's name inside a run
@@ -75,17 +82,21 @@ class EpochLogger:
 
 
 def log_captioner(checkpoint: Path, registered_name: str | None = None):
-    """Log a checkpoint as an MLflow pyfunc model in the active run (models from code: the
-    wrapper is a source file, nothing is pickled). Returns the ModelInfo."""
+    """Log a checkpoint, less its optimizer state, as an MLflow pyfunc model in the active run
+    (models from code: the wrapper is a source file, nothing is pickled). Returns the ModelInfo."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    from trainables.checkpoint import FILENAME, without_optimizer
+
     signature = ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema([ColSpec("string")]))
-    return mlflow.pyfunc.log_model(
-        name=MODEL_NAME, python_model=str(PYFUNC_FILE), artifacts={"checkpoint": str(checkpoint)},
-        registered_model_name=registered_name, pip_requirements=_requirements(), signature=signature,
-    )
+    with tempfile.TemporaryDirectory(prefix="captune-model-") as folder:
+        return mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=str(PYFUNC_FILE),
+            artifacts={"checkpoint": str(without_optimizer(checkpoint, Path(folder) / FILENAME))},
+            registered_model_name=registered_name, pip_requirements=_requirements(), signature=signature,
+        )
 
 
 def _requirements() -> list[str]:
@@ -104,24 +115,36 @@ def _requirements() -> list[str]:
             pinned("pillow"), pinned("pandas")]
 
 
-def resolve_model(model: str, tracking_uri: str | None = None) -> Path:
-    """A local checkpoint file for MODEL: a path (file, or folder with model.pt) or an MLflow
+def load_captioner(model: str, tracking_uri: str | None = None, arch: str | None = None) -> Loaded:
+    """The captioner MODEL names: a checkpoint path (file, or folder with model.pt) or an MLflow
     model URI such as runs:/<id>/model or models:/<name>@<alias>."""
+    with local_checkpoint(model, tracking_uri) as path:
+        from trainables.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, arch)
+
+
+@contextmanager
+def local_checkpoint(model: str, tracking_uri: str | None = None) -> Iterator[Path]:
+    """A local checkpoint file for MODEL (see `load_captioner`). An MLflow model is downloaded into
+    a folder removed on exit: MLflow's own download folder would stay in /tmp, 40-140 MB a call."""
     if "://" not in model and not model.startswith(("runs:/", "models:/")):
         path = Path(model)
         if not path.exists():
             raise FileNotFoundError(f"{model}: no such checkpoint file or folder "
                                     "(or give an MLflow URI: runs:/<run_id>/model, models:/<name>@<alias>)")
-        return path
+        yield path
+        return
     import mlflow
 
     configure(tracking_uri)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
-    except Exception as e:
-        raise FileNotFoundError(f"{model}: cannot fetch this model from MLflow at "
-                                f"{mlflow.get_tracking_uri()} ({type(e).__name__}: {e})") from None
-    found = sorted(local.rglob("model.pt"))
-    if not found:
-        raise FileNotFoundError(f"{model}: the MLflow model holds no captune checkpoint (model.pt)")
-    return found[0]
+    with tempfile.TemporaryDirectory(prefix="captune-model-") as folder:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=folder))
+        except Exception as e:
+            raise FileNotFoundError(f"{model}: cannot fetch this model from MLflow at "
+                                    f"{mlflow.get_tracking_uri()} ({type(e).__name__}: {e})") from None
+        found = sorted(local.rglob("model.pt"))
+        if not found:
+            raise FileNotFoundError(f"{model}: the MLflow model holds no captune checkpoint (model.pt)")
+        yield found[0]

@@ -18,7 +18,6 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
     from mlflow.exceptions import MlflowException
 
     from captune import tracking
-    from trainables.checkpoint import load_checkpoint
     from trainables.inference import evaluate_split
 
     uri = tracking.configure(tracking_uri)
@@ -33,7 +32,7 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
         except MlflowException:
             continue
         root = data_root or _sweep_data(client, experiment.experiment_id, name, arch)
-        loaded = load_checkpoint(tracking.resolve_model(f"models:/{model_name(arch)}@{ALIAS}", uri))
+        loaded = tracking.load_captioner(f"models:/{model_name(arch)}@{ALIAS}", uri)
         skip = skip_bad or bool(loaded.payload.get("train_config", {}).get("skip_bad", False))
         results["models"][arch] = {"version": version.version, "data": root, **{
             f"beam{k}": {key: v for key, v in evaluate_split(loaded, root, split=split, beam=k, skip_bad=skip).items()

@@ -74,7 +74,7 @@ def _champion_score(current, key: str, data_root, train_config: dict) -> float:
 def _score(uri: str, data_root, train_config: dict) -> float:
     from trainables.inference import evaluate_split
 
-    loaded = load_checkpoint(tracking.resolve_model(uri))
+    loaded = tracking.load_captioner(uri)
     return evaluate_split(loaded, data_root, split="val", beam=int(train_config.get("val_beam", 1)))["bleu4"]
 
 

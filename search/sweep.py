@@ -244,6 +244,9 @@ def _run_search(job: SearchJob) -> ArchOutcome:
     # not hold the search for minutes per call (the client retries 7 times by default): the
     # trial callback holds records and retries itself.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Keeping one checkpoint per trial makes Tune snapshot after each (a few ms, local): so be it,
+    # without its warning every epoch that snapshots are frequent (we ask for them every second).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     req, settings, search = job.req, job.settings, job.search
@@ -291,6 +294,9 @@ def _run_search(job: SearchJob) -> ArchOutcome:
                                         reuse_actors=setup.in_process),
             run_config=tune.RunConfig(
                 name=job.experiment, storage_path=job.root,
+                # a trial resumes from, and is scored and registered by, its last epoch: older
+                # checkpoints are only disk (a fine-tuned ResNet-18's is 138 MB with Adam's moments)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[MlflowTrials(job.tracking_uri, job.experiment_id, job.parent_run_id, req.name, arch,
                                         base.to_dict(), settings.max_epochs)],
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures, fail_fast=False)),

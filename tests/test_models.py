@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from data.vocab import Vocabulary
-from trainables.checkpoint import CheckpointError, load_checkpoint, read_payload, save_checkpoint
+from trainables.checkpoint import CheckpointError, load_checkpoint, read_payload, save_checkpoint, without_optimizer
 from trainables.decoding import generate
+from trainables.encoders import build_encoder, weights_digest
 from trainables.models import ARCHS, ModelConfig, build_model, packed
 
 ENCODER = {"cnn-lstm": "vgg-small", "resnet-gru": "resnet18"}
@@ -97,6 +98,27 @@ def test_checkpoint_round_trip_and_arch_check(arch, tmp_path):
     other = next(a for a in ARCHS if a != arch)
     with pytest.raises(CheckpointError, match=f"is a {arch} model, not the requested {other}"):
         load_checkpoint(path, arch=other)
+
+
+def test_frozen_random_encoder_is_saved_as_its_seed_and_checked_on_load(tmp_path):
+    model = tiny("resnet-gru", encoder_seed=7).eval()  # tiny() seeds the global generator with 0
+    assert weights_digest(model.encoder) == weights_digest(build_encoder("resnet18", False, seed=7))
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(8)])
+    path = save_checkpoint(tmp_path / "model.pt", model, vocab, encoder_trained=False,
+                           optimizer={"state": {}, "param_groups": []})
+    payload = read_payload(path)
+    assert not any(k.startswith("encoder.") for k in payload["model"])  # resnet18's 45 MB left out
+    loaded = load_checkpoint(path)
+    for (k, a), b in zip(model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    # an inference copy drops what only resuming needs
+    slim = read_payload(without_optimizer(path, tmp_path / "slim.pt"))
+    assert "optimizer" not in slim and slim["model"].keys() == payload["model"].keys()
+    # a rebuild that would give other weights (here: another seed) is refused, not used
+    payload["model_config"]["encoder_seed"] = 8
+    torch.save(payload, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="rebuilt from seed 8 is not the one this model was trained with"):
+        load_checkpoint(tmp_path / "other.pt")
 
 
 def test_refuses_files_that_are_not_checkpoints(tmp_path):

@@ -60,11 +60,13 @@ def _ddp_loop(config):
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps({"state": state, "metrics": seen}))
 
 
-def test_two_worker_ddp_on_cpu_keeps_ranks_identical(ray_cluster, synth_dir, tmp_path):
+@pytest.mark.parametrize("fine_tune", [True, False], ids=["fine-tuned", "frozen"])
+def test_two_worker_ddp_on_cpu_keeps_ranks_identical(ray_cluster, synth_dir, tmp_path, fine_tune):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg = _cfg("cnn-lstm", fine_tune=True, epochs=1, batch_size=8)
+    # frozen: each rank trains on cached features, its encoder dropped (trainables.loop.train)
+    cfg = _cfg("cnn-lstm", fine_tune=fine_tune, epochs=1, batch_size=8)
     trainer = TorchTrainer(
         _ddp_loop,
         train_loop_config={"train": cfg.to_dict(), "data_root": str(synth_dir), "out": str(tmp_path)},
@@ -98,3 +100,22 @@ def test_batches_hold_every_caption_of_their_images_longest_first():
     owners = [int(batch.inputs[i, 0]) // 2 for i in batch.image_of_caption]  # the image each caption is on
     pairs = sorted((image, vocab.decode(ids)) for image, ids in zip(owners, batch.captions.tolist()))
     assert pairs == sorted((image, c) for image, caps in enumerate(captions) for c in caps)
+
+
+@pytest.mark.parametrize("chunk_elements", [3 * 7, 2**21], ids=["chunked", "one-chunk"])
+def test_chunked_loss_equals_cross_entropy_of_the_logits(monkeypatch, chunk_elements):
+    from trainables import loss
+
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", chunk_elements)  # 3 rows of 7 logits at a time
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (10,))
+    expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, bias), targets)
+    got = loss.linear_cross_entropy(hidden, weight, bias, targets)
+    assert torch.allclose(got, expected)
+    # the gradients, scaled as the loss is (here by 3)
+    for a, b in zip(torch.autograd.grad(3 * expected, (hidden, weight, bias)),
+                    torch.autograd.grad(3 * got, (hidden, weight, bias))):
+        assert torch.allclose(a, b)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from data.vocab import Vocabulary
+from trainables.encoders import ImageEncoder, weights_digest
 from trainables.models import Captioner, ModelConfig, build_model
 
 FORMAT = "captune-checkpoint/1"
@@ -25,19 +26,32 @@ class Loaded:
     payload: dict  # everything else saved: train_config, epoch, history, optimizer, ...
 
 
-def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocabulary, *,
-                    encoder_trained: bool, **extra) -> Path:
-    """Write atomically. A frozen ImageNet encoder is not stored: it is rebuilt from torchvision's
-    weights on load, which keeps per-epoch checkpoints of VGG16 models small."""
+def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocabulary, *, encoder_trained: bool,
+                    encoder_digest: str | None = None, **extra) -> Path:
+    """Write atomically. A frozen encoder is not stored: it is rebuilt on load, from torchvision's
+    ImageNet weights or from its seed (checked against `encoder_digest`, computed here when not
+    given). So a sweep does not write a ResNet-50's 98 MB again with every epoch's checkpoint."""
     path = Path(path)
-    keep_encoder = encoder_trained or not model.cfg.pretrained
-    state = {k: v for k, v in model.state_dict().items() if keep_encoder or not k.startswith("encoder.")}
+    state = {k: v for k, v in model.state_dict().items() if encoder_trained or not k.startswith("encoder.")}
     payload = {"format": FORMAT, "model_config": model.cfg.to_dict(), "vocab": vocab.to_dict(),
-               "encoder_stored": keep_encoder, "model": state, **extra}
+               "encoder_stored": encoder_trained, "model": state, **extra}
+    if not encoder_trained and not model.cfg.pretrained:
+        if encoder_digest is None and not isinstance(model.encoder, ImageEncoder):
+            raise ValueError("save_checkpoint: the frozen encoder was dropped, pass its encoder_digest")
+        payload["encoder_digest"] = encoder_digest or weights_digest(model.encoder)
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
+
+
+def without_optimizer(src: str | Path, dst: str | Path) -> Path:
+    """A copy of checkpoint `src` for inference: the optimizer's state, which only resuming
+    needs and which is twice the trained weights' size (Adam's two moments), is left out."""
+    payload = read_payload(src)
+    payload.pop("optimizer", None)
+    torch.save(payload, dst)
+    return Path(dst)
 
 
 def read_payload(path: str | Path, map_location: str = "cpu") -> dict:
@@ -71,6 +85,10 @@ def load_checkpoint(path: str | Path, arch: str | None = None, map_location: str
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit a {cfg.arch} model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if "encoder_digest" in payload and weights_digest(model.encoder) != payload["encoder_digest"]:
+        raise CheckpointError(f"{path}: the random-init {cfg.encoder} encoder rebuilt from seed {cfg.encoder_seed} "
+                              f"is not the one this model was trained with (torch {torch.__version__} here: "
+                              f"was the checkpoint written by another torch version?)")
     model.cfg = cfg
     model.eval()
     return Loaded(model, Vocabulary.from_dict(payload["vocab"]), payload)

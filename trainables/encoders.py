@@ -6,6 +6,8 @@ same path.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torchvision
 from torch import nn
@@ -33,7 +35,28 @@ class ImageEncoder(nn.Module):
         return self.body(x)  # (B, F)
 
 
-def build_encoder(name: str, pretrained: bool) -> ImageEncoder:
+def build_encoder(name: str, pretrained: bool, seed: int = 0) -> ImageEncoder:
+    """ImageNet weights, or a random init drawn from `seed` alone (the global generator is left as
+    it was): either way the weights follow from the arguments, so a frozen encoder need not be
+    saved with the model that reads its features."""
+    if pretrained:
+        return _build_encoder(name, pretrained=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_encoder(name, pretrained=False)
+
+
+def weights_digest(encoder: nn.Module) -> str:
+    """A digest of the weights, to check that a rebuilt random encoder is the one that was trained
+    with (torch's init code may change between versions)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key, tensor in encoder.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _build_encoder(name: str, pretrained: bool) -> ImageEncoder:
     if name == "vgg-small":
         if pretrained:
             raise ValueError("encoder vgg-small has no pretrained weights: set pretrained=false")

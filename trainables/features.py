@@ -48,9 +48,8 @@ def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: Prepa
 def frozen_features(cfg: TrainConfig, data: PreparedData, cache_dir: Path, device: torch.device,
                     progress: bool = True) -> np.ndarray:
     """The features `train` would compute for cfg's frozen encoder, built ahead of the trials (a
-    sweep's driver does this once, with all its cores). Seeding then building the encoder gives
-    the weights that `build_model` gives it after the same seed: the encoder is its first layer."""
-    torch.manual_seed(cfg.seed)
-    encoder = build_encoder(cfg.encoder, cfg.pretrained).requires_grad_(False).to(device)
+    sweep's driver does this once, with all its cores): the encoder built from cfg's name,
+    pretrained flag and seed has the weights `train`'s model gets (ModelConfig.encoder_seed)."""
+    encoder = build_encoder(cfg.encoder, cfg.pretrained, cfg.seed).requires_grad_(False).to(device)
     return encoder_features(encoder, cfg.encoder, weights_id(cfg.encoder, cfg.pretrained, cfg.seed), data,
                             cache_dir, device, progress=progress)

@@ -20,8 +20,10 @@ from data.batches import CaptionTable, ImageBatches
 from data.prepare import PreparedData, prepare_data
 from trainables.checkpoint import FILENAME, CheckpointError, load_checkpoint, save_checkpoint
 from trainables.config import TrainConfig
+from trainables.encoders import weights_digest
 from trainables.features import encoder_features, weights_id
 from trainables.inference import decode
+from trainables.loss import linear_cross_entropy
 from trainables.metrics import bleu
 from trainables.models import Captioner, ModelConfig, build_model, packed
 
@@ -47,7 +49,7 @@ class WorkerContext:
 
 
 class TeacherForcing(nn.Module):
-    """What DDP wraps: encoder (when trained) and decoder in one forward, so every trained
+    """What DDP wraps: encoder (when trained), decoder and loss in one forward, so every trained
     parameter takes part in the all-reduce."""
 
     def __init__(self, model: Captioner, encode: bool):
@@ -55,9 +57,11 @@ class TeacherForcing(nn.Module):
         self.model, self.encode = model, encode
 
     def forward(self, inputs: torch.Tensor, captions: torch.Tensor, owner: torch.Tensor,
-                lengths: list[int]) -> torch.Tensor:
+                lengths: list[int], targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss over the N words to predict, `targets` (N,) (see Captioner.forward)."""
         feats = self.model.encoder(inputs) if self.encode else inputs.float()  # (B, F)
-        return self.model(feats[owner], captions, lengths)  # (N, V): the N words to predict
+        hidden = self.model.outputs(feats[owner], captions, lengths)  # (N, H)
+        return linear_cross_entropy(hidden, self.model.head.weight, self.model.head.bias, targets)
 
 
 def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: PreparedData | None = None) -> dict:
@@ -69,10 +73,16 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
         data = prepare_data(data_root, cfg.image_size, cache_dir, skip_bad=cfg.skip_bad, seed=cfg.seed,
                             progress=lead)
     vocab = data.vocabulary(cfg.vocab_threshold)
-    torch.manual_seed(cfg.seed)  # same init on every rank, and the same frozen random encoder
+    torch.manual_seed(cfg.seed)  # the same init on every rank
     model = build_model(ModelConfig(cfg.arch, len(vocab), cfg.encoder, cfg.pretrained, cfg.embed_size,
-                                    cfg.hidden_size, cfg.num_layers, cfg.dropout))
+                                    cfg.hidden_size, cfg.num_layers, cfg.dropout, encoder_seed=cfg.seed))
     inputs = _encoder_inputs(model, cfg, data, cache_dir, ctx.device, lead)
+    # A frozen random encoder is saved as its seed plus this digest, worked out once, not per epoch.
+    encoder_digest = weights_digest(model.encoder) if lead and not (cfg.fine_tune or cfg.pretrained) else None
+    if not cfg.fine_tune:
+        # From here on a frozen encoder's output is `inputs`, read from the cache: drop its weights
+        # (ResNet-18: 45 MB per trial; checkpoints leave a frozen encoder out anyway).
+        model.encoder = nn.Identity()
     model.to(ctx.device)
     module = ctx.wrap_model(TeacherForcing(model, encode=cfg.fine_tune).to(ctx.device))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -109,10 +119,10 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
             print(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  " +
                   "  ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")) +
                   f"  ({metrics['epoch_seconds']:.1f}s train, {metrics['val_seconds']:.1f}s val)", flush=True)
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory(prefix="captune-checkpoint-") as tmp:
                 save_checkpoint(Path(tmp) / FILENAME, model, vocab, encoder_trained=cfg.fine_tune,
-                                train_config=cfg.to_dict(), epoch=epoch + 1, history=history,
-                                optimizer=optimizer.state_dict(), example=hyps[:5])
+                                encoder_digest=encoder_digest, train_config=cfg.to_dict(), epoch=epoch + 1,
+                                history=history, optimizer=optimizer.state_dict(), example=hyps[:5])
                 ctx.report(metrics, Path(tmp))
         else:
             ctx.report(metrics, None)
@@ -133,8 +143,6 @@ def _encoder_inputs(model: Captioner, cfg: TrainConfig, data: PreparedData, cach
 def _train_epoch(module: nn.Module, model: Captioner, batches: ImageBatches, optimizer, cfg: TrainConfig,
                  ctx: WorkerContext, epoch: int) -> float:
     model.train()
-    if not cfg.fine_tune:
-        model.encoder.eval()  # frozen: keep BatchNorm statistics as they are
     batches.set_epoch(epoch)
     device = ctx.device
     loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0  # over this rank's words
@@ -143,9 +151,8 @@ def _train_epoch(module: nn.Module, model: Captioner, batches: ImageBatches, opt
         # index or a loss check on the GPU would stop the host every step until the device caught up.
         targets = packed(batch.captions[:, 1:], batch.lengths, 1).data.to(device, non_blocking=True)  # (N,)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = module(batch.inputs.to(device, non_blocking=True), batch.captions.to(device, non_blocking=True),
-                            batch.image_of_caption.to(device, non_blocking=True), batch.lengths)
-        loss = nn.functional.cross_entropy(logits.float(), targets)
+            loss = module(batch.inputs.to(device, non_blocking=True), batch.captions.to(device, non_blocking=True),
+                          batch.image_of_caption.to(device, non_blocking=True), batch.lengths, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -178,7 +185,10 @@ def _resume(folder: Path, cfg: TrainConfig, model: Captioner, vocab, optimizer) 
     if loaded.vocab.words != vocab.words:
         raise CheckpointError(f"{folder}: checkpoint vocabulary differs from this run's "
                               f"(vocab_threshold or data changed); refusing to resume")
-    model.load_state_dict(loaded.model.state_dict())
+    state = loaded.model.state_dict()
+    if not cfg.fine_tune:  # the frozen encoder is not in `model` (see `train`)
+        state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    model.load_state_dict(state)
     optimizer.load_state_dict(loaded.payload["optimizer"])
     return int(loaded.payload["epoch"]), list(loaded.payload["history"])
 

@@ -27,6 +27,7 @@ class ModelConfig:
     hidden_size: int = 512
     num_layers: int = 1
     dropout: float = 0.3
+    encoder_seed: int = 0  # draws a random-init encoder's weights (pretrained=False)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,7 +37,7 @@ class Captioner(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = build_encoder(cfg.encoder, cfg.pretrained)
+        self.encoder = build_encoder(cfg.encoder, cfg.pretrained, cfg.encoder_seed)
         # Image features arrive at any scale (a random or ImageNet encoder, frozen or not):
         # normalising them lets the decoder use them from the first steps on.
         self.feat_norm = nn.BatchNorm1d(self.encoder.out_features)
@@ -63,7 +64,12 @@ class Captioner(nn.Module):
         in the order of `packed(captions[:, 1:], lengths, 1).data`. The recurrent layer then runs
         over real words only: padding is about half of a Flickr8k batch, and full-vocabulary logits
         of padding would be most of a training step's memory."""
-        return self.head(self.drop(self.teacher_forced(feats, captions, lengths)))
+        return self.head(self.outputs(feats, captions, lengths))
+
+    def outputs(self, feats: torch.Tensor, captions: torch.Tensor,
+                lengths: list[int] | None = None) -> torch.Tensor:
+        """What `forward` feeds the output layer `head` (training computes its loss from these)."""
+        return self.drop(self.teacher_forced(feats, captions, lengths))
 
     @staticmethod
     def reorder(state: State, index: torch.Tensor) -> State:
