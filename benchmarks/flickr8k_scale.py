@@ -60,15 +60,16 @@ def one_trial(arch: str, root: str) -> None:
     from trainables.inference import evaluate_split
     from trainables.loop import WorkerContext, train
 
-    saved = Path(tempfile.mkdtemp()) / "model.pt"
-
-    def keep(metrics, folder):
-        if folder is not None:
-            shutil.copy(Path(folder) / "model.pt", saved)
-
     cfg = TrainConfig(arch=arch, encoder=ENCODER[arch], epochs=1, **PRESET)
-    metrics = train(cfg, root, WorkerContext(report=keep))
-    loaded = load_checkpoint(saved)
+    with tempfile.TemporaryDirectory() as folder:
+        saved = Path(folder) / "model.pt"
+
+        def keep(metrics, checkpoint_dir):
+            if checkpoint_dir is not None:
+                shutil.copy(Path(checkpoint_dir) / "model.pt", saved)
+
+        metrics = train(cfg, root, WorkerContext(report=keep))
+        loaded = load_checkpoint(saved)
     timings = {}
     for beam in (1, 3):
         t0 = time.perf_counter()
@@ -144,6 +145,8 @@ def main() -> None:
                         help="only the per-architecture trial figures, or only the sweep memory")
     parser.add_argument("--repeats", type=int, default=2,
                         help="sweeps per concurrency; their peaks are averaged (one run's peak varies by ±100 MB)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work folder (data, caches, sweep logs: about 340 MB); a failure keeps it anyway")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -157,6 +160,12 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     root = build_dataset(flickr, work / "flickr8k")
     print(f"machine: {os.cpu_count()} cores, CPU only; data {root} (original layout, real captions)")
+    measure(args, root, work)
+    if not args.keep:
+        shutil.rmtree(work)
+
+
+def measure(args, root: Path, work: Path) -> None:
     for arch in ENCODER if args.only != "sweep" else ():
         t0 = time.perf_counter()
         out = subprocess.run([sys.executable, __file__, "--one", arch, "--root", str(root)], capture_output=True,
