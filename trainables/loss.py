@@ -18,7 +18,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     """cross_entropy(linear(hidden, weight, bias), targets), its gradient computed in the forward.
     hidden (N, H), weight (V, H), bias (V,), targets (N,) -> the mean over the N words."""
     # In chunks where trials share a node's RAM; on a GPU in one piece, fewer kernel launches.
-    rows = hidden.shape[0] if hidden.is_cuda else max(1, CHUNK_ELEMENTS // weight.shape[0])
+    rows = max(1, hidden.shape[0] if hidden.is_cuda else CHUNK_ELEMENTS // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
 
 
