@@ -6,13 +6,17 @@ scale, each against a plain-PyTorch loop doing the same work on the same card.
 
 The real caption and split files, with generated JPEGs at Flickr8k's size (500x375) under the
 8,091 real names.
-1. Feature extraction, JPEG decoding included: the project's path (`prepare_data`: nvJPEG
-   decoding into the 224 px pixel cache; `frozen_features`: ResNet-50, bf16, channels_last)
-   against plain torchvision (`decode_jpeg` on the GPU, resize, ResNet-50, features to host).
+1. Feature extraction, JPEG decoding included: the project's path (`prepare_with_features`: the
+   caption files read and checked, nvJPEG decoding into the 224 px pixel cache, each batch encoded
+   by ResNet-50 in bf16, channels_last, while still on the GPU) against plain torchvision
+   (`decode_jpeg` on the GPU, resize, ResNet-50, features to host).
 2. Training: epochs of each architecture at its default size (vgg16 / resnet50 features, embed
    256, hidden 512, the real vocabulary) on the 30,000 training captions, 255 captions a step,
    through `trainables.loop.train`, against a plain loop with the same model and all data already
    on the GPU.
+3. Where a training step's time goes: one 255-caption step of each architecture timed alone (the
+   packed path `train` takes, and the padded path of the plain loop, each with and without bf16
+   autocast), and with --profile DIR the top CUDA kernels of the packed step, written there.
 The last line is the worst of the ratios (ours / plain); the goal is 1.5 at most.
 """
 from __future__ import annotations
@@ -33,15 +37,16 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from data.batches import CaptionTable
-from data.layouts import SPLIT_FILES
+from data.batches import CaptionTable, ImageBatches
+from data.layouts import SPLIT_FILES, load_corpus
 from data.prepare import prepare_data
 from data.synth import draw, random_scene
 from trainables.config import TrainConfig
 from trainables.encoders import IMAGENET_MEAN, IMAGENET_STD
-from trainables.features import frozen_features
+from trainables.features import frozen_features, prepare_with_features
 from trainables.loop import WorkerContext, train
-from trainables.models import ModelConfig, build_model
+from trainables.loss import linear_cross_entropy
+from trainables.models import ModelConfig, build_model, packed
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = "Flickr8k.token.txt"
@@ -111,15 +116,14 @@ def plain_features(paths: list[Path], device: torch.device, batch: int = 256) ->
     return time.perf_counter() - t0
 
 
-def our_features(root: Path, cache: Path, device: torch.device) -> tuple[float, float]:
-    """Seconds for the project's path: decode into the pixel cache, then ResNet-50 features."""
+def our_features(root: Path, cache: Path, device: torch.device) -> float:
+    """Seconds for the project's path: the dataset read and checked, every image decoded into the
+    pixel cache and, batch by batch while still on the device, encoded by ResNet-50."""
+    cfg = TrainConfig(arch="resnet-gru", encoder="resnet50", pretrained=False, image_size=SIZE, skip_bad=True)
     t0 = time.perf_counter()
-    data = prepare_data(root, SIZE, cache, skip_bad=True, progress=False)
-    t1 = time.perf_counter()
-    cfg = TrainConfig(arch="resnet-gru", encoder="resnet50", pretrained=False, image_size=SIZE)
-    frozen_features(cfg, data, cache, device, progress=False)
+    prepare_with_features(root, cfg, cache, device, progress=False)
     synchronize(device)
-    return t1 - t0, time.perf_counter() - t1
+    return time.perf_counter() - t0
 
 
 def our_training(cfg: TrainConfig, root: Path, device: torch.device) -> list[dict]:
@@ -169,6 +173,62 @@ def plain_training(cfg: TrainConfig, root: Path, device: torch.device, epochs: i
     return times, int((lengths - 1).sum())
 
 
+def step_times(cfg: TrainConfig, root: Path, device: torch.device, profile: Path | None,
+               steps: int = 20) -> dict[str, float]:
+    """Milliseconds per training step (forward and backward, no optimizer) of one batch of
+    `cfg.batch_size` images: the packed path `train` takes and the plain loop's padded one, with
+    and without bf16 autocast. With `profile`, the packed step's top CUDA kernels go there."""
+    data = prepare_data(root, SIZE, cfg.cache_path(), skip_bad=True, progress=False)
+    vocab = data.vocabulary(cfg.vocab_threshold)
+    feats = frozen_features(cfg, data, cfg.cache_path(), device, progress=False)
+    torch.manual_seed(cfg.seed)
+    model = build_model(ModelConfig(cfg.arch, len(vocab), cfg.encoder, False, cfg.embed_size, cfg.hidden_size,
+                                    cfg.num_layers, cfg.dropout))
+    model.encoder = nn.Identity()
+    model.to(device).train()
+    table = CaptionTable.build(data.captions("train"), vocab, cfg.max_len)
+    batch = next(iter(ImageBatches(feats, data.rows("train"), table, cfg.batch_size, shuffle=True, seed=0)))
+    image = batch.inputs.to(device).float()[batch.image_of_caption.to(device)]  # (C, F)
+    caps = batch.captions.to(device)  # (C, T)
+    targets = packed(batch.captions[:, 1:], batch.lengths, 1).data.to(device)  # (N,)
+
+    def packed_step() -> torch.Tensor:
+        hidden = model.outputs(image, caps, batch.lengths)  # (N, H)
+        return linear_cross_entropy(hidden, model.head.weight, model.head.bias, targets)
+
+    def padded_step() -> torch.Tensor:
+        logits = model(image, caps)  # (C, T-1, V)
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), caps[:, 1:].flatten(),
+                                           ignore_index=vocab.pad_id)
+
+    def timed(step, autocast: bool) -> float:
+        def once():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = step()
+            loss.backward()
+        for _ in range(3):
+            once()
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            once()
+        synchronize(device)
+        return (time.perf_counter() - t0) / steps * 1000
+
+    amp = device.type == "cuda"
+    out = {f"{name}{'_bf16' if autocast else '_fp32'}_ms": timed(step, autocast)
+           for name, step in (("packed", packed_step), ("padded", padded_step)) for autocast in dict.fromkeys((amp, False))}
+    if profile is not None:
+        from torch.profiler import ProfilerActivity
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            timed(packed_step, amp)
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        profile.mkdir(parents=True, exist_ok=True)
+        (profile / f"{cfg.arch}-packed-step.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=25))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flickr", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
@@ -176,6 +236,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="the first is a warm-up; the best of the rest counts")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument("--profile", help="write each architecture's profiled training step to this folder")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -194,14 +255,16 @@ def main() -> None:
     fig: dict = {"card": card, "images": len(paths), "torch": torch.__version__}
 
     plain_features(paths[:256], device)  # warm-up: CUDA context, nvJPEG, cuDNN
-    fig["decode_s"], fig["encode_s"] = our_features(root, work / "cache", device)
+    t0 = time.perf_counter()
+    load_corpus(root)
+    fig["corpus_s"] = time.perf_counter() - t0  # also inside ours: reading and checking the caption files
+    fig["ours_features_s"] = our_features(root, work / "cache", device)
     fig["plain_features_s"] = plain_features(paths, device)
-    ours = fig["decode_s"] + fig["encode_s"]
+    ours = fig["ours_features_s"]
     fig["features_ratio"] = ours / fig["plain_features_s"]
     print(f"features (decode + ResNet-50 bf16, {SIZE}px, {len(paths)} images): ours {ours:.2f} s "
-          f"(decode {fig['decode_s']:.2f} s = {len(paths) / fig['decode_s']:.0f} img/s, encode {fig['encode_s']:.2f} s "
-          f"= {len(paths) / fig['encode_s']:.0f} img/s), plain {fig['plain_features_s']:.2f} s: "
-          f"ratio {fig['features_ratio']:.2f}")
+          f"= {len(paths) / ours:.0f} img/s, of which reading the caption files {fig['corpus_s']:.2f} s; "
+          f"plain {fig['plain_features_s']:.2f} s: ratio {fig['features_ratio']:.2f}")
 
     for arch, encoder in (("cnn-lstm", "vgg16"), ("resnet-gru", "resnet50")):
         cfg = TrainConfig(arch=arch, encoder=encoder, pretrained=False, image_size=SIZE, epochs=args.epochs,
@@ -210,7 +273,11 @@ def main() -> None:
         plain, tokens = plain_training(cfg, root, device, args.epochs)
         best = min(h["epoch_seconds"] for h in history[1:] or history)
         base = min(plain[1:] or plain)
+        steps = step_times(cfg, root, device, Path(args.profile) if args.profile else None)
+        print(f"{arch:10s} one step of {CAPTIONS_PER_STEP} captions, forward + backward: " +
+              ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in steps.items()))
         fig[arch] = {"epoch_s": [h["epoch_seconds"] for h in history], "plain_epoch_s": plain, "tokens": tokens,
+                     "step_ms": steps,
                      "setup_s": history[0]["setup_seconds"], "val_greedy_s": history[-1]["val_seconds"],
                      "vocab": history[0]["vocab_size"], "bleu4": history[-1]["bleu4"], "ratio": best / base}
         print(f"{arch:10s} ({encoder} features, vocab {history[0]['vocab_size']}): epoch ours {best:.3f} s "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,54 +42,96 @@ def default_decoder() -> str:
     return "nvjpeg" if torch.cuda.is_available() else "pil"
 
 
+OnBatch = Callable[[np.ndarray, "torch.Tensor"], None]  # (rows, their pixels (B, 3, S, S) uint8)
+
+
 def read_images(paths: list[Path], size: int, out: np.ndarray | None = None, progress=None,
-                decoder: str = "pil") -> tuple[np.ndarray, dict[int, str]]:
+                decoder: str = "pil", on_batch: OnBatch | None = None, batch: int = 256
+                ) -> tuple[np.ndarray, dict[int, str]]:
     """Decode many images: JPEGs in batches on the GPU (decoder "nvjpeg", 4-5x PIL's rate on
     16 cores), the rest and any file the GPU path refuses with PIL in a thread pool (PIL releases
     the GIL while decoding). Returns the pixels (N, 3, size, size) and {index: error message}
-    for files that failed."""
+    for files that failed.
+
+    `on_batch(rows, pixels)` sees every image that decoded once, up to `batch` at a time, as a
+    tensor where it was decoded (on the GPU for nvJPEG): a frozen encoder's features can be
+    computed there and then, without reading the pixels back."""
     if out is None:
         out = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
     errors: dict[int, str] = {}
     todo = list(range(len(paths)))
     if decoder == "nvjpeg":
-        todo = decode_jpegs(paths, size, out, "cuda", progress)
+        todo = decode_jpegs(paths, size, out, "cuda", progress, batch, on_batch)
 
-    def one(i: int) -> None:
+    def one(i: int) -> bool:
         try:
             out[i] = read_image(paths[i], size)
+            return True
         except ImageError as e:
             errors[i] = str(e)
+            return False
 
+    decoded: list[int] = []
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
-        for _ in pool.map(one, todo, chunksize=64):
+        for i, ok in zip(todo, pool.map(one, todo, chunksize=64)):
             if progress is not None:
                 progress.update(1)
+            if ok and on_batch is not None:
+                decoded.append(i)
+                if len(decoded) == batch:
+                    _hand_over(on_batch, out, decoded)
+                    decoded = []
+    if decoded:
+        _hand_over(on_batch, out, decoded)
     return out, errors
 
 
+def _hand_over(on_batch: OnBatch, out: np.ndarray, rows: list[int]) -> None:
+    import torch
+
+    on_batch(np.asarray(rows), torch.from_numpy(out[rows]))  # a fancy index: a copy, writable
+
+
 def decode_jpegs(paths: list[Path], size: int, out: np.ndarray, device: str, progress=None,
-                 batch: int = 256) -> list[int]:
+                 batch: int = 256, on_batch: OnBatch | None = None) -> list[int]:
     """torchvision's batched decode_jpeg on `device` (nvJPEG on CUDA), squashed to size x size
     like read_image. Returns the indices left for PIL: not JPEG, unreadable, or in a batch the
-    decoder refused (PIL then names the bad file)."""
+    decoder refused (PIL then names the bad file). `on_batch`: see read_images."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     jpegs = [i for i, p in enumerate(paths) if Path(p).suffix.lower() in (".jpg", ".jpeg")]
     left = sorted(set(range(len(paths))) - set(jpegs))
-    for start in range(0, len(jpegs), batch):
-        chunk = jpegs[start:start + batch]
-        try:
-            data = [torch.frombuffer(bytearray(Path(paths[i]).read_bytes()), dtype=torch.uint8) for i in chunk]
-            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        except (RuntimeError, OSError, ValueError):
-            left += chunk
-            continue
-        squares = torch.cat([torch.nn.functional.interpolate(image[None].float(), size=(size, size), mode="bilinear",
-                                                             antialias=True, align_corners=False)
-                             for image in images])  # (B, 3, S, S): images differ in size, so one at a time
-        out[chunk] = squares.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()  # one copy back per batch
-        if progress is not None:
-            progress.update(len(chunk))
+    # Storing a batch in `out` (a fresh memory map: a page fault every 4 KB) runs in this thread
+    # while the next batch is read and decoded; at most two batches wait for it.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        stored: list = []
+        for start in range(0, len(jpegs), batch):
+            chunk = jpegs[start:start + batch]
+            try:
+                data = [torch.frombuffer(bytearray(Path(paths[i]).read_bytes()), dtype=torch.uint8) for i in chunk]
+                images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            except (RuntimeError, OSError, ValueError):
+                left += chunk
+                continue
+            squares = torch.cat([torch.nn.functional.interpolate(image[None].float(), size=(size, size),
+                                                                 mode="bilinear", antialias=True, align_corners=False)
+                                 for image in images])  # (B, 3, S, S): images differ in size, so one at a time
+            squares = squares.round_().clamp_(0, 255).to(torch.uint8)
+            stored.append(writer.submit(_store, out, chunk, squares.cpu().numpy()))  # one copy back per batch
+            if on_batch is not None:
+                on_batch(np.asarray(chunk), squares)
+            if len(stored) > 2:
+                stored.pop(0).result()
+            if progress is not None:
+                progress.update(len(chunk))
+        for done in stored:
+            done.result()
     return sorted(left)
+
+
+def _store(out: np.ndarray, rows: list[int], pixels: np.ndarray) -> None:
+    if rows[-1] - rows[0] == len(rows) - 1:  # consecutive: a plain copy, which releases the GIL
+        out[rows[0]:rows[-1] + 1] = pixels
+    else:
+        out[rows] = pixels

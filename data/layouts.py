@@ -213,7 +213,7 @@ MAX_CAPTION_WORDS = 200  # Flickr8k's longest caption has 38 words
 
 def _add_caption(captions: dict[str, list[str]], image: str, caption: str, file: str,
                  line: int | None, problems: list[Problem], where: str = "") -> None:
-    if not _safe_name(image, file, line, problems):
+    if image not in captions and not _safe_name(image, file, line, problems):  # a name is checked once
         return
     captions.setdefault(image, [])
     words = len(tokenize(caption))

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from data.cache import cached_array
 from data.fingerprint import files_fingerprint
 from data.corpus import SPLITS, Corpus, Problem
-from data.images import default_decoder, read_images
+from data.images import OnBatch, default_decoder, read_images
 from data.layouts import load_corpus
 from data.text import tokenize
 from data.vocab import Vocabulary
@@ -50,11 +50,13 @@ class PreparedData:
 
 
 def prepare_data(root: str | Path, image_size: int, cache_dir: Path, *, skip_bad: bool = False,
-                 seed: int = 0, progress: bool = True) -> PreparedData:
+                 seed: int = 0, progress: bool = True, on_batch: OnBatch | None = None) -> PreparedData:
     """Read and check the dataset, decode every image once into the pixel cache.
 
     Any problem stops here with the full report, unless `skip_bad`: then the bad images are left
     out of every split and returned as `skipped` for the caller to count and print.
+    `on_batch` (see data.images.read_images) sees the images as they are decoded, with their rows
+    in `pixels`; it is not called when the pixel cache was already there.
     """
     root = Path(root)
     corpus = load_corpus(root, seed=seed)
@@ -71,7 +73,8 @@ def prepare_data(root: str | Path, image_size: int, cache_dir: Path, *, skip_bad
         bar = tqdm(total=len(paths), desc=f"decoding images at {image_size}px", unit="img",
                    disable=not progress, leave=False)
         with bar:
-            _, errors = read_images(paths, image_size, out=out, progress=bar, decoder=decoder)
+            _, errors = read_images(paths, image_size, out=out, progress=bar, decoder=decoder,
+                                    on_batch=on_batch)
         return {"errors": {images[i]: msg for i, msg in errors.items()}}
 
     pixels, info = cached_array(cache_dir, f"pixels{image_size}", key, (len(images), 3, image_size, image_size),

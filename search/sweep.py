@@ -327,13 +327,13 @@ def _prepare(data_root: str, base: TrainConfig, features: bool) -> PreparedData:
     import torch
 
     from data.prepare import prepare_data
-    from trainables.features import frozen_features
+    from trainables.features import prepare_with_features
 
     cache_dir = base.cache_path()
-    data = prepare_data(data_root, base.image_size, cache_dir, skip_bad=base.skip_bad, seed=base.seed)
     if features and not base.fine_tune:  # (on a cluster each node builds its own copy, in a trial)
-        frozen_features(base, data, cache_dir, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    return data
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return prepare_with_features(data_root, base, cache_dir, device)[0]
+    return prepare_data(data_root, base.image_size, cache_dir, skip_bad=base.skip_bad, seed=base.seed)
 
 
 def _check_vocabulary(data: PreparedData, search: ArchSearch, config_file: str | None) -> None:

@@ -280,8 +280,11 @@ def test_batched_jpeg_decoding_falls_back_to_pil_for_bad_files(tmp_path):
     paths = sorted((write_synthetic(tmp_path / "s", images=20) / "Images").iterdir())
     paths[3].write_text("not an image")
     out = np.zeros((20, 3, 32, 32), np.uint8)
-    left = decode_jpegs(paths, 32, out, "cpu", batch=8)
+    seen = {}  # what a feature hook gets: each decoded image once, the pixels stored in `out`
+    left = decode_jpegs(paths, 32, out, "cpu", batch=8,
+                        on_batch=lambda rows, pixels: seen.update(zip(rows.tolist(), pixels.numpy())))
     assert left == list(range(8))
+    assert sorted(seen) == list(range(8, 20)) and all((seen[i] == out[i]).all() for i in seen)
     pil = np.stack([read_image(p, 32) for p in paths[8:]])
     assert np.abs(out[8:].astype(int) - pil.astype(int)).mean() < 3
     _, errors = read_images(paths, 32, decoder="pil")

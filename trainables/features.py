@@ -8,9 +8,11 @@ import torch
 from tqdm import tqdm
 
 from data.cache import cached_array
-from data.prepare import PreparedData
+from data.prepare import PreparedData, prepare_data
 from trainables.config import TrainConfig
 from trainables.encoders import ImageEncoder, build_encoder, weights_enum
+
+ENCODE_BATCH = 128  # images per encoder call
 
 
 def weights_id(encoder: str, pretrained: bool, seed: int) -> str:
@@ -18,27 +20,50 @@ def weights_id(encoder: str, pretrained: bool, seed: int) -> str:
     return weights_enum(encoder).name if pretrained else f"random-seed{seed}-torch{torch.__version__}"
 
 
+class EarlyFeatures:
+    """Features of images as they are decoded (an `on_batch` hook of `prepare_data`), computed on
+    the device the pixels were decoded on, before the pixel cache is even complete: a first build
+    then decodes and encodes in one pass, as a plain torchvision loop would, instead of reading
+    1.2 GB of 224 px Flickr8k pixels back to encode them."""
+
+    def __init__(self, encoder: ImageEncoder, device: torch.device):
+        self.encoder, self.device = _ready(encoder, device), device
+        self.rows: list[np.ndarray] = []
+        self.parts: list[torch.Tensor] = []  # kept where they were computed: one copy to the host at the end
+
+    def __call__(self, rows: np.ndarray, pixels: torch.Tensor) -> None:
+        self.rows.append(rows)
+        self.parts.append(_encode(self.encoder, pixels, self.device))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rows, their features) of every image seen; None if none was."""
+        if not self.rows:
+            return None
+        return np.concatenate(self.rows), torch.cat(self.parts).cpu().numpy()
+
+
 def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: PreparedData,
-                     cache_dir: Path, device: torch.device, batch_size: int = 128,
-                     progress: bool = True) -> np.ndarray:
-    """(N, F) float32 features of every image in `data`, memory-mapped from the shared cache."""
+                     cache_dir: Path, device: torch.device, progress: bool = True,
+                     early: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """(N, F) float32 features of every image in `data`, memory-mapped from the shared cache.
+    When the cache is built here, rows in `early` (EarlyFeatures.result) are taken from it and
+    only the others are encoded from the pixel cache."""
     key = {"encoder": name, "weights": weights, "pixels": data.pixels_key}
     n = len(data.images)
 
-    @torch.no_grad()
     def build(out: np.ndarray) -> dict:
-        encoder.eval()
-        # channels_last lets cuDNN use tensor-core convolutions under bf16, and oneDNN's CPU
-        # convolutions are faster on it too (measured here at 64 px, 2 threads: vgg-small 1.6x,
-        # resnet18 1.2-1.5x; features equal to 1e-5)
-        fmt = torch.channels_last
-        encoder.to(memory_format=fmt)
-        for start in tqdm(range(0, n, batch_size), desc=f"encoding images with {name}", disable=not progress,
-                          leave=False):
-            # a slice of the read-only memory map: copy it, torch wants writable memory
-            pixels = torch.from_numpy(np.array(data.pixels[start:start + batch_size])).to(device, memory_format=fmt)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out[start:start + batch_size] = encoder(pixels).float().cpu().numpy()
+        todo = np.ones(n, dtype=bool)
+        if early is not None:
+            rows, feats = early
+            out[rows] = feats
+            todo[rows] = False
+        todo = np.flatnonzero(todo)  # images not seen early: all of them on a pixel-cache hit
+        ready = _ready(encoder, device)
+        for start in tqdm(range(0, len(todo), ENCODE_BATCH), desc=f"encoding images with {name}",
+                          disable=not progress or not len(todo), leave=False):
+            rows = todo[start:start + ENCODE_BATCH]
+            # a fancy index of the read-only memory map is a writable copy, which torch wants
+            out[rows] = _encode(ready, torch.from_numpy(data.pixels[rows]), device).cpu().numpy()
         return {}
 
     features, _ = cached_array(cache_dir, f"features-{name}", key, (n, encoder.out_features), "float32", build)
@@ -48,8 +73,44 @@ def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: Prepa
 def frozen_features(cfg: TrainConfig, data: PreparedData, cache_dir: Path, device: torch.device,
                     progress: bool = True) -> np.ndarray:
     """The features `train` would compute for cfg's frozen encoder, built ahead of the trials (a
-    sweep's driver does this once, with all its cores): the encoder built from cfg's name,
-    pretrained flag and seed has the weights `train`'s model gets (ModelConfig.encoder_seed)."""
-    encoder = build_encoder(cfg.encoder, cfg.pretrained, cfg.seed).requires_grad_(False).to(device)
-    return encoder_features(encoder, cfg.encoder, weights_id(cfg.encoder, cfg.pretrained, cfg.seed), data,
-                            cache_dir, device, progress=progress)
+    sweep's driver does this once, with all its cores)."""
+    return encoder_features(frozen_encoder(cfg, device), cfg.encoder,
+                            weights_id(cfg.encoder, cfg.pretrained, cfg.seed), data, cache_dir, device,
+                            progress=progress)
+
+
+def prepare_with_features(data_root: str | Path, cfg: TrainConfig, cache_dir: Path, device: torch.device,
+                          progress: bool = True) -> tuple[PreparedData, np.ndarray]:
+    """`prepare_data` then `frozen_features`, in one pass over the images when the pixel cache is
+    built here: each decoded batch is encoded while it is still on the device (EarlyFeatures)."""
+    encoder = frozen_encoder(cfg, device)
+    early = EarlyFeatures(encoder, device)
+    data = prepare_data(data_root, cfg.image_size, cache_dir, skip_bad=cfg.skip_bad, seed=cfg.seed,
+                        progress=progress, on_batch=early)
+    features = encoder_features(encoder, cfg.encoder, weights_id(cfg.encoder, cfg.pretrained, cfg.seed), data,
+                                cache_dir, device, progress=progress, early=early.result())
+    return data, features
+
+
+def frozen_encoder(cfg: TrainConfig, device: torch.device) -> ImageEncoder:
+    """cfg's frozen encoder: built from its name, pretrained flag and seed, it has the weights
+    `train`'s model gets (ModelConfig.encoder_seed)."""
+    return build_encoder(cfg.encoder, cfg.pretrained, cfg.seed).requires_grad_(False).to(device)
+
+
+def _ready(encoder: ImageEncoder, device: torch.device) -> ImageEncoder:
+    # channels_last lets cuDNN use tensor-core convolutions under bf16, and oneDNN's CPU
+    # convolutions are faster on it too (measured here at 64 px, 2 threads: vgg-small 1.6x,
+    # resnet18 1.2-1.5x; features equal to 1e-5)
+    return encoder.eval().to(device, memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def _encode(encoder: ImageEncoder, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Features (B, F) float32, on `device`, of uint8 pixels (B, 3, S, S) from anywhere."""
+    parts = []
+    for start in range(0, len(pixels), ENCODE_BATCH):
+        x = pixels[start:start + ENCODE_BATCH].to(device, memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            parts.append(encoder(x).float())
+    return torch.cat(parts)

@@ -134,8 +134,7 @@ def _encoder_inputs(model: Captioner, cfg: TrainConfig, data: PreparedData, cach
     """Pixels when the encoder trains; else its features, from the shared cache."""
     if cfg.fine_tune:
         return data.pixels
-    model.encoder.requires_grad_(False)
-    model.encoder.to(device)
+    model.encoder.requires_grad_(False)  # moved to `device` only if the features are not cached yet
     return encoder_features(model.encoder, cfg.encoder, weights_id(cfg.encoder, cfg.pretrained, cfg.seed),
                             data, cache_dir, device, progress=progress)
 

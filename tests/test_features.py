@@ -1,0 +1,55 @@
+"""The frozen-encoder feature cache: features computed while the images are decoded equal those
+read back from the pixel cache, and a later call reads the cache instead of decoding again."""
+import numpy as np
+import torch
+
+from data.prepare import prepare_data
+from data.synth import write_synthetic
+from trainables.config import TrainConfig
+from trainables.features import EarlyFeatures, encoder_features, frozen_encoder, frozen_features, \
+    prepare_with_features, weights_id
+
+CPU = torch.device("cpu")
+
+
+def test_features_computed_while_decoding_equal_those_read_back(tmp_path):
+    root = write_synthetic(tmp_path / "data", images=40, seed=3)
+    images = sorted((root / "Images").iterdir())
+    images[5].write_bytes(b"not a jpeg")  # its row stays zero pixels, and is encoded as such both ways
+    cfg = TrainConfig(arch="resnet-gru", encoder="resnet18", image_size=32, pretrained=False, skip_bad=True)
+
+    early = EarlyFeatures(frozen_encoder(cfg, CPU), CPU)
+    data = prepare_data(root, cfg.image_size, tmp_path / "one-pass", skip_bad=True, progress=False,
+                        on_batch=early)
+    rows, feats = early.result()
+    bad = data.images.index(images[5].name)
+    assert sorted(rows) == [i for i in range(len(data.images)) if i != bad]  # every good image, once
+    one_pass = encoder_features(early.encoder, cfg.encoder, weights_id(cfg.encoder, False, cfg.seed), data,
+                                tmp_path / "one-pass", CPU, progress=False, early=(rows, feats))
+
+    reread = frozen_features(cfg, prepare_data(root, cfg.image_size, tmp_path / "two-pass", skip_bad=True,
+                                               progress=False), tmp_path / "two-pass", CPU, progress=False)
+    assert np.abs(reread).max() > 0
+    np.testing.assert_allclose(one_pass, reread, rtol=1e-4, atol=1e-5)
+
+    # The caches are there now: nothing is decoded or encoded early, the same features come back.
+    again = EarlyFeatures(frozen_encoder(cfg, CPU), CPU)
+    data2 = prepare_data(root, cfg.image_size, tmp_path / "one-pass", skip_bad=True, progress=False,
+                         on_batch=again)
+    assert again.result() is None and data2.pixels_key == data.pixels_key
+    _, cached = prepare_with_features(root, cfg, tmp_path / "one-pass", CPU, progress=False)
+    np.testing.assert_array_equal(cached, one_pass)
+
+
+def test_early_rows_are_taken_as_given_and_the_rest_encoded(tmp_path):
+    root = write_synthetic(tmp_path / "data", images=20, seed=4)
+    cfg = TrainConfig(arch="cnn-lstm", encoder="vgg-small", pretrained=False, image_size=32)
+    data = prepare_data(root, cfg.image_size, tmp_path / "cache", progress=False)
+    encoder = frozen_encoder(cfg, CPU)
+    given = np.full((3, encoder.out_features), 7.0, dtype=np.float32)
+    features = encoder_features(encoder, cfg.encoder, "test-weights", data, tmp_path / "cache", CPU,
+                                progress=False, early=(np.array([0, 4, 9]), given))
+    reference = frozen_features(cfg, data, tmp_path / "reference", CPU, progress=False)
+    assert (features[[0, 4, 9]] == 7.0).all()
+    rest = np.setdiff1d(np.arange(len(features)), [0, 4, 9])
+    np.testing.assert_allclose(features[rest], reference[rest], rtol=1e-4, atol=1e-5)
