@@ -84,13 +84,11 @@ def warm_caches(root: Path) -> None:
     do in a full run: the sweeps' peaks are then their trials', not the driver's one-off cache build."""
     import torch
 
-    from data.prepare import prepare_data
     from trainables.config import TrainConfig
-    from trainables.features import frozen_features
+    from trainables.features import prepare_with_features
 
     cfg = TrainConfig(arch="resnet-gru", encoder="resnet18", **PRESET)
-    data = prepare_data(root, cfg.image_size, cfg.cache_path(), skip_bad=True, progress=False)
-    frozen_features(cfg, data, cfg.cache_path(), torch.device("cpu"), progress=False)
+    prepare_with_features(root, cfg, cfg.cache_path(), torch.device("cpu"), progress=False)
 
 
 def sweep_memory(root: Path, work: Path, concurrent: int, run: int) -> float:
