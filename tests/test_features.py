@@ -1,6 +1,7 @@
 """The frozen-encoder feature cache: features computed while the images are decoded equal those
 read back from the pixel cache, and a later call reads the cache instead of decoding again."""
 import numpy as np
+import pytest
 import torch
 
 from data.prepare import prepare_data
@@ -53,3 +54,30 @@ def test_early_rows_are_taken_as_given_and_the_rest_encoded(tmp_path):
     assert (features[[0, 4, 9]] == 7.0).all()
     rest = np.setdiff1d(np.arange(len(features)), [0, 4, 9])
     np.testing.assert_allclose(features[rest], reference[rest], rtol=1e-4, atol=1e-5)
+
+
+
+def test_a_failing_early_encoder_stops_no_decoding(tmp_path, monkeypatch):
+    # Encoding during decoding only saves time: when it fails (say, out of GPU memory), decoding
+    # goes on, so the pixel cache is not lost, and the features seen so far are kept.
+    import trainables.features as features_module
+    from data.images import read_images
+
+    root = write_synthetic(tmp_path / "data", images=20, seed=5)
+    paths = sorted((root / "Images").iterdir())
+    cfg = TrainConfig(arch="cnn-lstm", encoder="vgg-small", pretrained=False, image_size=32)
+    early = EarlyFeatures(frozen_encoder(cfg, CPU), CPU)
+    real, calls = features_module._encode, []
+
+    def failing_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(features_module, "_encode", failing_second)
+    with pytest.warns(UserWarning, match="simulated"):
+        pixels, errors = read_images(paths, 32, on_batch=early, batch=8)
+    assert not errors and len(calls) == 2  # not tried again after the failure
+    rows, _ = early.result()
+    assert sorted(rows) == list(range(8)) and pixels[8:].any()

@@ -1,6 +1,7 @@
 """Frozen-encoder features, computed once per (encoder, weights, image size, image list)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,21 @@ class EarlyFeatures:
         self.encoder, self.device = _ready(encoder, device), device
         self.rows: list[np.ndarray] = []
         self.parts: list[torch.Tensor] = []  # kept where they were computed: one copy to the host at the end
+        self.failed: Exception | None = None
 
     def __call__(self, rows: np.ndarray, pixels: torch.Tensor) -> None:
+        if self.failed is not None:
+            return
+        try:
+            self.parts.append(_encode(self.encoder, pixels, self.device))
+        except Exception as e:  # e.g. out of GPU memory beside the decoder's buffers
+            # Raising here would throw away the pixel cache being built. The images not encoded
+            # yet are encoded from it afterwards, where a lasting fault shows again.
+            self.failed = e
+            warnings.warn(f"encoding images as they are decoded failed ({type(e).__name__}: {e}); "
+                          f"the rest are encoded from the pixel cache once it is complete", stacklevel=2)
+            return
         self.rows.append(rows)
-        self.parts.append(_encode(self.encoder, pixels, self.device))
 
     def result(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(rows, their features) of every image seen; None if none was."""
