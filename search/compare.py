@@ -18,7 +18,7 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
     from mlflow.exceptions import MlflowException
 
     from captune import tracking
-    from trainables.inference import evaluate_split
+    from trainables.inference import evaluate_beams
 
     uri = tracking.configure(tracking_uri)
     client = MlflowClient(uri)
@@ -34,9 +34,9 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
         root = data_root or _sweep_data(client, experiment.experiment_id, name, arch)
         loaded = tracking.load_captioner(f"models:/{model_name(arch)}@{ALIAS}", uri)
         skip = skip_bad or bool(loaded.payload.get("train_config", {}).get("skip_bad", False))
+        scores = evaluate_beams(loaded, root, split=split, beams=beams, skip_bad=skip)
         results["models"][arch] = {"version": version.version, "data": root, **{
-            f"beam{k}": {key: v for key, v in evaluate_split(loaded, root, split=split, beam=k, skip_bad=skip).items()
-                         if key.startswith("bleu")} for k in beams}}
+            f"beam{k}": {key: v for key, v in scores[k].items() if key.startswith("bleu")} for k in beams}}
     if not results["models"]:
         raise ConfigError(f"no champion is registered yet ({', '.join(model_name(a) for a in ARCHS)}): run a sweep first")
     _log_chart(client, experiment.experiment_id, name, results, beams)

@@ -10,6 +10,8 @@ from PIL import Image
 from captune.cli import main
 from tests import datasets
 from tests.conftest import tiny_overrides
+from trainables.checkpoint import load_checkpoint, read_payload
+from trainables.inference import evaluate_beams, evaluate_split
 
 CAPTUNE = [sys.executable, "-m", "captune.cli"]
 
@@ -99,7 +101,15 @@ def test_train_evaluate_caption_and_mlflow(ray_cluster, synth_dir, tmp_path, tra
     capsys.readouterr()
     assert main(["evaluate", str(out / "model.pt"), "--data", str(synth_dir), "--split", "val", "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)
-    assert scores["images"] == 6 and 0 <= scores["bleu4"] <= 1
+    # the saved epoch scores on its own as it did in training's validation
+    saved = read_payload(out / "model.pt")["epoch"]
+    trained = next(e for e in metrics["epochs"] if e["epoch"] == saved)
+    assert scores["images"] == 6 and scores["bleu4"] == pytest.approx(trained["bleu4"])
+    # `compare` scores every beam over one encoding: the same as one beam at a time
+    loaded = load_checkpoint(out / "model.pt")
+    both = evaluate_beams(loaded, synth_dir, "val", beams=(1, 3))
+    assert both[1] == evaluate_split(loaded, synth_dir, "val", beam=1) and both[1]["bleu4"] == scores["bleu4"]
+    assert both[3] == evaluate_split(loaded, synth_dir, "val", beam=3)
 
     photo = tmp_path / "photo.png"
     Image.open(next((synth_dir / "Images").iterdir())).resize((300, 200)).save(photo)

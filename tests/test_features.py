@@ -67,7 +67,7 @@ def test_a_failing_early_encoder_stops_no_decoding(tmp_path, monkeypatch):
     paths = sorted((root / "Images").iterdir())
     cfg = TrainConfig(arch="cnn-lstm", encoder="vgg-small", pretrained=False, image_size=32)
     early = EarlyFeatures(frozen_encoder(cfg, CPU), CPU)
-    real, calls = features_module._encode, []
+    real, calls = features_module.encode_pixels, []
 
     def failing_second(*args):
         calls.append(1)
@@ -75,7 +75,7 @@ def test_a_failing_early_encoder_stops_no_decoding(tmp_path, monkeypatch):
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(*args)
 
-    monkeypatch.setattr(features_module, "_encode", failing_second)
+    monkeypatch.setattr(features_module, "encode_pixels", failing_second)
     with pytest.warns(UserWarning, match="simulated"):
         pixels, errors = read_images(paths, 32, on_batch=early, batch=8)
     assert not errors and len(calls) == 2  # not tried again after the failure

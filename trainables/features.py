@@ -37,7 +37,7 @@ class EarlyFeatures:
         if self.failed is not None:
             return
         try:
-            self.parts.append(_encode(self.encoder, pixels, self.device))
+            self.parts.append(encode_pixels(self.encoder, pixels, self.device))
         except Exception as e:  # e.g. out of GPU memory beside the decoder's buffers
             # Raising here would throw away the pixel cache being built. The images not encoded
             # yet are encoded from it afterwards, where a lasting fault shows again.
@@ -75,7 +75,7 @@ def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: Prepa
                           disable=not progress or not len(todo), leave=False):
             rows = todo[start:start + ENCODE_BATCH]
             # a fancy index of the read-only memory map is a writable copy, which torch wants
-            out[rows] = _encode(ready, torch.from_numpy(data.pixels[rows]), device).cpu().numpy()
+            out[rows] = encode_pixels(ready, torch.from_numpy(data.pixels[rows]), device).cpu().numpy()
         return {}
 
     features, _ = cached_array(cache_dir, f"features-{name}", key, (n, encoder.out_features), "float32", build)
@@ -118,8 +118,9 @@ def _ready(encoder: ImageEncoder, device: torch.device) -> ImageEncoder:
 
 
 @torch.no_grad()
-def _encode(encoder: ImageEncoder, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Features (B, F) float32, on `device`, of uint8 pixels (B, 3, S, S) from anywhere."""
+def encode_pixels(encoder: ImageEncoder, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Features (B, F) float32, on `device`, of uint8 pixels (B, 3, S, S) from anywhere, by an
+    encoder in eval mode on `device`."""
     parts = []
     for start in range(0, len(pixels), ENCODE_BATCH):
         x = pixels[start:start + ENCODE_BATCH].to(device, memory_format=torch.channels_last)

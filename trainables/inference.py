@@ -61,15 +61,28 @@ def evaluate_split(loaded: Loaded, data_root: str | Path, split: str = "test", b
                    cache_dir: Path | None = None, skip_bad: bool = False,
                    device: torch.device | None = None) -> dict:
     """Corpus BLEU-1..4 of the model's captions on a split of a dataset, against all references."""
+    return evaluate_beams(loaded, data_root, split, (beam,), cache_dir, skip_bad, device)[beam]
+
+
+def evaluate_beams(loaded: Loaded, data_root: str | Path, split: str = "test", beams: tuple[int, ...] = (1, 3),
+                   cache_dir: Path | None = None, skip_bad: bool = False,
+                   device: torch.device | None = None) -> dict[int, dict]:
+    """evaluate_split for each beam width, {beam: scores}; the images are encoded once for all."""
     from data.cache import default_cache_dir
     from data.prepare import prepare_data
+    from trainables.features import encode_pixels
     from trainables.metrics import bleu
 
     device = device or torch.device("cpu")
     seed = int(loaded.payload.get("train_config", {}).get("seed", 0))  # the seeded split it trained on
     data = prepare_data(data_root, image_size_of(loaded), cache_dir or default_cache_dir(),
                         skip_bad=skip_bad, seed=seed, progress=False)
-    rows = data.rows(split)
-    hyps = decode(loaded.model.to(device), data.pixels, rows, loaded.vocab, max_len_of(loaded), beam,
-                  encode=True, device=device)
-    return {"split": split, "beam": beam, "images": len(rows), **bleu(hyps, data.captions(split))}
+    rows, refs = data.rows(split), data.captions(split)
+    model = loaded.model.to(device).eval()
+    feats = encode_pixels(model.encoder, torch.from_numpy(data.pixels[rows]), device).cpu().numpy()  # (R, F)
+    scores = {}
+    for beam in beams:
+        hyps = decode(model, feats, np.arange(len(rows)), loaded.vocab, max_len_of(loaded), beam,
+                      encode=False, device=device)
+        scores[beam] = {"split": split, "beam": beam, "images": len(rows), **bleu(hyps, refs)}
+    return scores
