@@ -70,7 +70,7 @@ def evaluate_beams(loaded: Loaded, data_root: str | Path, split: str = "test", b
     """evaluate_split for each beam width, {beam: scores}; the images are encoded once for all."""
     from data.cache import default_cache_dir
     from data.prepare import prepare_data
-    from trainables.features import encode_pixels
+    from trainables.features import encoded_rows
     from trainables.metrics import bleu
 
     device = device or torch.device("cpu")
@@ -79,7 +79,7 @@ def evaluate_beams(loaded: Loaded, data_root: str | Path, split: str = "test", b
                         skip_bad=skip_bad, seed=seed, progress=False)
     rows, refs = data.rows(split), data.captions(split)
     model = loaded.model.to(device).eval()
-    feats = encode_pixels(model.encoder, torch.from_numpy(data.pixels[rows]), device).cpu().numpy()  # (R, F)
+    feats = np.concatenate([f for _, f in encoded_rows(model.encoder, data.pixels, rows, device)])  # (R, F)
     scores = {}
     for beam in beams:
         hyps = decode(model, feats, np.arange(len(rows)), loaded.vocab, max_len_of(loaded), beam,
