@@ -133,24 +133,30 @@ def our_training(cfg: TrainConfig, root: Path, device: torch.device) -> list[dic
     return history
 
 
-def plain_training(cfg: TrainConfig, root: Path, device: torch.device, epochs: int) -> tuple[list[float], int]:
-    """Epoch seconds of a plain loop: same model and data, everything on the device beforehand,
-    a batch padded to its longest caption, full-grid logits with ignore_index, fused Adam."""
+def decoder_and_features(cfg: TrainConfig, root: Path, device: torch.device):
+    """What the plain loops start from: the data, its vocabulary, the frozen encoder's features
+    (N, F) and the model on `device` as `train` initialises it, its encoder dropped for them."""
     data = prepare_data(root, SIZE, cfg.cache_path(), skip_bad=True, progress=False)
     vocab = data.vocabulary(cfg.vocab_threshold)
+    feats = frozen_features(cfg, data, cfg.cache_path(), device, progress=False)
     torch.manual_seed(cfg.seed)
     model = build_model(ModelConfig(cfg.arch, len(vocab), cfg.encoder, False, cfg.embed_size, cfg.hidden_size,
                                     cfg.num_layers, cfg.dropout))
-    feats_all = frozen_features(cfg, data, cfg.cache_path(), device, progress=False)
+    model.encoder = nn.Identity()
+    return data, vocab, feats, model.to(device)
+
+
+def plain_training(cfg: TrainConfig, root: Path, device: torch.device, epochs: int) -> tuple[list[float], int]:
+    """Epoch seconds of a plain loop: same model and data, everything on the device beforehand,
+    a batch padded to its longest caption, full-grid logits with ignore_index, fused Adam."""
+    data, vocab, feats_all, model = decoder_and_features(cfg, root, device)
     feats = torch.from_numpy(np.array(feats_all[data.rows("train")])).to(device)  # (I, F)
     table = CaptionTable.build(data.captions("train"), vocab, cfg.max_len)
     captions = table.tokens.to(device)  # (C, T)
     owner = torch.from_numpy(np.repeat(np.arange(len(feats)), np.diff(table.offsets))).to(device)  # (C,)
     lengths = (table.tokens != vocab.pad_id).sum(1).numpy()
-    model.to(device).train()
-    model.encoder.eval()
-    params = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=device.type == "cuda")
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
     times = []
     for epoch in range(epochs):
         order = np.random.default_rng(epoch).permutation(len(captions))
@@ -180,14 +186,8 @@ def step_times(cfg: TrainConfig, root: Path, device: torch.device, profile: Path
     recurrent layer over the padded batch with the same loss on real words only; and the plain
     loop's padded path (full-grid logits). With `profile`, the packed step's top CUDA kernels go
     there."""
-    data = prepare_data(root, SIZE, cfg.cache_path(), skip_bad=True, progress=False)
-    vocab = data.vocabulary(cfg.vocab_threshold)
-    feats = frozen_features(cfg, data, cfg.cache_path(), device, progress=False)
-    torch.manual_seed(cfg.seed)
-    model = build_model(ModelConfig(cfg.arch, len(vocab), cfg.encoder, False, cfg.embed_size, cfg.hidden_size,
-                                    cfg.num_layers, cfg.dropout))
-    model.encoder = nn.Identity()
-    model.to(device).train()
+    data, vocab, feats, model = decoder_and_features(cfg, root, device)
+    model.train()
     table = CaptionTable.build(data.captions("train"), vocab, cfg.max_len)
     batch = next(iter(ImageBatches(feats, data.rows("train"), table, cfg.batch_size, shuffle=True, seed=0)))
     image = batch.inputs.to(device).float()[batch.image_of_caption.to(device)]  # (C, F)
