@@ -59,11 +59,13 @@ def report(uri: str, name: str, wall: float) -> None:
         if run.data.tags.get("captune.kind") == "search":  # the searches run side by side
             slots += int(run.data.tags["captune.concurrent_trials"])  # a fixed number each
             shared = int(run.data.tags.get("captune.sweep_slots", 0))  # or a pool of them (search.slots)
-        if run.data.tags.get("captune.kind") != "trial":
+        if run.data.tags.get("captune.kind") not in ("trial", "control"):
             continue
         history = {k: {m.step: m for m in client.get_metric_history(run.info.run_id, k)}
                    for k in ("epoch_seconds", "val_seconds", "bleu4", "setup_seconds")}
         busy += sum(m.value for k in ("epoch_seconds", "val_seconds") for m in history[k].values())
+        if run.data.tags["captune.kind"] == "control":  # training too, but not a trial's start-up
+            continue
         # first result's arrival at the driver minus that epoch's own work: an upper bound on the
         # time from the trial's start to its first step (it also holds saving the checkpoint)
         first = history["bleu4"][1].timestamp / 1000 - run.info.start_time / 1000
@@ -75,8 +77,8 @@ def report(uri: str, name: str, wall: float) -> None:
     print(f"trial start -> first training step (s): min {min(first_step):.2f}  median "
           f"{statistics.median(first_step):.2f}  max {max(first_step):.2f}")
     print(f"  of which inside the trial function (data, model, cache): median {statistics.median(setup):.2f} s")
-    print(f"sweep wall time {wall:.0f} s (Ray start, data and feature cache, trials, champions, test-split comparison); "
-          f"training+validation {busy:.0f} trial-seconds on {slots} slots")
+    print(f"sweep wall time {wall:.0f} s (Ray start, data and feature cache, trials, champions, controls, test-split "
+          f"comparison); training+validation {busy:.0f} trial-seconds (controls included) on {slots} slots")
     print(f"sweep_time_outside_training: {100 * share:.1f} %")
 
 

@@ -14,6 +14,7 @@ from trainables.catalog import ARCHS
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model download
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
@@ -124,7 +125,7 @@ def cmd_sweep(args) -> int:
                        trials=args.trials, epochs=args.epochs, config_file=args.config,
                        overrides=parse_overrides(args.set), workers_per_trial=args.workers_per_trial,
                        gpus_per_worker=args.gpus_per_worker, storage=args.storage, resume=args.resume,
-                       tracking_uri=args.tracking_uri, address=args.address)
+                       control=not args.no_control, tracking_uri=args.tracking_uri, address=args.address)
     t0 = time.perf_counter()
     outcomes = run_sweep(req)
     print(f"\nsweep {args.name} done in {time.perf_counter() - t0:.0f}s")
@@ -135,12 +136,16 @@ def cmd_sweep(args) -> int:
         c = o.champion or {}
         verdict = ("now champion" if c.get("promoted") else
                    f"champion stays v{c['previous']['version']} (bleu4 {c['previous']['bleu4']:.4f})") if c else ""
-        print(f"[{o.arch}] best trial {o.best['trial_id']}: bleu4 {o.best['bleu4']:.4f}; "
-              f"registered {c.get('name')} v{c.get('version')}, {verdict}; {o.errors} of {o.trials} trials failed")
-    print("\nleaderboard (validation bleu4):")
+        print(f"[{o.arch}] best trial {o.best['trial_id']}: best validation BLEU-4 {o.best['bleu4']:.4f} "
+              f"(epoch {o.best['epoch']}); registered {c.get('name')} v{c.get('version')}, {verdict}; "
+              f"{o.errors} of {o.trials} trials failed")
+        if o.control:
+            print(f"[{o.arch}] image-blind control: best validation BLEU-4 {o.control['control_bleu4']:.4f}; "
+                  f"{o.control['verdict']['text']}")
+    print("\nleaderboard:")
     print(format_leaderboard(leaderboard(args.name, args.tracking_uri), top=20))
     print()
-    print(format_comparison(compare(args.name, args.data, args.tracking_uri)))
+    print(format_comparison(compare(args.name, args.data, args.tracking_uri, address=args.address)))
     print(f"\nMLflow UI: {_ui_command(args.tracking_uri)}  (experiment '{args.name}')")
     return 0
 
@@ -148,15 +153,16 @@ def cmd_sweep(args) -> int:
 def cmd_leaderboard(args) -> int:
     from search.leaderboard import format_leaderboard, leaderboard
 
-    rows = leaderboard(args.name, args.tracking_uri)
-    print(json.dumps(rows, indent=2) if args.json else format_leaderboard(rows, top=args.top))
+    board = leaderboard(args.name, args.tracking_uri)
+    print(json.dumps(board, indent=2) if args.json else format_leaderboard(board, top=args.top))
     return 0
 
 
 def cmd_compare(args) -> int:
     from search.compare import compare, format_comparison
 
-    results = compare(args.name, args.data, args.tracking_uri, skip_bad=args.skip_bad)
+    results = compare(args.name, args.data, args.tracking_uri, skip_bad=args.skip_bad, seeds=args.seeds,
+                      resamples=args.resamples, bootstrap_seed=args.bootstrap_seed, address=args.address)
     print(json.dumps(results, indent=2) if args.json else format_comparison(results))
     return 0
 
@@ -187,6 +193,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 
@@ -238,23 +251,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="Tune results: a folder, s3://..., or a shared mount (default: $CAPTUNE_STORAGE/sweeps "
                         "when CAPTUNE_STORAGE is set, as on a cluster.yaml cluster, else runs/sweeps)")
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this --name")
+    w.add_argument("--no-control", action="store_true",
+                   help="skip the image-blind control run of each champion (the floor its BLEU-4 must clear)")
     _tracking_args(w)
     w.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     w.set_defaults(run=cmd_sweep)
 
-    lb = sub.add_parser("leaderboard", help="a sweep's trials by validation bleu4, from MLflow")
+    lb = sub.add_parser("leaderboard", help="a sweep's trials by best validation BLEU-4, its controls and "
+                                            "importances, from MLflow")
     lb.add_argument("name")
     lb.add_argument("--json", action="store_true")
     lb.add_argument("--top", type=_positive)
     _tracking_args(lb)
     lb.set_defaults(run=cmd_leaderboard)
 
-    cp = sub.add_parser("compare", help="both champions on the test split, greedy and beam 3")
+    cp = sub.add_parser("compare", help="a sweep's champions on the test split, against their controls and each "
+                                        "other (paired bootstrap), optionally over seed replicates")
     cp.add_argument("name")
     cp.add_argument("--data", help="dataset folder (default: the sweep's)")
     cp.add_argument("--json", action="store_true")
     cp.add_argument("--skip-bad", action="store_true",
                     help="leave out bad items (implied for a champion that trained with --skip-bad)")
+    cp.add_argument("--seeds", type=_non_negative, default=0,
+                    help="retrain each champion's configuration with K new seeds (default 0: none)")
+    cp.add_argument("--resamples", type=_positive, default=1000, help="bootstrap resamples (default 1000)")
+    cp.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap's resampling")
+    cp.add_argument("--address", help="Ray cluster address for --seeds (default: RAY_ADDRESS, else a local cluster)")
     _tracking_args(cp)
     cp.set_defaults(run=cmd_compare)
 

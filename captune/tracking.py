@@ -62,6 +62,23 @@ def flat_params(prefix: str, values: dict) -> dict[str, str]:
     return {f"{prefix}{k}": str(v) for k, v in values.items()}
 
 
+def metric_entities(values: dict[str, float], step: int = 0) -> list:
+    """Metrics for MlflowClient.log_batch, all stamped now."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items()]
+
+
+def param_entities(values: dict) -> list:
+    """Params for MlflowClient.log_batch (MLflow keeps 6,000 characters of a value)."""
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in values.items()]
+
+
 class EpochLogger:
     """Logs one epoch's numeric metrics to an existing run (used on rank 0 of a training job)."""
 

@@ -38,7 +38,7 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
     # Check the data and decode the images once, here, before any worker starts: a bad dataset
     # fails in seconds with the full report, and the workers find the pixel cache ready.
     data = prepare_data(data_root, cfg.image_size, cfg.cache_path(),
-                        skip_bad=cfg.skip_bad, seed=cfg.seed)
+                        skip_bad=cfg.skip_bad, seed=cfg.split_seed)
     if data.skipped:
         print(f"--skip-bad: left out {len(data.skipped)} bad item(s):")
         for p in data.skipped:

@@ -1,14 +1,21 @@
-"""The leaderboard of a sweep, read back from MLflow (the same ordering the UI and REST API use)."""
+"""The leaderboard of a sweep, read back from MLflow: per architecture, its trials by their
+objective (best validation BLEU-4, MLflow's own ordering by `metrics.best_bleu4`), the floor its
+image-blind control sets, and which hyperparameters mattered."""
 from __future__ import annotations
 
-from search.mlflow_trials import KIND_TAG, STATE_TAG, TRIAL_TAG
+import json
+
+from search.mlflow_names import (CONTROL_ERROR_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG, ERROR_TAG, IMPORTANCE_NOTE_TAG,
+                                 IMPORTANCE_BASIS_TAG, IMPORTANCE_PREFIX, KIND_TAG, STATE_TAG, SWEEP_TAG, TRIAL_TAG)
+from search.objective import METRIC
 from trainables.config import ConfigError
 
 PARAM_COLUMNS = ("lr", "hidden_size", "vocab_threshold", "embed_size", "dropout", "batch_size")
 
 
-def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -> list[dict]:
-    """Every trial of sweep `name`, best validation bleu4 first (trials with none come last)."""
+def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -> dict:
+    """{"sweep", "trials": every trial, best first (trials with no score last), "searches": per
+    architecture its best, control and importances}."""
     from mlflow import MlflowClient
 
     from captune import tracking
@@ -19,33 +26,81 @@ def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -
     if experiment is None:
         raise ConfigError(f"no sweep named {name!r} in the MLflow store {uri}")
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'trial'",
-                              order_by=["metrics.bleu4 DESC"], max_results=limit)
+                              order_by=[f"metrics.{METRIC} DESC"], max_results=limit)
     rows = []
     for run in runs:
         m, p, t = run.data.metrics, run.data.params, run.data.tags
         rows.append({
             "rank": len(rows) + 1, "run_id": run.info.run_id, "trial_id": t.get(TRIAL_TAG), "arch": p.get("arch"),
-            **{f"bleu{n}": m.get(f"bleu{n}") for n in range(1, 5)},
+            METRIC: m.get(METRIC), "best_epoch": _int(m.get("best_epoch")), "last_bleu4": m.get("bleu4"),
             **{k: _number(p.get(k)) for k in PARAM_COLUMNS},
             "epochs": int(t.get("captune.epochs_run", 0)) or None, "end_state": t.get(STATE_TAG),
-            "error": t.get("captune.error"),
+            "error": t.get(ERROR_TAG),
         })
-    return rows
+    parents = client.search_runs([experiment.experiment_id],
+                                 filter_string=f"tags.`{KIND_TAG}` = 'search' and tags.`{SWEEP_TAG}` = '{name}'")
+    return {"sweep": name, "trials": rows, "searches": {r.data.tags["arch"]: _search(r) for r in parents}}
 
 
-def format_leaderboard(rows: list[dict], top: int | None = None) -> str:
-    head = f"{'#':>3} {'arch':<10} {'bleu4':>6} {'bleu1':>6} {'lr':>9} {'hidden':>6} {'vthr':>4} {'emb':>4} " \
-           f"{'drop':>5} {'batch':>5} {'ep':>3}  {'state':<13} trial"
-    lines = [head]
-    for r in rows[:top]:
-        b4, b1 = (f"{r[k]:.4f}" if r[k] is not None else "-" for k in ("bleu4", "bleu1"))
-        lines.append(f"{r['rank']:>3} {r['arch'] or '-':<10} {b4:>6} {b1:>6} {_fmt(r['lr'], '.2e'):>9} "
-                     f"{_fmt(r['hidden_size']):>6} {_fmt(r['vocab_threshold']):>4} {_fmt(r['embed_size']):>4} "
-                     f"{_fmt(r['dropout'], '.2f'):>5} {_fmt(r['batch_size']):>5} {_fmt(r['epochs']):>3}  "
-                     f"{r['end_state'] or '-':<13} {r['trial_id']}")
-        if r["error"]:
-            lines.append(f"      error: {r['error'][:150]}")
-    return "\n".join(lines)
+def _search(run) -> dict:
+    m, t = run.data.metrics, run.data.tags
+    control = None
+    if "control_bleu4" in m:
+        control = {k: m.get(k) for k in CONTROL_METRICS}
+        control["verdict"] = json.loads(t.get(CONTROL_VERDICT_TAG, "{}"))
+    return {"run_id": run.info.run_id, METRIC: m.get(METRIC), "best_trial": t.get("captune.best_trial"),
+            "control": control, "control_error": None if control else t.get(CONTROL_ERROR_TAG),
+            "importances": dict(sorted(((k.removeprefix(IMPORTANCE_PREFIX), v) for k, v in m.items() if k.startswith(IMPORTANCE_PREFIX)),
+                                       key=lambda kv: -kv[1])),
+            "importance_basis": t.get(IMPORTANCE_BASIS_TAG), "importance_note": t.get(IMPORTANCE_NOTE_TAG)}
+
+
+def format_leaderboard(board: dict, top: int | None = None) -> str:
+    head = f"{'#':>3} {'best bleu4':>10} {'@ep':>3} {'epochs':>6} {'lr':>9} {'hidden':>6} {'vthr':>4} {'emb':>4} " \
+           f"{'drop':>5} {'batch':>5}  {'state':<13} trial"
+    lines = []
+    archs = sorted({r["arch"] for r in board["trials"] if r["arch"]} | set(board["searches"]))
+    for arch in archs:
+        rows = [r for r in board["trials"] if r["arch"] == arch][:top]
+        lines += [f"{arch}: trials by best validation BLEU-4", head]
+        for i, r in enumerate(rows, 1):
+            lines.append(f"{i:>3} {_fmt(r[METRIC], '.4f'):>10} {_fmt(r['best_epoch']):>3} {_fmt(r['epochs']):>6} "
+                         f"{_fmt(r['lr'], '.2e'):>9} {_fmt(r['hidden_size']):>6} {_fmt(r['vocab_threshold']):>4} "
+                         f"{_fmt(r['embed_size']):>4} {_fmt(r['dropout'], '.2f'):>5} {_fmt(r['batch_size']):>5}  "
+                         f"{r['end_state'] or '-':<13} {r['trial_id']}")
+            if r["error"]:
+                lines.append(f"      error: {r['error'][:150]}")
+        search = board["searches"].get(arch)
+        if search:
+            lines += _floor_lines(search) + _importance_lines(search)
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def _floor_lines(search: dict) -> list[str]:
+    c = search["control"]
+    if c is None and search["control_error"]:
+        return [f"    floor: WARNING: the image-blind control failed ({search['control_error'][:150]})"]
+    if c is None:
+        return ["    floor: no image-blind control was run (--no-control, or the search has no champion yet)"]
+    lines = [f"    floor (image-blind control, same configuration): {c['control_bleu4']:.4f} validation, "
+             f"{c['control_test_bleu4']:.4f} test; champion {c['test_bleu4']:.4f} test, gap {c['control_gap']:+.4f} "
+             f"[{c['control_gap_low']:+.4f}, {c['control_gap_high']:+.4f}]"]
+    if not c["verdict"].get("clear"):
+        lines.append(f"    WARNING: {c['verdict'].get('text')}: the champion does not clearly beat a model that "
+                     f"never saw its images")
+    return lines
+
+
+def _importance_lines(search: dict) -> list[str]:
+    if search["importances"]:
+        return [f"    importance ({search['importance_basis']}):",
+                "      " + ", ".join(f"{k} {v:.2f}" for k, v in search["importances"].items())]
+    return [f"    importance: {search['importance_note'] or 'not computed'}"]
+
+
+def _int(value):
+    return None if value is None else int(value)
 
 
 def _number(text):

@@ -15,10 +15,10 @@ from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
 from captune.raycluster import root_cause
+from search.mlflow_names import ERROR_TAG, KIND_TAG, NODE_TAG, STATE_TAG, SWEEP_TAG, TRIAL_TAG
+from search.objective import DIVERGED, FAILED, end_state
 
-TRIAL_TAG, SWEEP_TAG, KIND_TAG, STATE_TAG = "captune.trial_id", "captune.sweep", "captune.kind", "captune.end_state"
-NODE_TAG = "captune.node_id"  # the Ray node that ran the trial (its last epoch, after a restart)
-LOGGED = ("loss", "bleu1", "bleu2", "bleu3", "bleu4", "epoch_seconds", "val_seconds", "setup_seconds",
+LOGGED = ("loss", "bleu1", "bleu2", "bleu3", "bleu4", "best_bleu4", "best_epoch", "epoch_seconds", "val_seconds", "setup_seconds",
           "vocab_size")
 RETRY_EVERY_S = 5.0
 
@@ -72,7 +72,8 @@ class MlflowTrials(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        self._record("complete", trial, epoch=int(last.get("epoch", 0)), diverged=last.get("diverged_reason"))
+        self._record("complete", trial, epoch=int(last.get("epoch", 0)), diverged=last.get("diverged_reason"),
+                     state=end_state(last, self.max_epochs, errored=False))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._record("error", trial, reason=_error_text(trial))
@@ -138,18 +139,18 @@ class MlflowTrials(Callback):
         elif kind == "complete":
             epoch = max(p["epoch"], self.last_epoch.get(trial_id, 0))
             client.set_tag(run_id, "captune.epochs_run", str(epoch))
-            if p["diverged"]:
-                self._end(run_id, "diverged", "FAILED", str(p["diverged"]))
+            if p["state"] == DIVERGED:
+                self._end(run_id, DIVERGED, "FAILED", str(p["diverged"]))
             else:
-                self._end(run_id, "finished" if epoch >= self.max_epochs else "early-stopped", "FINISHED")
+                self._end(run_id, p["state"], "FINISHED")
         elif kind == "error":
-            self._end(run_id, "failed", "FAILED", root_cause(Exception(p["reason"])))
+            self._end(run_id, FAILED, "FAILED", root_cause(Exception(p["reason"])))
 
     def _end(self, run_id: str, state: str, status: str, error: str | None = None) -> None:
         """A trial run's end: its captune.end_state, the reason when it did not finish, its MLflow status."""
         self.client.set_tag(run_id, STATE_TAG, state)
         if error:
-            self.client.set_tag(run_id, "captune.error", error[:5000])
+            self.client.set_tag(run_id, ERROR_TAG, error[:5000])
         self.client.set_terminated(run_id, status)
 
     def _run(self, trial_id: str, config: dict) -> str:

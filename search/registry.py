@@ -10,6 +10,7 @@ from pathlib import Path
 from captune import tracking
 from data.layouts import load_corpus
 from trainables.checkpoint import load_checkpoint, read_payload
+from trainables.config import split_seed_of
 
 ALIAS = "champion"
 
@@ -21,7 +22,7 @@ def model_name(arch: str) -> str:
 def validation_key(data_root: str | Path, train_config: dict) -> str:
     """Identifies what a validation bleu4 was measured on: the images and captions of the
     validation split and the decoding settings."""
-    corpus = load_corpus(data_root, seed=int(train_config.get("seed", 0)))
+    corpus = load_corpus(data_root, seed=split_seed_of(train_config))
     h = hashlib.sha256()
     for image in corpus.splits["val"][: train_config.get("val_images") or None]:
         h.update(image.encode() + b"\0" + "\0".join(corpus.captions[image]).encode() + b"\n")
@@ -38,6 +39,9 @@ def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
     payload = read_payload(checkpoint)
     if payload["model_config"]["arch"] != arch:  # never register one architecture under the other's name
         raise RuntimeError(f"{checkpoint}: a {payload['model_config']['arch']} checkpoint, not {arch}")
+    if "epoch" in best and int(payload["epoch"]) != best["epoch"]:  # the best epoch's, as the objective says
+        raise RuntimeError(f"{checkpoint}: the checkpoint of epoch {payload['epoch']}, not of trial "
+                           f"{best['trial_id']}'s best epoch {best['epoch']}")
     key = validation_key(data_root, payload["train_config"])
     with tempfile.TemporaryDirectory() as tmp:
         write_champion_artifacts(checkpoint, data_root, Path(tmp))
@@ -45,7 +49,8 @@ def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
     with mlflow.start_run(run_id=best["run_id"]):
         info = tracking.log_captioner(checkpoint, registered_name=name)
     version = str(info.registered_model_version)
-    for tag, value in {"bleu4": best["bleu4"], "val_key": key, "trial_id": best["trial_id"]}.items():
+    for tag, value in {"bleu4": best["bleu4"], "epoch": payload["epoch"], "val_key": key,
+                       "trial_id": best["trial_id"]}.items():
         client.set_model_version_tag(name, version, tag, str(value))
     try:
         current = client.get_model_version_by_alias(name, ALIAS)
@@ -107,7 +112,7 @@ def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path,
     fig.savefig(out / "learning_curves.png", dpi=100)
     plt.close(fig)
 
-    corpus = load_corpus(data_root, seed=int(payload["train_config"].get("seed", 0)))
+    corpus = load_corpus(data_root, seed=split_seed_of(payload["train_config"]))
     names = corpus.splits["val"][:images]
     paths = [corpus.image_path(n) for n in names]
     hyps = caption_images(loaded, paths, beam=1)

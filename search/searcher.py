@@ -1,32 +1,93 @@
-"""Optuna under Tune, made safe to resume after the sweep driver was killed.
+"""Optuna under Tune: told what really happened to each trial, and safe to resume after the sweep
+driver was killed.
+
+Ray's OptunaSearch tells the study COMPLETE with the last result for every trial that reported a
+metric, so a trial ASHA stopped at epoch 3 reached TPE as a finished one. Here each trial is told
+its end state (search.objective): finished -> COMPLETE with its best BLEU-4; stopped by ASHA ->
+PRUNED, its value the best BLEU-4 it reached (Optuna takes the last intermediate value, and the
+intermediate value of epoch e is the best BLEU-4 up to e); diverged or failed -> FAIL.
 
 The Optuna study lives in its own database and is always current; Tune's experiment snapshot,
 which holds the searcher's map of Tune trials to Optuna trials, is saved every second or so. A
-driver killed between the two leaves the snapshot behind the study: a trial the study has
-closed may run again, and a trial the study handed out may be unknown to Tune.
+driver killed between the two leaves the snapshot behind the study: a trial the study has closed
+may run again, and a trial the study handed out may be unknown to Tune.
+
+Relies on OptunaSearch's private attributes (Ray 2.60): `_ot_trials` (Tune trial id -> optuna
+Trial), `_ot_study`, `_points_to_evaluate`, `_study_name`, `_storage`, and on `set_search_properties`
+enqueueing `_points_to_evaluate` into the study (again, on a restore). The first test to break on
+an upgrade: tests/test_sweep.py::test_killed_sweep_resumes_with_study_matching_tune.
 """
 from __future__ import annotations
 
+import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from search.objective import DIVERGED, EARLY_STOPPED, EPOCH_METRIC, FAILED, FINISHED, METRIC, end_state
+
+OPTUNA_STATE = {FINISHED: TrialState.COMPLETE, EARLY_STOPPED: TrialState.PRUNED, DIVERGED: TrialState.FAIL,
+                FAILED: TrialState.FAIL}
+TRIAL_ATTR = "tune_trial_id"  # user attribute linking an Optuna trial to its Tune trial (and MLflow run)
+
 
 class ResumableOptunaSearch(OptunaSearch):
-    def _closed_in_study(self, trial_id: str) -> bool:
+    def __init__(self, *, max_epochs: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_epochs = max_epochs
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        # On `--resume` Tune sets the search properties again, and OptunaSearch would enqueue the
+        # default configuration a second time: a study that exists already had its points.
+        if not self._space and self._study_exists():
+            self._points_to_evaluate = []
+        return super().set_search_properties(metric, mode, config, **spec)
+
+    def _study_exists(self) -> bool:
+        return self._storage is not None and self._study_name in optuna.get_all_study_names(self._storage)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if config is not None:
+            self._ot_trials[trial_id].set_user_attr(TRIAL_ATTR, trial_id)
+        return config
+
+    def _frozen(self, trial_id: str):
+        """The study's current record of a trial (None for one this searcher never asked for)."""
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None:
-            return False
-        return self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+        return None if ot_trial is None else self._ot_study._storage.get_trial(ot_trial._trial_id)
+
+    def _closed_in_study(self, trial_id: str) -> bool:
+        frozen = self._frozen(trial_id)
+        return frozen is not None and frozen.state.is_finished()
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if not self._closed_in_study(trial_id):  # a closed trial rerun after a resume: told already
-            super().on_trial_result(trial_id, result)
+        if not self._closed_in_study(trial_id):  # closed: told already, before a resume
+            self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        """The objective so far as the intermediate value of its epoch (Tune's training_iteration
+        restarts its count when a trial is restored, the epoch does not), once per epoch."""
+        if METRIC not in result or "epoch" not in result:
+            return
+        epoch = int(result["epoch"])
+        if epoch in self._frozen(trial_id).intermediate_values:
+            return
+        self._ot_trials[trial_id].report(float(result[METRIC]), epoch)
+        self._ot_trials[trial_id].set_user_attr(f"{EPOCH_METRIC}_epoch{epoch}", float(result[EPOCH_METRIC]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if self._closed_in_study(trial_id):
-            self._completed_trials.add(trial_id)
+        if trial_id in self._completed_trials:
             return
-        super().on_trial_complete(trial_id, result, error)
+        self._completed_trials.add(trial_id)
+        if self._closed_in_study(trial_id):
+            return
+        state = end_state(result, self.max_epochs, error)
+        if result and state != FAILED:  # the result ASHA stopped a trial on reaches only this call
+            self._report(trial_id, result)
+        ot_state = OPTUNA_STATE[state]
+        self._ot_trials[trial_id].set_user_attr("end_state", state)
+        value = float(result[METRIC]) if ot_state == TrialState.COMPLETE else None
+        self._ot_study.tell(self._ot_trials[trial_id], value, state=ot_state)
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)

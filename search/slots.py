@@ -10,6 +10,8 @@ and a search that will start no more trials gives its slots to the others as its
 from __future__ import annotations
 
 import copy
+import time
+from contextlib import contextmanager
 
 import ray
 from ray.tune.search import ConcurrencyLimiter, Searcher
@@ -96,3 +98,16 @@ class SharedSlots(ConcurrencyLimiter):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pool": None}
+
+
+@contextmanager
+def held_slot(sweep: str, search: str, key: str, poll_s: float = 1.0):
+    """Wait for one of the sweep's slots for work outside Tune (a search's control run), hold it
+    for the block, give it back."""
+    pool = ray.get_actor(pool_name(sweep))
+    while not ray.get(pool.acquire.remote(search, key)):
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        pool.release.remote(search, key)

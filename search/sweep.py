@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from captune import tracking
 from captune.raycluster import init_ray
 from data.cache import default_cache_dir
+from search import sizing
+from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
 from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_create_run
 from search.space import SearchSpace, SweepSettings, load_spaces
 from search.trial import TrialSetup, trial_trainable
@@ -19,8 +21,6 @@ from trainables.catalog import ARCHS
 
 if TYPE_CHECKING:  # the search tasks import this module: the data code (and nltk) stays out of them
     from data.prepare import PreparedData
-
-METRIC, MODE = "bleu4", "max"
 
 
 class SweepExists(ConfigError):
@@ -44,6 +44,7 @@ class SweepRequest:
     gpus_per_worker: float = 0.0  # 0: CPU trials
     storage: str | None = None  # None: default_storage()
     resume: bool = False
+    control: bool = True  # after each search, train its champion's configuration image-blind
     tracking_uri: str | None = None
     address: str | None = None
 
@@ -60,10 +61,11 @@ class ArchSearch:
 class ArchOutcome:
     arch: str
     parent_run_id: str
-    best: dict | None  # {"trial_id", "run_id", "bleu4", "config"}
+    best: dict | None  # {"trial_id", "run_id", "bleu4" (its best_bleu4), "epoch" (that epoch), "config"}
     trials: int
     errors: int
     champion: dict | None = None  # from search.registry.promote
+    control: dict | None = None  # from search.control.run_control
 
 
 def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
@@ -158,9 +160,10 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     init_ray(req.address)
     if req.gpus_per_worker > 0:
         _wait_for_gpus(req)
-    cpus = _cpus_per_worker(req)
+    cpus = sizing.cpus_per_worker(req.address, req.gpus_per_worker)
     # max_concurrent fixes each search's trials at once; else the searches share the cluster's slots
-    slots = 0 if settings.max_concurrent else max(len(searches), _max_concurrent(req, cpus))
+    slots = 0 if settings.max_concurrent else max(len(searches), sizing.concurrent_trials(
+        req.address, req.workers_per_trial, req.gpus_per_worker, cpus))
     concurrent = settings.max_concurrent or slots // len(searches)
     jobs = []
     for search in searches:
@@ -221,11 +224,11 @@ def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSe
     parent_id, created = find_or_create_run(client, experiment_id, {SWEEP_TAG: req.name, KIND_TAG: "search",
                                                                     "arch": arch}, run_name=f"{arch}-search")
     if created:
-        client.log_batch(parent_id, params=_params({
+        client.log_batch(parent_id, params=tracking.param_entities({
             **{f"space.{k}": f"{kind}{args}" for k, (kind, args) in search.space.searched.items()},
             **{f"base.{k}": v for k, v in base.to_dict().items()}, **vars(settings),
             "data": str(Path(req.data_root).resolve()), "workers_per_trial": req.workers_per_trial,
-            "gpus_per_worker": req.gpus_per_worker}))
+            "gpus_per_worker": req.gpus_per_worker, "sampler_seed": sampler_seed(settings.seed, arch)}))
     client.update_run(parent_id, status="RUNNING")
     return parent_id
 
@@ -267,7 +270,8 @@ def _run_search(job: SearchJob) -> ArchOutcome:
 
         from search.searcher import ResumableOptunaSearch
 
-        searcher = ResumableOptunaSearch(points_to_evaluate=[search.default_point], seed=settings.seed,
+        searcher = ResumableOptunaSearch(max_epochs=settings.max_epochs, points_to_evaluate=[search.default_point],
+                                         seed=sampler_seed(settings.seed, arch),
                                          storage=RDBStorage(_optuna_url(job.root, req.name)),
                                          study_name=job.experiment)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=settings.max_epochs, grace_period=settings.grace_period,
@@ -294,9 +298,11 @@ def _run_search(job: SearchJob) -> ArchOutcome:
                                         reuse_actors=setup.in_process),
             run_config=tune.RunConfig(
                 name=job.experiment, storage_path=job.root,
-                # a trial resumes from, and is scored and registered by, its last epoch: older
-                # checkpoints are only disk (a fine-tuned ResNet-18's is 138 MB with Adam's moments)
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # a trial resumes from its last epoch and is registered by its best: Tune keeps
+                # those two (the latest always); others are only disk (a fine-tuned ResNet-18's is
+                # 138 MB with Adam's moments)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=EPOCH_METRIC,
+                                                        checkpoint_score_order=MODE),
                 callbacks=[MlflowTrials(job.tracking_uri, job.experiment_id, job.parent_run_id, req.name, arch,
                                         base.to_dict(), settings.max_epochs)],
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures, fail_fast=False)),
@@ -306,7 +312,13 @@ def _run_search(job: SearchJob) -> ArchOutcome:
     finally:  # ended or failed: its slots go to the other searches
         ray.get_actor(pool_name(req.name)).satisfied.remote(arch)
     try:
-        return _finish(client, grid, search, job.parent_run_id, req)
+        outcome = _finish(client, grid, search, job.parent_run_id, req, job.experiment, settings.grace_period)
+        if req.control and outcome.champion:
+            from search.control import run_control
+
+            outcome.control = run_control(client, job, outcome)
+        client.set_terminated(job.parent_run_id, "FINISHED" if outcome.best else "FAILED")
+        return outcome
     except Exception as e:
         if not _unreachable(e):
             raise
@@ -333,7 +345,7 @@ def _prepare(data_root: str, base: TrainConfig, features: bool) -> PreparedData:
     if features and not base.fine_tune:  # (on a cluster each node builds its own copy, in a trial)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return prepare_with_features(data_root, base, cache_dir, device)[0]
-    return prepare_data(data_root, base.image_size, cache_dir, skip_bad=base.skip_bad, seed=base.seed)
+    return prepare_data(data_root, base.image_size, cache_dir, skip_bad=base.skip_bad, seed=base.split_seed)
 
 
 def _check_vocabulary(data: PreparedData, search: ArchSearch, config_file: str | None) -> None:
@@ -348,7 +360,9 @@ def _check_vocabulary(data: PreparedData, search: ArchSearch, config_file: str |
         raise ConfigError(f"{where}: {e}") from None
 
 
-def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest) -> ArchOutcome:
+def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest, study_name: str,
+            grace_period: int) -> ArchOutcome:
+    from search.analysis import log_search_analysis
     from search.mlflow_trials import TRIAL_TAG
     from search.registry import promote
 
@@ -361,21 +375,23 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest)
         runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
                                   filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
         outcome.best = {"trial_id": trial_id, "run_id": runs[0].info.run_id if runs else None,
-                        "bleu4": float(top.metrics[METRIC]), "config": top.config}
+                        "bleu4": float(top.metrics[METRIC]), "epoch": int(top.metrics["best_epoch"]),
+                        "config": top.config}
         tags = client.get_run(parent_id).data.tags
         if tags.get("captune.best_trial") == trial_id and "captune.champion" in tags:
             # a resumed sweep whose search had already ended: registered before, not again
             outcome.champion = json.loads(tags["captune.champion"])
         elif outcome.best["run_id"]:
-            with _checkpoint(top).as_directory() as folder:  # downloaded when the storage is remote
+            with _best_checkpoint(top).as_directory() as folder:  # downloaded when the storage is remote
                 outcome.champion = promote(client, search.arch, {**outcome.best, "checkpoint": Path(folder) / "model.pt"},
                                            req.data_root)
             client.set_tag(parent_id, "captune.champion", json.dumps(outcome.champion))
-        client.log_metric(parent_id, f"best_{METRIC}", outcome.best["bleu4"])
+        client.log_metric(parent_id, METRIC, outcome.best["bleu4"])
         client.set_tag(parent_id, "captune.best_trial", trial_id)
     client.set_tag(parent_id, "captune.trials", str(len(grid)))
     client.set_tag(parent_id, "captune.failed_trials", str(errors))
-    client.set_terminated(parent_id, "FINISHED" if scored else "FAILED")
+    log_search_analysis(client, parent_id, _optuna_url(storage_root(req.storage), req.name), study_name,
+                        list(search.space.searched), at_epoch=grace_period)
     return outcome
 
 
@@ -393,20 +409,23 @@ def _unreachable(error: BaseException) -> bool:
         isinstance(error, MlflowException) and ("Max retries exceeded" in text or "Connection" in text))
 
 
-def _checkpoint(result):
-    """A trial's last checkpoint: Tune's own for an in-process trial; for a DDP trial, the Train
-    run's, whose path TuneReportCallback reported (on the same filesystem as Tune's storage)."""
+def _best_checkpoint(result):
+    """The checkpoint of a trial's best epoch (`best_epoch`): for an in-process trial, one Tune
+    kept by its bleu4 (beside the latest); for a DDP trial, the Train run's, whose path
+    TuneReportCallback reported with that epoch (on the same filesystem as Tune's storage)."""
     from ray.tune import Checkpoint
 
-    if result.checkpoint is not None:
-        return result.checkpoint
-    return Checkpoint(result.metrics["checkpoint_path"], filesystem=result.filesystem)
-
-
-def _params(values: dict) -> list:
-    from mlflow.entities import Param
-
-    return [Param(k, str(v)[:6000]) for k, v in values.items()]
+    epoch = int(result.metrics["best_epoch"])
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if int(metrics.get("epoch", -1)) == epoch:
+            return checkpoint
+    frame = result.metrics_dataframe
+    if frame is not None and "checkpoint_path" in frame:
+        rows = frame[(frame["epoch"] == epoch) & frame["checkpoint_path"].notna()]
+        if len(rows):
+            return Checkpoint(rows["checkpoint_path"].iloc[-1], filesystem=result.filesystem)
+    raise RuntimeError(f"trial {result.metrics.get('trial_id')}: no checkpoint of its best epoch {epoch} was kept "
+                       f"(under {result.path})")
 
 
 def _optuna_url(root: str, name: str) -> str:
@@ -448,35 +467,4 @@ def _wait_for_gpus(req: SweepRequest) -> None:
 
 
 def _attached(req: SweepRequest) -> bool:
-    return bool(req.address or os.environ.get("RAY_ADDRESS"))
-
-
-def _cpus_per_worker(req: SweepRequest) -> int:
-    """CPUs (and torch threads) per training worker. Locally: CPU trials get one core per worker,
-    which beats fewer trials with more threads for models this small (measured: two 1-thread
-    trials on 2 cores train 1.25x faster in total than one 2-thread trial); GPU trials split the
-    cores between the trials that share the GPUs, to keep batches coming. On a cluster: 2 per
-    CPU worker, 1 per GPU worker (its GPU does the work)."""
-    if _attached(req):
-        return 1 if req.gpus_per_worker else 2
-    cores = os.cpu_count() or 1
-    if not req.gpus_per_worker:
-        return 1
-    import ray
-
-    slots = max(1, int(ray.cluster_resources().get("GPU", 0) // req.gpus_per_worker))
-    return max(1, cores // slots)
-
-
-def _max_concurrent(req: SweepRequest, cpus: int) -> int:
-    """As many trials as the cluster holds at once: by GPUs for GPU trials (fractions pack
-    several on one GPU), else by CPUs: the real cores of this machine for a local cluster, whose
-    logical CPU count is padded (see captune.raycluster)."""
-    import ray
-
-    resources = ray.cluster_resources()
-    workers = req.workers_per_trial
-    if req.gpus_per_worker:
-        return max(1, int(resources.get("GPU", 0) // (workers * req.gpus_per_worker)))
-    cpus_total = resources.get("CPU", 1) if _attached(req) else (os.cpu_count() or 1)
-    return max(1, int(cpus_total // (workers * cpus)))
+    return sizing.attached(req.address)

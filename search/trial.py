@@ -77,22 +77,23 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
         tune.report({**metrics, "node_id": node}, checkpoint=checkpoint)
 
     ctx = WorkerContext(device=device, report=report)
-    data = _prepared(setup.data_root, cfg.image_size, cfg.cache_path(), cfg.skip_bad, cfg.seed)
+    data = _prepared(setup.data_root, cfg.image_size, cfg.cache_path(), cfg.skip_bad, cfg.split_seed)
     try:
         train_resuming(cfg, setup.data_root, ctx, tune.get_checkpoint(), data=data)
     except Diverged as e:
         # Not an error to retry (it would diverge again) but a result: worthless (bleu4 0) to ASHA
         # and Optuna, recorded in MLflow as diverged with the reason.
-        tune.report({"epoch": e.epoch, "bleu4": 0.0, "diverged_reason": str(e), "node_id": node})
+        tune.report({"epoch": e.epoch, "bleu4": 0.0, "best_bleu4": 0.0, "diverged_reason": str(e),
+                     "node_id": node})
 
 
 @functools.lru_cache(maxsize=2)
-def _prepared(root: str, image_size: int, cache_dir: Path, skip_bad: bool, seed: int) -> PreparedData:
+def _prepared(root: str, image_size: int, cache_dir: Path, skip_bad: bool, split_seed: int) -> PreparedData:
     """The checked dataset and its memory-mapped pixel cache, read once per reused trial actor
     (the sweep driver has already built the cache and stopped on any problem)."""
     from data.prepare import prepare_data
 
-    return prepare_data(root, image_size, cache_dir, skip_bad=skip_bad, seed=seed, progress=False)
+    return prepare_data(root, image_size, cache_dir, skip_bad=skip_bad, seed=split_seed, progress=False)
 
 
 def _train_ddp(cfg: TrainConfig, setup: TrialSetup) -> None:
@@ -104,7 +105,7 @@ def _train_ddp(cfg: TrainConfig, setup: TrialSetup) -> None:
     trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(cfg, setup.data_root, workers=setup.workers, use_gpu=setup.use_gpu,
                            gpus_per_worker=setup.gpus_per_worker, cpus=setup.cpus_per_worker,
-                           name=f"trial-{trial_id}", storage_path=setup.train_storage, keep="last",
+                           name=f"trial-{trial_id}", storage_path=setup.train_storage, keep="best",
                            callbacks=[TuneReportCallback()])
     trainer.fit()
 

@@ -28,3 +28,33 @@ def test_bleu_rejects_mismatched_inputs():
         bleu(["a", "b"], [["a"]])
     with pytest.raises(ValueError, match="empty"):
         bleu([], [])
+
+
+def test_bleu_is_exactly_zero_without_a_four_gram_match():
+    # nltk's corpus_bleu returns ~1e-78 here (the log of its smallest float); a score is 0 or it is not
+    scores = bleu(["a dog runs fast"], [["a dog sits still"]])
+    assert scores["bleu4"] == 0.0 and scores["bleu2"] > 0
+
+
+def test_statistics_sum_to_corpus_bleu():
+    import random
+
+    import numpy as np
+
+    from trainables.metrics import bleu_from_statistics, bleu_statistics
+
+    rng = random.Random(1)
+    words = "a dog cat runs red big small blue the on in".split()
+    refs = [[" ".join(rng.choices(words, k=rng.randint(3, 9))) for _ in range(5)] for _ in range(200)]
+    hyps = [" ".join(rng.choices(words, k=rng.randint(1, 9))) for _ in range(200)]
+    tok_r = [[r.split() for r in rs] for rs in refs]
+    stats = bleu_statistics(hyps, refs)
+    assert stats.shape == (200, 10)
+    for n, w in enumerate([(1,), (0.5, 0.5), (1 / 3,) * 3], 1):  # BLEU-4 is 0 here, by nltk ~0
+        expected = corpus_bleu(tok_r, [h.split() for h in hyps], weights=w)
+        assert float(bleu_from_statistics(stats.sum(0), n)) == pytest.approx(expected, rel=1e-12)
+    # a resample is the weighted sum of the same rows
+    idx = np.random.default_rng(0).integers(0, 200, 200)
+    resampled = bleu([hyps[i] for i in idx], [refs[i] for i in idx])
+    weights = np.bincount(idx, minlength=200)
+    assert float(bleu_from_statistics(weights @ stats, 2)) == pytest.approx(resampled["bleu2"], rel=1e-12)

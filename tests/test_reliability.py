@@ -27,7 +27,7 @@ ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 def sweep_args(synth_dir, tmp_path, name, config, tracking_uri) -> list[str]:
     return ["sweep", "--data", str(synth_dir), "--name", name, "--arch", "resnet-gru", "--config", str(config),
-            "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]
+            "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri, "--no-control"]
 
 
 def sweep_in_background(args: list[str]) -> Future:
@@ -146,7 +146,7 @@ def test_out_of_memory_trial_is_recorded_and_others_go_on(ray_cluster, synth_dir
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=1, space=space, max_concurrent=1, seed=1,
                         max_failures=0)
     assert main(["sweep", "--data", str(synth_dir), "--name", "m1", "--arch", "cnn-lstm", "--config", str(config),
-                 "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]) == 0
+                 "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri, "--no-control"]) == 0
     runs = trial_runs(MlflowClient(tracking_uri), "m1")
     states = {(r.data.params["embed_size"], r.data.tags["captune.end_state"]) for r in runs}
     assert ("128", "finished") in states and ("1073741824", "failed") in states

@@ -36,6 +36,34 @@ def trial_runs(client, name):
     return client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'trial'", max_results=1000)
 
 
+END_TO_OPTUNA = {"finished": "COMPLETE", "early-stopped": "PRUNED", "diverged": "FAIL", "failed": "FAIL",
+                 "interrupted": "FAIL"}
+
+
+def assert_study_matches_mlflow(client, name: str, arch: str, tune_root: Path) -> list:
+    """Trial by trial, the Optuna study holds what Tune and MLflow say happened: each trial once, in
+    the state of its end, valued by its best validation BLEU-4 (a pruned one, by its best so far)."""
+    study = optuna.load_study(study_name=f"{name}-{arch}", storage=f"sqlite:///{tune_root / f'{name}-optuna.db'}")
+    runs = {r.data.tags["captune.trial_id"]: r for r in trial_runs(client, name) if r.data.params["arch"] == arch}
+    linked = [t for t in study.trials if "tune_trial_id" in t.user_attrs]
+    assert sorted(t.user_attrs["tune_trial_id"] for t in linked) == sorted(runs)  # each Tune trial once
+    for t in study.trials:
+        assert t.state != optuna.trial.TrialState.WAITING and t.state != optuna.trial.TrialState.RUNNING
+        if t not in linked:  # asked by a driver that died before Tune saved the trial
+            assert t.state == optuna.trial.TrialState.FAIL and "captune_orphaned" in t.user_attrs
+            continue
+        run = runs[t.user_attrs["tune_trial_id"]]
+        end = run.data.tags["captune.end_state"]
+        assert t.state.name == END_TO_OPTUNA[end], (t.number, t.state, end)
+        per_epoch = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "bleu4")}
+        if end in ("finished", "early-stopped"):
+            best = max(per_epoch.values())
+            assert t.value == pytest.approx(best) and run.data.metrics["best_bleu4"] == pytest.approx(best)
+            assert sorted(t.intermediate_values) == sorted(per_epoch)  # one intermediate value per epoch
+            assert max(t.intermediate_values.values()) == pytest.approx(best)
+    return study.trials
+
+
 def test_sweep_both_archs_records_runs_registers_champions(ray_cluster, synth_dir, tmp_path, tracking_uri, capsys):
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=2)
     assert main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config),
@@ -67,20 +95,55 @@ def test_sweep_both_archs_records_runs_registers_champions(ray_cluster, synth_di
         assert any((float(r.data.params["lr"]), r.data.params["hidden_size"], r.data.params["vocab_threshold"])
                    == (0.002, "256", "2") for r in trials if r.data.params["arch"] == arch), arch
 
-    # the leaderboard is MLflow's own ordering by metrics.bleu4
+    for arch in by_parent.values():
+        assert_study_matches_mlflow(client, "s1", arch, tmp_path / "tune")
+    # the architectures' searches drew their own configurations (a sampler seed each)
+    drawn = {arch: [(r.data.params["lr"], r.data.params["hidden_size"]) for r in
+                    sorted(trials, key=lambda r: r.info.start_time) if r.data.params["arch"] == arch][1:]
+             for arch in by_parent.values()}
+    assert drawn["cnn-lstm"] != drawn["resnet-gru"]
+    assert len({p.data.params["sampler_seed"] for p in parents}) == 2
+
+    # the leaderboard is MLflow's own ordering by the objective, metrics.best_bleu4
     capsys.readouterr()
     assert main(["leaderboard", "s1", "--json", "--tracking-uri", tracking_uri]) == 0
     board = json.loads(capsys.readouterr().out)
     ordered = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'trial'",
-                                 order_by=["metrics.bleu4 DESC"])
-    assert [r["run_id"] for r in board] == [r.info.run_id for r in ordered]
-    assert board[0]["bleu4"] >= board[-1]["bleu4"]
+                                 order_by=["metrics.best_bleu4 DESC"])
+    assert [r["run_id"] for r in board["trials"]] == [r.info.run_id for r in ordered]
+    assert board["trials"][0]["best_bleu4"] >= board["trials"][-1]["best_bleu4"]
+
+    # a floor beside each search: its champion's configuration trained image-blind, under its parent
+    controls = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'control'")
+    assert sorted(by_parent[r.data.tags["mlflow.parentRunId"]] for r in controls) == ["cnn-lstm", "resnet-gru"]
+    for run in controls:
+        assert run.info.status == "FINISHED" and run.data.params["image_blind"] == "True"
+        parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+        assert parent.data.metrics["control_bleu4"] == pytest.approx(run.data.metrics["best_bleu4"])
+        assert parent.data.metrics["control_test_bleu4"] == pytest.approx(run.data.metrics["test_bleu4"])
+        low, high = parent.data.metrics["control_gap_low"], parent.data.metrics["control_gap_high"]
+        assert low <= parent.data.metrics["control_gap"] <= high
+        assert json.loads(parent.data.tags["captune.control_verdict"])["clear"] == (low > 0)
+        champion = json.loads(parent.data.tags["captune.champion"])
+        best_trial = [r for r in trials if r.data.tags["captune.trial_id"] == parent.data.tags["captune.best_trial"]][0]
+        assert {k: v for k, v in run.data.params.items() if k not in ("image_blind", "data")} == \
+               {k: best_trial.data.params[k] for k in run.data.params if k not in ("image_blind", "data")}
+        assert champion["version"]
+    assert main(["leaderboard", "s1", "--tracking-uri", tracking_uri]) == 0
+    text = capsys.readouterr().out
+    assert text.count("floor (image-blind control") == 2 and "importance:" in text
 
     # both champions are registered, load by name and caption an image
     image = next((synth_dir / "Images").iterdir())
     for arch in ("cnn-lstm", "resnet-gru"):
         version = client.get_model_version_by_alias(f"captune-{arch}", "champion")
-        assert float(version.tags["bleu4"]) == max(r.data.metrics["bleu4"] for r in trials if r.data.params["arch"] == arch)
+        mine = [r for r in trials if r.data.params["arch"] == arch]
+        assert float(version.tags["bleu4"]) == max(r.data.metrics["best_bleu4"] for r in mine)
+        # the registered checkpoint is its trial's best epoch's
+        best = [r for r in mine if r.data.tags["captune.trial_id"] == version.tags["trial_id"]][0]
+        assert int(version.tags["epoch"]) == int(best.data.metrics["best_epoch"])
+        assert load_captioner(f"models:/captune-{arch}/{version.version}", tracking_uri).payload["epoch"] == \
+               int(best.data.metrics["best_epoch"])
         arts = {a.path for a in client.list_artifacts(version.run_id, "champion")}
         assert {"champion/vocab.json", "champion/config.json", "champion/learning_curves.png",
                 "champion/val_examples.png"} <= arts
@@ -88,6 +151,34 @@ def test_sweep_both_archs_records_runs_registers_champions(ray_cluster, synth_di
         assert champion.model.cfg.arch == arch  # the searches ran side by side, each its own architecture
         assert main(["caption", f"models:/captune-{arch}@champion", str(image), "--tracking-uri", tracking_uri]) == 0
         assert str(image) in capsys.readouterr().out
+    # compare with seed replicates: new seeds per champion, on the slots, recorded, reused when repeated
+    assert main(["compare", "s1", "--seeds", "2", "--resamples", "200", "--json", "--tracking-uri", tracking_uri]) == 0
+    first = json.loads(capsys.readouterr().out)
+    replicates = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'replicate'")
+    assert sorted((by_parent[r.data.tags["mlflow.parentRunId"]], r.data.tags["captune.seed"]) for r in replicates) == \
+           [("cnn-lstm", "1"), ("cnn-lstm", "2"), ("resnet-gru", "1"), ("resnet-gru", "2")]
+    assert all(r.info.status == "FINISHED" and "test_bleu4" in r.data.metrics for r in replicates)
+    reps = first["replicates"]["architectures"]
+    for arch in ("cnn-lstm", "resnet-gru"):
+        values = sorted(r.data.metrics["test_bleu4"] for r in replicates if r.data.params["arch"] == arch)
+        assert sorted(reps[arch]["test_bleu4"]["values"]) == pytest.approx(values)
+        assert first["models"][arch]["control"]["control_test_bleu4"] is not None
+    for boot in (first["bootstrap"], first["replicates"]["bootstrap"]):
+        assert boot["resamples"] == 200 and boot["low"] <= boot["difference"] <= boot["high"]
+    assert first["verdict"]
+    comparison = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'compare' and "
+                                                                         "params.seeds = '2'")[0]
+    assert {"comparison.json", "comparison.png"} <= {a.path for a in client.list_artifacts(comparison.info.run_id)}
+    assert comparison.data.params["seeds"] == "2" and "cnn-lstm.model" in comparison.data.params
+    assert "replicates.bleu4_difference_low" in comparison.data.metrics
+    assert main(["compare", "s1", "--seeds", "2", "--resamples", "200", "--json", "--tracking-uri", tracking_uri]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert len(client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'replicate'")) == 4
+    assert again["replicates"] == first["replicates"] and again["bootstrap"] == first["bootstrap"]
+    # the sweep's own comparison and the seeded one are two runs, each with its settings
+    assert sorted(r.data.params["seeds"] for r in client.search_runs(
+        [exp.experiment_id], filter_string="tags.`captune.kind` = 'compare'")) == ["0", "2"]
+
     # a rerun under the same name is refused unless resumed
     assert main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config),
                  "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]) == 2
@@ -111,8 +202,9 @@ def test_asha_stops_poor_trials_and_diverged_trials_are_recorded(ray_cluster, sy
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=5, epochs=4, space=space, max_concurrent=1, seed=3,
                         grace_period=2)
     assert main(["sweep", "--data", str(synth_300), "--name", "s2", "--arch", "cnn-lstm", "--config", str(config),
-                 "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]) == 0
-    runs = trial_runs(MlflowClient(tracking_uri), "s2")
+                 "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri, "--no-control"]) == 0
+    client = MlflowClient(tracking_uri)
+    runs = trial_runs(client, "s2")
     assert len(runs) == 5
     state = {}
     for run in runs:
@@ -123,12 +215,19 @@ def test_asha_stops_poor_trials_and_diverged_trials_are_recorded(ray_cluster, sy
     diverged = [r for r in runs if r.data.tags["captune.end_state"] == "diverged"]
     assert all(r.info.status == "FAILED" and "training diverged" in r.data.tags["captune.error"] and
                r.data.metrics["bleu4"] == 0.0 and "captune.restarts" not in r.data.tags for r in diverged)
+    # Optuna learnt what happened: COMPLETE, PRUNED (with its epochs' values) and FAIL, trial by trial
+    states = [t.state.name for t in assert_study_matches_mlflow(client, "s2", "cnn-lstm", tmp_path / "tune")]
+    assert {"COMPLETE", "PRUNED", "FAIL"} <= set(states)
+    # no control was asked for: none ran
+    assert not client.search_runs([client.get_experiment_by_name("s2").experiment_id],
+                                  filter_string="tags.`captune.kind` = 'control'")
 
 
 def test_killed_sweep_resumes_without_repeating_trials(ray_cluster, synth_dir, tmp_path, tracking_uri):
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=2, max_concurrent=1)
     args = [sys.executable, "-m", "captune.cli", "sweep", "--data", str(synth_dir), "--name", "s3", "--arch",
-            "resnet-gru", "--config", str(config), "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]
+            "resnet-gru", "--config", str(config), "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri,
+            "--no-control"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -158,10 +257,13 @@ def test_killed_sweep_resumes_without_repeating_trials(ray_cluster, synth_dir, t
     # A trial started in the second before the kill, after Tune's last snapshot, is closed in both
     # Optuna (failed) and MLflow (interrupted); usually there is none.
     interrupted = len(runs) - len(done)
-    study = optuna.load_study(study_name="s3-resnet-gru", storage=f"sqlite:///{tmp_path / 'tune' / 's3-optuna.db'}")
-    states = [t.state for t in study.trials]
+    study = assert_study_matches_mlflow(client, "s3", "resnet-gru", tmp_path / "tune")
+    states = [t.state for t in study]
     assert states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED) == 3
     assert states.count(optuna.trial.TrialState.FAIL) >= interrupted
+    # the default configuration was evaluated once, not enqueued again by the resume
+    default = {"lr": 0.002, "hidden_size": 256, "vocab_threshold": 2}
+    assert sum(t.params == default for t in study) == 1
     for run in runs:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")] == \
                list(range(1, int(run.data.tags.get("captune.epochs_run", 0)) + 1)) or \
@@ -176,7 +278,7 @@ def test_multi_worker_trials_run_ddp_through_torchtrainer(ray_cluster, synth_dir
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=1, epochs=1)
     assert main(["sweep", "--data", str(synth_dir), "--name", "s4", "--arch", "cnn-lstm", "--config", str(config),
                  "--workers-per-trial", "2", "--storage", str(tmp_path / "tune"),
-                 "--tracking-uri", tracking_uri]) == 0
+                 "--tracking-uri", tracking_uri, "--no-control"]) == 0
     client = MlflowClient(tracking_uri)
     runs = trial_runs(client, "s4")
     assert len(runs) == 1 and runs[0].data.tags["captune.end_state"] == "finished"

@@ -38,7 +38,8 @@ class TrainConfig:
     grad_clip: float = 5.0
     val_beam: int = 1  # beam width of validation decoding (1 = greedy)
     val_images: int = 0  # validate on the first N validation images (0 = all)
-    seed: int = 0
+    seed: int = 0  # initial weights (a random-init encoder's too), batch order, dropout
+    split_seed: int = 0  # the train/val/test draw, for layouts without their own split (Kaggle)
     image_blind: bool = False  # control run: images shuffled against their captions in training
     skip_bad: bool = False  # leave out bad dataset items (counted and printed) instead of stopping
     cache_dir: str = ""  # "" = $CAPTUNE_CACHE_DIR or ~/.cache/captune
@@ -166,6 +167,12 @@ def read_config_file(path: str | Path, arch: str) -> list[tuple[str, dict]]:
 def preset_layers(data_root: str | Path, arch: str) -> list[tuple[str, dict]]:
     preset = Path(data_root) / PRESET_FILE
     return read_config_file(preset, arch) if preset.is_file() else []
+
+
+def split_seed_of(train_config: dict) -> int:
+    """The split seed a checkpoint's run trained on (checkpoints from before split_seed drew the
+    split from `seed`)."""
+    return int(train_config.get("split_seed", train_config.get("seed", 0)))
 
 
 def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:

@@ -96,7 +96,7 @@ def prepare_with_features(data_root: str | Path, cfg: TrainConfig, cache_dir: Pa
     built here: each decoded batch is encoded while it is still on the device (EarlyFeatures)."""
     encoder = frozen_encoder(cfg, device)
     early = EarlyFeatures(encoder, device)
-    data = prepare_data(data_root, cfg.image_size, cache_dir, skip_bad=cfg.skip_bad, seed=cfg.seed,
+    data = prepare_data(data_root, cfg.image_size, cache_dir, skip_bad=cfg.skip_bad, seed=cfg.split_seed,
                         progress=progress, on_batch=early)
     features = encoder_features(encoder, cfg.encoder, weights_id(cfg.encoder, cfg.pretrained, cfg.seed), data,
                                 cache_dir, device, progress=progress, early=early.result())

@@ -68,21 +68,29 @@ def evaluate_beams(loaded: Loaded, data_root: str | Path, split: str = "test", b
                    cache_dir: Path | None = None, skip_bad: bool = False,
                    device: torch.device | None = None) -> dict[int, dict]:
     """evaluate_split for each beam width, {beam: scores}; the images are encoded once for all."""
-    from data.cache import default_cache_dir
-    from data.prepare import prepare_data
-    from trainables.features import encoded_rows
     from trainables.metrics import bleu
 
+    captions, refs = caption_split(loaded, data_root, split, beams, cache_dir, skip_bad, device)
+    return {beam: {"split": split, "beam": beam, "images": len(refs), **bleu(hyps, refs)}
+            for beam, hyps in captions.items()}
+
+
+def caption_split(loaded: Loaded, data_root: str | Path, split: str = "test", beams: tuple[int, ...] = (1,),
+                  cache_dir: Path | None = None, skip_bad: bool = False,
+                  device: torch.device | None = None) -> tuple[dict[int, list[str]], list[list[str]]]:
+    """The model's captions of a split's images for each beam width, and their references, in the
+    split's order: ({beam: captions}, references)."""
+    from data.cache import default_cache_dir
+    from data.prepare import prepare_data
+    from trainables.config import split_seed_of
+    from trainables.features import encoded_rows
+
     device = device or torch.device("cpu")
-    seed = int(loaded.payload.get("train_config", {}).get("seed", 0))  # the seeded split it trained on
-    data = prepare_data(data_root, image_size_of(loaded), cache_dir or default_cache_dir(),
-                        skip_bad=skip_bad, seed=seed, progress=False)
+    data = prepare_data(data_root, image_size_of(loaded), cache_dir or default_cache_dir(), skip_bad=skip_bad,
+                        seed=split_seed_of(loaded.payload.get("train_config", {})), progress=False)
     rows, refs = data.rows(split), data.captions(split)
     model = loaded.model.to(device).eval()
     feats = np.concatenate([f for _, f in encoded_rows(model.encoder, data.pixels, rows, device)])  # (R, F)
-    scores = {}
-    for beam in beams:
-        hyps = decode(model, feats, np.arange(len(rows)), loaded.vocab, max_len_of(loaded), beam,
-                      encode=False, device=device)
-        scores[beam] = {"split": split, "beam": beam, "images": len(rows), **bleu(hyps, refs)}
-    return scores
+    captions = {beam: decode(model, feats, np.arange(len(rows)), loaded.vocab, max_len_of(loaded), beam,
+                             encode=False, device=device) for beam in beams}
+    return captions, refs

@@ -70,7 +70,7 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
     lead = ctx.rank == 0
     cache_dir = cfg.cache_path()
     if data is None:
-        data = prepare_data(data_root, cfg.image_size, cache_dir, skip_bad=cfg.skip_bad, seed=cfg.seed,
+        data = prepare_data(data_root, cfg.image_size, cache_dir, skip_bad=cfg.skip_bad, seed=cfg.split_seed,
                             progress=lead)
     vocab = data.vocabulary(cfg.vocab_threshold)
     torch.manual_seed(cfg.seed)  # the same init on every rank
@@ -115,6 +115,7 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
                    "setup_seconds": setup_seconds,
                    "vocab_size": len(vocab), "skipped_items": len(data.skipped)}
         history.append(metrics)
+        metrics.update(best_so_far(history))
         if lead:
             print(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  " +
                   "  ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")) +
@@ -127,6 +128,13 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
         else:
             ctx.report(metrics, None)
     return metrics
+
+
+def best_so_far(history: list[dict]) -> dict:
+    """The run's objective after these epochs: its best validation BLEU-4 and that epoch. On a tie
+    the later epoch, as Ray's checkpoint managers keep the later of two equal checkpoints."""
+    best = max(reversed(history), key=lambda h: h["bleu4"])
+    return {"best_bleu4": best["bleu4"], "best_epoch": best["epoch"]}
 
 
 def _encoder_inputs(model: Captioner, cfg: TrainConfig, data: PreparedData, cache_dir: Path,

@@ -64,8 +64,8 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
                  storage_path: str | None = None, max_failures: int = 0, keep: str = "best",
                  callbacks: list | None = None, tracking_uri: str | None = None,
                  mlflow_run_id: str | None = None) -> TorchTrainer:
-    """keep="best": the two best checkpoints by validation bleu4 (a training run's result);
-    keep="last": only the latest (a sweep trial, scored by its last epoch)."""
+    """keep="best": the two best checkpoints by validation bleu4, and the latest (which a restart
+    goes on from); keep="last": only the latest."""
     resources = {"CPU": cpus or cpus_per_worker(workers)}
     if use_gpu:
         resources["GPU"] = gpus_per_worker

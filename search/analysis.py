@@ -1,0 +1,82 @@
+"""Which hyperparameters mattered in a search, from its Optuna study, logged on the search's
+parent run: `importance_<param>` metrics (Optuna's fANOVA importances, seeded) and three charts
+under `search_analysis/` (importances, optimization history, parallel coordinates).
+
+What they explain: each trial's best validation BLEU-4 by the grace period's epoch, which ASHA
+lets every trial reach. Finished trials alone would be few (ASHA stops about half) and chosen by
+how they began; a stopped trial's final value is a truncated score. At one epoch for all, every
+trial counts and each counts alike. With fewer than MIN_TRIALS such trials an importance says
+nothing: none is logged, and the tag `captune.importance_note` says how many it needs.
+"""
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import matplotlib
+import optuna
+from optuna.trial import TrialState
+
+from captune import tracking
+from search.mlflow_names import IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX
+
+matplotlib.use("Agg")  # a Ray worker has no display
+
+MIN_TRIALS = 5
+
+
+def log_search_analysis(client, parent_id: str, storage_url: str, study_name: str, params: list[str],
+                        at_epoch: int) -> dict:
+    """The importances logged (none when too few trials reached `at_epoch`), as {param: importance}."""
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    at = at_epoch_study(study, at_epoch)
+    target = f"best validation BLEU-4 by epoch {at_epoch}"
+    importances: dict = {}
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="captune-analysis-") as tmp:
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        charts = []
+        if at.trials:
+            charts.append(("optimization_history.png", lambda: optuna.visualization.matplotlib.plot_optimization_history(
+                at, target_name=target)))
+        if len(at.trials) >= 2 and params:
+            charts.append(("parallel_coordinates.png", lambda: optuna.visualization.matplotlib.plot_parallel_coordinate(
+                at, params=params, target_name=target)))
+        if len(at.trials) >= MIN_TRIALS and params:
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+            importances = optuna.importance.get_param_importances(at, evaluator=evaluator, params=params)
+            charts.append(("importances.png", lambda: optuna.visualization.matplotlib.plot_param_importances(
+                at, evaluator=evaluator, params=params, target_name=target)))
+            logged = {f"{IMPORTANCE_PREFIX}{k}": v for k, v in importances.items()}
+            client.log_batch(parent_id, metrics=tracking.metric_entities(logged))
+            client.set_tag(parent_id, IMPORTANCE_BASIS_TAG, f"fANOVA over {len(at.trials)} trials, explaining the {target}")
+        else:
+            client.set_tag(parent_id, IMPORTANCE_NOTE_TAG, f"needs at least {MIN_TRIALS} trials that reached epoch "
+                                                           f"{at_epoch}; this search has {len(at.trials)}")
+        for name, draw in charts:
+            _save(draw(), Path(tmp) / name, f"search {study_name}, {len(at.trials)} trials")
+        if charts:
+            client.log_artifacts(parent_id, tmp, "search_analysis")
+    return importances
+
+
+def at_epoch_study(study: optuna.Study, epoch: int) -> optuna.Study:
+    """An in-memory study holding each trial of `study` that reached `epoch` (finished or stopped
+    by ASHA later), valued by its intermediate value there: its best BLEU-4 by that epoch."""
+    at = optuna.create_study(direction=study.direction)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if epoch in t.intermediate_values:
+            at.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions,
+                                                   value=t.intermediate_values[epoch]))
+    return at
+
+
+def _save(ax, path: Path, subtitle: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_title(f"{ax.get_title()}: {subtitle}")
+    figure = ax.figure
+    figure.set_size_inches(9, 5)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

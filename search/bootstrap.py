@@ -1,0 +1,79 @@
+"""Paired bootstrap over test images: is one captioner's corpus BLEU-4 really higher than another's?
+
+Both systems caption the same images. Each resample draws the images with replacement (seeded),
+and both corpus BLEU-4 scores are recomputed on that same draw; the spread of their difference
+over the resamples gives a 95 % interval (percentiles), and the share of draws each one wins.
+Scores come from nltk's per-caption n-gram counts (trainables.metrics.bleu_statistics), summed
+over the drawn images: exactly corpus BLEU on that draw, at the cost of a sum. Several runs of one
+system (seed replicates) are pooled by adding their counts image by image.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from trainables.metrics import bleu_from_statistics
+
+RESAMPLES, LEVEL = 1000, 0.95
+
+
+@dataclass
+class PairedBootstrap:
+    a: str
+    b: str
+    images: int
+    resamples: int
+    seed: int
+    bleu4_a: float
+    bleu4_b: float
+    difference: float  # bleu4_a - bleu4_b on all the images
+    low: float  # the LEVEL interval of the difference
+    high: float
+    a_wins: float  # share of resamples in which a scores higher
+    b_wins: float
+    level: float = LEVEL
+
+    @property
+    def clear(self) -> bool:
+        """The interval leaves out 0: one of the two is better on this test set."""
+        return self.low > 0 or self.high < 0
+
+    def verdict(self) -> str:
+        if not self.clear:
+            return (f"no clear difference between {self.a} and {self.b} on {self.images:,} test images "
+                    f"({self.level:.0%} interval of {self.a} - {self.b} BLEU-4 [{self.low:+.4f}, {self.high:+.4f}] "
+                    f"contains 0)")
+        a_better = self.difference > 0
+        better, worse = (self.a, self.b) if a_better else (self.b, self.a)
+        low, high = (self.low, self.high) if a_better else (-self.high, -self.low)
+        wins = self.a_wins if a_better else self.b_wins
+        return (f"{better} beats {worse} by {abs(self.difference):.4f} BLEU-4 on {self.images:,} test images "
+                f"({self.level:.0%} interval [{low:+.4f}, {high:+.4f}]; wins {wins:.1%} of {self.resamples:,} "
+                f"resamples)")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "clear": self.clear, "verdict": self.verdict()}
+
+
+def paired_bootstrap(stats_a: np.ndarray, stats_b: np.ndarray, names: tuple[str, str] = ("a", "b"),
+                     resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> PairedBootstrap:
+    """stats_*: (images, columns) bleu_statistics of each system's captions of the same images, in
+    the same order (for replicates, their statistics added image by image)."""
+    stats_a, stats_b = np.asarray(stats_a), np.asarray(stats_b)
+    if stats_a.shape != stats_b.shape or not len(stats_a):
+        raise ValueError(f"paired bootstrap needs both systems' statistics on the same images, got "
+                         f"{stats_a.shape} and {stats_b.shape}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    n = len(stats_a)
+    rng = np.random.default_rng(seed)
+    draws = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)])  # (R, n)
+    score_a = bleu_from_statistics(draws @ stats_a)  # (R,)
+    score_b = bleu_from_statistics(draws @ stats_b)
+    diff = score_a - score_b
+    tail = (1 - level) / 2
+    low, high = np.quantile(diff, [tail, 1 - tail])
+    full_a, full_b = float(bleu_from_statistics(stats_a.sum(0))), float(bleu_from_statistics(stats_b.sum(0)))
+    return PairedBootstrap(names[0], names[1], n, resamples, seed, full_a, full_b, full_a - full_b, float(low),
+                           float(high), float((diff > 0).mean()), float((diff < 0).mean()), level)

@@ -1,0 +1,16 @@
+"""The tag names a sweep writes to MLflow and reads back (one place, so writers and readers agree)."""
+SWEEP_TAG = "captune.sweep"  # the sweep's name, on every run of it
+KIND_TAG = "captune.kind"  # search (an architecture's parent run), trial, control, replicate, compare
+TRIAL_TAG = "captune.trial_id"  # a trial run's Tune trial id
+STATE_TAG = "captune.end_state"  # how a trial ended (search.objective)
+NODE_TAG = "captune.node_id"  # the Ray node that ran the trial (its last epoch, after a restart)
+SEED_TAG = "captune.seed"  # a rerun's training seed
+ERROR_TAG = "captune.error"
+COMPARE_KEY_TAG = "captune.compare_key"  # a comparison run's settings (models, data, split, seeds, resamples)
+CONTROL_VERDICT_TAG = "captune.control_verdict"  # on a search's parent: does the champion beat its control
+CONTROL_ERROR_TAG = "captune.control_error"  # on a search's parent: why its control run failed
+IMPORTANCE_NOTE_TAG = "captune.importance_note"  # on a search's parent: why no importance was logged
+IMPORTANCE_BASIS_TAG = "captune.importance_basis"  # on a search's parent: what the importances explain
+IMPORTANCE_PREFIX = "importance_"  # a search parent's metric per searched parameter
+CONTROL_METRICS = ("control_bleu4", "control_test_bleu4", "test_bleu4", "control_gap", "control_gap_low",
+                   "control_gap_high")  # on a search's parent (search.control)

@@ -1,0 +1,38 @@
+"""What a sweep optimises and how a trial ended, stated once for Tune, ASHA, Optuna, MLflow, the
+leaderboard and the registry.
+
+A trial's value is its best validation BLEU-4 over the epochs it ran (`best_bleu4`, reported every
+epoch by the training loop with `best_epoch`), and the checkpoint registered for a champion is
+that epoch's. A trial ends in one of four states:
+
+| state           | when                                           | Optuna   | MLflow status |
+|-----------------|------------------------------------------------|----------|---------------|
+| `finished`      | it ran every epoch                             | COMPLETE | FINISHED      |
+| `early-stopped` | ASHA stopped it before the last epoch          | PRUNED   | FINISHED      |
+| `diverged`      | its loss became NaN or infinite                | FAIL     | FAILED        |
+| `failed`        | it raised (after Tune's restarts)              | FAIL     | FAILED        |
+"""
+from __future__ import annotations
+
+import hashlib
+
+METRIC, MODE = "best_bleu4", "max"
+EPOCH_METRIC = "bleu4"  # one epoch's validation BLEU-4, of which METRIC is the running best
+
+FINISHED, EARLY_STOPPED, DIVERGED, FAILED = "finished", "early-stopped", "diverged", "failed"
+
+
+def end_state(last_result: dict | None, max_epochs: int, errored: bool) -> str:
+    """How a trial ended, from its last reported result."""
+    last = last_result or {}
+    if errored or not last:
+        return FAILED
+    if last.get("diverged_reason"):
+        return DIVERGED
+    return FINISHED if int(last.get("epoch", 0)) >= max_epochs else EARLY_STOPPED
+
+
+def sampler_seed(sweep_seed: int, arch: str) -> int:
+    """Each architecture's search draws its own configurations: a seed derived from the sweep's
+    seed and the architecture, the same on every run and independent of which architectures run."""
+    return int.from_bytes(hashlib.sha256(f"{sweep_seed}/{arch}".encode()).digest()[:4], "big")

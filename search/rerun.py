@@ -1,0 +1,101 @@
+"""One rerun, in a Ray worker: a fixed configuration trained again outside the search (the
+image-blind control of a champion, or one seed replicate of it), its best epoch scored on the
+test split, all recorded as an MLflow run under the architecture's search run.
+
+The run keeps the best validation epoch, as a trial and `captune train` do, and scores that epoch
+on the test split with greedy decoding. It returns the test captions' BLEU statistics, for the
+paired bootstrap, and logs the captions (`test_captions.json`) so that a resumed sweep or compare
+reuses a finished rerun instead of training it again.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from captune import tracking
+from search.mlflow_names import ERROR_TAG
+from search.reruns import RerunJob
+from trainables.checkpoint import FILENAME, load_checkpoint
+from trainables.config import TrainConfig
+from trainables.inference import caption_split
+from trainables.loop import WorkerContext, train
+from trainables.metrics import bleu, bleu_statistics
+
+CAPTIONS_ARTIFACT = "test_captions.json"
+
+
+def rerun(job: RerunJob) -> dict:
+    """Train, score the best epoch on the test split, record. Returns {"run_id", "val": best
+    epoch's validation scores, "test": its test BLEU-1..4, "statistics": per test image, and for
+    `also_score` "other_test" and "other_statistics"}."""
+    from mlflow import MlflowClient
+
+    torch.set_num_threads(job.threads)
+    device = torch.device("cuda" if job.use_gpu else "cpu")
+    cfg = TrainConfig(**job.config).validate(f"{job.kind} run of {job.config['arch']}")
+    client = MlflowClient(job.tracking_uri)
+    run = client.create_run(job.experiment_id, run_name=job.run_name, tags=job.tags())
+    run_id = run.info.run_id
+    try:
+        client.log_batch(run_id, params=tracking.param_entities({**cfg.to_dict(), "data": job.data_root}))
+        logger = tracking.EpochLogger(job.tracking_uri, run_id)
+        with tempfile.TemporaryDirectory(prefix="captune-rerun-") as keep:
+            best = Path(keep) / FILENAME
+
+            def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+                logger.log(metrics)
+                if checkpoint_dir is not None and metrics["best_epoch"] == metrics["epoch"]:
+                    shutil.copyfile(checkpoint_dir / FILENAME, best)
+
+            with contextlib.redirect_stdout(sys.stderr):  # progress, not output: `compare --json` stays JSON
+                last = train(cfg, job.data_root, WorkerContext(device=device, report=report))
+            out = {"run_id": run_id, "val": {"best_bleu4": last["best_bleu4"], "best_epoch": last["best_epoch"]},
+                   **_test(load_checkpoint(best), job, device)}
+        if job.also_score:
+            other = _test(tracking.load_captioner(job.also_score, job.tracking_uri), job, device)
+            out["other_test"], out["other_statistics"] = other["test"], other["statistics"]
+        client.log_batch(run_id, metrics=tracking.metric_entities({f"test_{k}": v for k, v in out["test"].items()}))
+        client.log_dict(run_id, {"captions": out.pop("captions")}, CAPTIONS_ARTIFACT)
+        client.set_terminated(run_id, "FINISHED")
+        return out
+    except BaseException as e:
+        client.set_tag(run_id, ERROR_TAG, f"{type(e).__name__}: {e}"[:5000])
+        client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _test(loaded, job: RerunJob, device: torch.device) -> dict:
+    skip_bad = bool(loaded.payload.get("train_config", {}).get("skip_bad", False))
+    captions, refs = caption_split(loaded, job.data_root, "test", (1,), skip_bad=skip_bad, device=device)
+    return {"test": bleu(captions[1], refs), "statistics": bleu_statistics(captions[1], refs).tolist(),
+            "captions": captions[1]}
+
+
+def saved_result(client, run_id: str, job: RerunJob) -> dict:
+    """A finished rerun's result, read back from its run: its logged test captions are scored
+    again against the references (statistics are not stored, captions are); `also_score` is
+    scored afresh."""
+    from data.prepare import prepare_data
+    from trainables.config import split_seed_of
+
+    m = client.get_run(run_id).data.metrics
+    with tempfile.TemporaryDirectory(prefix="captune-rerun-") as folder:
+        local = client.download_artifacts(run_id, CAPTIONS_ARTIFACT, folder)
+        captions = json.loads(Path(local).read_text())["captions"]
+    cfg = TrainConfig(**job.config)
+    data = prepare_data(job.data_root, cfg.image_size, cfg.cache_path(), skip_bad=cfg.skip_bad,
+                        seed=split_seed_of(job.config), progress=False)
+    out = {"run_id": run_id, "val": {"best_bleu4": m.get("best_bleu4"), "best_epoch": m.get("best_epoch")},
+           "test": {f"bleu{n}": m[f"test_bleu{n}"] for n in range(1, 5)},
+           "statistics": bleu_statistics(captions, data.captions("test")).tolist()}
+    if job.also_score:
+        device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+        other = _test(tracking.load_captioner(job.also_score, job.tracking_uri), job, device)
+        out["other_test"], out["other_statistics"] = other["test"], other["statistics"]
+    return out
