@@ -26,8 +26,7 @@ SWEEP_FILE ?= search/demo.yaml
 SEEDS ?= 2
 demo: $(VENV)/.installed $(DATA)/captions.txt
 	$(BIN)/captune data check $(DATA)
-	$(BIN)/captune sweep --data $(DATA) --name $(SWEEP) --config $(SWEEP_FILE)
-	$(BIN)/captune compare $(SWEEP) --seeds $(SEEDS)
+	$(BIN)/captune sweep --data $(DATA) --name $(SWEEP) --config $(SWEEP_FILE) --seeds $(SEEDS)
 
 test: $(VENV)/.installed
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q

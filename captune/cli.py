@@ -145,7 +145,7 @@ def cmd_sweep(args) -> int:
     print("\nleaderboard:")
     print(format_leaderboard(leaderboard(args.name, args.tracking_uri), top=20))
     print()
-    print(format_comparison(compare(args.name, args.data, args.tracking_uri, address=args.address)))
+    print(format_comparison(compare(args.name, args.data, args.tracking_uri, seeds=args.seeds, address=args.address)))
     print(f"\nMLflow UI: {_ui_command(args.tracking_uri)}  (experiment '{args.name}')")
     return 0
 
@@ -251,6 +251,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Tune results: a folder, s3://..., or a shared mount (default: $CAPTUNE_STORAGE/sweeps "
                         "when CAPTUNE_STORAGE is set, as on a cluster.yaml cluster, else runs/sweeps)")
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this --name")
+    w.add_argument("--seeds", type=_non_negative, default=0,
+                   help="end with `captune compare --seeds K`: each champion retrained with K new seeds (default 0)")
     w.add_argument("--no-control", action="store_true",
                    help="skip the image-blind control run of each champion (the floor its BLEU-4 must clear)")
     _tracking_args(w)
