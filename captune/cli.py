@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainables.catalog import ARCHS
+from trainables.catalog import ARCHS, MAX_BEAM
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +196,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _beam(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_BEAM:
+        raise argparse.ArgumentTypeError(f"beam width must be in 1..{MAX_BEAM} (1 = greedy; papers use 3-5), "
+                                         f"got {value}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -286,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="checkpoint path, or MLflow URI (runs:/ID/model, models:/NAME@ALIAS)")
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
-    e.add_argument("--beam", type=_positive, default=1, help="beam width (1 = greedy)")
+    e.add_argument("--beam", type=_beam, default=1, help=f"beam width, 1..{MAX_BEAM} (1 = greedy)")
     e.add_argument("--skip-bad", action="store_true")
     e.add_argument("--json", action="store_true")
     _tracking_args(e)
@@ -295,7 +303,7 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("caption", help="caption image files")
     k.add_argument("model", help="checkpoint path, or MLflow URI (runs:/ID/model, models:/NAME@ALIAS)")
     k.add_argument("images", nargs="+", metavar="IMAGE")
-    k.add_argument("--beam", type=_positive, default=3)
+    k.add_argument("--beam", type=_beam, default=3, help=f"beam width, 1..{MAX_BEAM} (1 = greedy)")
     _tracking_args(k)
     k.set_defaults(run=cmd_caption)
     return p

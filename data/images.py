@@ -23,7 +23,7 @@ def read_image(path: str | Path, size: int) -> np.ndarray:
             raise ImageError(f"{path}: empty file (0 bytes)")
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at reduced scale, still reads every byte
-            im = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            im = to_rgb8(im, path).resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
     except ImageError:
         raise
@@ -33,6 +33,45 @@ def read_image(path: str | Path, size: int) -> np.ndarray:
         raise ImageError(f"{path}: not an image PIL can read (is it really a JPEG/PNG?)") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: corrupt or truncated image ({e})") from e
+
+
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}  # full scale of each
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+PLAIN_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr")
+
+
+def to_rgb8(im: Image.Image, path: Path) -> Image.Image:
+    """8-bit RGB of any image mode PIL opens, scaled, not clipped: PIL's own convert("RGB") clips
+    a 16-bit image's values at 255 (a 16-bit PNG turned white). Transparent pixels are shown over
+    white, as a viewer shows them. Modes whose scale is unknown are refused by name."""
+    mode = im.mode
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode in PLAIN_MODES:
+        return im.convert("RGB")
+    if mode in WIDE_MODES or mode in ("I", "F"):
+        values = np.asarray(im, dtype=np.float64)
+        full = WIDE_MODES.get(mode) or _full_scale(mode, values, path)
+        grey = np.clip(np.rint(values * (255 / full)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    raise ImageError(f"{path}: image mode {mode} is not supported (convert it to 8-bit RGB, e.g. a JPEG or PNG)")
+
+
+def _full_scale(mode: str, values: np.ndarray, path: Path) -> float:
+    """The white level of a 32-bit integer ("I") or float ("F") greyscale image: PIL opens 16-bit
+    PNGs as "I" (values 0..65535); floats are taken as 0..1. Other ranges are refused."""
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "I" and low >= 0 and high <= 65535:
+        return 65535
+    if mode == "F" and low >= 0 and high <= 1:
+        return 1
+    expected = "0..65535 (16-bit)" if mode == "I" else "0..1"
+    raise ImageError(f"{path}: {'32-bit integer' if mode == 'I' else 'floating-point'} image with values "
+                     f"{low:g}..{high:g}, outside {expected}: its white level is unknown; convert it to 8-bit RGB")
 
 
 def default_decoder() -> str:

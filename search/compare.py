@@ -92,6 +92,7 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
     from captune.raycluster import init_ray
     from search import sizing
     from search.reruns import RerunJob, run_reruns
+    from trainables.config import split_seed_of
 
     init_ray(address)
     gpus = max(float(parent.data.params.get("gpus_per_worker", 0)) for parent, _, _ in champions.values())
@@ -99,6 +100,7 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
     jobs = []
     for arch, (parent, loaded, root) in champions.items():
         config = dict(loaded.payload["train_config"])
+        config["split_seed"] = split_seed_of(config)  # a checkpoint from before split_seed drew it from seed
         for seed in range(int(config["seed"]) + 1, int(config["seed"]) + 1 + seeds):
             jobs.append(RerunJob(kind="replicate", config={**config, "seed": seed}, data_root=str(root),
                                  tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent.info.run_id,

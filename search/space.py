@@ -2,6 +2,7 @@
 default), kept apart from the model code and turned into Ray Tune distributions here."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,9 @@ def _space(arch: str, section: dict, source: str) -> SearchSpace:
         if not isinstance(args, list) or not args or (kind != "choice" and len(args) != 2):
             raise ConfigError(f"{source}: {key}: {kind} takes {'a list of values' if kind == 'choice' else '[low, high]'}, got {args!r}")
         if kind != "choice":
-            if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args) or args[0] >= args[1]:
-                raise ConfigError(f"{source}: {key}: {kind} needs numbers low < high, got {args!r}")
+            if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args) \
+                    or args[0] >= args[1]:
+                raise ConfigError(f"{source}: {key}: {kind} needs finite numbers low < high, got {args!r}")
             if kind == "loguniform" and args[0] <= 0:
                 raise ConfigError(f"{source}: {key}: loguniform needs low > 0, got {args!r}")
             if kind == "int" and not all(isinstance(a, int) for a in args):

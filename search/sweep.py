@@ -84,6 +84,15 @@ def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
     searches = []
     for arch in req.archs:
         space = spaces[arch]
+        if not space.searched:  # Tune would fail later, after Ray and MLflow started, with "no search space"
+            raise ConfigError(f"{source} [{arch}]: nothing to search: no key has a range or choices "
+                              f"({{loguniform: [low, high]}}, {{choice: [...]}}, ...); give one a range, or train the "
+                              f"single configuration with `captune train`")
+        fixed_by_set = sorted(set(req.overrides) & set(space.searched))
+        if fixed_by_set:  # a trial's drawn value would silently win over --set
+            raise ConfigError(f"--set {', '.join(fixed_by_set)}: {source} searches {' and '.join(fixed_by_set)} for "
+                              f"{arch}; to fix it, copy that file, give it a plain value there and pass the copy "
+                              f"with --config")
         base = compose(arch, preset_layers(req.data_root, arch) + [(f"{source} [{arch}]", space.fixed),
                                                                    ("--set", req.overrides)])
         base = replace(base, epochs=settings.max_epochs)

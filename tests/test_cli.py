@@ -65,10 +65,32 @@ def test_bad_items_are_named_without_traceback(bad_dataset):
     (["--set", "colour=red"], "unknown key 'colour'"),
     (["--set", "epochs=two"], "epochs='two' is not a valid int"),
     (["--set", "encoder=resnet50"], "encoder='resnet50' does not fit arch cnn-lstm"),
+    (["--set", "lr=inf"], "lr=inf must be a finite number"),  # inf passed `lr > 0`
+    (["--set", "weight_decay=inf"], "weight_decay=inf must be a finite number"),
+    (["--set", "val_beam=50"], "val_beam=50 must be at most 20"),
 ])
 def test_bad_settings_are_refused_naming_the_key(synth_dir, args, needle):
     result = run_cli("train", "--arch", "cnn-lstm", "--data", str(synth_dir), *args)
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_beam_widths_and_files_that_are_not_models_are_refused_clearly(tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    for args in (["evaluate", "m.pt", "--data", str(tmp_path), "--beam", "1000000"],
+                 ["caption", "m.pt", str(image), "--beam", "21"], ["caption", "m.pt", str(image), "--beam", "0"]):
+        result = run_cli(*args)
+        assert result.returncode == 2 and "beam width must be in 1..20" in result.stderr, result.stderr
+    (tmp_path / "notes.txt").write_text("epoch 1 loss 2.3\n")  # torch: KeyError: 101
+    result = run_cli("caption", str(tmp_path / "notes.txt"), str(image))
+    assert result.returncode == 2 and "notes.txt: not a PyTorch checkpoint file" in result.stderr
+    assert "KeyError" not in result.stderr and "Traceback" not in result.stderr
+    # a pickle of anything but tensors and plain values: refused without torch's advice to unpickle it
+    subprocess.run([sys.executable, "-c", "import torch, argparse; torch.save({'x': argparse.Namespace(a=1)}, "
+                    f"{str(tmp_path / 'pickled.pt')!r})"], check=True)
+    result = run_cli("caption", str(tmp_path / "pickled.pt"), str(image))
+    assert result.returncode == 2 and "captune never runs code from a model file" in result.stderr
+    assert "weights_only" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unknown_layout_and_missing_model(tmp_path):

@@ -123,7 +123,7 @@ def test_frozen_random_encoder_is_saved_as_its_seed_and_checked_on_load(tmp_path
 
 def test_refuses_files_that_are_not_checkpoints(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable captune checkpoint"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint file"):
         read_payload(tmp_path / "x.pt")
     torch.save({"some": "dict"}, tmp_path / "y.pt")
     with pytest.raises(CheckpointError, match="not a captune checkpoint"):

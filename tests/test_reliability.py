@@ -237,7 +237,10 @@ def test_duplicate_listing_and_skip_bad_counts(ray_cluster, tmp_path, capsys):
 @pytest.mark.parametrize("space,setting,needle", [
     ({"vocab_threshold": {"int": [1, 100000]}}, [], "vocab_threshold=100000 leaves no words"),
     (None, ["--set", "colour=red"], "unknown key 'colour'"),
-    (None, ["--set", "lr=-1"], "lr=-1.0 must be greater than 0"),
+    (None, ["--set", "grad_clip=-1"], "grad_clip=-1.0 must be greater than 0"),
+    ({"lr": {"loguniform": [1.0e-4, float("inf")]}}, [], "loguniform needs finite numbers low < high"),
+    ({"lr": 0.002}, [], "nothing to search: no key has a range or choices"),  # Ray: "no search space"
+    (None, ["--set", "lr=0.001"], "--set lr: "),  # the drawn lr would silently win
     ({"hidden_size": {"choice": [32, 0]}}, [], "hidden_size value 0 is invalid"),
 ])
 def test_sweep_settings_are_refused_before_any_trial(ray_cluster, synth_dir, tmp_path, capsys, space, setting,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from trainables.encoders import ImageEncoder, weights_digest
 from trainables.models import Captioner, ModelConfig, build_model
 
 FORMAT = "captune-checkpoint/1"
+NOT_A_CHECKPOINT = ("not a PyTorch checkpoint file (a captune model is the model.pt that `captune train` or a "
+                    "sweep writes, or an MLflow URI such as runs:/<id>/model)")
 FILENAME = "model.pt"
 
 
@@ -63,8 +66,15 @@ def read_payload(path: str | Path, map_location: str = "cpu") -> dict:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
-    except Exception as e:  # torch raises several types for files that are not checkpoints
-        raise CheckpointError(f"{path}: not a readable captune checkpoint ({type(e).__name__}: {e})") from None
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
+        # torch's message advises weights_only=False, which would run whatever code the file holds
+        raise CheckpointError(f"{path}: holds pickled objects other than tensors and plain values; refused, as "
+                              f"captune never runs code from a model file (a captune model holds only weights "
+                              f"and settings)") from None
+    except Exception:  # torch raises several types (KeyError, RuntimeError, EOFError) for other files
+        raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a captune checkpoint (expected format {FORMAT})")
     return payload

@@ -3,13 +3,14 @@ preset, a config file, command-line options), each checked and converted once, h
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from trainables.catalog import ARCHS, RESNET_ENCODERS, VGG_ENCODERS
+from trainables.catalog import ARCHS, MAX_BEAM, RESNET_ENCODERS, VGG_ENCODERS
 
 PRESET_FILE = "captune.yaml"  # a dataset folder's own preset, e.g. the built-in dataset's
 
@@ -76,9 +77,14 @@ class TrainConfig:
                     "batch_size", "epochs", "val_beam"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be at least 1")
+        for f in fields(self):  # inf passes every comparison below that nan fails
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                raise bad(f.name, "must be a finite number")
         for key in ("lr", "grad_clip"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be greater than 0")
+        if self.val_beam > MAX_BEAM:
+            raise bad("val_beam", f"must be at most {MAX_BEAM}")
         if not 0 <= self.dropout < 1:
             raise bad("dropout", "must be in [0, 1)")
         if self.weight_decay < 0 or self.val_images < 0:

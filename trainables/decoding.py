@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from trainables.catalog import MAX_BEAM
+
 if TYPE_CHECKING:
     from trainables.models import Captioner
 
@@ -17,8 +19,8 @@ def generate(model: "Captioner", feats: torch.Tensor, start_id: int, end_id: int
     Hypotheses are ranked by total log-probability. A finished hypothesis only extends with
     `end_id` at no cost, so it keeps its score while the others grow.
     """
-    if beam < 1 or max_len < 1:
-        raise ValueError(f"beam and max_len must be >= 1, got beam={beam}, max_len={max_len}")
+    if not 1 <= beam <= MAX_BEAM or max_len < 1:
+        raise ValueError(f"beam must be in 1..{MAX_BEAM} and max_len >= 1, got beam={beam}, max_len={max_len}")
     batch, device = feats.size(0), feats.device
     rows = torch.arange(batch, device=device).repeat_interleave(beam)  # hypothesis -> image
     state = model.reorder(model.start(feats), rows)
