@@ -31,6 +31,8 @@ def read_image(path: str | Path, size: int) -> np.ndarray:
         raise ImageError(f"{path}: no such file") from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{path}: not an image PIL can read (is it really a JPEG/PNG?)") from e
+    except Image.DecompressionBombError as e:  # not an OSError: it escaped as a traceback
+        raise ImageError(f"{path}: too large to decode safely ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: corrupt or truncated image ({e})") from e
 

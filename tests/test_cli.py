@@ -10,6 +10,7 @@ from PIL import Image
 from captune.cli import main
 from tests import datasets
 from tests.conftest import tiny_overrides
+from tests.test_images import bomb_png
 from trainables.checkpoint import load_checkpoint, read_payload
 from trainables.inference import evaluate_beams, evaluate_split
 
@@ -42,6 +43,7 @@ def bad_dataset(tmp_path) -> Path:
     (root / "Images" / "img003.jpg").write_bytes(b"")
     good = (root / "Images" / "img004.jpg").read_bytes()
     (root / "Images" / "img004.jpg").write_bytes(good[: len(good) // 2])
+    bomb_png(root / "Images" / "img005.jpg")  # claims 30000 x 30000 pixels: PIL's DecompressionBombError
     with open(root / "captions.txt", "a") as f:
         f.write("img006.jpg,a caption,with,too many fields\n")
     return root
@@ -51,12 +53,13 @@ def test_bad_items_are_named_without_traceback(bad_dataset):
     check = run_cli("data", "check", str(bad_dataset))
     assert check.returncode == 1
     for needle in ("img002.jpg", "img003.jpg", "empty file", "img004.jpg", "truncated", "captions.txt:38",
-                   "malformed_line"):
+                   "malformed_line", "img005.jpg", "too large to decode safely"):
         assert needle in check.stdout, needle
     train = run_cli("train", "--arch", "cnn-lstm", "--data", str(bad_dataset), "--set", "pretrained=false",
                     "--set", "encoder=vgg-small")
     assert train.returncode == 2 and "Traceback" not in train.stderr
     assert "img002.jpg" in train.stderr and "captions.txt:38" in train.stderr and "--skip-bad" in train.stderr
+    assert "img005.jpg" in train.stderr
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -61,3 +61,22 @@ def test_images_of_unknown_scale_are_refused_by_name(tmp_path):
     Image.fromarray(np.full((4, 4), 3.5, dtype=np.float32)).save(tmp_path / "hdr.tif")
     with pytest.raises(ImageError, match="hdr.tif: floating-point image with values 3.5..3.5, outside 0..1"):
         read_image(tmp_path / "hdr.tif", 4)
+
+
+def bomb_png(path, side: int = 30000):
+    """A PNG whose header claims side x side pixels: PIL refuses it on opening, before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_a_bad_image_not_a_traceback(tmp_path):
+    with pytest.raises(ImageError, match="bomb.png: too large to decode safely"):
+        read_image(bomb_png(tmp_path / "bomb.png"), 4)
