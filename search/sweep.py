@@ -164,8 +164,9 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     settings, searches = plan(req)
     root = storage_root(req.storage)
     uri = tracking.configure(req.tracking_uri)
-    experiment_id = tracking.experiment_id(req.name, uri)
     client = mlflow.MlflowClient(uri)
+    restorable = _check_name(client, uri, req, root, [search.arch for search in searches])
+    experiment_id = tracking.experiment_id(req.name, uri)
     init_ray(req.address)
     if req.gpus_per_worker > 0:
         _wait_for_gpus(req)
@@ -174,20 +175,15 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     slots = 0 if settings.max_concurrent else max(len(searches), sizing.concurrent_trials(
         req.address, req.workers_per_trial, req.gpus_per_worker, cpus))
     concurrent = settings.max_concurrent or slots // len(searches)
-    jobs = []
-    for search in searches:
-        arch = search.arch
-        path = f"{root}/{req.name}-{arch}"
-        restore = _can_restore(path)  # with --resume, a search that never started starts now
-        if restore and not req.resume:
-            raise SweepExists(f"sweep {req.name!r} already has results for {arch} at {path}: continue it with "
-                              f"--resume, or choose another --name")
+    for search in searches:  # every architecture's data checked before any run is recorded
         data = _prepare(req.data_root, search.base,
                         features=not _attached(req) and not (FEATURE_KEYS & set(search.space.searched)))
         _check_vocabulary(data, search, req.config_file)
-        parent_id = _parent_run(client, experiment_id, req, settings, search)
+    jobs = []
+    for search in searches:  # with --resume, a search that never started starts now
+        parent_id = _parent_run(client, experiment_id, req, settings, search, root)
         jobs.append(SearchJob(req, settings, search, uri, experiment_id, parent_id, root, cpus,
-                              min(settings.trials, concurrent), slots, restore))
+                              min(settings.trials, concurrent), slots, restorable[search.arch]))
     if not all(job.restore for job in jobs):  # create the study database once, before the searches share it
         from optuna.storages import RDBStorage
 
@@ -212,6 +208,28 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     return [outcomes[job.search.arch] for job in jobs]
 
 
+def _check_name(client, uri: str, req: SweepRequest, root: str, archs: list[str]) -> dict[str, bool]:
+    """A sweep name means one sweep: its Tune results in one storage and its runs in one MLflow
+    experiment. Returns, per architecture, whether Tune's state is there to resume."""
+    restorable = {arch: _can_restore(f"{root}/{req.name}-{arch}") for arch in archs}
+    experiment = client.get_experiment_by_name(req.name)
+    parents = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{req.name}' and tags.`{KIND_TAG}` = 'search'")
+    elsewhere = sorted({p.data.params["storage"] for p in parents if p.data.params.get("storage", root) != root})
+    if elsewhere:
+        raise SweepExists(f"sweep {req.name!r} already exists with its results in {elsewhere[0]} (MLflow at {uri}), "
+                          f"not in {root}: pass --storage {elsewhere[0]} (the default, runs/sweeps, is relative to "
+                          f"the folder you run from), or choose another --name")
+    if not req.resume and (any(restorable.values()) or parents):
+        where = ", ".join(f"{root}/{req.name}-{a}" for a, found in restorable.items() if found) or f"MLflow at {uri}"
+        raise SweepExists(f"sweep {req.name!r} already has results ({where}): continue it with --resume, or choose "
+                          f"another --name")
+    if req.resume and not any(restorable.values()) and not parents:
+        raise SweepExists(f"--resume: there is no sweep {req.name!r} to resume (nothing under {root}, nothing in "
+                          f"MLflow at {uri}); leave out --resume to start it")
+    return restorable
+
+
 def _slot_pool(sweep: str, slots: int, archs: list[str]):
     from search.slots import create_pool
 
@@ -228,7 +246,8 @@ def _can_restore(path: str) -> bool:
     return tune.Tuner.can_restore(path)
 
 
-def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSettings, search: ArchSearch) -> str:
+def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSettings, search: ArchSearch,
+                root: str) -> str:
     arch, base = search.arch, search.base
     parent_id, created = find_or_create_run(client, experiment_id, {SWEEP_TAG: req.name, KIND_TAG: "search",
                                                                     "arch": arch}, run_name=f"{arch}-search")
@@ -237,7 +256,8 @@ def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSe
             **{f"space.{k}": f"{kind}{args}" for k, (kind, args) in search.space.searched.items()},
             **{f"base.{k}": v for k, v in base.to_dict().items()}, **vars(settings),
             "data": str(Path(req.data_root).resolve()), "workers_per_trial": req.workers_per_trial,
-            "gpus_per_worker": req.gpus_per_worker, "sampler_seed": sampler_seed(settings.seed, arch)}))
+            "gpus_per_worker": req.gpus_per_worker, "sampler_seed": sampler_seed(settings.seed, arch),
+            "storage": root}))
     client.update_run(parent_id, status="RUNNING")
     return parent_id
 

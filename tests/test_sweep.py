@@ -183,6 +183,15 @@ def test_sweep_both_archs_records_runs_registers_champions(ray_cluster, synth_di
     assert main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config),
                  "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]) == 2
     assert "continue it with --resume" in capsys.readouterr().err
+    # a name means one sweep: not the same name in another storage, not --resume of one that never ran
+    for extra in ([], ["--resume"]):
+        assert main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config), "--storage",
+                     str(tmp_path / "elsewhere"), "--tracking-uri", tracking_uri, *extra]) == 2
+        assert f"already exists with its results in {tmp_path / 'tune'}" in capsys.readouterr().err
+    assert main(["sweep", "--data", str(synth_dir), "--name", "never-ran", "--config", str(config), "--storage",
+                 str(tmp_path / "tune"), "--tracking-uri", tracking_uri, "--resume"]) == 2
+    assert "there is no sweep 'never-ran' to resume" in capsys.readouterr().err
+    assert client.get_experiment_by_name("never-ran") is None and not (tmp_path / "elsewhere").exists()
 
 
 @pytest.fixture(scope="module")
