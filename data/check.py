@@ -20,7 +20,7 @@ def check_dataset(root: str | Path, seed: int = 0, decode_images: bool = True, p
     corpus = load_corpus(root, seed=seed)
     problems = list(corpus.problems)
     if decode_images:
-        missing = {p.image for p in problems if p.kind == "missing_image"}
+        missing = {p.image for p in problems if p.kind in ("missing_image", "outside_dataset")}  # not read
         names = sorted(im for im in corpus.captions if im not in missing)
         bar = tqdm(total=len(names), desc="decoding images", unit="img", disable=not progress, leave=False)
         with bar:

@@ -251,11 +251,26 @@ def _check_images_exist(corpus: Corpus, file: Path, line_of: dict[str, int]) -> 
     for image in [im for im, caps in corpus.captions.items() if not caps]:
         corpus.problems.append(Problem("no_captions", str(file), line_of.get(image),
                                        f"{image} has no usable caption", image))
-    present = {p.name for p in corpus.image_dir.iterdir()} if corpus.image_dir.is_dir() else set()
+    entries = list(corpus.image_dir.iterdir()) if corpus.image_dir.is_dir() else []
+    present = {p.name for p in entries}
     for image in corpus.captions:
         if image not in present and not corpus.image_path(image).is_file():
             corpus.problems.append(Problem("missing_image", str(file), line_of.get(image),
                                            f"{image} has captions but no file in {corpus.image_dir}", image))
+    _check_links(corpus, [p for p in entries if p.is_symlink() and p.name in corpus.captions], file, line_of)
+
+
+def _check_links(corpus: Corpus, links: list[Path], file: Path, line_of: dict[str, int]) -> None:
+    """Nothing outside the dataset is read: an image that is a link must lead inside the dataset
+    folder or the image folder (either may itself be a link, to another disk, say)."""
+    inside = (corpus.root.resolve(), corpus.image_dir.resolve())
+    for link in links:
+        target = link.resolve()
+        if not any(target.is_relative_to(folder) for folder in inside):
+            corpus.problems.append(Problem("outside_dataset", str(file), line_of.get(link.name),
+                                           f"{link.name} is a link to {target}, outside the dataset folder "
+                                           f"{inside[0]}: copy the image in, or leave it out with --skip-bad",
+                                           link.name))
 
 
 def _report_unsplit(corpus: Corpus) -> None:

@@ -119,3 +119,40 @@ class TestRealFlickr8k:
         assert [(p["kind"], p["image"]) for p in errors] == [("missing_image", "2258277193_586949ec62.jpg.1")]
         unsplit = sorted(p["image"] for p in report["problems"] if p["kind"] == "no_split")
         assert unsplit == (SHARED_FLICKR / "images_without_split.txt").read_text().split()
+
+
+def test_links_leading_outside_the_dataset_are_refused_not_followed(tmp_path):
+    import shutil
+
+    from data.check import check_dataset
+    from data.prepare import DataProblems, prepare_data
+
+    caps = datasets.sample_captions(40)  # 4 validation images: 2 bad ones still leave some
+    root = datasets.kaggle(tmp_path / "data", caps)
+    elsewhere = tmp_path / "elsewhere.jpg"
+    shutil.move(root / "Images" / "img001.jpg", elsewhere)
+    (root / "Images" / "img001.jpg").symlink_to(elsewhere)  # an image, but not in the dataset
+    (root / "Images" / "img000.jpg").unlink()
+    (root / "Images" / "img000.jpg").symlink_to("/etc/hostname")
+    inside = root / "Images" / "img002.jpg"
+    shutil.move(inside, root / "kept.jpg")
+    inside.symlink_to(root / "kept.jpg")  # a link within the dataset folder is fine
+    report = check_dataset(root)
+    outside = {p["image"]: p for p in report["problems"] if p["kind"] == "outside_dataset"}
+    assert set(outside) == {"img000.jpg", "img001.jpg"}
+    assert "/etc/hostname" in outside["img000.jpg"]["detail"] and outside["img000.jpg"]["line"] is not None
+    assert not any(p["kind"] == "corrupt_image" for p in report["problems"])  # /etc/hostname never opened
+    with pytest.raises(DataProblems, match="img000.jpg is a link to /etc/hostname"):
+        prepare_data(root, 32, tmp_path / "cache")
+    data = prepare_data(root, 32, tmp_path / "cache", skip_bad=True, progress=False)
+    assert {p.image for p in data.skipped} == {"img000.jpg", "img001.jpg"}
+    # the image folder itself may be a link (a dataset on another disk)
+    moved = tmp_path / "disk2" / "Images"
+    moved.parent.mkdir()
+    shutil.move(root / "Images", moved)
+    (root / "Images").symlink_to(moved)
+    (moved / "img000.jpg").unlink()
+    (moved / "img001.jpg").unlink()
+    shutil.copy(root / "kept.jpg", moved / "img000.jpg")
+    shutil.copy(root / "kept.jpg", moved / "img001.jpg")
+    assert not [p for p in check_dataset(root)["problems"] if p["severity"] == "error"]
