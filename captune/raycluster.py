@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from captune.forkserver import worker_command
+from trainables.config import ConfigError
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -41,3 +42,20 @@ def root_cause(error: BaseException) -> str:
         if head.endswith(("Error", "Exception", "Diverged", "Problems")) and " " not in head:
             return line
     return lines[-1] if lines else type(error).__name__
+
+
+def require_resources(workers: int, cpus_per_worker: int, gpus_per_worker: float, address: str | None) -> None:
+    """Refuse up front what the Ray cluster cannot hold: Ray would wait for it forever (a worker
+    group that never starts). An autoscaling cluster may grow, so only a local one is refused
+    for CPUs; GPUs are refused where there are none to wait for."""
+    import ray
+
+    have = ray.cluster_resources()
+    need_cpus, need_gpus = workers * cpus_per_worker, workers * gpus_per_worker
+    if not (address or os.environ.get("RAY_ADDRESS")) and need_cpus > have.get("CPU", 0):
+        raise ConfigError(f"--workers {workers}: {workers} worker(s) x {cpus_per_worker} CPU need {need_cpus} CPUs; "
+                          f"the local Ray cluster has {have.get('CPU', 0):g} ({os.cpu_count()} cores): use at most "
+                          f"{int(have.get('CPU', 0) // cpus_per_worker)} workers, or a cluster (--address)")
+    if need_gpus > have.get("GPU", 0) and not (address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError(f"--workers {workers} --gpu: {workers} worker(s) x {gpus_per_worker:g} GPU need "
+                          f"{need_gpus:g} GPUs; the local Ray cluster has {have.get('GPU', 0):g}")

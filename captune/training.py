@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captune import tracking
-from captune.raycluster import init_ray, root_cause
+from captune.raycluster import init_ray, require_resources, root_cause
 from data.prepare import prepare_data
 from trainables.checkpoint import FILENAME, read_payload
 from trainables.config import TrainConfig
@@ -35,6 +35,10 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    init_ray(ray_address)
+    from trainables.ray_train import cpus_per_worker
+
+    require_resources(workers, cpus_per_worker(workers), 1.0 if use_gpu else 0.0, ray_address)
     # Check the data and decode the images once, here, before any worker starts: a bad dataset
     # fails in seconds with the full report, and the workers find the pixel cache ready.
     data = prepare_data(data_root, cfg.image_size, cfg.cache_path(),
@@ -49,7 +53,6 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
         mlflow.log_params({**tracking.flat_params("", cfg.to_dict()), "data": str(Path(data_root).resolve()),
                            "workers": workers, "gpu": use_gpu})
         mlflow.set_tags({"arch": cfg.arch, "captune.kind": "train", "image_blind": str(cfg.image_blind)})
-        init_ray(ray_address)
         from trainables.ray_train import make_trainer
 
         trainer = make_trainer(cfg, data_root, workers=workers, use_gpu=use_gpu, name=out.name,
