@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from captune import tracking
@@ -13,6 +17,7 @@ from trainables.checkpoint import load_checkpoint, read_payload
 from trainables.config import split_seed_of
 
 ALIAS = "champion"
+LOCK_SUFFIX = ".promotion-lock"
 
 
 def model_name(arch: str) -> str:
@@ -33,7 +38,6 @@ def validation_key(data_root: str | Path, train_config: dict) -> str:
 def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
     """Log the best trial's model in its run, register it, and move the champion alias if it wins."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     name, checkpoint = model_name(arch), Path(best["checkpoint"])
     payload = read_payload(checkpoint)
@@ -52,22 +56,63 @@ def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
     for tag, value in {"bleu4": best["bleu4"], "epoch": payload["epoch"], "val_key": key,
                        "trial_id": best["trial_id"]}.items():
         client.set_model_version_tag(name, version, tag, str(value))
+    with promotion_lock(client, name):
+        return claim_alias(client, name, version, best["bleu4"], key, data_root, payload["train_config"])
+
+
+def claim_alias(client, name: str, version: str, score: float, key: str, data_root, train_config: dict) -> dict:
+    """Move the champion alias to `version` if it beats the current champion (compared on the same
+    validation split). Call it holding the promotion lock: it reads, compares, then writes."""
+    from mlflow.exceptions import MlflowException
+
     try:
         current = client.get_model_version_by_alias(name, ALIAS)
     except MlflowException:
         current = None
-    result = {"name": name, "version": version, "bleu4": best["bleu4"], "previous": None, "promoted": False}
+    result = {"name": name, "version": version, "bleu4": score, "previous": None, "promoted": False}
     if current is None:
         result["promoted"] = True
     else:
-        mine, theirs = best["bleu4"], _champion_score(current, key, data_root, payload["train_config"])
+        mine, theirs = score, _champion_score(current, key, data_root, train_config)
         if current.tags.get("val_key") != key:  # measured on other data: score both here, alike
-            mine = _score(f"models:/{name}/{version}", data_root, payload["train_config"])
+            mine = _score(f"models:/{name}/{version}", data_root, train_config)
         result["previous"] = {"version": current.version, "bleu4": theirs}
         result["promoted"] = mine > theirs
     if result["promoted"]:
         client.set_registered_model_alias(name, ALIAS, version)
     return result
+
+
+@contextmanager
+def promotion_lock(client, name: str, timeout_s: float | None = None):
+    """One promoter of `name` at a time, across processes and machines that share the tracking
+    server: registering a model name is atomic in every MLflow store (the name is unique), so the
+    lock is the registered model `<name>.promotion-lock`, created to take it, deleted to give it
+    back. Two sweeps ending together otherwise both read the old champion, both win, and the
+    alias ends on whichever wrote last."""
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{name}{LOCK_SUFFIX}"
+    timeout_s = float(os.environ.get("CAPTUNE_PROMOTION_LOCK_S", "600")) if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(lock, description=f"held by {socket.gethostname()} pid {os.getpid()} "
+                                                             f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            if time.monotonic() > deadline:
+                holder = client.get_registered_model(lock).description
+                raise RuntimeError(f"{name}: the promotion lock {lock} ({holder}) was not released in {timeout_s:.0f}s. "
+                                   f"If no sweep is registering {name} now, its holder died: delete the registered "
+                                   f"model {lock} (MLflow UI, Models) and resume the sweep") from None
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
 
 
 def _champion_score(current, key: str, data_root, train_config: dict) -> float:
