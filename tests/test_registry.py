@@ -12,10 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROMOTER = """
 import json, sys, time
+from pathlib import Path
 from mlflow import MlflowClient
 from search import registry
 
-uri, version, score, start, locked = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5] == "1"
+uri, version, score, delay, locked, ready, go = (sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]),
+                                                 sys.argv[5] == "1", Path(sys.argv[6]), Path(sys.argv[7]))
 client = MlflowClient(uri)
 read = client.get_model_version_by_alias
 
@@ -23,11 +25,15 @@ def slow_read(*args, **kwargs):  # widen the window between reading the champion
     try:
         return read(*args, **kwargs)
     finally:  # also when there is no champion yet (MLflow raises)
-        time.sleep(0.6)
+        time.sleep(1.0)
 
 client.get_model_version_by_alias = slow_read
-while time.time() < start:
+ready.write_text("ready")  # imports done: wait for the common start
+while not go.exists():
     time.sleep(0.005)
+start = float(go.read_text()) + delay
+while time.time() < start:
+    time.sleep(0.001)
 if locked:
     with registry.promotion_lock(client, "captune-race"):
         result = registry.claim_alias(client, "captune-race", version, score, "same-split", None, {})
@@ -46,10 +52,15 @@ def race(tmp_path: Path, name: str, locked: bool) -> tuple:
         v = client.create_model_version("captune-race", source=str(tmp_path), tags={"bleu4": str(score),
                                                                                       "val_key": "same-split"})
         versions[score] = str(v.version)
-    start = time.time() + 7  # both processes imported (torch too: ~4 s) and waiting by then
-    procs = [subprocess.Popen([sys.executable, "-c", PROMOTER, uri, versions[score], str(score), str(start + delay),
-                               "1" if locked else "0"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-             for score, delay in ((0.6, 0.0), (0.3, 0.1))]  # the weaker one 0.1 s later
+    go = tmp_path / f"{name}.go"
+    procs = [subprocess.Popen([sys.executable, "-c", PROMOTER, uri, versions[score], str(score), str(delay),
+                               "1" if locked else "0", str(tmp_path / f"{name}-{score}.ready"), str(go)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for score, delay in ((0.6, 0.0), (0.3, 0.3))]  # the weaker one 0.3 s later, inside the 1 s window
+    deadline = time.time() + 120
+    while not all((tmp_path / f"{name}-{s}.ready").exists() for s in (0.6, 0.3)) and time.time() < deadline:
+        time.sleep(0.05)
+    go.write_text(str(time.time() + 0.5))
     results = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert not [m for m in client.search_registered_models() if m.name.endswith(".promotion-lock")]  # released

@@ -67,7 +67,9 @@ def read_payload(path: str | Path, map_location: str = "cpu") -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
     except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():
+        # torch 2.14 names a refused class "Unsupported global: GLOBAL module.Class"; any other
+        # unpickling failure (bytes that are no pickle at all) is a file that is not a checkpoint
+        if "Unsupported global" not in str(e):
             raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
         # torch's message advises weights_only=False, which would run whatever code the file holds
         raise CheckpointError(f"{path}: holds pickled objects other than tensors and plain values; refused, as "
