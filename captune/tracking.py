@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainables.config import ConfigError
+
 if TYPE_CHECKING:
     from trainables.checkpoint import Loaded
 
@@ -35,6 +37,35 @@ def configure(tracking_uri: str | None = None) -> str:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def require_writable_store(tracking_uri: str | None = None) -> None:
+    """A local SQLite store that cannot be written is refused up front, naming it: SQLite would
+    otherwise retry for minutes once training is under way, then end in a traceback."""
+    uri = tracking_uri or default_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if db.is_dir():
+        raise ConfigError(f"MLflow store {db}: a folder of that name exists; the store is a file (e.g. {db}/mlflow.db)")
+    writable_folder(db.parent, f"MLflow store {db}")
+    if db.exists() and not os.access(db, os.W_OK):
+        raise ConfigError(f"MLflow store {db}: the file is read-only")
+
+
+def writable_folder(folder: Path, what: str) -> Path:
+    """`folder`, created if need be, once a file could be written in it; else a ConfigError naming
+    it (a file in the way, a read-only file system, no permission), before any work starts."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what}: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".captune-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
+    return folder
 
 
 def experiment_id(name: str, tracking_uri: str) -> str:

@@ -33,8 +33,8 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
               ray_address: str | None = None) -> TrainOutcome:
     import mlflow
 
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = tracking.writable_folder(Path(out).resolve(), "--out")
+    tracking.require_writable_store(tracking_uri)
     init_ray(ray_address)
     from trainables.ray_train import cpus_per_worker
 

@@ -163,9 +163,12 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
 
     settings, searches = plan(req)
     root = storage_root(req.storage)
+    tracking.require_writable_store(req.tracking_uri)
     uri = tracking.configure(req.tracking_uri)
     client = mlflow.MlflowClient(uri)
     restorable = _check_name(client, uri, req, root, [search.arch for search in searches])
+    if "://" not in root:
+        tracking.writable_folder(Path(root), "--storage")
     experiment_id = tracking.experiment_id(req.name, uri)
     init_ray(req.address)
     if req.gpus_per_worker > 0:

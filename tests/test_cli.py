@@ -105,6 +105,22 @@ def test_more_workers_than_the_cluster_holds_are_refused_up_front(ray_cluster, s
     assert not (tmp_path / "m.db").exists()  # refused before any run was recorded
 
 
+def test_output_and_store_paths_that_cannot_be_written_are_refused_up_front(synth_dir, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file where a folder should go")
+    args = ["train", "--arch", "cnn-lstm", "--data", str(synth_dir)]
+    assert main([*args, "--out", str(tmp_path / "taken"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    assert f"--out: {tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "run"), "--tracking-uri", f"sqlite:///{tmp_path / 'taken' / 'm.db'}"]) == 2
+    assert f"MLflow store {tmp_path / 'taken' / 'm.db'}: {tmp_path / 'taken'} is a file, not a folder" in \
+           capsys.readouterr().err
+    (tmp_path / "store").mkdir()
+    assert main([*args, "--out", str(tmp_path / "run"), "--tracking-uri", f"sqlite:///{tmp_path / 'store'}"]) == 2
+    assert "a folder of that name exists; the store is a file" in capsys.readouterr().err
+    assert main(["sweep", "--data", str(synth_dir), "--name", "w", "--storage", str(tmp_path / "taken"),
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    assert f"--storage: {tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_unknown_layout_and_missing_model(tmp_path):
     result = run_cli("data", "check", str(tmp_path))
     assert result.returncode == 2 and "unknown dataset layout" in result.stderr
