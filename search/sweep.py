@@ -167,8 +167,6 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     uri = tracking.configure(req.tracking_uri)
     client = mlflow.MlflowClient(uri)
     restorable = _check_name(client, uri, req, root, [search.arch for search in searches])
-    if "://" not in root:
-        tracking.writable_folder(Path(root), "--storage")
     experiment_id = tracking.experiment_id(req.name, uri)
     init_ray(req.address)
     if req.gpus_per_worker > 0:
@@ -182,6 +180,8 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
         data = _prepare(req.data_root, search.base,
                         features=not _attached(req) and not (FEATURE_KEYS & set(search.space.searched)))
         _check_vocabulary(data, search, req.config_file)
+    if "://" not in root:  # last of the checks: it creates the folder
+        tracking.writable_folder(Path(root), "--storage")
     jobs = []
     for search in searches:  # with --resume, a search that never started starts now
         parent_id = _parent_run(client, experiment_id, req, settings, search, root)

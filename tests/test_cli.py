@@ -105,7 +105,7 @@ def test_more_workers_than_the_cluster_holds_are_refused_up_front(ray_cluster, s
     assert not (tmp_path / "m.db").exists()  # refused before any run was recorded
 
 
-def test_output_and_store_paths_that_cannot_be_written_are_refused_up_front(synth_dir, tmp_path, capsys):
+def test_output_and_store_paths_that_cannot_be_written_are_refused_up_front(ray_cluster, synth_dir, tmp_path, capsys):
     (tmp_path / "taken").write_text("a file where a folder should go")
     args = ["train", "--arch", "cnn-lstm", "--data", str(synth_dir)]
     assert main([*args, "--out", str(tmp_path / "taken"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
