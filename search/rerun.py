@@ -57,9 +57,7 @@ def rerun(job: RerunJob) -> dict:
                 last = train(cfg, job.data_root, WorkerContext(device=device, report=report))
             out = {"run_id": run_id, "val": {"best_bleu4": last["best_bleu4"], "best_epoch": last["best_epoch"]},
                    **_test(load_checkpoint(best), job, device)}
-        if job.also_score:
-            other = _test(tracking.load_captioner(job.also_score, job.tracking_uri), job, device)
-            out["other_test"], out["other_statistics"] = other["test"], other["statistics"]
+        out.update(_also_scored(job, device))
         client.log_batch(run_id, metrics=tracking.metric_entities({f"test_{k}": v for k, v in out["test"].items()}))
         client.log_dict(run_id, {"captions": out.pop("captions")}, CAPTIONS_ARTIFACT)
         client.set_terminated(run_id, "FINISHED")
@@ -68,6 +66,14 @@ def rerun(job: RerunJob) -> dict:
         client.set_tag(run_id, ERROR_TAG, f"{type(e).__name__}: {e}"[:5000])
         client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+
+
+def _also_scored(job: RerunJob, device: torch.device) -> dict:
+    """`also_score`'s test scores and statistics on the same images ({} when there is none)."""
+    if not job.also_score:
+        return {}
+    other = _test(tracking.load_captioner(job.also_score, job.tracking_uri), job, device)
+    return {"other_test": other["test"], "other_statistics": other["statistics"]}
 
 
 def _test(loaded, job: RerunJob, device: torch.device) -> dict:
@@ -94,8 +100,5 @@ def saved_result(client, run_id: str, job: RerunJob) -> dict:
     out = {"run_id": run_id, "val": {"best_bleu4": m.get("best_bleu4"), "best_epoch": m.get("best_epoch")},
            "test": {f"bleu{n}": m[f"test_bleu{n}"] for n in range(1, 5)},
            "statistics": bleu_statistics(captions, data.captions("test")).tolist()}
-    if job.also_score:
-        device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
-        other = _test(tracking.load_captioner(job.also_score, job.tracking_uri), job, device)
-        out["other_test"], out["other_statistics"] = other["test"], other["statistics"]
-    return out
+    device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+    return {**out, **_also_scored(job, device)}
