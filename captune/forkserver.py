@@ -78,6 +78,12 @@ def _private_folder() -> str:
 def stand_in(worker_argv: list[str]) -> None:
     """Run the worker as a fork of the server, or, when there is none, exec it the usual way."""
     raylet = os.getppid()  # Ray execs the worker command in the process the raylet started
+    # Ray's State API, used inside Train's actors (its placement-group cleaner), finds "the" local
+    # cluster by looking for GCS processes and fails when this machine runs two (two commands at
+    # once, each with its own local cluster). Name the worker's own, as `ray start` workers have it.
+    gcs = next((arg.split("=", 1)[1] for arg in worker_argv if arg.startswith("--gcs-address=")), None)
+    if gcs:
+        os.environ.setdefault("RAY_ADDRESS", gcs)
     request = {"argv": worker_argv, "env": dict(os.environ), "cwd": os.getcwd(), "pgid": os.getpgrp()}
     try:
         conn = _connect(socket_path(raylet), raylet)
@@ -131,6 +137,7 @@ def _dial(path: str) -> socket.socket:
 
 
 def _start_server(path: str, raylet: int) -> socket.socket:
+    _remove_stale(os.path.dirname(path))
     log = path[:-len(".sock")] + ".log"
     with open(log, "ab") as out:
         server = subprocess.Popen([sys.executable, "-m", "captune.forkserver", "--serve", path, str(raylet)],
@@ -146,6 +153,18 @@ def _start_server(path: str, raylet: int) -> socket.socket:
             time.sleep(0.1)
     server.kill()
     raise RuntimeError(f"the fork server did not start within {START_TIMEOUT_S:.0f} s; its log: {log}")
+
+
+def _remove_stale(folder: str) -> None:
+    """The files of servers whose raylet has ended (a killed server leaves its socket, lock and
+    log): named `<raylet pid>-<code digest>.*`."""
+    for name in os.listdir(folder):
+        pid = name.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass  # another worker removed it first
 
 
 # --- the server ---------------------------------------------------------------------------------
@@ -179,10 +198,11 @@ def serve(path: str, raylet: int) -> None:
                 if pid:
                     children[pid] = conn
             _reap(children)
-    finally:
+    finally:  # its raylet has ended: nothing of this server is needed again
         listener.close()
-        if os.path.exists(path):
-            os.unlink(path)
+        for leftover in (path, path + ".lock", path[:-len(".sock")] + ".log"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def _alive(pid: int) -> bool:

@@ -16,12 +16,24 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     runtime_env = {"py_executable": worker_command()} if fork_workers(remote=bool(address)) else None
     if address:
         ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
-        return
-    # A local cluster gets more logical CPUs than a 2-core machine has, or the Train controller
-    # and the workers wait on each other for a CPU forever. The dashboard (which serves the
-    # State API that Train uses to free a stopped run's placement group) listens on localhost.
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True,
-             dashboard_host="127.0.0.1", logging_level="WARNING", runtime_env=runtime_env)
+    else:
+        # A local cluster gets more logical CPUs than a 2-core machine has, or the Train controller
+        # and the workers wait on each other for a CPU forever. The dashboard (which serves the
+        # State API that Train uses to free a stopped run's placement group) listens on localhost.
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True,
+                 dashboard_host="127.0.0.1", logging_level="WARNING", runtime_env=runtime_env)
+    stop_on_sigterm()  # ray.init replaced it with its own
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (what a job scheduler sends) stops a command as Ctrl-C does: a KeyboardInterrupt
+    that the command's own clean-up sees. Ray's driver handler calls sys.exit inside whatever Ray
+    call is waiting, which ends in SIGABRT and a C++ stack dump."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def fork_workers(remote: bool) -> bool:

@@ -68,6 +68,21 @@ def writable_folder(folder: Path, what: str) -> Path:
     return folder
 
 
+def unavailable(error: BaseException) -> bool:
+    """Whether an MLflow call failed because the store could not be reached or was busy (a server
+    down, a SQLite file locked by another process), rather than refusing what was asked."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    text = str(error)
+    # sqlalchemy's OperationalError (a locked or missing database file) by name: a client of a
+    # tracking server may have mlflow-skinny without sqlalchemy
+    sql_operational = any(c.__name__ == "OperationalError" for c in type(error).__mro__)
+    return sql_operational or isinstance(error, (requests.exceptions.RequestException, ConnectionError)) or (
+        isinstance(error, MlflowException) and any(
+            sign in text for sign in ("Max retries exceeded", "Connection", "database is locked")))
+
+
 def experiment_id(name: str, tracking_uri: str) -> str:
     """Get or create an experiment. On a local SQLite store its artifacts go beside the database
     (mlflow/artifacts), not into whatever folder the command happened to run in."""
@@ -111,22 +126,57 @@ def param_entities(values: dict) -> list:
 
 
 class EpochLogger:
-    """Logs one epoch's numeric metrics to an existing run (used on rank 0 of a training job)."""
+    """Logs each epoch's numeric metrics to an existing run (rank 0 of a training job), from a
+    thread of its own: a tracking store that is slow, locked or down never holds training up or
+    ends it. What it could not write by `close` is written by the driver from the checkpoint's
+    history (captune.training.record_run), so the record is complete either way."""
 
     def __init__(self, tracking_uri: str, run_id: str):
-        from mlflow import MlflowClient
+        import queue
+        import threading
 
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = threading.Event()
+        self._warned = False
+        self._thread = threading.Thread(target=self._write, name="captune-epoch-logger", daemon=True)
+        self._thread.start()
 
     def log(self, metrics: dict) -> None:
+        self._queue.put(dict(metrics))
+
+    def close(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the records in hand, then stop writing."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._closed.set()
+
+    def _write(self) -> None:
         import time
 
-        from mlflow.entities import Metric
+        from mlflow import MlflowClient
 
-        step, now = int(metrics.get("epoch", 0)), int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and k != "epoch"]
-        self.client.log_batch(self.run_id, metrics=batch)
+        client = None
+        while (metrics := self._queue.get()) is not None:
+            while not self._closed.is_set():
+                try:
+                    client = client or MlflowClient(self.tracking_uri)
+                    step = int(metrics.get("epoch", 0))
+                    client.log_batch(self.run_id, metrics=metric_entities(
+                        {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}, step))
+                    break
+                except Exception as e:
+                    # Down or locked: try again. Anything else (a refused write) is the driver's to
+                    # raise when it writes the same record at the end; training goes on meanwhile.
+                    retry = unavailable(e)
+                    if not self._warned or not retry:
+                        self._warned = True
+                        print(f"MLflow ({self.tracking_uri}) did not take epoch {metrics.get('epoch')}'s metrics "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); training goes on, "
+                              f"and the record is completed when training ends", flush=True)
+                    if not retry:
+                        break
+                    time.sleep(5)
 
 
 def log_captioner(checkpoint: Path, registered_name: str | None = None):

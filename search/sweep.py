@@ -122,7 +122,7 @@ def run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     try:
         return _run_sweep(req)
     except Exception as e:
-        if isinstance(e, TrackingUnreachable) or not _unreachable(e):
+        if isinstance(e, TrackingUnreachable) or not tracking.unavailable(e):
             raise
         raise TrackingUnreachable(f"MLflow at {req.tracking_uri or tracking.default_tracking_uri()} did not answer "
                                   f"({type(e).__name__}); results computed so far are kept under "
@@ -352,7 +352,7 @@ def _run_search(job: SearchJob) -> ArchOutcome:
         client.set_terminated(job.parent_run_id, "FINISHED" if outcome.best else "FAILED")
         return outcome
     except Exception as e:
-        if not _unreachable(e):
+        if not tracking.unavailable(e):
             raise
         raise TrackingUnreachable(
             f"MLflow at {job.tracking_uri} did not answer ({type(e).__name__}) when the {arch} search ended. Its "
@@ -430,15 +430,6 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
 def _diverged(result) -> bool:
     """A trial that diverged reports bleu4 0 with the reason (search.trial): not a candidate."""
     return bool((result.metrics or {}).get("diverged_reason"))
-
-
-def _unreachable(error: BaseException) -> bool:
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    text = str(error)
-    return isinstance(error, (requests.exceptions.RequestException, ConnectionError)) or (
-        isinstance(error, MlflowException) and ("Max retries exceeded" in text or "Connection" in text))
 
 
 def _best_checkpoint(result):

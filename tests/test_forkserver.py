@@ -17,6 +17,7 @@ WORKER = textwrap.dedent("""
     import json, os, sys, time
     print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv, "cwd": os.getcwd(),
                       "env": os.environ.get("CAPTUNE_TEST_VALUE"), "pgid": os.getpgrp(),
+                      "ray_address": os.environ.get("RAY_ADDRESS"),
                       "preloaded": "trainables.loop" in sys.modules}), flush=True)
     if sys.argv[1] == "sleep":
         time.sleep(300)
@@ -48,15 +49,45 @@ def first_line(proc: subprocess.Popen) -> dict:
 
 
 def test_worker_runs_as_a_fork_with_the_stand_ins_arguments_streams_and_exit_status(worker_script):
-    proc = stand_in(worker_script, "exit", "3")
+    proc = stand_in(worker_script, "exit", "3", "--gcs-address=10.0.0.1:6379")
     seen = first_line(proc)
     assert proc.wait(timeout=120) == 3
     assert seen["pid"] != proc.pid and "--serve" in psutil.Process(seen["ppid"]).cmdline()  # a fork of the server
-    assert seen["argv"] == [str(worker_script), "exit", "3"]
+    assert seen["argv"] == [str(worker_script), "exit", "3", "--gcs-address=10.0.0.1:6379"]
+    # the worker's own cluster, for Ray's State API when this machine runs two local clusters
+    assert seen["ray_address"] == "10.0.0.1:6379"
     assert seen["cwd"] == str(worker_script.parent)
     assert seen["env"] == "from the stand-in"
     assert seen["pgid"] == proc.pid  # the stand-in's process group, which Ray signals to end it
     assert seen["preloaded"]  # the training code was imported before the fork
+
+
+def test_a_server_leaves_no_files_once_its_raylet_has_ended(tmp_path):
+    from captune.forkserver import _private_folder, _remove_stale
+
+    raylet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # stands in for a raylet
+    path = os.path.join(_private_folder(), f"{raylet.pid}-testonly.sock")
+    log = open(path[:-len(".sock")] + ".log", "ab")
+    open(path + ".lock", "w").close()
+    server = subprocess.Popen([sys.executable, "-m", "captune.forkserver", "--serve", path, str(raylet.pid)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
+        time.sleep(0.2)
+    raylet.kill()
+    raylet.wait()
+    assert server.wait(timeout=30) == 0
+    assert not [n for n in os.listdir(_private_folder()) if n.startswith(f"{raylet.pid}-")]
+    # files a killed server left behind (its raylet gone too) are removed when a server starts
+    for name in (f"{raylet.pid}-gone.sock.lock", f"{raylet.pid}-gone.log"):
+        open(os.path.join(_private_folder(), name), "w").close()
+    mine = os.path.join(_private_folder(), f"{os.getpid()}-testonly.log")  # a live raylet's: kept
+    open(mine, "w").close()
+    _remove_stale(_private_folder())
+    assert not [n for n in os.listdir(_private_folder()) if n.startswith(f"{raylet.pid}-")]
+    assert os.path.exists(mine)
+    os.unlink(mine)
 
 
 def test_signals_reach_the_worker_and_it_does_not_outlive_its_stand_in(worker_script):

@@ -28,6 +28,14 @@ from trainables.metrics import bleu
 from trainables.models import Captioner, ModelConfig, build_model, packed
 
 
+class Stopped(Exception):
+    """A stop was asked for (`WorkerContext.stop_requested`) during epoch `epoch` (counted from 1)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"stopped during epoch {epoch}")
+        self.epoch = epoch
+
+
 class Diverged(FloatingPointError):
     """The loss became NaN or infinite (in `epoch`, counted from 1)."""
 
@@ -46,6 +54,9 @@ class WorkerContext:
     wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
     resume_from: Path | None = None  # a folder holding model.pt
     created_at: float = field(default_factory=time.perf_counter)  # to report the set-up time
+    # Asked before each training step (it must be cheap): True ends training there, keeping the
+    # epochs already reported. With several ranks, they agree every STOP_CHECK_STEPS steps.
+    stop_requested: Callable[[], bool] = lambda: False
 
 
 class TeacherForcing(nn.Module):
@@ -106,7 +117,12 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
     setup_seconds = time.perf_counter() - ctx.created_at  # from context to first step: data, model, cache
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        loss = _train_epoch(module, model, batches, optimizer, cfg, ctx, epoch)
+        try:
+            loss = _train_epoch(module, model, batches, optimizer, cfg, ctx, epoch)
+        except Stopped as stop:  # what was reported stays; the epoch in progress is dropped
+            if lead:
+                print(f"stopped during epoch {stop.epoch}/{cfg.epochs} as asked", flush=True)
+            return {**metrics, "stopped_in_epoch": stop.epoch}
         t1 = time.perf_counter()
         hyps = decode(model, inputs, val_rows, vocab, cfg.max_len, cfg.val_beam, encode=cfg.fine_tune,
                       device=ctx.device, rank=ctx.rank, world_size=ctx.world_size)
@@ -154,6 +170,8 @@ def _train_epoch(module: nn.Module, model: Captioner, batches: ImageBatches, opt
     device = ctx.device
     loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0  # over this rank's words
     for step, batch in enumerate(batches, 1):
+        if _stop_agreed(ctx, step):
+            raise Stopped(epoch + 1)
         # Which words to predict is worked out on the host, from the caption lengths: a boolean
         # index or a loss check on the GPU would stop the host every step until the device caught up.
         targets = packed(batch.captions[:, 1:], batch.lengths, 1).data.to(device, non_blocking=True)  # (N,)
@@ -176,6 +194,19 @@ def _train_epoch(module: nn.Module, model: Captioner, batches: ImageBatches, opt
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
     return float(total[0] / total[1].clamp(min=1))
+
+
+STOP_CHECK_STEPS = 4  # several ranks must stop at the same step: they agree this often
+
+
+def _stop_agreed(ctx: WorkerContext, step: int) -> bool:
+    if ctx.world_size == 1:
+        return ctx.stop_requested()
+    if step % STOP_CHECK_STEPS:
+        return False
+    flag = torch.tensor([float(ctx.stop_requested())], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank asked: all stop here
+    return bool(flag.item())
 
 
 FINITE_CHECK_STEPS = 16  # a NaN loss stays NaN in the running sum: checking it now and then is enough

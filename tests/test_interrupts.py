@@ -1,0 +1,102 @@
+"""Stopping commands (Ctrl-C, SIGTERM) and tracking stores that fail mid-run: nothing finished is
+lost, and the command says how to go on. Real processes, signals sent to the process group as a
+terminal or a job scheduler sends them."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from mlflow import MlflowClient
+
+from captune.cli import main
+from tests.conftest import tiny_overrides
+from trainables.checkpoint import read_payload
+
+CAPTUNE = [sys.executable, "-m", "captune.cli"]
+
+
+class Output:
+    """A command's output lines as they come (in a thread), so a test can wait for one."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self._thread.start()
+
+    def wait_for(self, text: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert time.monotonic() < deadline, f"no {text!r} in time:\n" + "".join(self.lines)[-3000:]
+            time.sleep(0.1)
+
+    def text(self) -> str:
+        self._thread.join(30)
+        return "".join(self.lines)
+
+
+def start(args: list[str], **env) -> tuple[subprocess.Popen, Output]:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **env}, start_new_session=True)
+    return proc, Output(proc)
+
+
+def lock_sqlite(path) -> subprocess.Popen:
+    """Another process holding the SQLite store locked (as a long write does) until killed."""
+    code = ("import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(600)")
+    locker = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert locker.stdout.readline().strip() == "locked"
+    return locker
+
+
+def test_ctrl_c_in_train_keeps_every_finished_epoch_with_the_store_locked(ray_cluster, synth_dir, tmp_path):
+    # Training goes on while another process holds the SQLite store locked (from epoch 2); Ctrl-C
+    # at epoch 4 stops it at the next step. The finished epochs are kept in --out, the MLflow
+    # record is left to `captune record`, and `--resume` goes on from the last epoch.
+    db = tmp_path / "mlflow.db"
+    uri, out = f"sqlite:///{db}", tmp_path / "run"
+    sets = [f"--set={k}={v}" for k, v in tiny_overrides("cnn-lstm").items() if k != "epochs"]
+    proc, output = start([*CAPTUNE, "train", "--arch", "cnn-lstm", "--data", str(synth_dir), "--epochs", "500",
+                          "--out", str(out), "--tracking-uri", uri, *sets])
+    output.wait_for("epoch 2/500")
+    locker = lock_sqlite(db)
+    try:
+        output.wait_for("epoch 4/500")
+        asked = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 130
+        print(f"stopped {time.monotonic() - asked:.1f}s after Ctrl-C")
+        text = output.text()
+        assert "Traceback" not in text, text[text.index("Traceback") - 200:][:4000]
+        assert "stopping at the next training step" in text and "stopped (SIGINT (Ctrl-C))" in text
+        assert f"captune record {out}" in text and f"captune train --resume {out}" in text
+        metrics = json.loads((out / "metrics.json").read_text())
+        finished = [e["epoch"] for e in metrics["epochs"]]
+        assert finished == list(range(1, len(finished) + 1)) and len(finished) >= 4
+        assert read_payload(out / "model.pt")["epoch"] == metrics["best"]["epoch"]
+    finally:
+        locker.kill()
+
+    assert main(["record", str(out)]) == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("captune-train").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["captune.stop_reason"] == "SIGINT (Ctrl-C)"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")] == finished  # each once
+    assert run.data.tags["captune.model_epoch"] == str(metrics["best"]["epoch"])
+    assert main(["record", str(out)]) == 0  # again: nothing written twice
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")] == finished
+
+    # --resume keeps the folder's settings; another setting is refused, more epochs are not
+    assert main(["train", "--resume", str(out), "--set", "lr=0.1"]) == 2
+    total = len(finished) + 2
+    assert main(["train", "--resume", str(out), "--epochs", str(total), "--tracking-uri", uri]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, total + 1))
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and "captune.stop_reason" not in run.data.tags
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")] == list(range(1, total + 1))
+    # the same --out without --resume is refused, naming what it holds
+    assert main(["train", "--arch", "cnn-lstm", "--data", str(synth_dir), "--out", str(out)]) == 2
