@@ -26,13 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model download
-    from captune.raycluster import stop_on_sigterm
+    from captune.raycluster import signal_name, stop_on_signals
 
-    stop_on_sigterm()
+    stop_on_signals()
     try:
         return args.run(args) or 0
-    except KeyboardInterrupt:
-        print("captune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"captune: stopped by {signal_name(e)}", file=sys.stderr)
         return 130
     except Exception as e:
         if not _is_user_error(e):

@@ -22,18 +22,53 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # State API that Train uses to free a stopped run's placement group) listens on localhost.
         ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True,
                  dashboard_host="127.0.0.1", logging_level="WARNING", runtime_env=runtime_env)
-    stop_on_sigterm()  # ray.init replaced it with its own
+    stop_on_signals()  # ray.init replaced SIGTERM's handler with its own
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM (what a job scheduler sends) stops a command as Ctrl-C does: a KeyboardInterrupt
-    that the command's own clean-up sees. Ray's driver handler calls sys.exit inside whatever Ray
-    call is waiting, which ends in SIGABRT and a C++ stack dump."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM; `signal` names which, for what a command records of its stop."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal = signal_name
+
+
+# The signals received, latest last. Ray's waits turn the exception a handler raises into a plain
+# KeyboardInterrupt, so which signal it was is kept here too.
+_RECEIVED: list[str] = []
+
+
+def signal_name(interrupt: KeyboardInterrupt) -> str:
+    """"SIGINT (Ctrl-C)" or "SIGTERM": what stopped the command."""
+    name = getattr(interrupt, "signal", None) or (_RECEIVED[-1] if _RECEIVED else "SIGINT")
+    return f"{name} (Ctrl-C)" if name == "SIGINT" else name
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM (what a job scheduler sends) stop a command alike: an `Interrupted` that
+    the command's own clean-up sees. Ray's driver handler for SIGTERM calls sys.exit inside
+    whatever Ray call is waiting, which ends in SIGABRT and a C++ stack dump."""
     import signal
     import threading
 
+    def interrupt(signum, _frame):
+        _RECEIVED.append(signal.Signals(signum).name)
+        raise Interrupted(_RECEIVED[-1])
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, interrupt)
+
+
+def wait_one(refs: list):
+    """The first of `refs` to be ready. In short waits: a blocking ray.wait does not return to
+    Python until a task ends, so Ctrl-C and SIGTERM would wait for it."""
+    import ray
+
+    while True:
+        ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+        if ready:
+            return ready[0]
 
 
 def fork_workers(remote: bool) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captune import tracking
-from captune.raycluster import init_ray, require_resources, root_cause
+from captune.raycluster import Interrupted, init_ray, require_resources, root_cause, signal_name
 from data.prepare import prepare_data
 from trainables.checkpoint import FILENAME, CheckpointError, read_payload
 from trainables.config import ConfigError, TrainConfig, replace
@@ -114,8 +114,7 @@ def _fit_until_stopped(trainer, stop) -> tuple[BaseException | None, str | None,
     def on_signal(signum, _frame) -> None:
         if asked:
             raise KeyboardInterrupt
-        name = signal.Signals(signum).name
-        asked.append(f"{name}{' (Ctrl-C)' if signum == signal.SIGINT else ''}")
+        asked.append(signal_name(Interrupted(signal.Signals(signum).name)))
         print(f"\ncaptune: {asked[0]}: stopping at the next training step; every finished epoch is kept "
               f"(send it again to stop at once)", file=sys.stderr, flush=True)
         stop.set.remote()

@@ -6,6 +6,7 @@ STATE_TAG = "captune.end_state"  # how a trial ended (search.objective)
 NODE_TAG = "captune.node_id"  # the Ray node that ran the trial (its last epoch, after a restart)
 SEED_TAG = "captune.seed"  # a rerun's training seed
 ERROR_TAG = "captune.error"
+STOP_TAG = "captune.stop_reason"  # a run stopped by Ctrl-C or SIGTERM: which
 COMPARE_KEY_TAG = "captune.compare_key"  # a comparison run's settings (models, data, split, seeds, resamples)
 CONTROL_VERDICT_TAG = "captune.control_verdict"  # on a search's parent: does the champion beat its control
 CONTROL_ERROR_TAG = "captune.control_error"  # on a search's parent: why its control run failed

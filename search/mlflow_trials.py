@@ -15,7 +15,7 @@ from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
 from captune.raycluster import root_cause
-from search.mlflow_names import ERROR_TAG, KIND_TAG, NODE_TAG, STATE_TAG, SWEEP_TAG, TRIAL_TAG
+from search.mlflow_names import ERROR_TAG, KIND_TAG, NODE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
 from search.objective import DIVERGED, FAILED, end_state
 
 LOGGED = ("loss", "bleu1", "bleu2", "bleu3", "bleu4", "best_bleu4", "best_epoch", "epoch_seconds", "val_seconds", "setup_seconds",
@@ -122,9 +122,11 @@ class MlflowTrials(Callback):
     def _write(self, kind: str, trial_id: str, p: dict) -> None:
         run_id = self._run(trial_id, p["config"])
         client = self.client
-        if kind == "start":
+        if kind == "start":  # also a trial going on after the sweep was stopped: reopened
             client.set_tag(run_id, STATE_TAG, "running")
             client.update_run(run_id, status="RUNNING")
+            if STOP_TAG in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, STOP_TAG)
         elif kind == "result":
             if p["epoch"] <= self.last_epoch.get(trial_id, 0):
                 return  # a trial rerun from an older checkpoint than its run has seen

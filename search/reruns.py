@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import ray
 
+from captune.raycluster import signal_name, wait_one
 from search.mlflow_names import ERROR_TAG, KIND_TAG, SEED_TAG, SWEEP_TAG
 
 
@@ -45,17 +46,25 @@ def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: f
             queue.append(i)
     task = ray.remote(_rerun).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     pending, failures = {}, []
-    while queue or pending:
-        while queue and len(pending) < concurrent:
-            i = queue.pop(0)
-            pending[task.remote(jobs[i])] = i
-        [ref], _ = ray.wait(list(pending))
-        i = pending.pop(ref)
-        try:
-            results[i] = ray.get(ref)
-        except Exception as e:
-            failures.append(e)
-            queue.clear()  # start nothing more; let the running ones end and be recorded
+    try:
+        while queue or pending:
+            while queue and len(pending) < concurrent:
+                i = queue.pop(0)
+                pending[task.remote(jobs[i])] = i
+            ref = wait_one(list(pending))
+            i = pending.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+            except Exception as e:
+                failures.append(e)
+                queue.clear()  # start nothing more; let the running ones end and be recorded
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the reruns in progress end now, recorded as stopped
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        ray.wait(list(pending), num_returns=len(pending), timeout=15)
+        for i in pending.values():
+            _close_stale_runs(client, jobs[i], f"stopped by {signal_name(e)}; trained again by a later run")
+        raise
     if failures:
         raise failures[0]
     return results
@@ -78,9 +87,10 @@ def _finished_run(client, job: RerunJob) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def _close_stale_runs(client, job: RerunJob) -> None:
-    """A rerun of this job left RUNNING by a killed process never goes on: it is trained anew."""
+def _close_stale_runs(client, job: RerunJob, why: str = "interrupted; trained again in a later run") -> None:
+    """A rerun of this job left RUNNING (by a killed or stopped process) never goes on: it is
+    trained anew."""
     for run in client.search_runs([job.experiment_id], filter_string=f"{_query(job)} and attributes.status = 'RUNNING'"):
-        client.set_tag(run.info.run_id, ERROR_TAG, "interrupted; trained again in a later run")
+        client.set_tag(run.info.run_id, ERROR_TAG, why)
         client.set_terminated(run.info.run_id, "KILLED")
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from captune import tracking
-from captune.raycluster import init_ray
+from captune.raycluster import init_ray, signal_name, wait_one
 from data.cache import default_cache_dir
 from search import sizing
 from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
+from search.mlflow_names import STATE_TAG, STOP_TAG
 from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_create_run
 from search.space import SearchSpace, SweepSettings, load_spaces
 from search.trial import TrialSetup, trial_trainable
@@ -198,17 +201,63 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     outcomes, failures = {}, []
     try:
         while pending:  # wait for all: one search failing does not cut the other short
-            [ref], _ = ray.wait(list(pending))
+            ref = wait_one(list(pending))
             job = pending.pop(ref)
             try:
                 outcomes[job.search.arch] = ray.get(ref)
             except Exception as e:
                 failures.append(e)
+    except KeyboardInterrupt as e:
+        _stop(client, experiment_id, req, list(pending), signal_name(e))
+        raise
     finally:
         ray.kill(pool)
     if failures:
         raise failures[0]
     return [outcomes[job.search.arch] for job in jobs]
+
+
+def _stop(client, experiment_id: str, req: SweepRequest, searches: list, reason: str) -> None:
+    """Ctrl-C or SIGTERM: end the searches now (their trials resume from their last epoch), then
+    mark what the sweep left RUNNING in MLflow as KILLED with the reason; --resume reopens it."""
+    import ray
+
+    print(f"\ncaptune: {reason}: stopping sweep {req.name!r}; every finished epoch is kept", file=sys.stderr,
+          flush=True)
+    for ref in searches:
+        ray.cancel(ref, force=True)  # the trials' actors end with the task that owns them
+    ray.wait(searches, num_returns=len(searches), timeout=15)
+    running = client.search_runs([experiment_id], max_results=10000,
+                                 filter_string=f"tags.`{SWEEP_TAG}` = '{req.name}' and attributes.status = 'RUNNING'")
+    for run in running:
+        client.set_tag(run.info.run_id, STOP_TAG, reason)
+        if run.data.tags.get(KIND_TAG) == "trial":
+            client.set_tag(run.info.run_id, STATE_TAG, "interrupted")
+        client.set_terminated(run.info.run_id, "KILLED")
+    print(f"stopped: {len(running)} MLflow run(s) marked KILLED. To go on (nothing finished is redone): "
+          f"{resume_command(req)}", file=sys.stderr, flush=True)
+
+
+def resume_command(req: SweepRequest) -> str:
+    """The command that goes on with this sweep."""
+    q = shlex.quote
+    words = ["captune sweep --name", q(req.name), "--data", q(req.data_root), "--resume"]
+    if req.config_file:
+        words += ["--config", q(req.config_file)]
+    if sorted(req.archs) != sorted(ARCHS):
+        words += ["--arch", q(",".join(req.archs))]
+    for flag, value in (("--trials", req.trials), ("--epochs", req.epochs), ("--storage", req.storage),
+                        ("--tracking-uri", req.tracking_uri), ("--address", req.address)):
+        if value is not None:
+            words += [flag, q(str(value))]
+    words += [f"--set {q(f'{k}={v}')}" for k, v in req.overrides.items()]
+    if req.workers_per_trial != 1:
+        words += ["--workers-per-trial", str(req.workers_per_trial)]
+    if req.gpus_per_worker:
+        words += ["--gpus-per-worker", f"{req.gpus_per_worker:g}"]
+    if not req.control:
+        words.append("--no-control")
+    return " ".join(words)
 
 
 def _check_name(client, uri: str, req: SweepRequest, root: str, archs: list[str]) -> dict[str, bool]:
@@ -262,6 +311,8 @@ def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSe
             "gpus_per_worker": req.gpus_per_worker, "sampler_seed": sampler_seed(settings.seed, arch),
             "storage": root}))
     client.update_run(parent_id, status="RUNNING")
+    if STOP_TAG in client.get_run(parent_id).data.tags:  # stopped before: it goes on now
+        client.delete_tag(parent_id, STOP_TAG)
     return parent_id
 
 
@@ -356,9 +407,8 @@ def _run_search(job: SearchJob) -> ArchOutcome:
             raise
         raise TrackingUnreachable(
             f"MLflow at {job.tracking_uri} did not answer ({type(e).__name__}) when the {arch} search ended. Its "
-            f"trials are done and kept in {job.path}; once the server answers, `captune sweep --name {req.name} "
-            f"--resume --data {req.data_root}` writes what is missing and registers the champions without "
-            f"training again.") from None
+            f"trials are done and kept in {job.path}; once the server answers, `{resume_command(req)}` writes what "
+            f"is missing and registers the champions without training again.") from None
 
 
 FEATURE_KEYS = {"image_size", "encoder", "pretrained", "fine_tune", "seed"}  # what a feature cache depends on

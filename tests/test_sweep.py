@@ -232,29 +232,59 @@ def test_asha_stops_poor_trials_and_diverged_trials_are_recorded(ray_cluster, sy
                                   filter_string="tags.`captune.kind` = 'control'")
 
 
-def test_killed_sweep_resumes_without_repeating_trials(ray_cluster, synth_dir, tmp_path, tracking_uri):
-    config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=2, max_concurrent=1)
+def test_sweep_stopped_at_three_points_resumes_without_repeating_or_losing_anything(ray_cluster, synth_dir, tmp_path,
+                                                                                     tracking_uri):
+    # One sweep, stopped three times and resumed each time: by Ctrl-C (SIGINT to the process group,
+    # as a terminal sends it) while its first trial trains; by SIGTERM to the driver (as a job
+    # scheduler sends it) between trials; by SIGKILL once its last trial has started. Each stop
+    # keeps every finished epoch, leaves no MLflow run RUNNING (but after SIGKILL, which allows
+    # no clean-up; the resume closes those) and says how to go on.
+    config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=6, max_concurrent=1)
     args = [sys.executable, "-m", "captune.cli", "sweep", "--data", str(synth_dir), "--name", "s3", "--arch",
             "resnet-gru", "--config", str(config), "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri,
             "--no-control"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     client = MlflowClient(tracking_uri)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill the driver once one trial has ended and another has begun
-        time.sleep(2)
-        exp = client.get_experiment_by_name("s3")
-        if exp is None:
-            continue
-        states = [r.data.tags.get("captune.end_state") for r in trial_runs(client, "s3")]
-        if states.count("finished") + states.count("early-stopped") >= 1 and len(states) >= 2:
+
+    def epochs_of(run) -> int:
+        return len(client.get_metric_history(run.info.run_id, "bleu4"))
+
+    points = [  # (when to stop, how), each checked on the sweep's MLflow runs
+        (lambda runs: any(epochs_of(r) >= 1 and r.info.status == "RUNNING" for r in runs), "SIGINT to the group"),
+        (lambda runs: len(runs) >= 2 and any(r.info.status == "FINISHED" for r in runs), "SIGTERM to the driver"),
+        (lambda runs: len(runs) >= 3, "SIGKILL"),
+    ]
+    for n, (ready, how) in enumerate(points):
+        log_path = tmp_path / f"run{n}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(args + (["--resume"] if n else []), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+        deadline = time.time() + 240
+        while not (client.get_experiment_by_name("s3") and ready(trial_runs(client, "s3"))):
+            assert time.time() < deadline and proc.poll() is None, f"{how}: not reached: " + log_path.read_text()[-3000:]
+            time.sleep(0.3)
+        finished_epochs = {r.data.tags["captune.trial_id"]: epochs_of(r) for r in trial_runs(client, "s3")}
+        {"SIGINT to the group": lambda: os.killpg(proc.pid, signal.SIGINT),
+         "SIGTERM to the driver": lambda: os.kill(proc.pid, signal.SIGTERM),
+         "SIGKILL": lambda: os.killpg(proc.pid, signal.SIGKILL)}[how]()
+        asked = time.monotonic()
+        code = proc.wait(60)
+        print(f"{how}: the sweep stopped {time.monotonic() - asked:.1f}s later")
+        text = log_path.read_text()
+        if how == "SIGKILL":
+            assert code == -signal.SIGKILL
+            time.sleep(3)
             break
-    else:
-        pytest.fail("the sweep did not get through a trial in time: " + (tmp_path / "first.log").read_text()[-2000:])
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    time.sleep(3)
+        assert code == 130 and "Traceback" not in text and "SIGABRT" not in text, text[-3000:]
+        assert "captune sweep --name s3" in text and "--resume" in text  # how to go on
+        runs = client.search_runs([client.get_experiment_by_name("s3").experiment_id], filter_string="tags.`captune.sweep` = 's3'")
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        stopped = [r for r in runs if r.info.status == "KILLED"]
+        assert stopped and all(r.data.tags["captune.stop_reason"] == ("SIGINT (Ctrl-C)" if n == 0 else "SIGTERM")
+                               for r in stopped)
+        for trial_id, epochs in finished_epochs.items():  # nothing reported is lost
+            (run,) = [r for r in trial_runs(client, "s3") if r.data.tags["captune.trial_id"] == trial_id]
+            assert epochs_of(run) >= epochs
     # the killed driver took its own local Ray cluster with it; resume on the session's
     assert main(args[3:] + ["--resume"]) == 0
 
@@ -263,6 +293,8 @@ def test_killed_sweep_resumes_without_repeating_trials(ray_cluster, synth_dir, t
     assert len(done) == 3 == len(set(done))
     assert all(r.data.tags["captune.end_state"] in ("finished", "early-stopped") for r in runs
                if r.data.tags["captune.trial_id"] in done)
+    assert all(r.info.status in ("FINISHED", "KILLED") and "captune.stop_reason" not in r.data.tags for r in runs
+               if r.data.tags["captune.trial_id"] in done)  # reopened, then ended as they did
     # A trial started in the second before the kill, after Tune's last snapshot, is closed in both
     # Optuna (failed) and MLflow (interrupted); usually there is none.
     interrupted = len(runs) - len(done)
@@ -270,13 +302,16 @@ def test_killed_sweep_resumes_without_repeating_trials(ray_cluster, synth_dir, t
     states = [t.state for t in study]
     assert states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED) == 3
     assert states.count(optuna.trial.TrialState.FAIL) >= interrupted
-    # the default configuration was evaluated once, not enqueued again by the resume
+    # the default configuration was evaluated once, not enqueued again by a resume
     default = {"lr": 0.002, "hidden_size": 256, "vocab_threshold": 2}
     assert sum(t.params == default for t in study) == 1
     for run in runs:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")] == \
                list(range(1, int(run.data.tags.get("captune.epochs_run", 0)) + 1)) or \
                run.data.tags["captune.end_state"] == "interrupted"  # each epoch logged once
+    (parent,) = client.search_runs([client.get_experiment_by_name("s3").experiment_id],
+                                   filter_string="tags.`captune.kind` = 'search'")
+    assert parent.info.status == "FINISHED" and "captune.stop_reason" not in parent.data.tags
     tune_trials = {p.name for p in (tmp_path / "tune" / "s3-resnet-gru").iterdir() if p.is_dir()}
     assert 3 <= len(tune_trials) <= 3 + interrupted
 
