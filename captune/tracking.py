@@ -83,6 +83,27 @@ def unavailable(error: BaseException) -> bool:
             sign in text for sign in ("Max retries exceeded", "Connection", "database is locked")))
 
 
+def require_free_space(needs: list[tuple[Path, int, str]]) -> None:
+    """Refuse up front what the disks cannot hold: each (folder, bytes, what for) is summed per
+    file system and compared with its free space, naming the folder, before any work starts."""
+    import shutil
+
+    per_device: dict[int, list[tuple[Path, int, str]]] = {}
+    for folder, size, what in needs:
+        folder = next(p for p in (folder, *folder.parents) if p.exists())
+        per_device.setdefault(folder.stat().st_dev, []).append((folder, size, what))
+    for items in per_device.values():
+        need, free = sum(size for _, size, _ in items), shutil.disk_usage(items[0][0]).free
+        if need > free:
+            wanted = "; ".join(f"{what} in {folder}: about {_mb(size)}" for folder, size, what in items)
+            together = f" (together {_mb(need)})" if len(items) > 1 else ""
+            raise ConfigError(f"not enough free space: {wanted}{together}; its file system has {_mb(free)} free")
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB" if size < 10e9 else f"{size / 1e9:,.1f} GB"
+
+
 def experiment_id(name: str, tracking_uri: str) -> str:
     """Get or create an experiment. On a local SQLite store its artifacts go beside the database
     (mlflow/artifacts), not into whatever folder the command happened to run in."""

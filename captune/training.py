@@ -3,6 +3,7 @@
 is locked or down loses nothing: `captune record OUT` writes what it could not take."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 from captune import tracking
 from captune.raycluster import Interrupted, init_ray, require_resources, root_cause, signal_name
 from data.prepare import prepare_data
-from trainables.checkpoint import FILENAME, CheckpointError, read_payload
+from trainables.checkpoint import FILENAME, CheckpointError, DiskFullError, read_payload
 from trainables.config import ConfigError, TrainConfig, replace
 
 EXPERIMENT = "captune-train"
@@ -66,6 +67,7 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
         print(f"--skip-bad: left out {len(data.skipped)} bad item(s):")
         for p in data.skipped:
             print(f"  {p}")
+    _require_space(out, cfg, len(data.vocabulary(cfg.vocab_threshold)))
     state["run_id"] = _open_run(state, cfg)
     _save_state(out, {**state, "status": "RUNNING"})
 
@@ -78,7 +80,14 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
         error, stopped, at_once = _fit_until_stopped(trainer, stop)
     finally:
         ray.kill(stop)
-    kept = keep_results(out, out / "ray" / out.name)
+    try:
+        kept = keep_results(out, out / "ray" / out.name)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise DiskFullError(f"--out {out}: no space left on its device to write model.pt and metrics.json ({e}). "
+                            f"The finished epochs' checkpoints are in {out / 'ray'}: free some space, then "
+                            f"`captune train --resume {out}` keeps them") from None
     if stopped and not at_once and kept and kept["final"]["epoch"] >= cfg.epochs:
         stopped = None  # asked during the last epoch's validation: nothing was cut short
     state.update(status="KILLED" if stopped else "FAILED" if error else "FINISHED", stop_reason=stopped,
@@ -93,6 +102,24 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
     if error:
         raise TrainFailed(f"training failed: {root_cause(error)}" + (f" ({_kept_line(out, kept)})" if kept else ""))
     return TrainOutcome(out, out / FILENAME if kept else None, kept, state["run_id"], stopped, recorded)
+
+
+KEPT_CHECKPOINTS = 3  # the two best by bleu4 and the latest (trainables.ray_train.make_trainer)
+
+
+def _require_space(out: Path, cfg: TrainConfig, vocab_size: int) -> None:
+    """The checkpoints Ray keeps, one more while it writes the next, and model.pt fit in --out; one
+    fits in the temporary folder, where each is written first."""
+    import tempfile
+
+    from trainables.loop import checkpoint_size
+
+    size = checkpoint_size(cfg, vocab_size)
+    present = sum(1 for p in (out / "ray" / out.name).glob("checkpoint_*") if p.is_dir())  # on --resume
+    tracking.require_free_space([
+        (out, size * max(1, KEPT_CHECKPOINTS + 2 - present), f"--out ({KEPT_CHECKPOINTS} kept checkpoints of "
+                                                              f"{size / 1e6:.1f} MB, one being written, model.pt)"),
+        (Path(tempfile.gettempdir()), size, "one checkpoint being written")])
 
 
 def _fit_until_stopped(trainer, stop) -> tuple[BaseException | None, str | None, bool]:

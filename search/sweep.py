@@ -179,12 +179,17 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     slots = 0 if settings.max_concurrent else max(len(searches), sizing.concurrent_trials(
         req.address, req.workers_per_trial, req.gpus_per_worker, cpus))
     concurrent = settings.max_concurrent or slots // len(searches)
+    space_needed = []
     for search in searches:  # every architecture's data checked before any run is recorded
         data = _prepare(req.data_root, search.base,
                         features=not _attached(req) and not (FEATURE_KEYS & set(search.space.searched)))
         _check_vocabulary(data, search, req.config_file)
+        space_needed.append(_checkpoints_size(search, data, settings.trials))
     if "://" not in root:  # last of the checks: it creates the folder
         tracking.writable_folder(Path(root), "--storage")
+        tracking.require_free_space([(Path(root), sum(space_needed), f"--storage (each trial keeps its best and its "
+                                                                     f"latest checkpoint, {settings.trials} trials "
+                                                                     f"per architecture)")])
     jobs = []
     for search in searches:  # with --resume, a search that never started starts now
         parent_id = _parent_run(client, experiment_id, req, settings, search, root)
@@ -428,6 +433,21 @@ def _prepare(data_root: str, base: TrainConfig, features: bool) -> PreparedData:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return prepare_with_features(data_root, base, cache_dir, device)[0]
     return prepare_data(data_root, base.image_size, cache_dir, skip_bad=base.skip_bad, seed=base.split_seed)
+
+
+def _checkpoints_size(search: ArchSearch, data: PreparedData, trials: int) -> int:
+    """At most what the search's trials keep on disk: two checkpoints each (its best and its
+    latest), each as large as the space allows (widest layers, lowest vocabulary threshold)."""
+    from trainables.loop import checkpoint_size
+
+    widest = {}
+    for key in ("hidden_size", "embed_size", "num_layers", "vocab_threshold"):
+        if key in search.space.searched:
+            kind, args = search.space.searched[key]
+            values = args if kind == "choice" else args[:2]
+            widest[key] = min(values) if key == "vocab_threshold" else max(values)
+    cfg = replace(search.base, **widest)
+    return 2 * trials * checkpoint_size(cfg, len(data.vocabulary(cfg.vocab_threshold)))
 
 
 def _check_vocabulary(data: PreparedData, search: ArchSearch, config_file: str | None) -> None:

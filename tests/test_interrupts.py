@@ -1,6 +1,6 @@
-"""Stopping commands (Ctrl-C, SIGTERM) and tracking stores that fail mid-run: nothing finished is
-lost, and the command says how to go on. Real processes, signals sent to the process group as a
-terminal or a job scheduler sends them."""
+"""Stopping commands (Ctrl-C, SIGTERM), tracking stores that fail mid-run, disks that fill up:
+nothing finished is lost, and the command says how to go on. Real processes, signals sent to the
+process group as a terminal or a job scheduler sends them, real (small) file systems."""
 import json
 import os
 import signal
@@ -8,11 +8,15 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from captune.cli import main
 from tests.conftest import tiny_overrides
+from tests.test_sweep import sweep_yaml
 from trainables.checkpoint import read_payload
 
 CAPTUNE = [sys.executable, "-m", "captune.cli"]
@@ -100,3 +104,68 @@ def test_ctrl_c_in_train_keeps_every_finished_epoch_with_the_store_locked(ray_cl
     assert [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")] == list(range(1, total + 1))
     # the same --out without --resume is refused, naming what it holds
     assert main(["train", "--arch", "cnn-lstm", "--data", str(synth_dir), "--out", str(out)]) == 2
+
+
+@contextmanager
+def small_disk(folder: Path, size: int):
+    """A file system of `size` bytes at `folder` (a tmpfs; mounting needs root, else the test is skipped)."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small file system here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_is_named_and_loses_no_finished_epoch(ray_cluster, synth_dir, tmp_path, tracking_uri, capsys):
+    sets = [f"--set={k}={v}" for k, v in tiny_overrides("cnn-lstm", fine_tune=False).items() if k != "epochs"]
+    train = ["train", "--arch", "cnn-lstm", "--data", str(synth_dir), "--tracking-uri", tracking_uri, *sets]
+    # Too small for the checkpoints training keeps: refused before it starts, naming the folder.
+    with small_disk(tmp_path / "tiny", 64 << 10) as disk:
+        assert main([*train, "--out", str(disk / "run")]) == 2
+        err = capsys.readouterr().err
+        assert "not enough free space" in err and str(disk / "run") in err and "kept checkpoints" in err
+        config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=2)
+        assert main(["sweep", "--data", str(synth_dir), "--name", "full", "--arch", "cnn-lstm", "--config", str(config),
+                     "--storage", str(disk / "tune"), "--tracking-uri", tracking_uri]) == 2
+        err = capsys.readouterr().err
+        assert "not enough free space" in err and str(disk / "tune") in err and "3 trials" in err
+
+    # Room enough at the start, then filled by something else after epoch 2: the next checkpoint
+    # cannot be written. The command names the full disk in one line and keeps the epochs before.
+    with small_disk(tmp_path / "small", 64 << 20) as disk:
+        out = disk / "run"
+        filler = disk / "filler"
+
+        def fill_after_epoch_2() -> None:  # (once epoch 3 is being written) as another program would
+            deadline = time.monotonic() + 180
+            while len(list((out / "ray" / "run").glob("checkpoint_*"))) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with open(filler, "wb") as f:  # everything that is left
+                try:
+                    while True:
+                        f.write(b"\0" * (64 << 10))
+                except OSError:
+                    pass
+
+        threading.Thread(target=fill_after_epoch_2, daemon=True).start()
+        assert main([*train, "--epochs", "500", "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        text = captured.out + captured.err
+        assert "Traceback" not in text, text[text.index("Traceback") - 200:][:4000]
+        assert "no space left on" in captured.err and str(out) in captured.err, text[-3000:]
+        assert f"captune train --resume {out}" in captured.err
+        filler.unlink()
+        kept = set()
+        for folder in (out / "ray" / "run").glob("checkpoint_*"):
+            try:
+                kept.add(int(read_payload(folder / "model.pt")["epoch"]))
+            except Exception:  # the one being written when the disk filled up
+                pass
+        assert min(kept) == 1 and max(kept) >= 2  # the finished epochs' checkpoints are there
+        # with space again, --resume goes on from the last one
+        assert main(["train", "--resume", str(out), "--epochs", str(max(kept) + 1)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, max(kept) + 2))

@@ -22,6 +22,21 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked: wrong file, wrong format, wrong architecture."""
 
 
+class DiskFullError(OSError):
+    """No space left where a checkpoint or a result was being written; the message names where."""
+
+
+def checkpoint_bytes(model_config: ModelConfig, encoder_trained: bool) -> int:
+    """About how large a training checkpoint of this model is: its stored weights and Adam's two
+    moments of each trained one (worked out on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        model = build_model(ModelConfig(**{**model_config.to_dict(), "pretrained": False}))
+    stored = [p for name, p in model.state_dict().items() if encoder_trained or not name.startswith("encoder.")]
+    trained = [p for name, p in model.named_parameters() if encoder_trained or not name.startswith("encoder.")]
+    weights = sum(p.numel() * p.element_size() for p in stored)
+    return weights + 2 * sum(p.numel() * p.element_size() for p in trained) + (64 << 10)  # + vocabulary, history
+
+
 @dataclass
 class Loaded:
     model: Captioner

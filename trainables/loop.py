@@ -5,9 +5,11 @@ device, how to wrap the model for DDP, where reports go) arrives in a `WorkerCon
 """
 from __future__ import annotations
 
+import errno
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from torch import nn
 
 from data.batches import CaptionTable, ImageBatches
 from data.prepare import PreparedData, prepare_data
-from trainables.checkpoint import FILENAME, CheckpointError, load_checkpoint, save_checkpoint
+from trainables.checkpoint import (FILENAME, CheckpointError, DiskFullError, checkpoint_bytes, load_checkpoint,
+                                  save_checkpoint)
 from trainables.config import TrainConfig
 from trainables.encoders import weights_digest
 from trainables.features import encoder_features, weights_id
@@ -85,8 +88,7 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
                             progress=lead)
     vocab = data.vocabulary(cfg.vocab_threshold)
     torch.manual_seed(cfg.seed)  # the same init on every rank
-    model = build_model(ModelConfig(cfg.arch, len(vocab), cfg.encoder, cfg.pretrained, cfg.embed_size,
-                                    cfg.hidden_size, cfg.num_layers, cfg.dropout, encoder_seed=cfg.seed))
+    model = build_model(model_config(cfg, len(vocab)))
     inputs = _encoder_inputs(model, cfg, data, cache_dir, ctx.device, lead)
     # A frozen random encoder is saved as its seed plus this digest, worked out once, not per epoch.
     encoder_digest = weights_digest(model.encoder) if lead and not (cfg.fine_tune or cfg.pretrained) else None
@@ -137,13 +139,25 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
                   "  ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")) +
                   f"  ({metrics['epoch_seconds']:.1f}s train, {metrics['val_seconds']:.1f}s val)", flush=True)
             with tempfile.TemporaryDirectory(prefix="captune-checkpoint-") as tmp:
-                save_checkpoint(Path(tmp) / FILENAME, model, vocab, encoder_trained=cfg.fine_tune,
-                                encoder_digest=encoder_digest, train_config=cfg.to_dict(), epoch=epoch + 1,
-                                history=history, optimizer=optimizer.state_dict(), example=hyps[:5])
-                ctx.report(metrics, Path(tmp))
+                with _disk_full_named(f"epoch {epoch + 1}'s checkpoint", f"the temporary folder {tmp}"):
+                    save_checkpoint(Path(tmp) / FILENAME, model, vocab, encoder_trained=cfg.fine_tune,
+                                    encoder_digest=encoder_digest, train_config=cfg.to_dict(), epoch=epoch + 1,
+                                    history=history, optimizer=optimizer.state_dict(), example=hyps[:5])
+                with _disk_full_named(f"epoch {epoch + 1}'s checkpoint", "the run's storage"):
+                    ctx.report(metrics, Path(tmp))
         else:
             ctx.report(metrics, None)
     return metrics
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    return ModelConfig(cfg.arch, vocab_size, cfg.encoder, cfg.pretrained, cfg.embed_size, cfg.hidden_size,
+                       cfg.num_layers, cfg.dropout, encoder_seed=cfg.seed)
+
+
+def checkpoint_size(cfg: TrainConfig, vocab_size: int) -> int:
+    """About how many bytes each of this training's checkpoints takes."""
+    return checkpoint_bytes(model_config(cfg, vocab_size), encoder_trained=cfg.fine_tune)
 
 
 def best_so_far(history: list[dict]) -> dict:
@@ -151,6 +165,18 @@ def best_so_far(history: list[dict]) -> dict:
     the later epoch, as Ray's checkpoint managers keep the later of two equal checkpoints."""
     best = max(reversed(history), key=lambda h: h["bleu4"])
     return {"best_bleu4": best["bleu4"], "best_epoch": best["epoch"]}
+
+
+@contextmanager
+def _disk_full_named(what: str, where: str):
+    """A full disk named as such (a Ray copy into storage says only "Error writing bytes")."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC and "No space left" not in str(e):
+            raise
+        raise DiskFullError(f"no space left on the device of {where} while writing {what} ({e}); the epochs "
+                            f"before it are kept") from None
 
 
 def _encoder_inputs(model: Captioner, cfg: TrainConfig, data: PreparedData, cache_dir: Path,

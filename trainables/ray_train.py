@@ -22,6 +22,12 @@ def train_loop_per_worker(config: dict) -> None:
     # One line per epoch from rank 0 is the progress report; Ray Train's per-report INFO lines
     # (the whole metrics dict, every epoch) would drown it.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # A failing worker's error reaches the driver with its traceback (TrainingFailedError), which
+    # names a user's fault (a full disk, a diverged loss) in one line and prints the traceback of
+    # anything else. Ray Train 2.60 also logs the traceback here, from this private logger; if it
+    # is renamed, tests/test_interrupts.py::test_a_full_disk_is_named_and_loses_no_finished_epoch
+    # sees the traceback again.
+    logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
     cfg = TrainConfig(**config["train"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
