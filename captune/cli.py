@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 # name, so that checking an error never imports the heavy modules (torch, Ray, MLflow) that define
 # some of them; a module that raised one is loaded anyway.
 USER_ERRORS = {"trainables.config.ConfigError", "data.layouts.LayoutError", "data.prepare.DataProblems",
-               "trainables.checkpoint.CheckpointError", "trainables.checkpoint.DiskFullError", "data.images.ImageError",
+               "trainables.checkpoint.CheckpointError", "data.cache.DiskFullError", "data.images.ImageError",
                "trainables.encoders.WeightsUnavailable", "captune.training.TrainFailed",
                "captune.training.TrackingUnavailable",
                "search.sweep.TrackingUnreachable", "builtins.FileNotFoundError"}

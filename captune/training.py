@@ -17,8 +17,9 @@ from pathlib import Path
 
 from captune import tracking
 from captune.raycluster import Interrupted, init_ray, require_resources, root_cause, signal_name
+from data.cache import DiskFullError
 from data.prepare import prepare_data
-from trainables.checkpoint import FILENAME, CheckpointError, DiskFullError, read_payload
+from trainables.checkpoint import FILENAME, CheckpointError, read_payload
 from trainables.config import ConfigError, TrainConfig, replace
 
 EXPERIMENT = "captune-train"
@@ -236,7 +237,7 @@ def _job_state(out: Path, cfg: TrainConfig, data_root: str | Path, workers: int,
     if differ:
         raise ConfigError(f"--resume: {out} was trained with other settings: " +
                           ", ".join(f"{k}={_setting(before, k)!r} (now {_setting(wanted, k)!r})" for k in differ) +
-                          f"; only --epochs may change on resume; use another --out to train these settings")
+                          "; only --epochs may change on resume; use another --out to train these settings")
     return {**before, "config": cfg.to_dict()}
 
 

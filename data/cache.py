@@ -6,14 +6,37 @@ builder, so a half-written or foreign file is never read as valid: it is rebuilt
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
+
+
+class DiskFullError(OSError):
+    """No space left where a cache entry, a checkpoint or a result was being written; the message
+    names where."""
+
+
+def _reserve(path: Path) -> None:
+    """Claim the file's whole size on disk now: pages of a memory map written on a full disk kill
+    the process (SIGBUS) instead of raising."""
+    size = path.stat().st_size
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise DiskFullError(f"no space left in the cache folder {path.parent} for {path.name.split('.npy')[0]} "
+                            f"({size / 1e6:,.1f} MB; {free / 1e6:,.1f} MB free): free some space, or set "
+                            f"CAPTUNE_CACHE_DIR to a folder with room") from None
 
 
 def default_cache_dir() -> Path:
@@ -41,6 +64,7 @@ def cached_array(cache_dir: Path, kind: str, key: dict, shape: tuple[int, ...], 
         partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
         try:
+            _reserve(partial)
             info = build(out)
             out.flush()
         except BaseException:

@@ -127,6 +127,10 @@ def test_a_full_disk_is_named_and_loses_no_finished_epoch(ray_cluster, synth_dir
         assert main([*train, "--out", str(disk / "run")]) == 2
         err = capsys.readouterr().err
         assert "not enough free space" in err and str(disk / "run") in err and "kept checkpoints" in err
+        # the decoded images' cache does not fit either: named, with where to put it instead
+        assert main([*train, "--out", str(tmp_path / "run"), "--set", f"cache_dir={disk / 'cache'}"]) == 2
+        err = capsys.readouterr().err
+        assert f"no space left in the cache folder {disk / 'cache'}" in err and "CAPTUNE_CACHE_DIR" in err
         config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=2)
         assert main(["sweep", "--data", str(synth_dir), "--name", "full", "--arch", "cnn-lstm", "--config", str(config),
                      "--storage", str(disk / "tune"), "--tracking-uri", tracking_uri]) == 2

@@ -22,10 +22,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked: wrong file, wrong format, wrong architecture."""
 
 
-class DiskFullError(OSError):
-    """No space left where a checkpoint or a result was being written; the message names where."""
-
-
 def checkpoint_bytes(model_config: ModelConfig, encoder_trained: bool) -> int:
     """About how large a training checkpoint of this model is: its stored weights and Adam's two
     moments of each trained one (worked out on the meta device: nothing is allocated)."""
