@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 USER_ERRORS = {"trainables.config.ConfigError", "data.layouts.LayoutError", "data.prepare.DataProblems",
                "trainables.checkpoint.CheckpointError", "data.cache.DiskFullError", "data.images.ImageError",
                "trainables.encoders.WeightsUnavailable", "captune.training.TrainFailed",
-               "captune.training.TrackingUnavailable",
-               "search.sweep.TrackingUnreachable", "builtins.FileNotFoundError"}
+               "captune.tracking.TrackingUnavailable", "builtins.FileNotFoundError"}
 
 
 def _is_user_error(e: Exception) -> bool:
@@ -191,10 +190,22 @@ def cmd_sweep(args) -> int:
         if o.control:
             print(f"[{o.arch}] image-blind control: best validation BLEU-4 {o.control['control_bleu4']:.4f}; "
                   f"{o.control['verdict']['text']}")
-    print("\nleaderboard:")
-    print(format_leaderboard(leaderboard(args.name, args.tracking_uri), top=20))
-    print()
-    print(format_comparison(compare(args.name, args.data, args.tracking_uri, seeds=args.seeds, address=args.address)))
+    try:
+        print("\nleaderboard:")
+        print(format_leaderboard(leaderboard(args.name, args.tracking_uri), top=20))
+        print()
+        print(format_comparison(compare(args.name, args.data, args.tracking_uri, seeds=args.seeds,
+                                        address=args.address)))
+    except Exception as e:
+        from captune.tracking import TrackingUnavailable, unavailable
+
+        if not unavailable(e):
+            raise
+        raise TrackingUnavailable(f"MLflow did not answer after the sweep ended ({type(e).__name__}). The sweep is "
+                                  f"done and recorded; once the store answers, `captune leaderboard {args.name}` "
+                                  f"and `captune compare {args.name} --data {args.data}"
+                                  f"{f' --seeds {args.seeds}' if args.seeds else ''}` finish the report (a "
+                                  f"replicate already trained is reused)") from None
     print(f"\nMLflow UI: {_ui_command(args.tracking_uri)}  (experiment '{args.name}')")
     return 0
 

@@ -68,6 +68,29 @@ def writable_folder(folder: Path, what: str) -> Path:
     return folder
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow store did not answer (a server down, a SQLite file locked by another process);
+    the message says what was kept and how to go on."""
+
+
+def require_answering_store(tracking_uri: str | None = None) -> None:
+    """The store must answer before a command starts work it would have to record (a SQLite store
+    another process holds locked waits 20 s, then refuses)."""
+    from mlflow import MlflowClient
+
+    uri = configure(tracking_uri)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:
+        if not unavailable(e):
+            raise
+        text = str(e).strip()
+        raise TrackingUnavailable(
+            f"MLflow store {uri} did not answer ({type(e).__name__}: {text.splitlines()[0][:200] if text else ''}); "
+            f"nothing was started: run the command again once it answers (a SQLite store is locked while another "
+            f"process writes to it; an `mlflow server` must be running)") from None
+
+
 def unavailable(error: BaseException) -> bool:
     """Whether an MLflow call failed because the store could not be reached or was busy (a server
     down, a SQLite file locked by another process), rather than refusing what was asked."""

@@ -34,10 +34,6 @@ class TrainFailed(RuntimeError):
     """The training job failed; the message carries the worker's own error and what was kept."""
 
 
-class TrackingUnavailable(RuntimeError):
-    """The MLflow store did not answer (down, or a SQLite file locked by another process)."""
-
-
 @dataclass
 class TrainOutcome:
     out_dir: Path
@@ -54,6 +50,7 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
     out = tracking.writable_folder(Path(out).resolve(), "--out")
     state = _job_state(out, cfg, data_root, workers, use_gpu, tracking_uri, experiment, resume)
     tracking.require_writable_store(state["tracking_uri"])
+    tracking.require_answering_store(state["tracking_uri"])
     init_ray(ray_address)
     import ray
 
@@ -309,7 +306,7 @@ def _open_run(state: dict, cfg: TrainConfig) -> str:
     except Exception as e:
         if not tracking.unavailable(e):
             raise
-        raise TrackingUnavailable(f"MLflow store {uri} did not answer ({_first_line(e)}); nothing was trained: "
+        raise tracking.TrackingUnavailable(f"MLflow store {uri} did not answer ({_first_line(e)}); nothing was trained: "
                                   f"run the command again once it answers (a SQLite store is locked while another "
                                   f"process writes to it; an `mlflow server` must be running)") from None
 

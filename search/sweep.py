@@ -30,10 +30,6 @@ class SweepExists(ConfigError):
     """A sweep of that name exists and --resume was not given (or the reverse)."""
 
 
-class TrackingUnreachable(RuntimeError):
-    """The MLflow server did not answer when the sweep needed it; nothing computed is lost."""
-
-
 @dataclass
 class SweepRequest:
     name: str
@@ -125,11 +121,14 @@ def run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     try:
         return _run_sweep(req)
     except Exception as e:
-        if isinstance(e, TrackingUnreachable) or not tracking.unavailable(e):
+        if isinstance(e, tracking.TrackingUnavailable) or not tracking.unavailable(e):
             raise
-        raise TrackingUnreachable(f"MLflow at {req.tracking_uri or tracking.default_tracking_uri()} did not answer "
-                                  f"({type(e).__name__}); results computed so far are kept under "
-                                  f"{storage_root(req.storage)}: rerun with --resume once it answers") from None
+        root = storage_root(req.storage)
+        started = any(_can_restore(f"{root}/{req.name}-{arch}") for arch in req.archs)
+        again = (f"results computed so far are kept under {root}: `{resume_command(req)}` once it answers" if started
+                 else "nothing was trained: run the same command again once it answers")
+        raise tracking.TrackingUnavailable(f"MLflow at {req.tracking_uri or tracking.default_tracking_uri()} did not answer "
+                                  f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); {again}") from None
 
 
 @dataclass
@@ -167,6 +166,7 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     settings, searches = plan(req)
     root = storage_root(req.storage)
     tracking.require_writable_store(req.tracking_uri)
+    tracking.require_answering_store(req.tracking_uri)
     uri = tracking.configure(req.tracking_uri)
     client = mlflow.MlflowClient(uri)
     restorable = _check_name(client, uri, req, root, [search.arch for search in searches])
@@ -189,7 +189,7 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
         tracking.writable_folder(Path(root), "--storage")
         tracking.require_free_space([(Path(root), sum(space_needed), f"--storage (each trial keeps its best and its "
                                                                      f"latest checkpoint, {settings.trials} trials "
-                                                                     f"per architecture)")])
+                                                                     f"per architecture, at the default sizes)")])
     jobs = []
     for search in searches:  # with --resume, a search that never started starts now
         parent_id = _parent_run(client, experiment_id, req, settings, search, root)
@@ -410,7 +410,7 @@ def _run_search(job: SearchJob) -> ArchOutcome:
     except Exception as e:
         if not tracking.unavailable(e):
             raise
-        raise TrackingUnreachable(
+        raise tracking.TrackingUnavailable(
             f"MLflow at {job.tracking_uri} did not answer ({type(e).__name__}) when the {arch} search ended. Its "
             f"trials are done and kept in {job.path}; once the server answers, `{resume_command(req)}` writes what "
             f"is missing and registers the champions without training again.") from None
@@ -436,18 +436,12 @@ def _prepare(data_root: str, base: TrainConfig, features: bool) -> PreparedData:
 
 
 def _checkpoints_size(search: ArchSearch, data: PreparedData, trials: int) -> int:
-    """At most what the search's trials keep on disk: two checkpoints each (its best and its
-    latest), each as large as the space allows (widest layers, lowest vocabulary threshold)."""
+    """What the search's trials keep on disk, two checkpoints each (its best and its latest), at
+    the default configuration's size. A lower bound where the space reaches wider layers; not the
+    widest corner, where a trial fails on memory before its disk, as a trial on its own."""
     from trainables.loop import checkpoint_size
 
-    widest = {}
-    for key in ("hidden_size", "embed_size", "num_layers", "vocab_threshold"):
-        if key in search.space.searched:
-            kind, args = search.space.searched[key]
-            values = args if kind == "choice" else args[:2]
-            widest[key] = min(values) if key == "vocab_threshold" else max(values)
-    cfg = replace(search.base, **widest)
-    return 2 * trials * checkpoint_size(cfg, len(data.vocabulary(cfg.vocab_threshold)))
+    return 2 * trials * checkpoint_size(search.base, len(data.vocabulary(search.base.vocab_threshold)))
 
 
 def _check_vocabulary(data: PreparedData, search: ArchSearch, config_file: str | None) -> None:

@@ -173,3 +173,27 @@ def test_a_full_disk_is_named_and_loses_no_finished_epoch(ray_cluster, synth_dir
         assert main(["train", "--resume", str(out), "--epochs", str(max(kept) + 1)]) == 0
         metrics = json.loads((out / "metrics.json").read_text())
         assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, max(kept) + 2))
+
+
+def test_a_store_locked_at_start_is_refused_before_anything_starts(synth_dir, tmp_path):
+    # Another process holds the SQLite store locked: `train` and `sweep` each wait SQLite's 20 s,
+    # then refuse in one paragraph naming the store, before Ray, data or any run.
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).search_experiments()  # the store exists (its tables made), then is locked
+    locker = lock_sqlite(db)
+    try:
+        train = start([*CAPTUNE, "train", "--arch", "cnn-lstm", "--data", str(synth_dir), "--out", str(tmp_path / "run"),
+                       "--tracking-uri", uri])
+        sweep = start([*CAPTUNE, "sweep", "--data", str(synth_dir), "--name", "locked", "--storage",
+                       str(tmp_path / "tune"), "--tracking-uri", uri])
+        for proc, output in (train, sweep):
+            assert proc.wait(120) == 2
+            text = output.text()
+            assert f"MLflow store {uri} did not answer" in text and "database is locked" in text, text[-2000:]
+            assert "nothing was started" in text and "Traceback" not in text
+    finally:
+        locker.kill()
+    assert not (tmp_path / "run" / "run.json").exists() and not (tmp_path / "tune").exists()
