@@ -101,7 +101,8 @@ def stand_in(worker_argv: list[str]) -> None:
     reply = conn.recv(MESSAGE_BYTES)  # the child's exit status, once it has ended
     code = json.loads(reply)["exit_code"] if reply else 1
     if code < 0:  # ended by a signal: end the same way
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # (those two cannot be handled: always the default)
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     sys.exit(code)
 

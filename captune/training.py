@@ -50,13 +50,13 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
     out = tracking.writable_folder(Path(out).resolve(), "--out")
     state = _job_state(out, cfg, data_root, workers, use_gpu, tracking_uri, experiment, resume)
     tracking.require_writable_store(state["tracking_uri"])
-    tracking.require_answering_store(state["tracking_uri"])
     init_ray(ray_address)
     import ray
 
     from trainables.ray_train import StopSignal, cpus_per_worker, make_trainer
 
     require_resources(workers, cpus_per_worker(workers), 1.0 if use_gpu else 0.0, ray_address)
+    tracking.require_answering_store(state["tracking_uri"])
     # Check the data and decode the images once, here, before any worker starts: a bad dataset
     # fails in seconds with the full report, and the workers find the pixel cache ready.
     data = prepare_data(data_root, cfg.image_size, cfg.cache_path(),

@@ -48,6 +48,13 @@ def ray_cluster():
     ray.shutdown()
 
 
+def attached(ray) -> dict:
+    """The environment for a captune command in a process of its own that runs on the session's
+    Ray cluster (as it would on a running cluster; its workers forked as locally), not starting
+    one of its own: ~10 s less per command."""
+    return {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, "CAPTUNE_FORK_WORKERS": "1"}
+
+
 @pytest.fixture()
 def tracking_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"

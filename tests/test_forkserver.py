@@ -98,6 +98,10 @@ def test_signals_reach_the_worker_and_it_does_not_outlive_its_stand_in(worker_sc
     assert not _running(worker)
 
     proc = stand_in(worker_script, "sleep", "0")
+    os.kill(first_line(proc)["pid"], signal.SIGKILL)  # (Ray ends a stuck worker so)
+    assert proc.wait(timeout=30) == -signal.SIGKILL  # passed on too, though it cannot be handled
+
+    proc = stand_in(worker_script, "sleep", "0")
     worker = first_line(proc)["pid"]
     proc.kill()  # SIGKILL cannot be relayed: the worker notices its stand-in is gone
     proc.wait(timeout=30)

@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 
 from captune.cli import main
 from captune.tracking import load_captioner
-from tests.conftest import tiny_overrides
+from search.slots import pool_name
+from tests.conftest import attached, tiny_overrides
 
 # The built-in dataset's preset (lr 0.002, hidden 256, threshold 2) is the default point: inside.
 SEARCHED = {"lr": {"loguniform": [0.001, 0.01]}, "hidden_size": {"choice": [32, 256]},
@@ -239,11 +240,11 @@ def test_sweep_stopped_at_three_points_resumes_without_repeating_or_losing_anyth
     # scheduler sends it) between trials; by SIGKILL once its last trial has started. Each stop
     # keeps every finished epoch, leaves no MLflow run RUNNING (but after SIGKILL, which allows
     # no clean-up; the resume closes those) and says how to go on.
-    config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=6, max_concurrent=1)
+    config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=4, max_concurrent=1)
     args = [sys.executable, "-m", "captune.cli", "sweep", "--data", str(synth_dir), "--name", "s3", "--arch",
             "resnet-gru", "--config", str(config), "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri,
             "--no-control"]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **attached(ray_cluster)}
     client = MlflowClient(tracking_uri)
 
     def epochs_of(run) -> int:
@@ -273,7 +274,13 @@ def test_sweep_stopped_at_three_points_resumes_without_repeating_or_losing_anyth
         text = log_path.read_text()
         if how == "SIGKILL":
             assert code == -signal.SIGKILL
-            time.sleep(3)
+            deadline = time.time() + 60
+            while time.time() < deadline:  # Ray ends a dead driver's actors (its slot pool among them)
+                try:
+                    ray_cluster.get_actor(pool_name("s3"))
+                except ValueError:
+                    break
+                time.sleep(0.5)
             break
         assert code == 130 and "Traceback" not in text and "SIGABRT" not in text, text[-3000:]
         assert "captune sweep --name s3" in text and "--resume" in text  # how to go on
@@ -285,7 +292,6 @@ def test_sweep_stopped_at_three_points_resumes_without_repeating_or_losing_anyth
         for trial_id, epochs in finished_epochs.items():  # nothing reported is lost
             (run,) = [r for r in trial_runs(client, "s3") if r.data.tags["captune.trial_id"] == trial_id]
             assert epochs_of(run) >= epochs
-    # the killed driver took its own local Ray cluster with it; resume on the session's
     assert main(args[3:] + ["--resume"]) == 0
 
     runs = trial_runs(client, "s3")
