@@ -71,9 +71,11 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
 
     stop_name = f"captune-stop-{uuid.uuid4().hex[:12]}"
     stop = StopSignal.options(name=stop_name).remote()
+    saved = _complete_checkpoints(out / "ray" / out.name) if resume else {}
     trainer = make_trainer(cfg, data_root, workers=workers, use_gpu=use_gpu, name=out.name,
                            storage_path=str(out / "ray"), tracking_uri=state["tracking_uri"],
-                           mlflow_run_id=state["run_id"], stop_signal=stop_name)
+                           mlflow_run_id=state["run_id"], stop_signal=stop_name,
+                           resume_from=str(saved[max(saved)]) if saved else None)
     try:
         error, stopped, at_once = _fit_until_stopped(trainer, stop)
     finally:
@@ -102,6 +104,7 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
     return TrainOutcome(out, out / FILENAME if kept else None, kept, state["run_id"], stopped, recorded)
 
 
+STOP_GRACE_S = 2.0
 KEPT_CHECKPOINTS = 3  # the two best by bleu4 and the latest (trainables.ray_train.make_trainer)
 
 
@@ -126,6 +129,8 @@ def _fit_until_stopped(trainer, stop) -> tuple[BaseException | None, str | None,
     Returns the trainer's error, why it was stopped, and whether at once.
     The trainer runs in a thread of its own: in the main thread Ray Train would install its own
     SIGINT handler, which aborts the workers mid-epoch and leaves the run failed."""
+    import ray
+
     outcome: dict = {}
 
     def fit() -> None:
@@ -145,11 +150,17 @@ def _fit_until_stopped(trainer, stop) -> tuple[BaseException | None, str | None,
         stop.set.remote()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stopped = stop.wait_stopped.remote()
     try:
         thread = threading.Thread(target=fit, name="captune-train-fit", daemon=True)
         thread.start()
         while thread.is_alive():
             thread.join(0.2)  # short waits: signal handlers run between them
+            if asked and ray.wait([stopped], timeout=0)[0]:
+                # Every finished epoch's checkpoint is stored: give Ray Train a moment to end
+                # the run, not the up to 12 s its placement-group cleaner may take to stop.
+                thread.join(STOP_GRACE_S)
+                break
     except KeyboardInterrupt:  # asked twice: the workers are left as they are; what they reported stays
         return None, f"{asked[0]}, twice: stopped at once", True
     finally:
@@ -164,12 +175,7 @@ def keep_results(out: Path, checkpoints: Path) -> dict | None:
     Returns what metrics.json holds; None when no epoch finished."""
     from trainables.loop import best_so_far
 
-    saved = {}
-    for folder in sorted(p for p in checkpoints.glob("checkpoint_*") if p.is_dir()):
-        try:
-            saved[int(read_payload(folder / FILENAME)["epoch"])] = folder
-        except (CheckpointError, KeyError, OSError, RuntimeError) as e:  # a copy cut short by a kill
-            print(f"note: {folder} is not a complete checkpoint ({e}); left out", file=sys.stderr)
+    saved = _complete_checkpoints(checkpoints)
     if not saved:
         return None
     history = read_payload(saved[max(saved)] / FILENAME)["history"]  # the latest holds every epoch
@@ -180,6 +186,17 @@ def keep_results(out: Path, checkpoints: Path) -> dict | None:
     metrics = summarize(history, best)
     _replace(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     return metrics
+
+
+def _complete_checkpoints(checkpoints: Path) -> dict[int, Path]:
+    """The checkpoint folders under `checkpoints` that hold a whole checkpoint, by epoch."""
+    saved = {}
+    for folder in sorted(p for p in checkpoints.glob("checkpoint_*") if p.is_dir()):
+        try:
+            saved[int(read_payload(folder / FILENAME)["epoch"])] = folder
+        except (CheckpointError, KeyError, OSError, RuntimeError) as e:  # a copy cut short by a kill
+            print(f"note: {folder} is not a complete checkpoint ({e}); left out", file=sys.stderr)
+    return saved
 
 
 def _replace(path: Path, write) -> None:

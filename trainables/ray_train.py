@@ -45,14 +45,34 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report({**metrics, "node_id": node}, checkpoint=checkpoint)
 
+    stop = config.get("stop_signal") and ray.get_actor(config["stop_signal"])
     ctx = WorkerContext(rank=rank, world_size=context.get_world_size(), device=ray.train.torch.get_device(),
                         report=report, wrap_model=ray.train.torch.prepare_model,
-                        stop_requested=StopSignal.watch(config.get("stop_signal")))
+                        stop_requested=StopSignal.watch(stop))
     try:
-        train_resuming(cfg, config["data_root"], ctx, ray.train.get_checkpoint())
+        metrics = train_resuming(cfg, config["data_root"], ctx, _latest(ray.train.get_checkpoint(),
+                                                                        config.get("resume_from")))
     finally:
         if logger is not None:
             logger.close(timeout=1)  # what is still unwritten, the driver writes from the history
+    if stop and rank == 0 and "stopped_in_epoch" in metrics:
+        ray.get(stop.stopped.remote())  # every epoch before is reported (and its checkpoint stored)
+
+
+def _latest(reported, on_disk: str | None):
+    """Of the checkpoint Ray restores (the last its controller recorded) and the newest complete
+    one the driver found on disk, the later. The driver of a stopped job does not wait for the
+    controller to finish (Ray Train's placement-group cleaner holds it up to 12 s), so its record
+    may miss the last epoch; the checkpoint files never do."""
+    from trainables.checkpoint import FILENAME, read_payload
+
+    if on_disk is None:
+        return reported
+    if reported is not None:
+        with reported.as_directory() as folder:
+            if read_payload(Path(folder) / FILENAME)["epoch"] >= read_payload(Path(on_disk) / FILENAME)["epoch"]:
+                return reported
+    return ray.train.Checkpoint.from_directory(on_disk)
 
 
 @ray.remote(num_cpus=0)
@@ -62,7 +82,7 @@ class StopSignal:
     leaving the driver to find what was kept; this lets the loop end itself cleanly instead."""
 
     def __init__(self):
-        self._set = asyncio.Event()
+        self._set, self._stopped = asyncio.Event(), asyncio.Event()
 
     async def set(self) -> None:
         self._set.set()
@@ -71,12 +91,20 @@ class StopSignal:
         await self._set.wait()
         return True
 
+    async def stopped(self) -> None:
+        """Rank 0 has stopped: every epoch before the stop is reported."""
+        self._stopped.set()
+
+    async def wait_stopped(self) -> bool:
+        await self._stopped.wait()
+        return True
+
     @staticmethod
-    def watch(name: str | None):
-        """A cheap `stop_requested` for the loop: whether the signal named `name` was set."""
-        if not name:
+    def watch(handle):
+        """A cheap `stop_requested` for the loop: whether the signal `handle` was set."""
+        if not handle:
             return lambda: False
-        waiting = ray.get_actor(name).wait.remote()  # returns once set
+        waiting = handle.wait.remote()  # returns once set
         return lambda: bool(ray.wait([waiting], timeout=0)[0])
 
 
@@ -100,10 +128,11 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
                  gpus_per_worker: float = 1.0, cpus: int | None = None, name: str | None = None,
                  storage_path: str | None = None, max_failures: int = 0, keep: str = "best",
                  callbacks: list | None = None, tracking_uri: str | None = None,
-                 mlflow_run_id: str | None = None, stop_signal: str | None = None) -> TorchTrainer:
+                 mlflow_run_id: str | None = None, stop_signal: str | None = None,
+                 resume_from: str | None = None) -> TorchTrainer:
     """keep="best": the two best checkpoints by validation bleu4, and the latest (which a restart
     goes on from); keep="last": only the latest. `stop_signal`: the name of a StopSignal actor the
-    workers watch."""
+    workers watch. `resume_from`: a checkpoint folder to go on from, if newer than Ray's."""
     # The controller sees the workers' end (or a stop) at its next health check: every 0.5 s, not 2.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     resources = {"CPU": cpus or cpus_per_worker(workers)}
@@ -113,7 +142,7 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "data_root": str(Path(data_root).resolve()),
                            "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
-                           "stop_signal": stop_signal},
+                           "stop_signal": stop_signal, "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path,
