@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainables.catalog import ARCHS, MAX_BEAM
+from trainables.catalog import ARCHS, CAPTION_BEAM, MAX_BEAM
 
 
 def entry() -> None:
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 USER_ERRORS = {"trainables.config.ConfigError", "data.layouts.LayoutError", "data.prepare.DataProblems",
                "trainables.checkpoint.CheckpointError", "data.cache.DiskFullError", "data.images.ImageError",
                "trainables.encoders.WeightsUnavailable", "captune.training.TrainFailed",
-               "captune.tracking.TrackingUnavailable", "builtins.FileNotFoundError"}
+               "captune.tracking.TrackingUnavailable", "builtins.FileNotFoundError",
+               "captune.caption_files.OutputFileError"}
 
 
 def _is_user_error(e: Exception) -> bool:
@@ -153,14 +154,34 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_caption(args) -> int:
+    from captune.caption_files import CaptionFile, find_images
     from captune.tracking import load_captioner
 
-    loaded = load_captioner(args.model, args.tracking_uri)  # a wrong path fails before torch loads
-    from trainables.inference import caption_images
+    images = find_images(args.paths)  # a wrong path fails before the model or torch loads
+    if not images:
+        raise FileNotFoundError(f"no .jpg, .jpeg or .png images in {', '.join(args.paths)}")
+    out = CaptionFile(args.out)
+    loaded = load_captioner(args.model, args.tracking_uri)
+    import torch
 
-    for image, caption in zip(args.images, caption_images(loaded, args.images, beam=args.beam)):
-        print(f"{image}\t{caption}")
-    return 0
+    from captune.caption_files import caption_files
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        summary = caption_files(loaded, images, out, args.beam, args.batch_size, device)
+    except KeyboardInterrupt:
+        if args.out:
+            print(f"captune: {len(out.done):,} captions are in {args.out}; run the same command again to caption "
+                  "the rest", file=sys.stderr)
+        raise
+    finally:
+        out.close()
+    where = f" in {args.out}" if args.out else ""
+    print(f"captioned {summary.captioned:,} images{where}" +
+          (f" ({summary.already:,} already there)" if summary.already else "") +
+          (f"; {len(summary.skipped):,} unreadable, skipped (listed above)" if summary.skipped else ""),
+          file=sys.stderr)
+    return 1 if summary.skipped else 0
 
 
 def cmd_sweep(args) -> int:
@@ -368,10 +389,17 @@ def _parser() -> argparse.ArgumentParser:
     _tracking_args(e)
     e.set_defaults(run=cmd_evaluate)
 
-    k = sub.add_parser("caption", help="caption image files")
+    k = sub.add_parser("caption", help="caption image files and folders (CSV or JSON lines; a rerun goes on)",
+                       description="Caption images: files, and folders searched recursively for .jpg, .jpeg and "
+                                   ".png. Rows image,caption go to --out (CSV, or JSON lines for .jsonl) as they "
+                                   "are captioned, else to stdout as CSV; a rerun with the same --out skips the "
+                                   "images already in it. Unreadable images are listed and skipped: exit code 1.")
     k.add_argument("model", help="checkpoint path, or MLflow URI (runs:/ID/model, models:/NAME@ALIAS)")
-    k.add_argument("images", nargs="+", metavar="IMAGE")
-    k.add_argument("--beam", type=_beam, default=3, help=f"beam width, 1..{MAX_BEAM} (1 = greedy)")
+    k.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder")
+    k.add_argument("--beam", type=_beam, default=CAPTION_BEAM, help=f"beam width, 1..{MAX_BEAM} (1 = greedy; "
+                                                                   f"default {CAPTION_BEAM})")
+    k.add_argument("--out", type=Path, help="FILE.csv or FILE.jsonl (default: CSV on stdout)")
+    k.add_argument("--batch-size", type=_positive, default=32, help="images captioned at once")
     _tracking_args(k)
     k.set_defaults(run=cmd_caption)
     return p

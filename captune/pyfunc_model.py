@@ -1,25 +1,91 @@
 """MLflow pyfunc wrapper of a captune checkpoint, logged as code (MLflow "models from code").
 
-Input: a pandas DataFrame with a column `image` of image file paths; output: one caption each.
+Input: a DataFrame with a column `image`, each value a JPEG or PNG file's content in base64 (how
+REST clients send images) or, in-process only, an image file's path. Params: `beam` (1 = greedy)
+and `max_len` (words). Output: one caption per row. A request's fault raises MlflowException
+INVALID_PARAMETER_VALUE, which MLflow's scoring server answers with HTTP 400 and a JSON error;
+the model runs on the GPU where there is one.
 """
 from __future__ import annotations
 
+import importlib
+import os
+
 import mlflow
+import mlflow.pyfunc
 import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+
+from captune.serving import PARAMS, RequestError, checked_params, refuse_unknown, request_pixels
+from trainables.checkpoint import load_checkpoint
+from trainables.inference import caption_pixels, image_size_of, max_len_of
 
 
 class CaptionerModel(PythonModel):
     def load_context(self, context) -> None:
-        from trainables.checkpoint import load_checkpoint
-
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.loaded = load_checkpoint(context.artifacts["checkpoint"])
+        self.loaded.model.to(self.device).eval()
+        refuse_unknown_params()
+        if serving():
+            quote_requests_briefly()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
-        from trainables.inference import caption_images
+        try:
+            beam, max_len = checked_params(params, max_len_of(self.loaded))
+            pixels = request_pixels(list(model_input["image"]), image_size_of(self.loaded), allow_paths=not serving())
+        except RequestError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+        return caption_pixels(self.loaded, pixels, beam, max_len, self.device)
 
-        params = params or {}
-        return caption_images(self.loaded, list(model_input["image"]), beam=int(params.get("beam", 1)))
+
+def serving() -> bool:
+    """Whether this process is MLflow's scoring server, by two variables private to MLflow 3.17:
+    `mlflow models serve` gives the server process `__pyfunc_model_path__` (before the model
+    loads), and `scoring_server.init` sets `_MLFLOW_IS_IN_SERVING_ENVIRONMENT` (after). A served
+    model must not read files of the server's disk that a request names.
+    Breaks first: tests/test_serving.py (a path is refused over HTTP)."""
+    return ("__pyfunc_model_path__" in os.environ
+            or os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").lower() == "true")
+
+
+def refuse_unknown_params() -> None:
+    """Make params the signature does not declare an error for captune models. MLflow 3.17 drops
+    them with a log warning (`mlflow.models.utils._enforce_params_schema`, which
+    `PyFuncModel.predict` looks up as `mlflow.pyfunc._enforce_params_schema`), so a misspelt
+    "beem" would be answered at the default beam. This wraps that function in this process; other
+    models' schemas pass through unchanged. Breaks first: tests/test_serving.py (unknown param)."""
+    original = mlflow.pyfunc._enforce_params_schema
+    if getattr(original, "captune_strict", False):
+        return
+
+    def strict(params, schema):
+        if schema is not None and isinstance(params, dict) and {p.name for p in schema.params} == set(PARAMS):
+            try:
+                refuse_unknown(params)
+            except RequestError as e:
+                raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+        return original(params, schema)
+
+    strict.captune_strict = True
+    mlflow.pyfunc._enforce_params_schema = strict
+
+
+def quote_requests_briefly() -> None:
+    """MLflow 3.17's scoring server puts the request's data in the message of a 400 error
+    (`scoring_server.invocations`: "Failed to predict data '{data}'"); with the `inputs` format
+    that is a dict of numpy arrays, whose repr holds each base64 image whole: megabytes of error
+    per image. In the server process numpy now prints at most 40 characters of a string. numpy 2
+    keeps print options per context (`set_printoptions` would reach only this one, not the
+    requests' threads), so this sets the default all contexts start from, a dict private to
+    numpy (`numpy._core.printoptions.default_format_options_dict`).
+    Breaks first: tests/test_serving.py (the length of a bad request's error)."""
+    defaults = importlib.import_module("numpy._core.printoptions").default_format_options_dict
+    defaults["formatter"] = {
+        "numpystr": lambda s: repr(str(s) if len(s) <= 40 else str(s)[:37] + "...")}
 
 
 mlflow.models.set_model(CaptionerModel())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "model"  # the logged model's name inside a run
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_CODE = ("captune", "data", "trainables")  # the packages a logged model runs: it carries them
 
 
 def _store_dir() -> Path:
@@ -225,20 +227,39 @@ class EpochLogger:
 
 def log_captioner(checkpoint: Path, registered_name: str | None = None):
     """Log a checkpoint, less its optimizer state, as an MLflow pyfunc model in the active run
-    (models from code: the wrapper is a source file, nothing is pickled). Returns the ModelInfo."""
+    (models from code: the wrapper is a source file, nothing is pickled), with the signature and
+    input example that MLflow's UI shows as how to call it. The model carries the project's code
+    it runs (`code_paths`): a machine with only its pip requirements serves it, with the code it
+    was logged with. Returns the ModelInfo."""
     import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    import pandas as pd
 
-    from trainables.checkpoint import FILENAME, without_optimizer
+    from captune.serving import example_image
+    from trainables.catalog import CAPTION_BEAM
+    from trainables.checkpoint import FILENAME, read_payload, without_optimizer
 
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema([ColSpec("string")]))
+    max_len = int(read_payload(checkpoint).get("train_config", {}).get("max_len", 30))
     with tempfile.TemporaryDirectory(prefix="captune-model-") as folder:
+        code = [shutil.copytree(PROJECT_ROOT / package, Path(folder) / "code" / package,
+                                ignore=shutil.ignore_patterns("__pycache__")) for package in MODEL_CODE]
         return mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=str(PYFUNC_FILE),
+            name=MODEL_NAME, python_model=str(PYFUNC_FILE), code_paths=[str(c) for c in code],
             artifacts={"checkpoint": str(without_optimizer(checkpoint, Path(folder) / FILENAME))},
-            registered_model_name=registered_name, pip_requirements=_requirements(), signature=signature,
+            registered_model_name=registered_name, pip_requirements=_requirements(),
+            signature=_signature(max_len), input_example=(pd.DataFrame({"image": [example_image()]}),
+                                                          {"beam": CAPTION_BEAM, "max_len": max_len}),
         )
+
+
+def _signature(max_len: int):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from trainables.catalog import CAPTION_BEAM
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema([ColSpec("string")]),
+                          params=ParamSchema([ParamSpec("beam", "long", CAPTION_BEAM),
+                                              ParamSpec("max_len", "long", max_len)]))
 
 
 def _requirements() -> list[str]:

@@ -1,6 +1,7 @@
 """Reading images: one decoder for cache building, dataset checks and captioning new photos."""
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,20 +22,37 @@ def read_image(path: str | Path, size: int) -> np.ndarray:
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
-        with Image.open(path) as im:
+    except FileNotFoundError as e:
+        raise ImageError(f"{path}: no such file") from e
+    return _decode(path, path, size)
+
+
+def read_image_bytes(data: bytes, size: int, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """read_image of an image file's content (sent over HTTP, say), refused above `max_pixels`
+    before it is decoded; errors name it `name`."""
+    if not data:
+        raise ImageError(f"{name}: empty (0 bytes)")
+    return _decode(io.BytesIO(data), name, size, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, name: str | Path, size: int, max_pixels: int | None = None) -> np.ndarray:
+    try:
+        with Image.open(source) as im:
+            if max_pixels and im.width * im.height > max_pixels:
+                raise ImageError(f"{name}: {im.width}x{im.height} pixels, over the {max_pixels / 1e6:g}-megapixel limit")
             im.draft("RGB", (size, size))  # JPEG: decode at reduced scale, still reads every byte
-            im = to_rgb8(im, path).resize((size, size), Image.Resampling.BILINEAR)
+            im = to_rgb8(im, name).resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
     except ImageError:
         raise
     except FileNotFoundError as e:
-        raise ImageError(f"{path}: no such file") from e
+        raise ImageError(f"{name}: no such file") from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"{path}: not an image PIL can read (is it really a JPEG/PNG?)") from e
+        raise ImageError(f"{name}: not an image PIL can read (is it really a JPEG/PNG?)") from e
     except Image.DecompressionBombError as e:  # not an OSError: it escaped as a traceback
-        raise ImageError(f"{path}: too large to decode safely ({e})") from e
+        raise ImageError(f"{name}: too large to decode safely ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: corrupt or truncated image ({e})") from e
+        raise ImageError(f"{name}: corrupt or truncated image ({e})") from e
 
 
 WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}  # full scale of each
@@ -42,7 +60,7 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 PLAIN_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr")
 
 
-def to_rgb8(im: Image.Image, path: Path) -> Image.Image:
+def to_rgb8(im: Image.Image, path: Path | str) -> Image.Image:
     """8-bit RGB of any image mode PIL opens, scaled, not clipped: PIL's own convert("RGB") clips
     a 16-bit image's values at 255 (a 16-bit PNG turned white). Transparent pixels are shown over
     white, as a viewer shows them. Modes whose scale is unknown are refused by name."""
@@ -63,7 +81,7 @@ def to_rgb8(im: Image.Image, path: Path) -> Image.Image:
     raise ImageError(f"{path}: image mode {mode} is not supported (convert it to 8-bit RGB, e.g. a JPEG or PNG)")
 
 
-def _full_scale(mode: str, values: np.ndarray, path: Path) -> float:
+def _full_scale(mode: str, values: np.ndarray, path: Path | str) -> float:
     """The white level of a 32-bit integer ("I") or float ("F") greyscale image: PIL opens 16-bit
     PNGs as "I" (values 0..65535); floats are taken as 0..1. Other ranges are refused."""
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)

@@ -1,5 +1,8 @@
+import contextlib
+import io
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -46,6 +49,25 @@ def ray_cluster():
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(ray_cluster, synth_dir, tmp_path_factory) -> SimpleNamespace:
+    """Sweep "s1" of both architectures (3 trials of 2 epochs each), champions registered, shared
+    by the tests that read a finished sweep: its folder (storage in folder/tune), tracking URI,
+    sweep file and console output."""
+    from captune.cli import main
+    from tests.test_sweep import sweep_yaml
+
+    folder = tmp_path_factory.mktemp("s1")
+    tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
+    config = sweep_yaml(folder / "sweep.yaml", trials=3, epochs=2)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config),
+                     "--storage", str(folder / "tune"), "--tracking-uri", tracking_uri])
+    assert code == 0, out.getvalue()[-3000:]
+    return SimpleNamespace(folder=folder, tracking_uri=tracking_uri, config=config, out=out.getvalue())
 
 
 def attached(ray) -> dict:

@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import subprocess
@@ -124,6 +125,7 @@ def test_output_and_store_paths_that_cannot_be_written_are_refused_up_front(ray_
 def test_unknown_layout_and_missing_model(tmp_path):
     result = run_cli("data", "check", str(tmp_path))
     assert result.returncode == 2 and "unknown dataset layout" in result.stderr
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.jpg")
     result = run_cli("caption", str(tmp_path / "nope.pt"), str(tmp_path / "x.jpg"))
     assert result.returncode == 2 and "nope.pt: no such checkpoint" in result.stderr
 
@@ -167,7 +169,8 @@ def test_train_evaluate_caption_and_mlflow(ray_cluster, synth_dir, tmp_path, tra
     images = [str(photo), str(next((synth_dir / "Images").iterdir()))]
     assert main(["caption", uri, *images, "--tracking-uri", tracking_uri]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("\t")[0] for line in lines] == images
+    rows = list(csv.reader(lines))
+    assert rows[0] == ["image", "caption"] and [row[0] for row in rows[1:]] == images
     # the MLflow model (saved without the optimizer) captions as the checkpoint it was logged from
     assert main(["caption", str(out / "model.pt"), *images]) == 0
     assert capsys.readouterr().out.splitlines() == lines

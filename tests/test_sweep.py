@@ -65,11 +65,9 @@ def assert_study_matches_mlflow(client, name: str, arch: str, tune_root: Path) -
     return study.trials
 
 
-def test_sweep_both_archs_records_runs_registers_champions(ray_cluster, synth_dir, tmp_path, tracking_uri, capsys):
-    config = sweep_yaml(tmp_path / "sweep.yaml", trials=3, epochs=2)
-    assert main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config),
-                 "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]) == 0
-    out = capsys.readouterr().out
+def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth_dir, capsys):
+    tmp_path, tracking_uri, config, out = (finished_sweep.folder, finished_sweep.tracking_uri, finished_sweep.config,
+                                           finished_sweep.out)
     assert "leaderboard" in out and "BLEU-4 beam 3" in out and "MLflow UI" in out
 
     client = MlflowClient(tracking_uri)

@@ -9,3 +9,9 @@ RESNET_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # found ends at once): from about 40 on the built-in dataset every caption came out empty, and
 # memory grows with the width. Refused above this, before anything is decoded.
 MAX_BEAM = 20
+CAPTION_BEAM = 3  # captioning new images (`captune caption`, a served model) unless asked otherwise
+
+# Words per generated caption that a request may ask for: captions run to 10-20 words, and a
+# decoding step costs the same whether or not a caption has ended, so a bound keeps a request's
+# time proportional to what captions need.
+MAX_CAPTION_WORDS = 100

@@ -49,11 +49,17 @@ def max_len_of(loaded: Loaded) -> int:
 def caption_images(loaded: Loaded, paths: list[str | Path], beam: int = 1,
                    device: torch.device | None = None) -> list[str]:
     """One caption per image file (any size, JPEG or PNG), prepared as in training."""
-    device = device or torch.device("cpu")
     size = image_size_of(loaded)
-    pixels = np.stack([read_image(p, size) for p in paths])
+    return caption_pixels(loaded, np.stack([read_image(p, size) for p in paths]), beam, device=device)
+
+
+def caption_pixels(loaded: Loaded, pixels: np.ndarray, beam: int = 1, max_len: int | None = None,
+                   device: torch.device | None = None) -> list[str]:
+    """One caption per image of `pixels` (N, 3, S, S) uint8, S the model's image size, at most
+    `max_len` words (default: the training setting)."""
+    device = device or torch.device("cpu")
     model = loaded.model.to(device)
-    return decode(model, pixels, np.arange(len(paths)), loaded.vocab, max_len_of(loaded), beam,
+    return decode(model, pixels, np.arange(len(pixels)), loaded.vocab, max_len or max_len_of(loaded), beam,
                   encode=True, device=device)
 
 

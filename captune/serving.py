@@ -1,0 +1,102 @@
+"""What a served captioner answers: rows of base64-encoded JPEG/PNG content (in-process, also
+image file paths), params `beam` and `max_len`; one caption per row. Every fault a request can
+hold is a RequestError naming the row, checked before anything is captioned."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import random
+from collections.abc import Sequence
+
+import numpy as np
+
+from data.images import ImageError, read_image, read_image_bytes
+from trainables.catalog import CAPTION_BEAM, MAX_BEAM, MAX_CAPTION_WORDS
+
+MAX_ROWS = 256  # images per request
+MAX_IMAGE_BYTES = 10 * 2**20  # one image's file size (base64 text is 4/3 of it)
+MAX_PIXELS = 50_000_000  # one image's width x height (a 10 MB PNG can hold a billion pixels)
+PARAMS = ("beam", "max_len")
+_PATH_CHARS = 4096  # longer values are never taken for a file path
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer: the message names the row or param at fault."""
+
+
+def checked_params(params: dict | None, default_max_len: int) -> tuple[int, int]:
+    """(beam, max_len) of a request's params, defaults filled in; anything else refused."""
+    params = dict(params or {})
+    refuse_unknown(params)
+    beam = _bounded(params, "beam", CAPTION_BEAM, MAX_BEAM)
+    return beam, _bounded(params, "max_len", default_max_len, MAX_CAPTION_WORDS)
+
+
+def refuse_unknown(params: dict) -> None:
+    unknown = sorted(set(map(str, params)) - set(PARAMS))
+    if unknown:
+        raise RequestError(f"unknown param(s) {', '.join(unknown)}: this model takes {', '.join(PARAMS)}")
+
+
+def _bounded(params: dict, name: str, default: int, high: int) -> int:
+    value = params.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise RequestError(f"param {name}: must be an integer in 1..{high}, got {value!r}")
+    if not 1 <= value <= high:
+        raise RequestError(f"param {name}: must be in 1..{high}, got {value}")
+    return int(value)
+
+
+def request_pixels(values: Sequence, size: int, allow_paths: bool) -> np.ndarray:
+    """Pixels (N, 3, size, size) uint8 of a request's `image` values, each base64 content (a data
+    URL's prefix and line breaks allowed) or, if `allow_paths`, a file path. All rows are checked;
+    the error lists the first faults."""
+    if len(values) == 0:
+        raise RequestError("empty input: send at least one row with an `image`")
+    if len(values) > MAX_ROWS:
+        raise RequestError(f"{len(values)} rows: at most {MAX_ROWS} images per request (send several requests)")
+    pixels = np.zeros((len(values), 3, size, size), dtype=np.uint8)
+    faults = []
+    for row, value in enumerate(values):
+        try:
+            pixels[row] = _pixels(value, size, f"row {row}", allow_paths)
+        except (RequestError, ImageError) as e:
+            faults.append(str(e))
+    if faults:
+        more = f" (and {len(faults) - 5} more rows)" if len(faults) > 5 else ""
+        raise RequestError("; ".join(faults[:5]) + more)
+    return pixels
+
+
+def _pixels(value, size: int, name: str, allow_paths: bool) -> np.ndarray:
+    if not isinstance(value, str):
+        raise RequestError(f"{name}: `image` must be a base64 string, got {type(value).__name__}")
+    if allow_paths and len(value) < _PATH_CHARS and os.path.isfile(value):
+        return read_image(value, size)
+    text = "".join(value.split())
+    if text.startswith("data:") and "," in text:  # a data URL, as a browser's canvas gives it
+        text = text.split(",", 1)[1]
+    if len(text) * 3 // 4 > MAX_IMAGE_BYTES + 2:
+        raise RequestError(f"{name}: image of {len(text) * 3 / 4 / 2**20:.1f} MB, over the "
+                           f"{MAX_IMAGE_BYTES / 2**20:.0f} MB limit")
+    try:
+        content = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        where = " nor an existing file" if allow_paths else ""
+        raise RequestError(f"{name}: `image` is not base64-encoded image content{where} "
+                           f"(starts {value[:24]!r})") from None
+    return read_image_bytes(content, size, name, max_pixels=MAX_PIXELS)
+
+
+def example_image() -> str:
+    """A small PNG of a built-in scene, base64: the logged model's input example."""
+    from data.synth import draw, random_scene
+
+    rng = random.Random(0)
+    buffer = io.BytesIO()
+    draw(random_scene(rng), rng).resize((64, 64)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
