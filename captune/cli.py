@@ -194,7 +194,8 @@ def cmd_sweep(args) -> int:
                        trials=args.trials, epochs=args.epochs, config_file=args.config,
                        overrides=parse_overrides(args.set), workers_per_trial=args.workers_per_trial,
                        gpus_per_worker=args.gpus_per_worker, storage=args.storage, resume=args.resume,
-                       control=not args.no_control, tracking_uri=args.tracking_uri, address=args.address)
+                       control=not args.no_control, tracking_uri=args.tracking_uri, address=args.address,
+                       verbose=args.verbose)
     t0 = time.perf_counter()
     outcomes = run_sweep(req)
     print(f"\nsweep {args.name} done in {time.perf_counter() - t0:.0f}s")
@@ -354,6 +355,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the image-blind control run of each champion (the floor its BLEU-4 must clear)")
     _tracking_args(w)
     w.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    w.add_argument("--verbose", action="store_true",
+                   help="Ray Tune's own status output and every trial's epoch lines, instead of the sweep's view")
     w.set_defaults(run=cmd_sweep)
 
     lb = sub.add_parser("leaderboard", help="a sweep's trials by best validation BLEU-4, its controls and "

@@ -8,10 +8,14 @@ from trainables.config import ConfigError
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    # Ray 2.60 warns at every start that token authentication is on (its default): nothing to do
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"py_executable": worker_command()} if fork_workers(remote=bool(address)) else None
     if address:
@@ -60,15 +64,18 @@ def stop_on_signals() -> None:
             signal.signal(sig, interrupt)
 
 
-def wait_one(refs: list):
+def wait_one(refs: list, between=None):
     """The first of `refs` to be ready. In short waits: a blocking ray.wait does not return to
-    Python until a task ends, so Ctrl-C and SIGTERM would wait for it."""
+    Python until a task ends, so Ctrl-C and SIGTERM would wait for it. `between()` is called
+    after each wait (a progress view's redraw)."""
     import ray
 
     while True:
         ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
         if ready:
             return ready[0]
+        if between is not None:
+            between()
 
 
 def fork_workers(remote: bool) -> bool:

@@ -16,6 +16,7 @@ import json
 from captune import tracking
 from search.bootstrap import paired_bootstrap
 from search.mlflow_names import CONTROL_ERROR_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG
+from search.progress import note
 from search.reruns import RerunJob, run_reruns
 from search.slots import held_slot
 
@@ -33,8 +34,8 @@ def run_control(client, job, outcome) -> dict | None:
     rerun = RerunJob(kind="control", config=config, data_root=job.req.data_root, tracking_uri=job.tracking_uri,
                      experiment_id=job.experiment_id, parent_run_id=parent, sweep=job.req.name,
                      run_name=f"{arch}-control", also_score=f"models:/{champion['name']}/{champion['version']}",
-                     use_gpu=job.req.gpus_per_worker > 0, threads=job.cpus)
-    print(f"[{arch}] control: the champion's configuration, image-blind, {config['epochs']} epochs", flush=True)
+                     use_gpu=job.req.gpus_per_worker > 0, threads=job.cpus, echo_epochs=job.req.verbose)
+    note(job.req.name, arch, f"control: the champion's configuration, image-blind, {config['epochs']} epochs")
     try:
         with held_slot(job.req.name, arch, "control"):
             [result] = run_reruns(client, [rerun], concurrent=1, cpus=job.cpus, gpus=job.req.gpus_per_worker)
@@ -43,8 +44,8 @@ def run_control(client, job, outcome) -> dict | None:
 
         reason = root_cause(e)
         client.set_tag(parent, CONTROL_ERROR_TAG, reason[:5000])
-        print(f"[{arch}] WARNING: the image-blind control failed ({reason}); the champion has no floor. "
-              f"`captune sweep --resume` tries it again.", flush=True)
+        note(job.req.name, arch, f"WARNING: the image-blind control failed ({reason}); the champion has no floor. "
+                                 f"`captune sweep --resume` tries it again.")
         return None
     gap = paired_bootstrap(result["other_statistics"], result["statistics"],
                            names=(f"the {arch} champion", "its image-blind control"))
@@ -54,7 +55,7 @@ def run_control(client, job, outcome) -> dict | None:
     verdict = {"clear": gap.low > 0, "text": gap.verdict()}
     client.log_batch(parent, metrics=tracking.metric_entities(control))
     client.set_tag(parent, CONTROL_VERDICT_TAG, json.dumps(verdict))
-    print(f"[{arch}] control: validation BLEU-4 {control['control_bleu4']:.4f} (champion {outcome.best['bleu4']:.4f}); "
-          f"{verdict['text']}", flush=True)
+    note(job.req.name, arch, f"control: validation BLEU-4 {control['control_bleu4']:.4f} (champion "
+                             f"{outcome.best['bleu4']:.4f}); {verdict['text']}")
     return {**control, "verdict": verdict}
 

@@ -53,8 +53,11 @@ def rerun(job: RerunJob) -> dict:
                 if checkpoint_dir is not None and metrics["best_epoch"] == metrics["epoch"]:
                     shutil.copyfile(checkpoint_dir / FILENAME, best)
 
+            ctx = WorkerContext(device=device, report=report)
+            if not job.echo_epochs:
+                ctx.echo = lambda line: None
             with contextlib.redirect_stdout(sys.stderr):  # progress, not output: `compare --json` stays JSON
-                last = train(cfg, job.data_root, WorkerContext(device=device, report=report))
+                last = train(cfg, job.data_root, ctx)
             out = {"run_id": run_id, "val": {"best_bleu4": last["best_bleu4"], "best_epoch": last["best_epoch"]},
                    **_test(load_checkpoint(best), job, device)}
         out.update(_also_scored(job, device))

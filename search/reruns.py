@@ -24,6 +24,7 @@ class RerunJob:
     also_score: str | None = None  # a model URI scored on the same test images (the champion)
     use_gpu: bool = False
     threads: int = 1
+    echo_epochs: bool = True  # a line per epoch (a sweep's controls keep quiet unless --verbose)
 
     def tags(self) -> dict[str, str]:
         return {SWEEP_TAG: self.sweep, KIND_TAG: self.kind, "arch": self.config["arch"],

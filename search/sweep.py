@@ -15,8 +15,9 @@ from captune.raycluster import init_ray, signal_name, wait_one
 from data.cache import default_cache_dir
 from search import sizing
 from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
-from search.mlflow_names import STATE_TAG, STOP_TAG
+from search.mlflow_names import STATE_TAG, STOP_TAG, TRIAL_TAG
 from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_create_run
+from search.progress import EventQueue, ProgressEvents, SweepView, held_back, queue_name, quiet_libraries
 from search.space import SearchSpace, SweepSettings, load_spaces
 from search.trial import TrialSetup, trial_trainable
 from trainables.config import ConfigError, TrainConfig, compose, preset_layers, replace
@@ -46,6 +47,7 @@ class SweepRequest:
     control: bool = True  # after each search, train its champion's configuration image-blind
     tracking_uri: str | None = None
     address: str | None = None
+    verbose: bool = False  # Tune's own output and every trial's epoch lines, not the driver's view
 
 
 @dataclass
@@ -164,6 +166,8 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     settings, searches = plan(req)
+    if not req.verbose:
+        quiet_libraries()
     root = storage_root(req.storage)
     tracking.require_writable_store(req.tracking_uri)
     tracking.require_answering_store(req.tracking_uri)
@@ -201,22 +205,36 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
         RDBStorage(_optuna_url(root, req.name))
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     pool = _slot_pool(req.name, slots, [search.arch for search in searches])  # always: a resumed search may use it
+    events = EventQueue.options(name=queue_name(req.name)).remote()
+    view = SweepView(req.name, {job.search.arch: settings.trials for job in jobs},
+                     {job.search.arch: job.concurrent for job in jobs})
+    _show_finished_trials(view, client, experiment_id, req.name)
+
+    def show_events() -> None:
+        for event in ray.get(events.take.remote()):
+            view.handle(event)
+        view.tick()
+
     task = ray.remote(num_cpus=0, max_retries=0)(_run_search).options(scheduling_strategy=here)
     pending = {task.remote(job): job for job in jobs}
     outcomes, failures = {}, []
     try:
         while pending:  # wait for all: one search failing does not cut the other short
-            ref = wait_one(list(pending))
+            ref = wait_one(list(pending), between=show_events)
             job = pending.pop(ref)
             try:
                 outcomes[job.search.arch] = ray.get(ref)
             except Exception as e:
                 failures.append(e)
+        show_events()
     except KeyboardInterrupt as e:
+        view.close()
         _stop(client, experiment_id, req, list(pending), signal_name(e))
         raise
     finally:
         ray.kill(pool)
+        ray.kill(events)
+    view.close()
     if failures:
         raise failures[0]
     return [outcomes[job.search.arch] for job in jobs]
@@ -341,16 +359,20 @@ def _run_search(job: SearchJob) -> ArchOutcome:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     req, settings, search = job.req, job.settings, job.search
+    if not req.verbose:
+        quiet_libraries()
     arch, base = search.arch, search.base
     tracking.configure(job.tracking_uri)  # this process's mlflow library (registration uses it)
     client = mlflow.MlflowClient(job.tracking_uri)
     use_gpu = req.gpus_per_worker > 0
     setup = TrialSetup(base=base.to_dict(), data_root=str(Path(req.data_root).resolve()),
                        train_storage=f"{job.path}-train", workers=req.workers_per_trial, use_gpu=use_gpu,
-                       gpus_per_worker=req.gpus_per_worker or 1.0, cpus_per_worker=job.cpus)
+                       gpus_per_worker=req.gpus_per_worker or 1.0, cpus_per_worker=job.cpus,
+                       echo_epochs=req.verbose)
     trainable = trial_trainable(setup)
+    progress = ProgressEvents(req.name, arch, list(search.space.searched), settings.max_epochs)
     if job.restore:
-        print(f"[{arch}] resuming {job.path}", flush=True)
+        progress.note(f"resuming {job.path}")
         tuner = tune.Tuner.restore(job.path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    param_space=search.space.to_tune())
     else:
@@ -374,8 +396,8 @@ def _run_search(job: SearchJob) -> ArchOutcome:
             at_once = f"{job.concurrent} at a time, more when the other searches leave slots free"
         else:
             limit, at_once = job.concurrent, f"up to {job.concurrent} at a time"
-        print(f"[{arch}] {settings.trials} trials, {at_once}, {settings.max_epochs} epochs at most; "
-              f"results in {job.path}", flush=True)
+        progress.note(f"{settings.trials} trials, {at_once}, {settings.max_epochs} epochs at most; "
+                      f"results in {job.path}")
         tuner = tune.Tuner(
             trainable, param_space=search.space.to_tune(),
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
@@ -392,7 +414,8 @@ def _run_search(job: SearchJob) -> ArchOutcome:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=EPOCH_METRIC,
                                                         checkpoint_score_order=MODE),
                 callbacks=[MlflowTrials(job.tracking_uri, job.experiment_id, job.parent_run_id, req.name, arch,
-                                        base.to_dict(), settings.max_epochs)],
+                                        base.to_dict(), settings.max_epochs), progress],
+                verbose=None if req.verbose else 0,  # the driver shows progress (search.progress)
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures, fail_fast=False)),
         )
     try:
@@ -414,6 +437,17 @@ def _run_search(job: SearchJob) -> ArchOutcome:
             f"MLflow at {job.tracking_uri} did not answer ({type(e).__name__}) when the {arch} search ended. Its "
             f"trials are done and kept in {job.path}; once the server answers, `{resume_command(req)}` writes what "
             f"is missing and registers the champions without training again.") from None
+
+
+def _show_finished_trials(view: SweepView, client, experiment_id: str, sweep: str) -> None:
+    """A resumed sweep's view starts from the trials that ended before (from MLflow)."""
+    ended = client.search_runs([experiment_id], max_results=10000, order_by=["attributes.start_time ASC"],
+                               filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{KIND_TAG}` = 'trial' and "
+                                             f"attributes.status != 'RUNNING' and tags.`{STATE_TAG}` != 'interrupted'")
+    for run in ended:
+        if run.data.tags.get("arch") in view.archs:
+            view.ended_before(run.data.tags["arch"], run.data.tags[TRIAL_TAG], run.data.metrics.get("best_bleu4"),
+                              int(run.data.metrics.get("best_epoch", 0)))
 
 
 FEATURE_KEYS = {"image_size", "encoder", "pretrained", "fine_tune", "seed"}  # what a feature cache depends on
@@ -459,7 +493,6 @@ def _check_vocabulary(data: PreparedData, search: ArchSearch, config_file: str |
 def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest, study_name: str,
             grace_period: int) -> ArchOutcome:
     from search.analysis import log_search_analysis
-    from search.mlflow_trials import TRIAL_TAG
     from search.registry import promote
 
     scored = [r for r in grid if r.error is None and r.metrics and METRIC in r.metrics and not _diverged(r)]
@@ -478,7 +511,8 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
             # a resumed sweep whose search had already ended: registered before, not again
             outcome.champion = json.loads(tags["captune.champion"])
         elif outcome.best["run_id"]:
-            with _best_checkpoint(top).as_directory() as folder:  # downloaded when the storage is remote
+            with _best_checkpoint(top).as_directory() as folder, held_back(not req.verbose):
+                # (the checkpoint is downloaded when the storage is remote)
                 outcome.champion = promote(client, search.arch, {**outcome.best, "checkpoint": Path(folder) / "model.pt"},
                                            req.data_root)
             client.set_tag(parent_id, "captune.champion", json.dumps(outcome.champion))

@@ -37,6 +37,7 @@ class TrialSetup:
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
     cpus_per_worker: int = 1
+    echo_epochs: bool = False  # a line per epoch from each trial (`sweep --verbose`); else the driver's view
 
     @property
     def in_process(self) -> bool:
@@ -77,6 +78,8 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
         tune.report({**metrics, "node_id": node}, checkpoint=checkpoint)
 
     ctx = WorkerContext(device=device, report=report)
+    if not setup.echo_epochs:
+        ctx.echo = lambda line: None
     data = _prepared(setup.data_root, cfg.image_size, cfg.cache_path(), cfg.skip_bad, cfg.split_seed)
     try:
         train_resuming(cfg, setup.data_root, ctx, tune.get_checkpoint(), data=data)
@@ -106,7 +109,7 @@ def _train_ddp(cfg: TrainConfig, setup: TrialSetup) -> None:
     trainer = make_trainer(cfg, setup.data_root, workers=setup.workers, use_gpu=setup.use_gpu,
                            gpus_per_worker=setup.gpus_per_worker, cpus=setup.cpus_per_worker,
                            name=f"trial-{trial_id}", storage_path=setup.train_storage, keep="best",
-                           callbacks=[TuneReportCallback()])
+                           callbacks=[TuneReportCallback()], echo=setup.echo_epochs)
     trainer.fit()
 
 

@@ -282,6 +282,9 @@ def test_sweep_stopped_at_three_points_resumes_without_repeating_or_losing_anyth
             break
         assert code == 130 and "Traceback" not in text and "SIGABRT" not in text, text[-3000:]
         assert "captune sweep --name s3" in text and "--resume" in text  # how to go on
+        # the console shows the sweep's view, not Ray Tune's boxes (search.progress)
+        assert "[resnet-gru] trial 1 (" in text and "Configuration for experiment" not in text, text[-3000:]
+        assert "TensorBoard" not in text and "epoch 1/4" not in text
         runs = client.search_runs([client.get_experiment_by_name("s3").experiment_id], filter_string="tags.`captune.sweep` = 's3'")
         assert not [r for r in runs if r.info.status == "RUNNING"]
         stopped = [r for r in runs if r.info.status == "KILLED"]

@@ -61,6 +61,8 @@ class WorkerContext:
     # Asked before each training step (it must be cheap): True ends training there, keeping the
     # epochs already reported. With several ranks, they agree every STOP_CHECK_STEPS steps.
     stop_requested: Callable[[], bool] = lambda: False
+    # Where rank 0's line per epoch goes (a sweep's trials keep quiet: its driver shows progress).
+    echo: Callable[[str], None] = lambda line: print(line, flush=True)
 
 
 class TeacherForcing(nn.Module):
@@ -124,7 +126,7 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
             loss = _train_epoch(module, model, batches, optimizer, cfg, ctx, epoch)
         except Stopped as stop:  # what was reported stays; the epoch in progress is dropped
             if lead:
-                print(f"stopped during epoch {stop.epoch}/{cfg.epochs} as asked", flush=True)
+                ctx.echo(f"stopped during epoch {stop.epoch}/{cfg.epochs} as asked")
             return {**metrics, "stopped_in_epoch": stop.epoch}
         t1 = time.perf_counter()
         hyps = decode(model, inputs, val_rows, vocab, cfg.max_len, cfg.val_beam, encode=cfg.fine_tune,
@@ -136,9 +138,9 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
         history.append(metrics)
         metrics.update(best_so_far(history))
         if lead:
-            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  " +
-                  "  ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")) +
-                  f"  ({metrics['epoch_seconds']:.1f}s train, {metrics['val_seconds']:.1f}s val)", flush=True)
+            ctx.echo(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  " +
+                     "  ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")) +
+                     f"  ({metrics['epoch_seconds']:.1f}s train, {metrics['val_seconds']:.1f}s val)")
             with tempfile.TemporaryDirectory(prefix="captune-checkpoint-") as tmp:
                 with _disk_full_named(f"epoch {epoch + 1}'s checkpoint", f"the temporary folder {tmp}"):
                     save_checkpoint(Path(tmp) / FILENAME, model, vocab, encoder_trained=cfg.fine_tune,

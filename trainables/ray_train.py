@@ -49,6 +49,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = WorkerContext(rank=rank, world_size=context.get_world_size(), device=ray.train.torch.get_device(),
                         report=report, wrap_model=ray.train.torch.prepare_model,
                         stop_requested=StopSignal.watch(stop))
+    if not config.get("echo", True):
+        ctx.echo = lambda line: None
     try:
         metrics = train_resuming(cfg, config["data_root"], ctx, _latest(ray.train.get_checkpoint(),
                                                                         config.get("resume_from")))
@@ -129,10 +131,11 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
                  storage_path: str | None = None, max_failures: int = 0, keep: str = "best",
                  callbacks: list | None = None, tracking_uri: str | None = None,
                  mlflow_run_id: str | None = None, stop_signal: str | None = None,
-                 resume_from: str | None = None) -> TorchTrainer:
+                 resume_from: str | None = None, echo: bool = True) -> TorchTrainer:
     """keep="best": the two best checkpoints by validation bleu4, and the latest (which a restart
     goes on from); keep="last": only the latest. `stop_signal`: the name of a StopSignal actor the
-    workers watch. `resume_from`: a checkpoint folder to go on from, if newer than Ray's."""
+    workers watch. `resume_from`: a checkpoint folder to go on from, if newer than Ray's. `echo`:
+    rank 0 prints a line per epoch."""
     # The controller sees the workers' end (or a stop) at its next health check: every 0.5 s, not 2.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     resources = {"CPU": cpus or cpus_per_worker(workers)}
@@ -142,7 +145,7 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "data_root": str(Path(data_root).resolve()),
                            "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
-                           "stop_signal": stop_signal, "resume_from": resume_from},
+                           "stop_signal": stop_signal, "resume_from": resume_from, "echo": echo},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path,
