@@ -228,7 +228,7 @@ def cmd_sweep(args) -> int:
                                   f"and `captune compare {args.name} --data {args.data}"
                                   f"{f' --seeds {args.seeds}' if args.seeds else ''}` finish the report (a "
                                   f"replicate already trained is reused)") from None
-    print(f"\nMLflow UI: {_ui_command(args.tracking_uri)}  (experiment '{args.name}')")
+    print(f"\nMLflow UI: {_ui_command(args.tracking_uri)}\nleaderboard: {_leaderboard_url(args.name, args.tracking_uri)}")
     return 0
 
 
@@ -258,6 +258,18 @@ def _ui_command(tracking_uri: str | None) -> str:
     if uri == f"sqlite:///{Path('mlflow').resolve() / 'mlflow.db'}" or "/mlflow/mlflow.db" in uri:
         return "mlflow/server.sh   # then open http://127.0.0.1:5000"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def _leaderboard_url(sweep: str, tracking_uri: str | None) -> str:
+    """The address of the sweep's saved leaderboard view in the MLflow UI (search.mlflow_view)."""
+    from mlflow import MlflowClient
+
+    from captune.tracking import default_tracking_uri
+    from search.mlflow_view import leaderboard_url
+
+    uri = tracking_uri or default_tracking_uri()
+    experiment = MlflowClient(uri).get_experiment_by_name(sweep)
+    return leaderboard_url(uri if uri.startswith("http") else "http://127.0.0.1:5000", experiment.experiment_id)
 
 
 def _require_gpu() -> None:

@@ -5,6 +5,8 @@
 #   BACKEND_URI=postgresql://user@db/mlflow ARTIFACTS=s3://bucket/mlflow mlflow/server.sh   # a team's server
 #   CAPTUNE_STORAGE=s3://bucket/captune mlflow/server.sh    # artifacts in $CAPTUNE_STORAGE/mlflow (cluster.yaml sets it)
 # Runs logged before from the command line (SQLite store) show up as they are.
+# A sweep's leaderboard (the saved view every sweep writes; `captune sweep` prints its address):
+#   http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=d3d42189-33f9-5b69-888e-ed5c93741cbf
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")

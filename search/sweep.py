@@ -17,6 +17,7 @@ from search import sizing
 from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
 from search.mlflow_names import STATE_TAG, STOP_TAG, TRIAL_TAG
 from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_create_run
+from search.mlflow_view import save_leaderboard_view
 from search.progress import EventQueue, ProgressEvents, SweepView, held_back, queue_name, quiet_libraries
 from search.space import SearchSpace, SweepSettings, load_spaces
 from search.trial import TrialSetup, trial_trainable
@@ -175,6 +176,7 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     client = mlflow.MlflowClient(uri)
     restorable = _check_name(client, uri, req, root, [search.arch for search in searches])
     experiment_id = tracking.experiment_id(req.name, uri)
+    save_leaderboard_view(client, experiment_id)
     init_ray(req.address)
     if req.gpus_per_worker > 0:
         _wait_for_gpus(req)

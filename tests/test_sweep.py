@@ -69,6 +69,9 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
     tmp_path, tracking_uri, config, out = (finished_sweep.folder, finished_sweep.tracking_uri, finished_sweep.config,
                                            finished_sweep.out)
     assert "leaderboard" in out and "BLEU-4 beam 3" in out and "MLflow UI" in out
+    # the sweep's view: its lines, then the address of its leaderboard in the MLflow UI
+    assert "[cnn-lstm] trial 1 (" in out and "sweep s1: cnn-lstm 3/3 done" in out
+    assert "viewStateShareKey=" in out.strip().splitlines()[-1]
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name("s1")

@@ -1,0 +1,89 @@
+"""The leaderboard, ready in MLflow's UI: a saved runs view on each sweep's experiment.
+
+MLflow 3.17's UI keeps saved runs views as experiment tags `mlflow.sharedViewState.<key>`: a JSON
+envelope {name, createdAt, updatedAt, state}, `state` the JSON text of the runs page's search
+facets and UI state (what the UI's "Save as new view" writes; it reads uncompressed text as well
+as its own compressed form). The URL `#/experiments/<id>/runs?viewStateShareKey=<key>` opens it.
+The field names below are the UI's (its bundle, `mlflow/server/js/build`); nothing else documents
+them. Breaks first: tests/test_mlflow_view.py (the tag read back) and the screenshot benchmark.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from search.mlflow_names import KIND_TAG, STATE_TAG
+
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+VIEW_NAME = "captune leaderboard"
+# One key for every sweep's experiment: the same URL shape everywhere, rewritten idempotently.
+VIEW_KEY = str(uuid.uuid5(uuid.NAMESPACE_URL, "captune/leaderboard-view/1"))
+MODEL_SECTION = "Model metrics"  # the UI's own sections, kept after the leaderboard's
+SYSTEM_SECTION = "System metrics"
+
+
+def column(kind: str, key: str) -> str:
+    """The UI's key of a runs-table column ("metrics.`best_bleu4`")."""
+    return f"{kind}.`{key}`"
+
+
+COLUMNS = [column("params", "arch"), column("metrics", "best_bleu4"), column("metrics", "best_epoch"),
+           column("params", "lr"), column("params", "hidden_size"), column("params", "vocab_threshold"),
+           column("tags", STATE_TAG), column("attributes", "Models")]
+
+
+def leaderboard_state() -> dict:
+    """Trials only, best BLEU-4 first, the leaderboard's columns, every run shown, and three
+    charts in a section of their own: best BLEU-4 per trial (bar), parallel coordinates of the
+    searched parameters against it, and the BLEU-4 curves per epoch."""
+    section = _id("section")
+    charts = [
+        {**_card("BAR", "bar", section), "metricKey": "best_bleu4", "displayName": "best BLEU-4 per trial",
+         "selectedMetricKeys": None, "datasetName": None, "dataAccessKey": None, "runsCountToCompare": 100},
+        {**_card("PARALLEL", "parallel", section), "selectedParams": ["lr", "hidden_size", "vocab_threshold"],
+         "selectedMetrics": ["best_bleu4"], "showAllRuns": True, "displayName": "searched parameters",
+         "runsCountToCompare": 100},
+        {**_card("LINE", "curves", section), "metricKey": "bleu4", "displayName": "validation BLEU-4 per epoch",
+         "selectedMetricKeys": ["bleu4"], "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear",
+         "range": {}, "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [],
+         "ignoreOutliers": False, "useGlobalXaxisKey": False, "useGlobalLineSmoothing": False,
+         "runsCountToCompare": 100},
+    ]
+    sections = [{"uuid": section, "name": "Leaderboard", "display": True, "isReordered": False, "deleted": False,
+                 "isGenerated": False},
+                *({"uuid": _id(name), "name": name, "display": False, "isReordered": False, "deleted": False,
+                   "isGenerated": True} for name in (MODEL_SECTION, SYSTEM_SECTION))]
+    return {
+        "searchFilter": f"tags.`{KIND_TAG}` = 'trial'", "orderByKey": column("metrics", "best_bleu4"),
+        "orderByAsc": False, "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": COLUMNS, "columnOrder": [], "columnWidths": {}, "runsHiddenMode": "SHOW_ALL",
+        "compareRunCharts": charts, "compareRunSections": sections, "viewMaximized": False, "runListHidden": False,
+        "isAccordionReordered": True, "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None,
+        "groupsExpanded": {}, "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0,
+                                                        "selectedXAxisMetricKey": ""},
+    }
+
+
+def _card(kind: str, name: str, section: str) -> dict:
+    return {"uuid": _id(name), "type": kind, "metricSectionId": section, "deleted": False, "isGenerated": False}
+
+
+def _id(name: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"captune/leaderboard-view/{name}"))
+
+
+def save_leaderboard_view(client, experiment_id: str) -> str:
+    """Write the view on the experiment (again: the same key, the current definition); returns its key."""
+    now = int(time.time() * 1000)
+    envelope = {"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(leaderboard_state())}
+    client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, json.dumps(envelope))
+    return VIEW_KEY
+
+
+def leaderboard_url(ui: str, experiment_id: str) -> str:
+    """The address that opens a sweep's leaderboard in the MLflow UI at `ui` (http://host:port),
+    on the runs table (the UI otherwise opens an experiment on its GenAI pages)."""
+    return (f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_KEY}")
