@@ -194,6 +194,8 @@ def _log(client, experiment_id: str, name: str, results: dict, beams, resamples:
     if created:
         client.log_batch(run_id, params=tracking.param_entities(params))
     metrics = {f"{a}.beam{k}.{key}": m[f"beam{k}"][key] for a, m in models.items() for k in beams for key in KEYS}
+    # validation beside test: the split the search ranked by, and the one it never saw
+    metrics.update({f"{a}.val_best_bleu4": m["val_bleu4"] for a, m in models.items() if m.get("val_bleu4") is not None})
     for prefix, boot in (("", results["bootstrap"]), ("replicates.", (results["replicates"] or {}).get("bootstrap"))):
         if boot:
             metrics.update({f"{prefix}bleu4_difference": boot["difference"], f"{prefix}bleu4_difference_low": boot["low"],

@@ -15,3 +15,21 @@ IMPORTANCE_BASIS_TAG = "captune.importance_basis"  # on a search's parent: what 
 IMPORTANCE_PREFIX = "importance_"  # a search parent's metric per searched parameter
 CONTROL_METRICS = ("control_bleu4", "control_test_bleu4", "test_bleu4", "control_gap", "control_gap_low",
                    "control_gap_high")  # on a search's parent (search.control)
+CHAMPION_TRIAL_TAG = "captune.is_champion"  # "true" on the trial whose best epoch is its search's champion
+NOTE_TAG = "mlflow.note.content"  # MLflow's description of an experiment or run (shown in the UI)
+
+
+def trial_run_name(arch: str, config: dict, rank: int | None = None, state: str | None = None) -> str:
+    """A trial run's name a person reads: "cnn-lstm lr=2.0e-03 hidden=256 vthr=2"; after the search,
+    with its rank in it and its end state when it did not finish ("#3 ... [early-stopped]")."""
+    parts = [arch]
+    for key, short in (("lr", "lr"), ("hidden_size", "hidden"), ("vocab_threshold", "vthr")):
+        if key in config:
+            value = config[key]
+            parts.append(f"{short}={value:.1e}" if isinstance(value, float) else f"{short}={value}")
+    name = " ".join(parts)
+    if rank is not None:
+        name = f"#{rank} {name}"
+    if state and state != "finished":
+        name += f" [{state}]"
+    return name

@@ -15,11 +15,12 @@ from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
 from captune.raycluster import root_cause
-from search.mlflow_names import ERROR_TAG, KIND_TAG, NODE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
+from search.mlflow_names import (CHAMPION_TRIAL_TAG, ERROR_TAG, KIND_TAG, NODE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG,
+                                 TRIAL_TAG, trial_run_name)
 from search.objective import DIVERGED, FAILED, end_state
 
-LOGGED = ("loss", "bleu1", "bleu2", "bleu3", "bleu4", "best_bleu4", "best_epoch", "epoch_seconds", "val_seconds", "setup_seconds",
-          "vocab_size")
+LOGGED = ("loss", "bleu1", "bleu2", "bleu3", "bleu4", "best_bleu4", "best_epoch", "epoch_seconds", "val_seconds")
+ONCE = ("setup_seconds", "vocab_size")  # a trial's constants: logged with its first epoch only
 RETRY_EVERY_S = 5.0
 
 
@@ -63,7 +64,7 @@ class MlflowTrials(Callback):
         self._record("start", trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        metrics = {k: float(result[k]) for k in LOGGED if k in result}
+        metrics = {k: float(result[k]) for k in LOGGED + ONCE if k in result}
         self._record("result", trial, epoch=int(result.get("epoch", 0)), metrics=metrics,
                      node=str(result.get("node_id", "")))
 
@@ -131,7 +132,9 @@ class MlflowTrials(Callback):
             if p["epoch"] <= self.last_epoch.get(trial_id, 0):
                 return  # a trial rerun from an older checkpoint than its run has seen
             now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, v, now, p["epoch"]) for k, v in p["metrics"].items()],
+            first = self.last_epoch.get(trial_id, 0) == 0
+            metrics = {k: v for k, v in p["metrics"].items() if first or k not in ONCE}
+            client.log_batch(run_id, metrics=[Metric(k, v, now, p["epoch"]) for k, v in metrics.items()],
                              tags=[RunTag(NODE_TAG, p["node"])] if p["node"] else [])
             self.last_epoch[trial_id] = p["epoch"]
         elif kind == "restart":
@@ -141,6 +144,7 @@ class MlflowTrials(Callback):
         elif kind == "complete":
             epoch = max(p["epoch"], self.last_epoch.get(trial_id, 0))
             client.set_tag(run_id, "captune.epochs_run", str(epoch))
+            client.log_metric(run_id, "epochs_run", epoch)
             if p["state"] == DIVERGED:
                 self._end(run_id, DIVERGED, "FAILED", str(p["diverged"]))
             else:
@@ -159,7 +163,7 @@ class MlflowTrials(Callback):
         if trial_id not in self.runs:
             run_id, created = find_or_create_run(
                 self.client, self.experiment_id, {TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep, "arch": self.arch},
-                run_name=f"{self.arch}-{trial_id}",
+                run_name=trial_run_name(self.arch, config),
                 extra_tags={"mlflow.parentRunId": self.parent_run_id, KIND_TAG: "trial", STATE_TAG: "running"})
             if created:
                 params = {**self.base, **config, "arch": self.arch}
@@ -193,3 +197,27 @@ def _error_text(trial) -> str:
     except OSError:
         pass
     return str(trial.get_error() or "unknown error")
+
+
+def rank_trial_runs(client: MlflowClient, experiment_id: str, sweep: str, arch: str, champion_run_id: str | None) -> None:
+    """After a search: each trial run renamed with its rank by best BLEU-4 and, if it did not
+    finish, its end state (trial_run_name); its champion tagged as such."""
+    runs = client.search_runs([experiment_id], max_results=10000, order_by=["metrics.best_bleu4 DESC"],
+                              filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.arch = '{arch}' and "
+                                            f"tags.`{KIND_TAG}` = 'trial'")
+    for rank, run in enumerate(runs, 1):
+        name = trial_run_name(arch, {k: _number(v) for k, v in run.data.params.items()}, rank,
+                              run.data.tags.get(STATE_TAG))
+        if run.info.run_name != name:
+            client.update_run(run.info.run_id, name=name)
+        if run.info.run_id == champion_run_id:
+            client.set_tag(run.info.run_id, CHAMPION_TRIAL_TAG, "true")
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

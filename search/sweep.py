@@ -15,8 +15,8 @@ from captune.raycluster import init_ray, signal_name, wait_one
 from data.cache import default_cache_dir
 from search import sizing
 from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
-from search.mlflow_names import STATE_TAG, STOP_TAG, TRIAL_TAG
-from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_create_run
+from search.mlflow_names import CHAMPION_TRIAL_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, TRIAL_TAG
+from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_create_run, rank_trial_runs
 from search.mlflow_view import save_leaderboard_view
 from search.progress import EventQueue, ProgressEvents, SweepView, held_back, queue_name, quiet_libraries
 from search.space import SearchSpace, SweepSettings, load_spaces
@@ -177,6 +177,7 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     restorable = _check_name(client, uri, req, root, [search.arch for search in searches])
     experiment_id = tracking.experiment_id(req.name, uri)
     save_leaderboard_view(client, experiment_id)
+    client.set_experiment_tag(experiment_id, NOTE_TAG, _experiment_note(req.name))
     init_ray(req.address)
     if req.gpus_per_worker > 0:
         _wait_for_gpus(req)
@@ -522,9 +523,37 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
         client.set_tag(parent_id, "captune.best_trial", trial_id)
     client.set_tag(parent_id, "captune.trials", str(len(grid)))
     client.set_tag(parent_id, "captune.failed_trials", str(errors))
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    rank_trial_runs(client, experiment_id, req.name, search.arch, (outcome.best or {}).get("run_id"))
+    client.set_tag(parent_id, NOTE_TAG, _search_note(outcome, experiment_id, req.name))
     log_search_analysis(client, parent_id, _optuna_url(storage_root(req.storage), req.name), study_name,
                         list(search.space.searched), at_epoch=grace_period)
     return outcome
+
+
+def _experiment_note(sweep: str) -> str:
+    return (f"captune sweep `{sweep}`: per architecture a parent run (`captune.kind` = search) with a child run per "
+            "trial (validation BLEU-4 per epoch; `best_bleu4` at `best_epoch` is what the search ranks and what the "
+            "champion keeps), the champion's image-blind control, and the comparison on the test split.\n\n"
+            "The leaderboard is the saved view \"captune leaderboard\" (the views menu at the top of the runs page): "
+            "trials only, best first, with the searched parameters and charts. `captune leaderboard "
+            f"{sweep}` prints it in a terminal.")
+
+
+def _search_note(outcome: ArchOutcome, experiment_id: str, sweep: str) -> str:
+    """The parent run's description in the MLflow UI (markdown)."""
+    head = f"**{outcome.arch}** search of sweep `{sweep}`: {outcome.trials} trials, {outcome.errors} failed."
+    if not outcome.best:
+        return head + " No trial finished an epoch."
+    best, champion = outcome.best, outcome.champion or {}
+    registered = (f" Registered as `{champion['name']}` version {champion['version']}"
+                  + (", now the champion." if champion.get("promoted") else ", not the champion (the current one "
+                     "scores higher on the same validation split).")) if champion else ""
+    return (f"{head}\n\nBest: trial `{best['trial_id']}`, best validation BLEU-4 **{best['bleu4']:.4f}** at epoch "
+            f"{best['epoch']} ([its run](#/experiments/{experiment_id}/runs/{best['run_id']}), tagged "
+            f"`{CHAMPION_TRIAL_TAG}`; the model and its figures are in that run's artifacts).{registered}\n\n"
+            f"The leaderboard: this experiment's saved view \"captune leaderboard\" (the views menu at the top of "
+            f"the runs page).")
 
 
 def _diverged(result) -> bool:

@@ -86,6 +86,19 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
         assert {"lr", "hidden_size", "vocab_threshold", "embed_size"} <= set(run.data.params)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")]
         assert steps == list(range(1, len(steps) + 1)) and steps
+    # runs say what they are: ranked names, the champion trial tagged, constants logged once, descriptions
+    for arch in by_parent.values():
+        mine = sorted((r for r in trials if r.data.params["arch"] == arch), key=lambda r: r.info.run_name)
+        assert [r.info.run_name.split()[0] for r in mine] == ["#1", "#2", "#3"]  # ranked by best BLEU-4
+        scores = [r.data.metrics["best_bleu4"] for r in mine]
+        assert scores == sorted(scores, reverse=True) and f"#1 {arch} lr=" in mine[0].info.run_name
+        champions = [r for r in mine if r.data.tags.get("captune.is_champion") == "true"]
+        assert len(champions) == 1 and champions[0].data.metrics["best_bleu4"] == scores[0]
+    for run in trials:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "vocab_size")] == [1]
+        assert run.data.metrics["epochs_run"] == int(run.data.tags["captune.epochs_run"])
+    assert all("Best: trial" in p.data.tags["mlflow.note.content"] for p in parents)
+    assert "captune leaderboard" in client.get_experiment(exp.experiment_id).tags["mlflow.note.content"]
     # the searches split the slots, one per core: never more trials at once than cores
     assert all(int(p.data.tags["captune.concurrent_trials"]) == min(3, max(1, os.cpu_count() // 2)) for p in parents)
     assert all(p.data.tags["captune.sweep_slots"] == str(max(2, os.cpu_count())) for p in parents)  # search.slots
@@ -173,6 +186,7 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
     assert {"comparison.json", "comparison.png"} <= {a.path for a in client.list_artifacts(comparison.info.run_id)}
     assert comparison.data.params["seeds"] == "2" and "cnn-lstm.model" in comparison.data.params
     assert "replicates.bleu4_difference_low" in comparison.data.metrics
+    assert {"cnn-lstm.val_best_bleu4", "resnet-gru.val_best_bleu4", "cnn-lstm.beam3.bleu4"} <= set(comparison.data.metrics)
     assert main(["compare", "s1", "--seeds", "2", "--resamples", "200", "--json", "--tracking-uri", tracking_uri]) == 0
     again = json.loads(capsys.readouterr().out)
     assert len(client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'replicate'")) == 4
