@@ -187,7 +187,7 @@ def cmd_caption(args) -> int:
 def cmd_sweep(args) -> int:
     from search.compare import compare, format_comparison
     from search.leaderboard import format_leaderboard, leaderboard
-    from search.sweep import SweepRequest, run_sweep
+    from search.sweep import SweepRequest, optuna_url, run_sweep, storage_root
     from trainables.config import parse_overrides
 
     req = SweepRequest(name=args.name, data_root=args.data, archs=[a.strip() for a in args.arch.split(",") if a.strip()],
@@ -228,7 +228,9 @@ def cmd_sweep(args) -> int:
                                   f"and `captune compare {args.name} --data {args.data}"
                                   f"{f' --seeds {args.seeds}' if args.seeds else ''}` finish the report (a "
                                   f"replicate already trained is reused)") from None
-    print(f"\nMLflow UI: {_ui_command(args.tracking_uri)}\nleaderboard: {_leaderboard_url(args.name, args.tracking_uri)}")
+    print(f"\nMLflow UI: {_ui_command(args.tracking_uri)}\nOptuna Dashboard (pip install -e '.[dashboard]'): "
+          f"optuna-dashboard {optuna_url(storage_root(args.storage), args.name)} --host 127.0.0.1"
+          f"\nleaderboard: {_leaderboard_url(args.name, args.tracking_uri)}")
     return 0
 
 

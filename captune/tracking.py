@@ -1,6 +1,7 @@
 """MLflow: where runs go, per-epoch logging, logging captioners as models, loading them back."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -223,6 +224,21 @@ class EpochLogger:
                     if not retry:
                         break
                     time.sleep(5)
+
+
+def dataset_input(data_root: str | Path):
+    """The dataset as an MLflow run input (what the runs table's Dataset column shows): its
+    folder's name, a digest of its caption and split files (names, sizes, times; no reading) and
+    its path."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from data.fingerprint import files_fingerprint
+
+    root = Path(data_root).resolve()
+    files = sorted(p for pattern in ("*.txt", "*.json", "*/*.txt") for p in root.glob(pattern) if p.is_file())
+    dataset = Dataset(name=root.name, digest=files_fingerprint(files)[:12], source_type="local",
+                      source=json.dumps({"uri": str(root)}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
 def log_captioner(checkpoint: Path, registered_name: str | None = None):

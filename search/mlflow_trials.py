@@ -15,6 +15,7 @@ from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
 from captune.raycluster import root_cause
+from captune.tracking import dataset_input
 from search.mlflow_names import (CHAMPION_TRIAL_TAG, ERROR_TAG, KIND_TAG, NODE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG,
                                  TRIAL_TAG, trial_run_name)
 from search.objective import DIVERGED, FAILED, end_state
@@ -37,11 +38,12 @@ def find_or_create_run(client: MlflowClient, experiment_id: str, tags: dict[str,
 
 class MlflowTrials(Callback):
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, arch: str,
-                 base: dict, max_epochs: int):
+                 base: dict, max_epochs: int, data_root: str | None = None):
         self.tracking_uri = tracking_uri
         self._client: MlflowClient | None = None
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.sweep, self.arch, self.base, self.max_epochs = sweep, arch, base, max_epochs
+        self.data_root = data_root
         self.runs: dict[str, str] = {}  # trial_id -> run_id
         self.last_epoch: dict[str, int] = {}  # the last epoch logged to the trial's run
         self.pending: list[tuple[str, str, dict]] = []  # (record kind, trial_id, payload), oldest first
@@ -168,6 +170,8 @@ class MlflowTrials(Callback):
             if created:
                 params = {**self.base, **config, "arch": self.arch}
                 self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+                if getattr(self, "data_root", None):  # (a callback pickled before it had one: none)
+                    self.client.log_inputs(run_id, datasets=[dataset_input(self.data_root)])
             else:  # found again after a resume: epochs logged before it are not logged twice
                 history = self.client.get_metric_history(run_id, "bleu4")
                 self.last_epoch[trial_id] = max((m.step for m in history), default=0)

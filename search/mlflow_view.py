@@ -30,11 +30,11 @@ def column(kind: str, key: str) -> str:
 
 COLUMNS = [column("params", "arch"), column("metrics", "best_bleu4"), column("metrics", "best_epoch"),
            column("params", "lr"), column("params", "hidden_size"), column("params", "vocab_threshold"),
-           column("tags", STATE_TAG), column("attributes", "Models")]
+           column("tags", STATE_TAG), column("attributes", "Models"), column("attributes", "Dataset")]
 
 
 def leaderboard_state() -> dict:
-    """Trials only, best BLEU-4 first, the leaderboard's columns, every run shown, and three
+    """Trials only, best BLEU-4 first, the leaderboard's columns (and the dataset), every run shown, and three
     charts in a section of their own: best BLEU-4 per trial (bar), parallel coordinates of the
     searched parameters against it, and the BLEU-4 curves per epoch."""
     section = _id("section")

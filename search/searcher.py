@@ -40,7 +40,10 @@ class ResumableOptunaSearch(OptunaSearch):
         # default configuration a second time: a study that exists already had its points.
         if not self._space and self._study_exists():
             self._points_to_evaluate = []
-        return super().set_search_properties(metric, mode, config, **spec)
+        done = super().set_search_properties(metric, mode, config, **spec)
+        if done and self._ot_study is not None:
+            self._ot_study.set_metric_names([METRIC])  # Optuna Dashboard says best_bleu4, not "Objective 0"
+        return done
 
     def _study_exists(self) -> bool:
         return self._storage is not None and self._study_name in optuna.get_all_study_names(self._storage)

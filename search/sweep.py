@@ -205,7 +205,7 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     if not all(job.restore for job in jobs):  # create the study database once, before the searches share it
         from optuna.storages import RDBStorage
 
-        RDBStorage(_optuna_url(root, req.name))
+        RDBStorage(optuna_url(root, req.name))
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     pool = _slot_pool(req.name, slots, [search.arch for search in searches])  # always: a resumed search may use it
     events = EventQueue.options(name=queue_name(req.name)).remote()
@@ -385,7 +385,7 @@ def _run_search(job: SearchJob) -> ArchOutcome:
 
         searcher = ResumableOptunaSearch(max_epochs=settings.max_epochs, points_to_evaluate=[search.default_point],
                                          seed=sampler_seed(settings.seed, arch),
-                                         storage=RDBStorage(_optuna_url(job.root, req.name)),
+                                         storage=RDBStorage(optuna_url(job.root, req.name)),
                                          study_name=job.experiment)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=settings.max_epochs, grace_period=settings.grace_period,
                                   reduction_factor=settings.reduction_factor)
@@ -417,7 +417,7 @@ def _run_search(job: SearchJob) -> ArchOutcome:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=EPOCH_METRIC,
                                                         checkpoint_score_order=MODE),
                 callbacks=[MlflowTrials(job.tracking_uri, job.experiment_id, job.parent_run_id, req.name, arch,
-                                        base.to_dict(), settings.max_epochs), progress],
+                                        base.to_dict(), settings.max_epochs, setup.data_root), progress],
                 verbose=None if req.verbose else 0,  # the driver shows progress (search.progress)
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures, fail_fast=False)),
         )
@@ -526,7 +526,7 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
     experiment_id = client.get_run(parent_id).info.experiment_id
     rank_trial_runs(client, experiment_id, req.name, search.arch, (outcome.best or {}).get("run_id"))
     client.set_tag(parent_id, NOTE_TAG, _search_note(outcome, experiment_id, req.name))
-    log_search_analysis(client, parent_id, _optuna_url(storage_root(req.storage), req.name), study_name,
+    log_search_analysis(client, parent_id, optuna_url(storage_root(req.storage), req.name), study_name,
                         list(search.space.searched), at_epoch=grace_period)
     return outcome
 
@@ -580,7 +580,7 @@ def _best_checkpoint(result):
                        f"(under {result.path})")
 
 
-def _optuna_url(root: str, name: str) -> str:
+def optuna_url(root: str, name: str) -> str:
     """The Optuna study's SQLite file sits beside the Tune results when those are on a local or
     mounted path; with s3:// results it stays on the driver's disk."""
     folder = Path(root) if "://" not in root else default_cache_dir() / "optuna"

@@ -20,7 +20,8 @@ def test_the_view_is_an_experiment_tag_in_the_ui_s_saved_view_form(tmp_path):
     assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`best_bleu4`", False)
     assert state["selectedColumns"] == ["params.`arch`", "metrics.`best_bleu4`", "metrics.`best_epoch`",
                                         "params.`lr`", "params.`hidden_size`", "params.`vocab_threshold`",
-                                        "tags.`captune.end_state`", "attributes.`Models`"]
+                                        "tags.`captune.end_state`", "attributes.`Models`",
+                                        "attributes.`Dataset`"]
     assert state["runsHiddenMode"] == "SHOW_ALL"  # every trial, not the first 10
     charts = {c["type"]: c for c in state["compareRunCharts"]}
     assert charts["BAR"]["metricKey"] == "best_bleu4" and charts["LINE"]["selectedMetricKeys"] == ["bleu4"]

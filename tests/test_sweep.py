@@ -97,6 +97,8 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
     for run in trials:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "vocab_size")] == [1]
         assert run.data.metrics["epochs_run"] == int(run.data.tags["captune.epochs_run"])
+        (used,) = client.get_run(run.info.run_id).inputs.dataset_inputs  # the runs table's Dataset column
+        assert used.dataset.name == synth_dir.name and json.loads(used.dataset.source)["uri"] == str(synth_dir.resolve())
     assert all("Best: trial" in p.data.tags["mlflow.note.content"] for p in parents)
     assert "captune leaderboard" in client.get_experiment(exp.experiment_id).tags["mlflow.note.content"]
     # the searches split the slots, one per core: never more trials at once than cores
