@@ -19,6 +19,8 @@ an upgrade: tests/test_sweep.py::test_killed_sweep_resumes_with_study_matching_t
 """
 from __future__ import annotations
 
+import warnings
+
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
@@ -42,7 +44,9 @@ class ResumableOptunaSearch(OptunaSearch):
             self._points_to_evaluate = []
         done = super().set_search_properties(metric, mode, config, **spec)
         if done and self._ot_study is not None:
-            self._ot_study.set_metric_names([METRIC])  # Optuna Dashboard says best_bleu4, not "Objective 0"
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and still in 5.0
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names([METRIC])  # Optuna Dashboard says best_bleu4, not "Objective 0"
         return done
 
     def _study_exists(self) -> bool:
