@@ -161,15 +161,33 @@ def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path,
     names = corpus.splits["val"][:images]
     paths = [corpus.image_path(n) for n in names]
     hyps = caption_images(loaded, paths, beam=1)
-    cols = 4
-    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(4 * cols, 4.2 * -(-len(names) // cols)),
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, path, name, hyp in zip(axes.flat, paths, names, hyps):
-        ax.imshow(Image.open(path).convert("RGB"))
-        refs = "\n".join(corpus.captions[name][:3])
-        ax.set_title(f"{hyp}\n— references —\n{refs}", fontsize=7, loc="left")
-    fig.tight_layout()
-    fig.savefig(out / "val_examples.png", dpi=90)
+    examples_figure(paths, hyps, [corpus.captions[n] for n in names], out / "val_examples.png")
+
+
+def examples_figure(paths: list[Path], hyps: list[str], refs: list[list[str]], path: Path, cols: int = 4) -> None:
+    """Each example: the image, then below it, in a panel of its own, the model's caption
+    (greedy, labelled and in colour) and three references, wrapped at the image's width."""
+    import textwrap
+
+    import matplotlib.pyplot as plt  # (the caller chose the Agg backend)
+    from PIL import Image
+
+    def wrap(text: str, width: int = 40) -> str:
+        return textwrap.fill(text, width, subsequent_indent="  ")
+
+    rows = -(-len(paths) // cols)
+    fig = plt.figure(figsize=(4.2 * cols, 6.4 * rows))
+    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3.4, 2.4] * rows, hspace=0.05, wspace=0.08)
+    for i, (image, hyp, theirs) in enumerate(zip(paths, hyps, refs)):
+        row, col = divmod(i, cols)
+        picture, words = fig.add_subplot(grid[2 * row, col]), fig.add_subplot(grid[2 * row + 1, col])
+        picture.imshow(Image.open(image).convert("RGB"))
+        picture.set_title(Path(image).name, fontsize=9, color="0.4")
+        for ax in (picture, words):
+            ax.axis("off")
+        words.text(0, 1, wrap("model: " + hyp, 32), fontsize=10.5, fontweight="bold", color="C0", va="top",
+                   transform=words.transAxes)
+        words.text(0, 0.58, "references:\n" + "\n".join(wrap(f"- {r}") for r in theirs[:3]), fontsize=10,
+                   color="0.25", va="top", transform=words.transAxes)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
