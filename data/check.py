@@ -22,7 +22,8 @@ def check_dataset(root: str | Path, seed: int = 0, decode_images: bool = True, p
     if decode_images:
         missing = {p.image for p in problems if p.kind in ("missing_image", "outside_dataset")}  # not read
         names = sorted(im for im in corpus.captions if im not in missing)
-        bar = tqdm(total=len(names), desc="decoding images", unit="img", disable=not progress, leave=False)
+        bar = tqdm(total=len(names), desc="decoding images", unit="img", leave=False,
+                   disable=None if progress else True)  # None: shown on a terminal only, not in logs
         with bar:
             _, errors = read_images([corpus.image_path(n) for n in names], CHECK_SIZE, progress=bar)
         problems += [Problem("corrupt_image", str(corpus.image_path(names[i])), None, msg, names[i])

@@ -71,7 +71,7 @@ def prepare_data(root: str | Path, image_size: int, cache_dir: Path, *, skip_bad
 
     def decode(out: np.ndarray) -> dict:
         bar = tqdm(total=len(paths), desc=f"decoding images at {image_size}px", unit="img",
-                   disable=not progress, leave=False)
+                   disable=None if progress else True, leave=False)  # None: on a terminal only
         with bar:
             _, errors = read_images(paths, image_size, out=out, progress=bar, decoder=decoder,
                                     on_batch=on_batch)

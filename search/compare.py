@@ -104,7 +104,8 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
         for seed in range(int(config["seed"]) + 1, int(config["seed"]) + 1 + seeds):
             jobs.append(RerunJob(kind="replicate", config={**config, "seed": seed}, data_root=str(root),
                                  tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent.info.run_id,
-                                 sweep=name, run_name=f"{arch}-seed{seed}", use_gpu=gpus > 0, threads=cpus))
+                                 sweep=name, run_name=f"{arch}-seed{seed}", use_gpu=gpus > 0, threads=cpus,
+                                 echo_epochs=False))  # each run's epochs are in MLflow; the console stays short
     concurrent = sizing.concurrent_trials(address, 1, gpus, cpus)
     print(f"replicates: {len(jobs)} runs ({seeds} new seeds per champion), {concurrent} at a time", file=sys.stderr,
           flush=True)

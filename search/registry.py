@@ -176,8 +176,8 @@ def examples_figure(paths: list[Path], hyps: list[str], refs: list[list[str]], p
         return textwrap.fill(text, width, subsequent_indent="  ")
 
     rows = -(-len(paths) // cols)
-    fig = plt.figure(figsize=(4.2 * cols, 6.4 * rows))
-    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3.4, 2.4] * rows, hspace=0.05, wspace=0.08)
+    fig = plt.figure(figsize=(4.2 * cols, 7.0 * rows))
+    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3.4, 3.0] * rows, hspace=0.05, wspace=0.08)
     for i, (image, hyp, theirs) in enumerate(zip(paths, hyps, refs)):
         row, col = divmod(i, cols)
         picture, words = fig.add_subplot(grid[2 * row, col]), fig.add_subplot(grid[2 * row + 1, col])

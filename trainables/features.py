@@ -73,7 +73,7 @@ def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: Prepa
         todo = np.flatnonzero(todo)  # images not seen early: all of them on a pixel-cache hit
         batches = encoded_rows(_ready(encoder, device), data.pixels, todo, device)
         for rows, feats in tqdm(batches, total=-(-len(todo) // ENCODE_BATCH), desc=f"encoding images with {name}",
-                                disable=not progress or not len(todo), leave=False):
+                                disable=None if progress and len(todo) else True, leave=False):
             out[rows] = feats
         return {}
 
