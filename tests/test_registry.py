@@ -1,6 +1,7 @@
 """Champion promotion races: two promoters of one model name at once, in two processes on one real
 MLflow store. The alias must end on the stronger model whichever order they run in."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -61,7 +62,9 @@ def race(tmp_path: Path, name: str, locked: bool) -> tuple:
     deadline = time.time() + 120
     while not all((tmp_path / f"{name}-{s}.ready").exists() for s in (0.6, 0.3)) and time.time() < deadline:
         time.sleep(0.05)
-    go.write_text(str(time.time() + 0.5))
+    # the start time appears whole (a promoter polling for the file could read it empty, half written)
+    (tmp_path / f"{name}.go.partial").write_text(str(time.time() + 0.5))
+    os.replace(tmp_path / f"{name}.go.partial", go)
     results = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert not [m for m in client.search_registered_models() if m.name.endswith(".promotion-lock")]  # released
