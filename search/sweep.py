@@ -501,15 +501,17 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
     scored = [r for r in grid if r.error is None and r.metrics and METRIC in r.metrics and not _diverged(r)]
     errors = sum(r.error is not None or _diverged(r) for r in grid)
     outcome = ArchOutcome(search.arch, parent_id, None, len(grid), errors)
+    parent = client.get_run(parent_id)
+    experiment_id = parent.info.experiment_id
     if scored:
         top = max(scored, key=lambda r: r.metrics[METRIC])
         trial_id = top.metrics["trial_id"]
-        runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
+        runs = client.search_runs([experiment_id],
                                   filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
         outcome.best = {"trial_id": trial_id, "run_id": runs[0].info.run_id if runs else None,
                         "bleu4": float(top.metrics[METRIC]), "epoch": int(top.metrics["best_epoch"]),
                         "config": top.config}
-        tags = client.get_run(parent_id).data.tags
+        tags = parent.data.tags
         if tags.get("captune.best_trial") == trial_id and "captune.champion" in tags:
             # a resumed sweep whose search had already ended: registered before, not again
             outcome.champion = json.loads(tags["captune.champion"])
@@ -523,7 +525,6 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
         client.set_tag(parent_id, "captune.best_trial", trial_id)
     client.set_tag(parent_id, "captune.trials", str(len(grid)))
     client.set_tag(parent_id, "captune.failed_trials", str(errors))
-    experiment_id = client.get_run(parent_id).info.experiment_id
     rank_trial_runs(client, experiment_id, req.name, search.arch, (outcome.best or {}).get("run_id"))
     client.set_tag(parent_id, NOTE_TAG, _search_note(outcome, experiment_id, req.name))
     log_search_analysis(client, parent_id, optuna_url(storage_root(req.storage), req.name), study_name,
