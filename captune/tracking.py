@@ -226,6 +226,68 @@ class EpochLogger:
                     time.sleep(5)
 
 
+@contextmanager
+def system_metrics(tracking_uri: str, experiment_id: str, run_tags: dict[str, str], node_id: str | None = None,
+                   every_s: float = 5.0) -> Iterator[None]:
+    """While the block runs, this machine's CPU, memory, disk, network (and GPU, where NVML sees
+    one) are logged as `system/*` metrics, by MLflow's own monitor, to the run of `experiment_id`
+    that carries `run_tags`. The sweep driver creates that run as the trial starts, so it is looked
+    up until found. MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides `every_s`.
+    Auxiliary: a store that refuses is named once, one that is down is tried again, and training
+    goes on either way."""
+    import logging
+    import threading
+
+    from mlflow import MlflowClient
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # MLflow's monitor logs INFO lines at start and stop ("Skip logging GPU metrics" on a CPU):
+    # noise in the sweep's console, where a trial's stderr arrives.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in run_tags.items())
+    done = threading.Event()
+    started: list[SystemMetricsMonitor] = []
+
+    def find_and_start() -> None:
+        wait = 0.0
+        while not done.wait(wait):
+            wait = 1.0
+            try:
+                found = MlflowClient(tracking_uri).search_runs([experiment_id], filter_string=query, max_results=1)
+            except Exception as e:
+                if unavailable(e):
+                    continue
+                print(f"system metrics not logged: MLflow ({tracking_uri}) refused the run lookup "
+                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})", flush=True)
+                return
+            if found:
+                # resume_logging: a restarted trial goes on from its run's last system-metrics step.
+                monitor = SystemMetricsMonitor(found[0].info.run_id, sampling_interval=every_s, resume_logging=True,
+                                               node_id=node_id, tracking_uri=tracking_uri)
+                monitor.start()
+                started.append(monitor)
+                return
+
+    finder = threading.Thread(target=find_and_start, name="captune-system-metrics", daemon=True)
+    finder.start()
+    try:
+        yield
+    finally:
+        done.set()
+        finder.join(timeout=10)
+        for monitor in started:
+            monitor.finish()
+            # MLflow's monitor drops the samples of its last, unfinished interval: they are the
+            # trial's last seconds (all of a trial shorter than one interval), so they are logged.
+            try:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+            except Exception as e:  # auxiliary figures never fail the training they describe
+                print(f"system metrics: the last interval was not logged ({type(e).__name__}: {str(e)[:200]})",
+                      flush=True)
+
+
 def dataset_input(data_root: str | Path):
     """The dataset as an MLflow run input (what the runs table's Dataset column shows): its
     folder's name, a digest of its caption and split files (names, sizes, times; no reading) and

@@ -371,7 +371,8 @@ def _run_search(job: SearchJob) -> ArchOutcome:
     setup = TrialSetup(base=base.to_dict(), data_root=str(Path(req.data_root).resolve()),
                        train_storage=f"{job.path}-train", workers=req.workers_per_trial, use_gpu=use_gpu,
                        gpus_per_worker=req.gpus_per_worker or 1.0, cpus_per_worker=job.cpus,
-                       echo_epochs=req.verbose)
+                       echo_epochs=req.verbose, tracking_uri=job.tracking_uri, experiment_id=job.experiment_id,
+                       run_tags=((SWEEP_TAG, req.name), ("arch", arch)))
     trainable = trial_trainable(setup)
     progress = ProgressEvents(req.name, arch, list(search.space.searched), settings.max_epochs)
     if job.restore:

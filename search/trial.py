@@ -9,6 +9,7 @@ last checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import ray
 from ray import tune
 
+from search.mlflow_names import TRIAL_TAG
 from trainables.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -38,6 +40,16 @@ class TrialSetup:
     gpus_per_worker: float = 1.0
     cpus_per_worker: int = 1
     echo_epochs: bool = False  # a line per epoch from each trial (`sweep --verbose`); else the driver's view
+    tracking_uri: str | None = None  # where the driver records the trial runs: each trial adds its
+    experiment_id: str | None = None  # machine's system metrics to its own (found by these tags)
+    run_tags: tuple[tuple[str, str], ...] = ()
+
+    def system_metrics(self) -> dict | None:
+        """captune.tracking.system_metrics's arguments for this trial's run, if runs are recorded."""
+        if not self.tracking_uri:
+            return None
+        tags = {**dict(self.run_tags), TRIAL_TAG: tune.get_context().get_trial_id()}
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_tags": tags}
 
     @property
     def in_process(self) -> bool:
@@ -55,7 +67,8 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     # Invalid combinations fail here, loudly: Tune records the trial as errored with this reason.
     cfg = TrainConfig(**{**setup.base, **config}).validate(f"trial config {config}")
     if setup.in_process:
-        _train_here(cfg, setup)
+        with _system_metrics(setup.system_metrics()):
+            _train_here(cfg, setup)
     else:
         _train_ddp(cfg, setup)
 
@@ -90,6 +103,12 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
                      "node_id": node})
 
 
+def _system_metrics(spec: dict | None):
+    from captune.tracking import system_metrics
+
+    return system_metrics(**spec) if spec else contextlib.nullcontext()
+
+
 @functools.lru_cache(maxsize=2)
 def _prepared(root: str, image_size: int, cache_dir: Path, skip_bad: bool, split_seed: int) -> PreparedData:
     """The checked dataset and its memory-mapped pixel cache, read once per reused trial actor
@@ -109,7 +128,8 @@ def _train_ddp(cfg: TrainConfig, setup: TrialSetup) -> None:
     trainer = make_trainer(cfg, setup.data_root, workers=setup.workers, use_gpu=setup.use_gpu,
                            gpus_per_worker=setup.gpus_per_worker, cpus=setup.cpus_per_worker,
                            name=f"trial-{trial_id}", storage_path=setup.train_storage, keep="best",
-                           callbacks=[TuneReportCallback()], echo=setup.echo_epochs)
+                           callbacks=[TuneReportCallback()], echo=setup.echo_epochs,
+                           system_metrics=setup.system_metrics())
     trainer.fit()
 
 

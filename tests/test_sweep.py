@@ -99,6 +99,8 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
         assert run.data.metrics["epochs_run"] == int(run.data.tags["captune.epochs_run"])
         (used,) = client.get_run(run.info.run_id).inputs.dataset_inputs  # the runs table's Dataset column
         assert used.dataset.name == synth_dir.name and json.loads(used.dataset.source)["uri"] == str(synth_dir.resolve())
+        # the machine's system metrics, sampled while the trial trained
+        assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage"), run.info.run_name
     assert all("Best: trial" in p.data.tags["mlflow.note.content"] for p in parents)
     assert "captune leaderboard" in client.get_experiment(exp.experiment_id).tags["mlflow.note.content"]
     # the searches split the slots, one per core: never more trials at once than cores
@@ -352,6 +354,8 @@ def test_multi_worker_trials_run_ddp_through_torchtrainer(ray_cluster, synth_dir
     client = MlflowClient(tracking_uri)
     runs = trial_runs(client, "s4")
     assert len(runs) == 1 and runs[0].data.tags["captune.end_state"] == "finished"
+    # one worker per machine (here, one machine) logs its system metrics to the trial's run
+    assert client.get_metric_history(runs[0].info.run_id, "system/cpu_utilization_percentage")
     train_runs = sorted(p.name for p in (tmp_path / "tune" / "s4-cnn-lstm-train").iterdir())
     assert train_runs == sorted(f"trial-{r.data.tags['captune.trial_id']}" for r in runs)
     version = client.get_model_version_by_alias("captune-cnn-lstm", "champion")

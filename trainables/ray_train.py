@@ -3,6 +3,7 @@ gloo on CPUs)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -52,13 +53,25 @@ def train_loop_per_worker(config: dict) -> None:
     if not config.get("echo", True):
         ctx.echo = lambda line: None
     try:
-        metrics = train_resuming(cfg, config["data_root"], ctx, _latest(ray.train.get_checkpoint(),
-                                                                        config.get("resume_from")))
+        with _system_metrics(config.get("system_metrics"), context):
+            metrics = train_resuming(cfg, config["data_root"], ctx, _latest(ray.train.get_checkpoint(),
+                                                                            config.get("resume_from")))
     finally:
         if logger is not None:
             logger.close(timeout=1)  # what is still unwritten, the driver writes from the history
     if stop and rank == 0 and "stopped_in_epoch" in metrics:
         ray.get(stop.stopped.remote())  # every epoch before is reported (and its checkpoint stored)
+
+
+def _system_metrics(spec: dict | None, context):
+    """One worker per machine (local rank 0) logs that machine's system metrics; named by node
+    rank when the job spans machines."""
+    if not spec or context.get_local_rank() != 0:
+        return contextlib.nullcontext()
+    from captune.tracking import system_metrics
+
+    spans_nodes = context.get_local_world_size() != context.get_world_size()
+    return system_metrics(**spec, node_id=f"node{context.get_node_rank()}" if spans_nodes else None)
 
 
 def _latest(reported, on_disk: str | None):
@@ -131,11 +144,13 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
                  storage_path: str | None = None, max_failures: int = 0, keep: str = "best",
                  callbacks: list | None = None, tracking_uri: str | None = None,
                  mlflow_run_id: str | None = None, stop_signal: str | None = None,
-                 resume_from: str | None = None, echo: bool = True) -> TorchTrainer:
+                 resume_from: str | None = None, echo: bool = True,
+                 system_metrics: dict | None = None) -> TorchTrainer:
     """keep="best": the two best checkpoints by validation bleu4, and the latest (which a restart
     goes on from); keep="last": only the latest. `stop_signal`: the name of a StopSignal actor the
     workers watch. `resume_from`: a checkpoint folder to go on from, if newer than Ray's. `echo`:
-    rank 0 prints a line per epoch."""
+    rank 0 prints a line per epoch. `system_metrics`: captune.tracking.system_metrics's arguments,
+    for one worker per machine."""
     # The controller sees the workers' end (or a stop) at its next health check: every 0.5 s, not 2.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     resources = {"CPU": cpus or cpus_per_worker(workers)}
@@ -145,7 +160,8 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "data_root": str(Path(data_root).resolve()),
                            "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
-                           "stop_signal": stop_signal, "resume_from": resume_from, "echo": echo},
+                           "stop_signal": stop_signal, "resume_from": resume_from, "echo": echo,
+                           "system_metrics": system_metrics},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path,

@@ -1,0 +1,33 @@
+"""captune.tracking's pieces that need no Ray: system metrics on a run found by its tags."""
+import threading
+import time
+
+from mlflow import MlflowClient
+
+from captune.tracking import system_metrics
+
+
+def test_system_metrics_reach_the_run_created_after_the_block_began(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sys")
+    tags = {"captune.trial_id": "t1", "captune.sweep": "s"}
+    client.create_run(experiment, tags={"captune.trial_id": "t0", "captune.sweep": "s"})  # another trial's
+    created = []
+    # The trial starts training before the driver has created its run: the run is looked up until found.
+    later = threading.Timer(1.0, lambda: created.append(client.create_run(experiment, tags=tags).info.run_id))
+    later.start()
+    with system_metrics(uri, experiment, tags, every_s=0.5):
+        time.sleep(4)
+    later.join()
+    (run_id,) = created
+    cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    memory = client.get_metric_history(run_id, "system/system_memory_usage_megabytes")
+    assert len(cpu) >= 2 and len(memory) == len(cpu)
+    assert all(0 <= m.value <= 100 for m in cpu) and all(m.value > 0 for m in memory)
+    assert [m.step for m in cpu] == list(range(len(cpu)))
+    # the monitor stopped with the block: nothing is logged after it
+    time.sleep(1.5)
+    assert len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) == len(cpu)
+    others = client.search_runs([experiment], filter_string="tags.`captune.trial_id` = 't0'")
+    assert not [k for k in others[0].data.metrics if k.startswith("system/")]
