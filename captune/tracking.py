@@ -246,36 +246,36 @@ def system_metrics(tracking_uri: str, experiment_id: str, run_tags: dict[str, st
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in run_tags.items())
     done = threading.Event()
-    started: list[SystemMetricsMonitor] = []
+    monitors: list[SystemMetricsMonitor] = []
+    refused: list[Exception] = []
 
-    def find_and_start() -> None:
-        wait = 0.0
-        while not done.wait(wait):
-            wait = 1.0
-            try:
-                found = MlflowClient(tracking_uri).search_runs([experiment_id], filter_string=query, max_results=1)
-            except Exception as e:
-                if unavailable(e):
-                    continue
+    def monitor_of_run() -> SystemMetricsMonitor | None:
+        try:
+            found = MlflowClient(tracking_uri).search_runs([experiment_id], filter_string=query, max_results=1)
+        except Exception as e:
+            if not unavailable(e) and not refused:
+                refused.append(e)
                 print(f"system metrics not logged: MLflow ({tracking_uri}) refused the run lookup "
-                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})", flush=True)
-                return
-            if found:
-                # resume_logging: a restarted trial goes on from its run's last system-metrics step.
-                monitor = SystemMetricsMonitor(found[0].info.run_id, sampling_interval=every_s, resume_logging=True,
-                                               node_id=node_id, tracking_uri=tracking_uri)
+                      f"({type(e).__name__}: {str(e)[:200]})", flush=True)
+            return None
+        # resume_logging: a restarted trial goes on from its run's last system-metrics step.
+        return SystemMetricsMonitor(found[0].info.run_id, sampling_interval=every_s, resume_logging=True,
+                                    node_id=node_id, tracking_uri=tracking_uri) if found else None
+
+    def start_once_found() -> None:
+        wait = 0.0
+        while not refused and not done.wait(wait):
+            wait = 1.0
+            if monitor := monitor_of_run():
                 monitor.start()
-                started.append(monitor)
+                monitors.append(monitor)
                 return
 
-    finder = threading.Thread(target=find_and_start, name="captune-system-metrics", daemon=True)
-    finder.start()
-    try:
-        yield
-    finally:
-        done.set()
-        finder.join(timeout=10)
-        for monitor in started:
+    def finish() -> None:
+        finder.join()
+        if not monitors and not refused and (monitor := monitor_of_run()):
+            monitors.append(monitor)  # training ended before its run was found: one sample, below
+        for monitor in monitors:
             monitor.finish()
             # MLflow's monitor drops the samples of its last, unfinished interval: they are the
             # trial's last seconds (all of a trial shorter than one interval), so they are logged.
@@ -286,6 +286,17 @@ def system_metrics(tracking_uri: str, experiment_id: str, run_tags: dict[str, st
             except Exception as e:  # auxiliary figures never fail the training they describe
                 print(f"system metrics: the last interval was not logged ({type(e).__name__}: {str(e)[:200]})",
                       flush=True)
+
+    finder = threading.Thread(target=start_once_found, name="captune-system-metrics", daemon=True)
+    finder.start()
+    try:
+        yield
+    finally:
+        done.set()
+        # A store that is down (the client retries for minutes) must not hold the trial's end.
+        closer = threading.Thread(target=finish, name="captune-system-metrics-end", daemon=True)
+        closer.start()
+        closer.join(timeout=15)
 
 
 def dataset_input(data_root: str | Path):

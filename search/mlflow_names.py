@@ -2,6 +2,7 @@
 SWEEP_TAG = "captune.sweep"  # the sweep's name, on every run of it
 KIND_TAG = "captune.kind"  # search (an architecture's parent run), trial, control, replicate, compare
 TRIAL_TAG = "captune.trial_id"  # a trial run's Tune trial id
+OPTUNA_TRIAL_TAG = "captune.optuna_trial"  # a trial run's Optuna trial number (in its search's study)
 STATE_TAG = "captune.end_state"  # how a trial ended (search.objective)
 NODE_TAG = "captune.node_id"  # the Ray node that ran the trial (its last epoch, after a restart)
 SEED_TAG = "captune.seed"  # a rerun's training seed

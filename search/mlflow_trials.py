@@ -10,15 +10,18 @@ from __future__ import annotations
 import os
 import time
 
+import optuna
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from optuna.trial import TrialState
 from ray.tune import Callback
 
 from captune.raycluster import root_cause
 from captune.tracking import dataset_input
-from search.mlflow_names import (CHAMPION_TRIAL_TAG, ERROR_TAG, KIND_TAG, NODE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG,
-                                 TRIAL_TAG, trial_run_name)
+from search.mlflow_names import (CHAMPION_TRIAL_TAG, ERROR_TAG, KIND_TAG, NODE_TAG, OPTUNA_TRIAL_TAG, STATE_TAG,
+                                 STOP_TAG, SWEEP_TAG, TRIAL_TAG, trial_run_name)
 from search.objective import DIVERGED, FAILED, end_state
+from search.searcher import TRIAL_ATTR
 
 LOGGED = ("loss", "bleu1", "bleu2", "bleu3", "bleu4", "best_bleu4", "best_epoch", "epoch_seconds", "val_seconds")
 ONCE = ("setup_seconds", "vocab_size")  # a trial's constants: logged with its first epoch only
@@ -38,12 +41,15 @@ def find_or_create_run(client: MlflowClient, experiment_id: str, tags: dict[str,
 
 class MlflowTrials(Callback):
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, arch: str,
-                 base: dict, max_epochs: int, data_root: str | None = None):
+                 base: dict, max_epochs: int, data_root: str | None = None,
+                 optuna_study: tuple[str, str] | None = None):
         self.tracking_uri = tracking_uri
         self._client: MlflowClient | None = None
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.sweep, self.arch, self.base, self.max_epochs = sweep, arch, base, max_epochs
         self.data_root = data_root
+        self.optuna_study = optuna_study  # (storage URL, study name): each Optuna trial is linked to its run
+        self._optuna_storage = None
         self.runs: dict[str, str] = {}  # trial_id -> run_id
         self.last_epoch: dict[str, int] = {}  # the last epoch logged to the trial's run
         self.pending: list[tuple[str, str, dict]] = []  # (record kind, trial_id, payload), oldest first
@@ -59,7 +65,7 @@ class MlflowTrials(Callback):
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks with the experiment state, for `--resume`.
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_optuna_storage": None}
 
     # Tune's events become records.
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -172,11 +178,33 @@ class MlflowTrials(Callback):
                 self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
                 if getattr(self, "data_root", None):  # (a callback pickled before it had one: none)
                     self.client.log_inputs(run_id, datasets=[dataset_input(self.data_root)])
+                self._link_optuna_trial(trial_id, run_id, trial_run_name(self.arch, config))
             else:  # found again after a resume: epochs logged before it are not logged twice
                 history = self.client.get_metric_history(run_id, "bleu4")
                 self.last_epoch[trial_id] = max((m.step for m in history), default=0)
             self.runs[trial_id] = run_id
         return self.runs[trial_id]
+
+    def _link_optuna_trial(self, trial_id: str, run_id: str, run_name: str) -> None:
+        """The Optuna trial asked for `trial_id` names its MLflow run (Optuna Dashboard shows a
+        trial's user attributes), and the run its Optuna trial's number. Linked while the Optuna
+        trial runs: a finished one can no longer be changed (a record written after an outage)."""
+        if not getattr(self, "optuna_study", None):  # (a callback pickled before it had one: none)
+            return
+        url, study_name = self.optuna_study
+        if self._optuna_storage is None:
+            self._optuna_storage = optuna.storages.RDBStorage(url)
+        storage = self._optuna_storage
+        study_id = storage.get_study_id_from_name(study_name)
+        for frozen in storage.get_all_trials(study_id, deepcopy=False):
+            if frozen.user_attrs.get(TRIAL_ATTR) == trial_id:
+                if frozen.state == TrialState.RUNNING:
+                    optuna_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+                    for key, value in (("mlflow_run_id", run_id), ("mlflow_run_name", run_name),
+                                       ("mlflow_experiment_id", self.experiment_id)):
+                        storage.set_trial_user_attr(optuna_id, key, value)
+                self.client.set_tag(run_id, OPTUNA_TRIAL_TAG, str(frozen.number))
+                return
 
     def _mark_interrupted(self, known: set[str]) -> None:
         """After a resume: a run whose trial Tune's last snapshot never held (the driver died in the

@@ -418,7 +418,8 @@ def _run_search(job: SearchJob) -> ArchOutcome:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=EPOCH_METRIC,
                                                         checkpoint_score_order=MODE),
                 callbacks=[MlflowTrials(job.tracking_uri, job.experiment_id, job.parent_run_id, req.name, arch,
-                                        base.to_dict(), settings.max_epochs, setup.data_root), progress],
+                                        base.to_dict(), settings.max_epochs, setup.data_root,
+                                        optuna_study=(optuna_url(job.root, req.name), job.experiment)), progress],
                 verbose=None if req.verbose else 0,  # the driver shows progress (search.progress)
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures, fail_fast=False)),
         )

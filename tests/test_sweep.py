@@ -115,7 +115,15 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
                    == (0.002, "256", "2") for r in trials if r.data.params["arch"] == arch), arch
 
     for arch in by_parent.values():
-        assert_study_matches_mlflow(client, "s1", arch, tmp_path / "tune")
+        study_trials = assert_study_matches_mlflow(client, "s1", arch, tmp_path / "tune")
+        # each Optuna trial names its MLflow run (Optuna Dashboard shows these), and the run its number
+        runs = {r.info.run_id: r for r in trials}
+        for t in study_trials:
+            run = runs[t.user_attrs["mlflow_run_id"]]
+            assert run.data.tags["captune.trial_id"] == t.user_attrs["tune_trial_id"]
+            assert run.data.tags["captune.optuna_trial"] == str(t.number)
+            assert t.user_attrs["mlflow_run_name"] in run.info.run_name  # rank and end state are added later
+            assert t.user_attrs["mlflow_experiment_id"] == exp.experiment_id
     # the architectures' searches drew their own configurations (a sampler seed each)
     drawn = {arch: [(r.data.params["lr"], r.data.params["hidden_size"]) for r in
                     sorted(trials, key=lambda r: r.info.start_time) if r.data.params["arch"] == arch][1:]
