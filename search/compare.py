@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from search.bootstrap import RESAMPLES, paired_bootstrap
-from search.mlflow_names import COMPARE_KEY_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG, KIND_TAG, SWEEP_TAG
+from search.mlflow_names import (COMPARE_KEY_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG, KIND_TAG, SWEEP_TAG,
+                                 champion_record)
 from search.mlflow_trials import find_or_create_run
 from search.objective import METRIC
 from trainables.config import ConfigError
@@ -42,9 +43,9 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
     statistics, references, champions = {}, {}, {}
     for parent in _parents(client, experiment.experiment_id, name):
         arch, tags = parent.data.tags["arch"], parent.data.tags
-        if "captune.champion" not in tags:
+        champion = champion_record(tags, parent.data.metrics.get(METRIC, 0.0))
+        if champion is None:
             continue
-        champion = json.loads(tags["captune.champion"])
         model_uri = f"models:/{champion['name']}/{champion['version']}"
         root = data_root or parent.data.params.get("data")
         if root is None:

@@ -1,4 +1,6 @@
 """The tag names a sweep writes to MLflow and reads back (one place, so writers and readers agree)."""
+import json
+
 SWEEP_TAG = "captune.sweep"  # the sweep's name, on every run of it
 KIND_TAG = "captune.kind"  # search (an architecture's parent run), trial, control, replicate, compare
 TRIAL_TAG = "captune.trial_id"  # a trial run's Tune trial id
@@ -16,6 +18,10 @@ IMPORTANCE_BASIS_TAG = "captune.importance_basis"  # on a search's parent: what 
 IMPORTANCE_PREFIX = "importance_"  # a search parent's metric per searched parameter
 CONTROL_METRICS = ("control_bleu4", "control_test_bleu4", "test_bleu4", "control_gap", "control_gap_low",
                    "control_gap_high")  # on a search's parent (search.control)
+CHAMPION_TAG = "captune.champion"  # on a search's parent: its registered best trial, models:/<name>/<version>
+CHAMPION_PROMOTED_TAG = "captune.champion_promoted"  # "true": it took the champion alias; "false": it did not
+PREVIOUS_CHAMPION_TAG = "captune.previous_champion"  # when it did not: the champion that stayed (models:/...)
+PREVIOUS_CHAMPION_BLEU4_TAG = "captune.previous_champion_bleu4"  # ... and its validation BLEU-4
 CHAMPION_TRIAL_TAG = "captune.is_champion"  # "true" on the trial whose best epoch is its search's champion
 NOTE_TAG = "mlflow.note.content"  # MLflow's description of an experiment or run (shown in the UI)
 
@@ -34,3 +40,28 @@ def trial_run_name(arch: str, config: dict, rank: int | None = None, state: str 
     if state and state != "finished":
         name += f" [{state}]"
     return name
+
+
+def champion_tags(record: dict) -> dict[str, str]:
+    """A search parent's tags for its registered best trial (search.registry.claim_alias's record), each short
+    enough to read whole in the MLflow UI."""
+    tags = {CHAMPION_TAG: f"models:/{record['name']}/{record['version']}",
+            CHAMPION_PROMOTED_TAG: str(record["promoted"]).lower()}
+    if record["previous"]:
+        tags[PREVIOUS_CHAMPION_TAG] = f"models:/{record['name']}/{record['previous']['version']}"
+        tags[PREVIOUS_CHAMPION_BLEU4_TAG] = f"{record['previous']['bleu4']:.6f}"
+    return tags
+
+
+def champion_record(tags: dict[str, str], bleu4: float) -> dict | None:
+    """claim_alias's record back from a parent's tags (None if it registered none); `bleu4`: the
+    parent's best validation BLEU-4."""
+    if CHAMPION_TAG not in tags:
+        return None
+    if tags[CHAMPION_TAG].startswith("{"):  # a sweep recorded before 2026-12-03 kept the record as JSON
+        return json.loads(tags[CHAMPION_TAG])
+    name, version = tags[CHAMPION_TAG].removeprefix("models:/").rsplit("/", 1)
+    previous = ({"version": tags[PREVIOUS_CHAMPION_TAG].rsplit("/", 1)[1],
+                 "bleu4": float(tags[PREVIOUS_CHAMPION_BLEU4_TAG])} if PREVIOUS_CHAMPION_TAG in tags else None)
+    return {"name": name, "version": version, "bleu4": bleu4, "previous": previous,
+            "promoted": tags[CHAMPION_PROMOTED_TAG] == "true"}

@@ -135,7 +135,6 @@ def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     from trainables.inference import caption_images
 

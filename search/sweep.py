@@ -2,7 +2,6 @@
 validation bleu4, recorded in MLflow, ending with the best model registered as a champion."""
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -15,7 +14,8 @@ from captune.raycluster import init_ray, signal_name, wait_one
 from data.cache import default_cache_dir
 from search import sizing
 from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
-from search.mlflow_names import CHAMPION_TRIAL_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, TRIAL_TAG
+from search.mlflow_names import (CHAMPION_TAG, CHAMPION_TRIAL_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, TRIAL_TAG,
+                                 champion_record, champion_tags)
 from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_create_run, rank_trial_runs
 from search.mlflow_view import save_leaderboard_view
 from search.progress import EventQueue, ProgressEvents, SweepView, held_back, queue_name, quiet_libraries
@@ -498,6 +498,8 @@ def _check_vocabulary(data: PreparedData, search: ArchSearch, config_file: str |
 def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest, study_name: str,
             grace_period: int) -> ArchOutcome:
     from search.analysis import log_search_analysis
+    from mlflow.entities import RunTag
+
     from search.registry import promote
 
     scored = [r for r in grid if r.error is None and r.metrics and METRIC in r.metrics and not _diverged(r)]
@@ -514,15 +516,15 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
                         "bleu4": float(top.metrics[METRIC]), "epoch": int(top.metrics["best_epoch"]),
                         "config": top.config}
         tags = parent.data.tags
-        if tags.get("captune.best_trial") == trial_id and "captune.champion" in tags:
+        if tags.get("captune.best_trial") == trial_id and CHAMPION_TAG in tags:
             # a resumed sweep whose search had already ended: registered before, not again
-            outcome.champion = json.loads(tags["captune.champion"])
+            outcome.champion = champion_record(tags, outcome.best["bleu4"])
         elif outcome.best["run_id"]:
             with _best_checkpoint(top).as_directory() as folder, held_back(not req.verbose):
                 # (the checkpoint is downloaded when the storage is remote)
                 outcome.champion = promote(client, search.arch, {**outcome.best, "checkpoint": Path(folder) / "model.pt"},
                                            req.data_root)
-            client.set_tag(parent_id, "captune.champion", json.dumps(outcome.champion))
+            client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in champion_tags(outcome.champion).items()])
         client.log_metric(parent_id, METRIC, outcome.best["bleu4"])
         client.set_tag(parent_id, "captune.best_trial", trial_id)
     client.set_tag(parent_id, "captune.trials", str(len(grid)))

@@ -81,3 +81,19 @@ def test_racing_promoters_leave_the_alias_on_the_stronger_model(tmp_path):
     assert weak["promoted"] is False and str(weak["previous"]["version"]) == versions[0.6]
     final, versions, _ = unlocked
     assert final == versions[0.3]
+
+
+def test_champion_record_round_trips_through_short_readable_tags():
+    from search.mlflow_names import champion_record, champion_tags
+
+    kept = {"name": "captune-cnn-lstm", "version": "4", "bleu4": 0.21, "promoted": False,
+            "previous": {"version": "2", "bleu4": 0.234567}}
+    tags = champion_tags(kept)
+    assert tags == {"captune.champion": "models:/captune-cnn-lstm/4", "captune.champion_promoted": "false",
+                    "captune.previous_champion": "models:/captune-cnn-lstm/2",
+                    "captune.previous_champion_bleu4": "0.234567"}
+    assert champion_record(tags, 0.21) == kept
+    first = {"name": "captune-resnet-gru", "version": "1", "bleu4": 0.3, "promoted": True, "previous": None}
+    assert champion_record(champion_tags(first), 0.3) == first
+    assert champion_record({}, 0.3) is None
+    assert champion_record({"captune.champion": json.dumps(first)}, 0.0) == first  # as sweeps recorded it before

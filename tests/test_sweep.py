@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from captune.cli import main
 from captune.tracking import load_captioner
+from search.mlflow_names import champion_record
 from search.slots import pool_name
 from tests.conftest import attached, tiny_overrides
 
@@ -151,7 +152,8 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
         low, high = parent.data.metrics["control_gap_low"], parent.data.metrics["control_gap_high"]
         assert low <= parent.data.metrics["control_gap"] <= high
         assert json.loads(parent.data.tags["captune.control_verdict"])["clear"] == (low > 0)
-        champion = json.loads(parent.data.tags["captune.champion"])
+        champion = champion_record(parent.data.tags, parent.data.metrics["best_bleu4"])
+        assert parent.data.tags["captune.champion"] == f"models:/captune-{parent.data.tags['arch']}/{champion['version']}"
         best_trial = [r for r in trials if r.data.tags["captune.trial_id"] == parent.data.tags["captune.best_trial"]][0]
         assert {k: v for k, v in run.data.params.items() if k not in ("image_blind", "data")} == \
                {k: best_trial.data.params[k] for k in run.data.params if k not in ("image_blind", "data")}
