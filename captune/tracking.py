@@ -233,17 +233,18 @@ def system_metrics(tracking_uri: str, experiment_id: str, run_tags: dict[str, st
     one) are logged as `system/*` metrics, by MLflow's own monitor, to the run of `experiment_id`
     that carries `run_tags`. The sweep driver creates that run as the trial starts, so it is looked
     up until found. MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides `every_s`.
-    Auxiliary: a store that refuses is named once, one that is down is tried again, and training
-    goes on either way."""
+    Auxiliary: a store that refuses is named once; during an outage the lookup is tried again, a
+    started monitor stops (MLflow's behaviour), and training goes on either way."""
     import logging
     import threading
 
     from mlflow import MlflowClient
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    # MLflow's monitor logs INFO lines at start and stop ("Skip logging GPU metrics" on a CPU):
-    # noise in the sweep's console, where a trial's stderr arrives.
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    # MLflow's monitor logs INFO lines at start and stop ("Skip logging GPU metrics" on a CPU),
+    # and a warning as it stops for good when the store does not answer: noise in the sweep's
+    # console, where a trial's output arrives (the sweep says once that MLflow is unreachable).
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in run_tags.items())
     done = threading.Event()
     monitors: list[SystemMetricsMonitor] = []
@@ -293,10 +294,12 @@ def system_metrics(tracking_uri: str, experiment_id: str, run_tags: dict[str, st
         yield
     finally:
         done.set()
-        # A store that is down (the client retries for minutes) must not hold the trial's end.
+        # A store that is down (its client retries for minutes) must not hold the trial's end: Tune
+        # reuses a trial's actor only if the trial's thread ends within 2 s of its last result
+        # (TUNE_FUNCTION_THREAD_TIMEOUT_S), and ends the trial in error otherwise.
         closer = threading.Thread(target=finish, name="captune-system-metrics-end", daemon=True)
         closer.start()
-        closer.join(timeout=15)
+        closer.join(timeout=1)
 
 
 def dataset_input(data_root: str | Path):

@@ -56,6 +56,7 @@ class MlflowTrials(Callback):
         self.outage_since: float | None = None
         self.last_try = 0.0
         self.reconciled = False
+        self.ended: set[str] = set()  # the trials whose end is recorded (or waiting in the outbox)
 
     @property
     def client(self) -> MlflowClient:
@@ -66,6 +67,10 @@ class MlflowTrials(Callback):
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks with the experiment state, for `--resume`.
         return {**self.__dict__, "_client": None, "_optuna_storage": None}
+
+    def __setstate__(self, state: dict) -> None:
+        # (a callback pickled by an older captune lacks the attributes added since)
+        self.__dict__.update({"data_root": None, "optuna_study": None, "ended": set(), **state})
 
     # Tune's events become records.
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -94,6 +99,11 @@ class MlflowTrials(Callback):
             self._flush()
 
     def on_experiment_end(self, trials, **info):
+        # A trial Tune fails before it starts (an actor it could not reuse) reaches no callback:
+        # recorded here, so that no failed trial is missing from MLflow.
+        for trial in trials:
+            if trial.status == "ERROR" and trial.trial_id not in self.ended:
+                self._record("error", trial, reason=_error_text(trial))
         wait = float(os.environ.get("CAPTUNE_MLFLOW_WAIT_S", "120"))
         deadline = time.monotonic() + wait
         while not self._flush() and time.monotonic() < deadline:
@@ -106,6 +116,8 @@ class MlflowTrials(Callback):
     # The outbox.
     def _record(self, kind: str, trial, **payload) -> None:
         self.pending.append((kind, trial.trial_id, {"config": dict(trial.config), **payload}))
+        if kind in ("complete", "error"):
+            self.ended.add(trial.trial_id)
         self._flush()
 
     def _flush(self) -> bool:
@@ -176,7 +188,7 @@ class MlflowTrials(Callback):
             if created:
                 params = {**self.base, **config, "arch": self.arch}
                 self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
-                if getattr(self, "data_root", None):  # (a callback pickled before it had one: none)
+                if self.data_root:
                     self.client.log_inputs(run_id, datasets=[dataset_input(self.data_root)])
                 self._link_optuna_trial(trial_id, run_id, trial_run_name(self.arch, config))
             else:  # found again after a resume: epochs logged before it are not logged twice
@@ -189,7 +201,7 @@ class MlflowTrials(Callback):
         """The Optuna trial asked for `trial_id` names its MLflow run (Optuna Dashboard shows a
         trial's user attributes), and the run its Optuna trial's number. Linked while the Optuna
         trial runs: a finished one can no longer be changed (a record written after an outage)."""
-        if not getattr(self, "optuna_study", None):  # (a callback pickled before it had one: none)
+        if not self.optuna_study:
             return
         url, study_name = self.optuna_study
         if self._optuna_storage is None:

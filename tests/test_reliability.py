@@ -75,7 +75,7 @@ def test_killed_trial_process_resumes_from_its_checkpoint(ray_cluster, synth_dir
         p.send_signal(signal.SIGKILL)
     assert sweep.result(timeout=600) == 0
     runs = trial_runs(client, "k1")
-    assert len(runs) == 2 and all(r.data.tags["captune.end_state"] == "finished" for r in runs)
+    assert len(runs) == 2 and all(r.data.tags["captune.end_state"] == "finished" for r in runs), said.out[-6000:] + said.err[-6000:]
     # every epoch logged once, in order: the restarted trial went on from its last checkpoint
     assert all(steps == [1, 2, 3, 4, 5] for steps in epochs_logged(client, "k1").values())
     assert sum(int(r.data.tags.get("captune.restarts", 0)) for r in runs) >= 1
@@ -133,7 +133,7 @@ def test_mlflow_outage_during_a_sweep_loses_nothing(ray_cluster, mlflow_server, 
     said = capfd.readouterr()
     assert "MLflow" in said.out + said.err and "unreachable" in said.out + said.err
     runs = trial_runs(client, "o1")
-    assert len(runs) == 2 and all(r.data.tags["captune.end_state"] == "finished" for r in runs)
+    assert len(runs) == 2 and all(r.data.tags["captune.end_state"] == "finished" for r in runs), said.out[-6000:] + said.err[-6000:]
     assert all(steps == [1, 2, 3, 4] for steps in epochs_logged(client, "o1").values())
     assert client.get_model_version_by_alias("captune-resnet-gru", "champion")
 
@@ -292,3 +292,26 @@ def test_batched_jpeg_decoding_falls_back_to_pil_for_bad_files(tmp_path):
     assert np.abs(out[8:].astype(int) - pil.astype(int)).mean() < 3
     _, errors = read_images(paths, 32, decoder="pil")
     assert list(errors) == [3] and "not an image" in errors[3]
+
+
+def test_a_trial_tune_fails_before_it_starts_is_recorded_in_mlflow(ray_cluster, tmp_path, tracking_uri, monkeypatch):
+    # Tune ends a trial in error without calling any callback when it cannot reuse an actor for it
+    # (seen when a trial's thread outlived it by 2 s): the sweep's record of trials still has it.
+    from ray.train._internal.storage import StorageContext  # how Tune gives a trial its folder (Ray 2.60)
+    from ray.tune.experiment import Trial
+
+    from search.mlflow_trials import MlflowTrials
+
+    monkeypatch.setenv("CAPTUNE_MLFLOW_WAIT_S", "5")
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("e1")
+    parent = client.create_run(experiment).info.run_id
+    trial = Trial("trial_cnn_lstm", config={"lr": 0.01}, trial_id="t0001", stub=True,
+                  storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="e1"))
+    trial.init_local_path()
+    trial.handle_error(RuntimeError("Trainable runner reuse requires reset_config() to be implemented"))
+    trial.set_status(Trial.ERROR)
+    MlflowTrials(tracking_uri, experiment, parent, "e1", "cnn-lstm", {"epochs": 1}, 2).on_experiment_end([trial])
+    (run,) = client.search_runs([experiment], filter_string="tags.`captune.trial_id` = 't0001'")
+    assert run.info.status == "FAILED" and run.data.tags["captune.end_state"] == "failed"
+    assert "reset_config" in run.data.tags["captune.error"] and run.data.params["lr"] == "0.01"
