@@ -75,7 +75,7 @@ def test_killed_trial_process_resumes_from_its_checkpoint(ray_cluster, synth_dir
         p.send_signal(signal.SIGKILL)
     assert sweep.result(timeout=600) == 0
     runs = trial_runs(client, "k1")
-    assert len(runs) == 2 and all(r.data.tags["captune.end_state"] == "finished" for r in runs), said.out[-6000:] + said.err[-6000:]
+    assert len(runs) == 2 and all(r.data.tags["captune.end_state"] == "finished" for r in runs)
     # every epoch logged once, in order: the restarted trial went on from its last checkpoint
     assert all(steps == [1, 2, 3, 4, 5] for steps in epochs_logged(client, "k1").values())
     assert sum(int(r.data.tags.get("captune.restarts", 0)) for r in runs) >= 1
