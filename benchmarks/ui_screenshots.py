@@ -43,7 +43,7 @@ def main() -> int:
     from mlflow import MlflowClient
 
     from captune.tracking import default_tracking_uri
-    from search.mlflow_view import leaderboard_url
+    from search.mlflow_view import leaderboard_url, run_path
 
     uri = args.tracking_uri or default_tracking_uri()
     client = MlflowClient(uri)
@@ -57,13 +57,14 @@ def main() -> int:
     comparison = next((r for r in runs if r.data.tags.get("captune.kind") == "compare"), None)
     args.out.mkdir(parents=True, exist_ok=True)
     with Server(uri, args.out / "server.log") as ui:
-        base = f"{ui}/#/experiments/{experiment.experiment_id}/runs"
+        def page(run, within: str = "") -> str:
+            return f"{ui}/{run_path(experiment.experiment_id, run.info.run_id, within)}"
+
         pages = {"leaderboard": leaderboard_url(ui, experiment.experiment_id),
-                 "champion-trial": f"{base}/{champion.info.run_id}",
-                 "parent": f"{base}/{parent.info.run_id}",
-                 "val-examples": f"{base}/{champion.info.run_id}/artifacts/champion/val_examples.png"}
+                 "champion-trial": page(champion), "parent": page(parent),
+                 "val-examples": page(champion, "/artifacts/champion/val_examples.png")}
         if comparison is not None:
-            pages["comparison"] = f"{base}/{comparison.info.run_id}"
+            pages["comparison"] = page(comparison)
         shoot(browser, pages, args.out)
     return 0
 

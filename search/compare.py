@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from search.bootstrap import RESAMPLES, paired_bootstrap
-from search.mlflow_names import (COMPARE_KEY_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG, KIND_TAG, SWEEP_TAG,
-                                 champion_record)
+from search.mlflow_names import (COMPARE_KEY_TAG, CONTROL_METRICS, KIND_TAG, SWEEP_TAG,
+                                 champion_record, control_verdict)
 from search.mlflow_trials import find_or_create_run
 from search.objective import METRIC
 from trainables.config import ConfigError
@@ -59,7 +59,7 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
         results["models"][arch] = {
             "version": champion["version"], "model": model_uri, "data": str(root), "images": len(refs),
             "val_bleu4": m.get(METRIC), **{f"beam{k}": bleu(captions[k], refs) for k in beams},
-            "control": ({**{k: m[k] for k in CONTROL_METRICS}, "verdict": json.loads(tags[CONTROL_VERDICT_TAG])}
+            "control": ({**{k: m[k] for k in CONTROL_METRICS}, "verdict": control_verdict(tags, m)}
                         if all(k in m for k in CONTROL_METRICS) else None)}
     if not results["models"]:
         raise ConfigError(f"sweep {name!r} has no registered champion yet: let its sweep finish (or --resume it)")

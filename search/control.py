@@ -11,11 +11,10 @@ A champion whose interval does not lie above 0 does not clearly beat its control
 """
 from __future__ import annotations
 
-import json
 
 from captune import tracking
 from search.bootstrap import paired_bootstrap
-from search.mlflow_names import CONTROL_ERROR_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG
+from search.mlflow_names import CONTROL_ERROR_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG, control_verdict
 from search.progress import note
 from search.reruns import RerunJob, run_reruns
 from search.slots import held_slot
@@ -28,7 +27,7 @@ def run_control(client, job, outcome) -> dict | None:
     arch, parent = job.search.arch, job.parent_run_id
     done = client.get_run(parent).data
     if all(k in done.metrics for k in CONTROL_METRICS):  # a resumed sweep: the control ran before
-        return {**{k: done.metrics[k] for k in CONTROL_METRICS}, "verdict": json.loads(done.tags[CONTROL_VERDICT_TAG])}
+        return {**{k: done.metrics[k] for k in CONTROL_METRICS}, "verdict": control_verdict(done.tags, done.metrics)}
     champion = outcome.champion
     config = {**job.search.base.to_dict(), **outcome.best["config"], "image_blind": True}
     rerun = RerunJob(kind="control", config=config, data_root=job.req.data_root, tracking_uri=job.tracking_uri,
@@ -54,7 +53,7 @@ def run_control(client, job, outcome) -> dict | None:
                "control_gap_low": gap.low, "control_gap_high": gap.high}
     verdict = {"clear": gap.low > 0, "text": gap.verdict()}
     client.log_batch(parent, metrics=tracking.metric_entities(control))
-    client.set_tag(parent, CONTROL_VERDICT_TAG, json.dumps(verdict))
+    client.set_tag(parent, CONTROL_VERDICT_TAG, verdict["text"])
     note(job.req.name, arch, f"control: validation BLEU-4 {control['control_bleu4']:.4f} (champion "
                              f"{outcome.best['bleu4']:.4f}); {verdict['text']}")
     return {**control, "verdict": verdict}

@@ -3,10 +3,10 @@ objective (best validation BLEU-4, MLflow's own ordering by `metrics.best_bleu4`
 image-blind control sets, and which hyperparameters mattered."""
 from __future__ import annotations
 
-import json
 
-from search.mlflow_names import (CONTROL_ERROR_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG, ERROR_TAG, IMPORTANCE_NOTE_TAG,
-                                 IMPORTANCE_BASIS_TAG, IMPORTANCE_PREFIX, KIND_TAG, STATE_TAG, SWEEP_TAG, TRIAL_TAG)
+from search.mlflow_names import (CONTROL_ERROR_TAG, CONTROL_METRICS, ERROR_TAG, IMPORTANCE_NOTE_TAG,
+                                 IMPORTANCE_BASIS_TAG, IMPORTANCE_PREFIX, KIND_TAG, STATE_TAG, SWEEP_TAG, TRIAL_TAG,
+                                 control_verdict)
 from search.objective import METRIC
 from trainables.config import ConfigError
 
@@ -47,7 +47,7 @@ def _search(run) -> dict:
     control = None
     if "control_bleu4" in m:
         control = {k: m.get(k) for k in CONTROL_METRICS}
-        control["verdict"] = json.loads(t.get(CONTROL_VERDICT_TAG, "{}"))
+        control["verdict"] = control_verdict(t, m)
     return {"run_id": run.info.run_id, METRIC: m.get(METRIC), "best_trial": t.get("captune.best_trial"),
             "control": control, "control_error": None if control else t.get(CONTROL_ERROR_TAG),
             "importances": dict(sorted(((k.removeprefix(IMPORTANCE_PREFIX), v) for k, v in m.items() if k.startswith(IMPORTANCE_PREFIX)),

@@ -11,7 +11,7 @@ SEED_TAG = "captune.seed"  # a rerun's training seed
 ERROR_TAG = "captune.error"
 STOP_TAG = "captune.stop_reason"  # a run stopped by Ctrl-C or SIGTERM: which
 COMPARE_KEY_TAG = "captune.compare_key"  # a comparison run's settings (models, data, split, seeds, resamples)
-CONTROL_VERDICT_TAG = "captune.control_verdict"  # on a search's parent: does the champion beat its control
+CONTROL_VERDICT_TAG = "captune.control_verdict"  # on a search's parent: does the champion beat its control (words)
 CONTROL_ERROR_TAG = "captune.control_error"  # on a search's parent: why its control run failed
 IMPORTANCE_NOTE_TAG = "captune.importance_note"  # on a search's parent: why no importance was logged
 IMPORTANCE_BASIS_TAG = "captune.importance_basis"  # on a search's parent: what the importances explain
@@ -28,18 +28,18 @@ NOTE_TAG = "mlflow.note.content"  # MLflow's description of an experiment or run
 
 def trial_run_name(arch: str, config: dict, rank: int | None = None, state: str | None = None) -> str:
     """A trial run's name a person reads: "cnn-lstm lr=2.0e-03 hidden=256 vthr=2"; after the search,
-    with its rank in it and its end state when it did not finish ("#3 ... [early-stopped]")."""
+    its rank first and, when it did not finish, its end state next, where the runs table's narrow
+    name column still shows it: "#3 [early-stopped] cnn-lstm lr=...")."""
     parts = [arch]
     for key, short in (("lr", "lr"), ("hidden_size", "hidden"), ("vocab_threshold", "vthr")):
         if key in config:
             value = config[key]
             parts.append(f"{short}={value:.1e}" if isinstance(value, float) else f"{short}={value}")
-    name = " ".join(parts)
-    if rank is not None:
-        name = f"#{rank} {name}"
     if state and state != "finished":
-        name += f" [{state}]"
-    return name
+        parts.insert(0, f"[{state}]")
+    if rank is not None:
+        parts.insert(0, f"#{rank}")
+    return " ".join(parts)
 
 
 def champion_tags(record: dict) -> dict[str, str]:
@@ -65,3 +65,12 @@ def champion_record(tags: dict[str, str], bleu4: float) -> dict | None:
                  "bleu4": float(tags[PREVIOUS_CHAMPION_BLEU4_TAG])} if PREVIOUS_CHAMPION_TAG in tags else None)
     return {"name": name, "version": version, "bleu4": bleu4, "previous": previous,
             "promoted": tags[CHAMPION_PROMOTED_TAG] == "true"}
+
+
+def control_verdict(tags: dict[str, str], metrics: dict[str, float]) -> dict:
+    """A search parent's verdict on its image-blind control: {"clear": the champion's gap over it
+    is above zero at the 95% level, "text": the verdict in words}."""
+    text = tags.get(CONTROL_VERDICT_TAG, "")
+    if text.startswith("{"):  # a sweep recorded before 2026-12-03 kept it as JSON
+        return json.loads(text)
+    return {"clear": metrics.get("control_gap_low", 0.0) > 0, "text": text}

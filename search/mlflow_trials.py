@@ -18,8 +18,8 @@ from ray.tune import Callback
 
 from captune.raycluster import root_cause
 from captune.tracking import dataset_input
-from search.mlflow_names import (CHAMPION_TRIAL_TAG, ERROR_TAG, KIND_TAG, NODE_TAG, OPTUNA_TRIAL_TAG, STATE_TAG,
-                                 STOP_TAG, SWEEP_TAG, TRIAL_TAG, trial_run_name)
+from search.mlflow_names import (CHAMPION_TRIAL_TAG, ERROR_TAG, KIND_TAG, NODE_TAG, NOTE_TAG, OPTUNA_TRIAL_TAG,
+                                 STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG, trial_run_name)
 from search.objective import DIVERGED, FAILED, end_state
 from search.searcher import TRIAL_ATTR
 
@@ -180,18 +180,22 @@ class MlflowTrials(Callback):
         self.client.set_terminated(run_id, status)
 
     def _run(self, trial_id: str, config: dict) -> str:
+        """The trial's run, created, or found again after a resume or after a write that failed
+        half-way (its setup is completed: each step below is skipped once done)."""
         if trial_id not in self.runs:
             run_id, created = find_or_create_run(
                 self.client, self.experiment_id, {TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep, "arch": self.arch},
                 run_name=trial_run_name(self.arch, config),
                 extra_tags={"mlflow.parentRunId": self.parent_run_id, KIND_TAG: "trial", STATE_TAG: "running"})
-            if created:
+            run = None if created else self.client.get_run(run_id)
+            if created or not run.data.params:
                 params = {**self.base, **config, "arch": self.arch}
                 self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
-                if self.data_root:
-                    self.client.log_inputs(run_id, datasets=[dataset_input(self.data_root)])
+            if self.data_root and (created or not run.inputs.dataset_inputs):
+                self.client.log_inputs(run_id, datasets=[dataset_input(self.data_root)])
+            if created or OPTUNA_TRIAL_TAG not in run.data.tags:
                 self._link_optuna_trial(trial_id, run_id, trial_run_name(self.arch, config))
-            else:  # found again after a resume: epochs logged before it are not logged twice
+            if not created:  # epochs logged before are not logged twice
                 history = self.client.get_metric_history(run_id, "bleu4")
                 self.last_epoch[trial_id] = max((m.step for m in history), default=0)
             self.runs[trial_id] = run_id
@@ -256,6 +260,12 @@ def rank_trial_runs(client: MlflowClient, experiment_id: str, sweep: str, arch: 
             client.update_run(run.info.run_id, name=name)
         if run.info.run_id == champion_run_id:
             client.set_tag(run.info.run_id, CHAMPION_TRIAL_TAG, "true")
+            client.set_tag(run.info.run_id, NOTE_TAG, (
+                f"The champion trial of the **{arch}** search of sweep `{sweep}`: best validation BLEU-4 "
+                f"{run.data.metrics.get('best_bleu4', float('nan')):.4f} at epoch "
+                f"{int(run.data.metrics.get('best_epoch', 0))}. That epoch's model is registered (Registered "
+                f"models) and, with its vocabulary, configuration, learning curves and validation examples, "
+                f"in Artifacts › champion."))
 
 
 def _number(text: str):

@@ -87,3 +87,9 @@ def leaderboard_url(ui: str, experiment_id: str) -> str:
     on the runs table (the UI otherwise opens an experiment on its GenAI pages)."""
     return (f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
             f"&viewStateShareKey={VIEW_KEY}")
+
+
+def run_path(experiment_id: str, run_id: str, within: str = "") -> str:
+    """A run's page (or `within` it, e.g. "/artifacts/champion/val_examples.png") as a link inside
+    the MLflow UI, in its model-training mode (the UI otherwise shows a run among GenAI pages)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}{within}?workflowType=machine_learning"

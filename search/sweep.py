@@ -17,7 +17,7 @@ from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
 from search.mlflow_names import (CHAMPION_TAG, CHAMPION_TRIAL_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, TRIAL_TAG,
                                  champion_record, champion_tags)
 from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_create_run, rank_trial_runs
-from search.mlflow_view import save_leaderboard_view
+from search.mlflow_view import run_path, save_leaderboard_view
 from search.progress import EventQueue, ProgressEvents, SweepView, held_back, queue_name, quiet_libraries
 from search.space import SearchSpace, SweepSettings, load_spaces
 from search.trial import TrialSetup, trial_trainable
@@ -555,7 +555,7 @@ def _search_note(outcome: ArchOutcome, experiment_id: str, sweep: str) -> str:
                   + (", now the champion." if champion.get("promoted") else ", not the champion (the current one "
                      "scores higher on the same validation split).")) if champion else ""
     return (f"{head}\n\nBest: trial `{best['trial_id']}`, best validation BLEU-4 **{best['bleu4']:.4f}** at epoch "
-            f"{best['epoch']} ([its run](#/experiments/{experiment_id}/runs/{best['run_id']}), tagged "
+            f"{best['epoch']} ([its run]({run_path(experiment_id, best['run_id'])}), tagged "
             f"`{CHAMPION_TRIAL_TAG}`; the model and its figures are in that run's artifacts).{registered}\n\n"
             f"The leaderboard: this experiment's saved view \"captune leaderboard\" (the views menu at the top of "
             f"the runs page).")

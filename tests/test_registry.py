@@ -97,3 +97,13 @@ def test_champion_record_round_trips_through_short_readable_tags():
     assert champion_record(champion_tags(first), 0.3) == first
     assert champion_record({}, 0.3) is None
     assert champion_record({"captune.champion": json.dumps(first)}, 0.0) == first  # as sweeps recorded it before
+
+
+def test_control_verdict_is_words_in_its_tag_and_clear_from_the_gap():
+    from search.mlflow_names import control_verdict
+
+    text = "the cnn-lstm champion beats its image-blind control by 0.41 BLEU-4"
+    assert control_verdict({"captune.control_verdict": text}, {"control_gap_low": 0.36}) == {"clear": True, "text": text}
+    assert not control_verdict({"captune.control_verdict": text}, {"control_gap_low": -0.01})["clear"]
+    old = {"clear": False, "text": "no clear difference"}
+    assert control_verdict({"captune.control_verdict": json.dumps(old)}, {}) == old  # as sweeps recorded it before

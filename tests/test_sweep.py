@@ -95,6 +95,11 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
         assert scores == sorted(scores, reverse=True) and f"#1 {arch} lr=" in mine[0].info.run_name
         champions = [r for r in mine if r.data.tags.get("captune.is_champion") == "true"]
         assert len(champions) == 1 and champions[0].data.metrics["best_bleu4"] == scores[0]
+        assert "champion trial" in champions[0].data.tags["mlflow.note.content"]
+        # early-stopped trials say so right after their rank, where a narrow name column still shows it
+        for run in mine:
+            stopped = run.data.tags["captune.end_state"] == "early-stopped"
+            assert (run.info.run_name.split()[1] == "[early-stopped]") == stopped, run.info.run_name
     for run in trials:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "vocab_size")] == [1]
         assert run.data.metrics["epochs_run"] == int(run.data.tags["captune.epochs_run"])
@@ -103,6 +108,10 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
         # the machine's system metrics, sampled while the trial trained
         assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage"), run.info.run_name
     assert all("Best: trial" in p.data.tags["mlflow.note.content"] for p in parents)
+    # the link to the champion trial opens its page on the runs side of the UI, not among GenAI pages
+    assert all(f"/runs/{c.info.run_id}?workflowType=machine_learning)" in p.data.tags["mlflow.note.content"]
+               for p in parents for c in trials
+               if c.data.tags.get("captune.is_champion") and c.data.tags["mlflow.parentRunId"] == p.info.run_id)
     assert "captune leaderboard" in client.get_experiment(exp.experiment_id).tags["mlflow.note.content"]
     # the searches split the slots, one per core: never more trials at once than cores
     assert all(int(p.data.tags["captune.concurrent_trials"]) == min(3, max(1, os.cpu_count() // 2)) for p in parents)
@@ -151,7 +160,7 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
         assert parent.data.metrics["control_test_bleu4"] == pytest.approx(run.data.metrics["test_bleu4"])
         low, high = parent.data.metrics["control_gap_low"], parent.data.metrics["control_gap_high"]
         assert low <= parent.data.metrics["control_gap"] <= high
-        assert json.loads(parent.data.tags["captune.control_verdict"])["clear"] == (low > 0)
+        assert f"the {parent.data.tags['arch']} champion" in parent.data.tags["captune.control_verdict"]  # in words
         champion = champion_record(parent.data.tags, parent.data.metrics["best_bleu4"])
         assert parent.data.tags["captune.champion"] == f"models:/captune-{parent.data.tags['arch']}/{champion['version']}"
         best_trial = [r for r in trials if r.data.tags["captune.trial_id"] == parent.data.tags["captune.best_trial"]][0]
