@@ -125,7 +125,7 @@ def _sweep_processes(driver: int, started: float) -> set[psutil.Process]:
     roots = [psutil.Process(driver)]
     for p in psutil.process_iter(["cmdline", "create_time"]):
         if "--serve" in (p.info["cmdline"] or []) and (p.info["create_time"] or 0) >= started - 1 \
-                and any("captune.forkserver" in part for part in p.info["cmdline"]):
+                and any("infra.forkserver" in part for part in p.info["cmdline"]):
             roots.append(p)
     found = set()
     for root in roots:

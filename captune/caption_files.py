@@ -12,13 +12,13 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from data.images import ImageError, read_image
+from infra.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +30,7 @@ FORMATS = (".csv", ".jsonl")
 FIELDS = ["image", "caption"]
 
 
-class OutputFileError(ValueError):
+class OutputFileError(UserError, ValueError):
     """An --out file that is not a caption file this command wrote (it is never overwritten)."""
 
 

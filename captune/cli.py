@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from infra.errors import UserError
 from trainables.catalog import ARCHS, CAPTION_BEAM, MAX_BEAM
 
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model download
-    from captune.raycluster import signal_name, stop_on_signals
+    from infra.raycluster import signal_name, stop_on_signals
 
     stop_on_signals()
     try:
@@ -34,25 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"captune: stopped by {signal_name(e)}", file=sys.stderr)
         return 130
-    except Exception as e:
-        if not _is_user_error(e):
-            raise
+    except (UserError, FileNotFoundError) as e:
         print(f"captune: error: {e}", file=sys.stderr)
         return 2
-
-
-# Errors a user causes (bad data, settings, paths): printed as one line, no traceback. Matched by
-# name, so that checking an error never imports the heavy modules (torch, Ray, MLflow) that define
-# some of them; a module that raised one is loaded anyway.
-USER_ERRORS = {"trainables.config.ConfigError", "data.layouts.LayoutError", "data.prepare.DataProblems",
-               "trainables.checkpoint.CheckpointError", "data.cache.DiskFullError", "data.images.ImageError",
-               "trainables.encoders.WeightsUnavailable", "captune.training.TrainFailed",
-               "captune.tracking.TrackingUnavailable", "builtins.FileNotFoundError",
-               "captune.caption_files.OutputFileError"}
-
-
-def _is_user_error(e: Exception) -> bool:
-    return any(f"{c.__module__}.{c.__qualname__}" in USER_ERRORS for c in type(e).__mro__)
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -219,7 +204,8 @@ def cmd_sweep(args) -> int:
         print(format_comparison(compare(args.name, args.data, args.tracking_uri, seeds=args.seeds,
                                         address=args.address)))
     except Exception as e:
-        from captune.tracking import TrackingUnavailable, unavailable
+        from captune.tracking import TrackingUnavailable
+        from infra.mlflow_logging import unavailable
 
         if not unavailable(e):
             raise

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captune import tracking
-from captune.raycluster import Interrupted, init_ray, require_resources, root_cause, signal_name
 from data.cache import DiskFullError
 from data.prepare import prepare_data
+from infra.errors import UserError
+from infra.mlflow_logging import metric_entities, param_entities, unavailable
+from infra.raycluster import Interrupted, init_ray, require_resources, root_cause, signal_name
 from trainables.checkpoint import FILENAME, CheckpointError, read_payload
 from trainables.config import ConfigError, TrainConfig, replace
 
@@ -30,7 +32,7 @@ MODEL_EPOCH_TAG = "captune.model_epoch"  # the epoch of the model logged to the 
 RESUMABLE_KEYS = {"epochs"}  # what --resume may change: more epochs go on from the last one
 
 
-class TrainFailed(RuntimeError):
+class TrainFailed(UserError, RuntimeError):
     """The training job failed; the message carries the worker's own error and what was kept."""
 
 
@@ -317,11 +319,11 @@ def _open_run(state: dict, cfg: TrainConfig) -> str:
         run = client.create_run(tracking.experiment_id(state["experiment"], uri),
                                 run_name=f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}",
                                 tags={"arch": cfg.arch, "captune.kind": "train", "image_blind": str(cfg.image_blind)})
-        client.log_batch(run.info.run_id, params=tracking.param_entities(
+        client.log_batch(run.info.run_id, params=param_entities(
             {**cfg.to_dict(), "data": state["data"], "workers": state["workers"], "gpu": state["gpu"]}))
         return run.info.run_id
     except Exception as e:
-        if not tracking.unavailable(e):
+        if not unavailable(e):
             raise
         raise tracking.TrackingUnavailable(f"MLflow store {uri} did not answer ({_first_line(e)}); nothing was trained: "
                                   f"run the command again once it answers (a SQLite store is locked while another "
@@ -342,7 +344,7 @@ def record_run(out: Path, wait_s: float = 0.0) -> bool:
             _write_record(out, state)
             return True
         except Exception as e:
-            if not tracking.unavailable(e):
+            if not unavailable(e):
                 raise
             if time.monotonic() >= deadline:
                 print(f"captune: MLflow store {state['tracking_uri']} did not answer ({_first_line(e)}). The results "
@@ -387,10 +389,10 @@ def _write_record(out: Path, state: dict) -> None:
         logged = {m.step for m in client.get_metric_history(run_id, "bleu4")}
         for epoch in metrics["epochs"]:
             if epoch["epoch"] not in logged:
-                client.log_batch(run_id, metrics=tracking.metric_entities(
+                client.log_batch(run_id, metrics=metric_entities(
                     {k: v for k, v in epoch.items() if isinstance(v, (int, float)) and k != "epoch"}, epoch["epoch"]))
         best = metrics["best"]
-        client.log_batch(run_id, metrics=tracking.metric_entities(
+        client.log_batch(run_id, metrics=metric_entities(
             {f"best_{k}": v for k, v in best.items() if k.startswith("bleu")} | {"best_epoch": best["epoch"]}))
         client.log_artifact(run_id, str(metrics_file))
         if client.get_run(run_id).data.tags.get(MODEL_EPOCH_TAG) != str(best["epoch"]):

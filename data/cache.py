@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
+from infra.errors import UserError
 
-class DiskFullError(OSError):
+
+class DiskFullError(UserError, OSError):
     """No space left where a cache entry, a checkpoint or a result was being written; the message
     names where."""
 

@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from infra.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image file that cannot be decoded."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from data.corpus import SPLITS, Corpus, Problem, seeded_split
 from data.text import tokenize
+from infra.errors import UserError
 
 IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images")
 TEXT_DIRS = ("Flickr8k_text", ".")
@@ -24,7 +25,7 @@ KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "
 _CAPTION_ID = re.compile(r"^(?P<image>.+)#(?P<n>\d+)$")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """The folder is not a dataset in any known layout."""
 
 

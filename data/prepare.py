@@ -8,15 +8,16 @@ import numpy as np
 from tqdm import tqdm
 
 from data.cache import cached_array
-from data.fingerprint import files_fingerprint
 from data.corpus import SPLITS, Corpus, Problem
+from infra.fingerprint import files_fingerprint
 from data.images import OnBatch, default_decoder, read_images
 from data.layouts import load_corpus
 from data.text import tokenize
 from data.vocab import Vocabulary
+from infra.errors import UserError
 
 
-class DataProblems(ValueError):
+class DataProblems(UserError, ValueError):
     """The dataset has problems that stop training (unless bad items are skipped explicitly)."""
 
     def __init__(self, root: Path, problems: list[Problem]):

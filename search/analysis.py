@@ -18,7 +18,7 @@ import matplotlib
 import optuna
 from optuna.trial import TrialState
 
-from captune import tracking
+from infra.mlflow_logging import metric_entities
 from search.mlflow_names import IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX
 
 matplotlib.use("Agg")  # a Ray worker has no display
@@ -48,7 +48,7 @@ def log_search_analysis(client, parent_id: str, storage_url: str, study_name: st
             charts.append(("importances.png", lambda: optuna.visualization.matplotlib.plot_param_importances(
                 at, evaluator=evaluator, params=params, target_name=target)))
             logged = {f"{IMPORTANCE_PREFIX}{k}": v for k, v in importances.items()}
-            client.log_batch(parent_id, metrics=tracking.metric_entities(logged))
+            client.log_batch(parent_id, metrics=metric_entities(logged))
             client.set_tag(parent_id, IMPORTANCE_BASIS_TAG, f"fANOVA over {len(at.trials)} trials, explaining the {target}")
         else:
             client.set_tag(parent_id, IMPORTANCE_NOTE_TAG, f"needs at least {MIN_TRIALS} trials that reached epoch "

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from infra.mlflow_logging import metric_entities, param_entities
 from search.bootstrap import RESAMPLES, paired_bootstrap
-from search.mlflow_names import (COMPARE_KEY_TAG, CONTROL_METRICS, KIND_TAG, SWEEP_TAG,
-                                 champion_record, control_verdict)
+from search.mlflow_names import COMPARE_KEY_TAG, CONTROL_METRICS, KIND_TAG, SWEEP_TAG, champion_record, control_verdict
 from search.mlflow_trials import find_or_create_run
 from search.objective import METRIC
 from trainables.config import ConfigError
@@ -28,9 +28,8 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
     """The champions are the models this sweep registered (not whichever holds the alias now). A
     champion trained with skip_bad (its search's setting) is evaluated with it too: the real
     Flickr8k token file names an image that does not exist."""
-    from mlflow import MlflowClient
-
     from captune import tracking
+    from mlflow import MlflowClient
     from trainables.inference import caption_split
     from trainables.metrics import bleu, bleu_statistics
 
@@ -90,7 +89,7 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
     + seeds: its own score is picked as the best of a search, so it is left out), all on the
     cluster's trial slots at once; per architecture the test BLEU mean and standard deviation,
     and the paired bootstrap of the pooled replicates (their counts added image by image)."""
-    from captune.raycluster import init_ray
+    from infra.raycluster import init_ray
     from search import sizing
     from search.reruns import RerunJob, run_reruns
     from trainables.config import split_seed_of
@@ -182,7 +181,6 @@ def _bootstrap_line(what: str, b: dict) -> str:
 
 def _log(client, experiment_id: str, name: str, results: dict, beams, resamples: int, bootstrap_seed: int,
          seeds: int) -> None:
-    from captune import tracking
 
     models = results["models"]
     params = {"split": results["split"], "resamples": resamples, "bootstrap_seed": bootstrap_seed, "seeds": seeds,
@@ -194,7 +192,7 @@ def _log(client, experiment_id: str, name: str, results: dict, beams, resamples:
                                                                  COMPARE_KEY_TAG: key},
                                          run_name=f"comparison-seeds{seeds}" if seeds else "comparison")
     if created:
-        client.log_batch(run_id, params=tracking.param_entities(params))
+        client.log_batch(run_id, params=param_entities(params))
     metrics = {f"{a}.beam{k}.{key}": m[f"beam{k}"][key] for a, m in models.items() for k in beams for key in KEYS}
     # validation beside test: the split the search ranked by, and the one it never saw
     metrics.update({f"{a}.val_best_bleu4": m["val_bleu4"] for a, m in models.items() if m.get("val_bleu4") is not None})
@@ -204,7 +202,7 @@ def _log(client, experiment_id: str, name: str, results: dict, beams, resamples:
                             f"{prefix}bleu4_difference_high": boot["high"]})
     for a, rep in ((results["replicates"] or {}).get("architectures") or {}).items():
         metrics.update({f"{a}.replicates.test_{k}.{s}": rep[f"test_{k}"][s] for k in KEYS for s in ("mean", "std")})
-    client.log_batch(run_id, metrics=tracking.metric_entities(metrics))
+    client.log_batch(run_id, metrics=metric_entities(metrics))
     with tempfile.TemporaryDirectory(prefix="captune-compare-") as tmp:
         (Path(tmp) / "comparison.json").write_text(json.dumps(results, indent=2))
         _chart(results, name, Path(tmp) / "comparison.png")

@@ -11,14 +11,12 @@ A champion whose interval does not lie above 0 does not clearly beat its control
 """
 from __future__ import annotations
 
-
-from captune import tracking
+from infra.mlflow_logging import metric_entities
 from search.bootstrap import paired_bootstrap
 from search.mlflow_names import CONTROL_ERROR_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG, control_verdict
 from search.progress import note
 from search.reruns import RerunJob, run_reruns
 from search.slots import held_slot
-
 
 
 def run_control(client, job, outcome) -> dict | None:
@@ -39,7 +37,7 @@ def run_control(client, job, outcome) -> dict | None:
         with held_slot(job.req.name, arch, "control"):
             [result] = run_reruns(client, [rerun], concurrent=1, cpus=job.cpus, gpus=job.req.gpus_per_worker)
     except Exception as e:  # the search's results stand; the missing floor is recorded and shown
-        from captune.raycluster import root_cause
+        from infra.raycluster import root_cause
 
         reason = root_cause(e)
         client.set_tag(parent, CONTROL_ERROR_TAG, reason[:5000])
@@ -52,7 +50,7 @@ def run_control(client, job, outcome) -> dict | None:
                "test_bleu4": result["other_test"]["bleu4"], "control_gap": gap.difference,
                "control_gap_low": gap.low, "control_gap_high": gap.high}
     verdict = {"clear": gap.low > 0, "text": gap.verdict()}
-    client.log_batch(parent, metrics=tracking.metric_entities(control))
+    client.log_batch(parent, metrics=metric_entities(control))
     client.set_tag(parent, CONTROL_VERDICT_TAG, verdict["text"])
     note(job.req.name, arch, f"control: validation BLEU-4 {control['control_bleu4']:.4f} (champion "
                              f"{outcome.best['bleu4']:.4f}); {verdict['text']}")

@@ -16,7 +16,7 @@ from mlflow.entities import Metric, Param, RunTag
 from optuna.trial import TrialState
 from ray.tune import Callback
 
-from captune.raycluster import root_cause
+from infra.raycluster import root_cause
 from captune.tracking import dataset_input
 from search.mlflow_names import (CHAMPION_TRIAL_TAG, ERROR_TAG, KIND_TAG, NODE_TAG, NOTE_TAG, OPTUNA_TRIAL_TAG,
                                  STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG, trial_run_name)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from captune import tracking
+from infra.mlflow_logging import EpochLogger, metric_entities, param_entities
 from search.mlflow_names import ERROR_TAG
 from search.reruns import RerunJob
 from trainables.checkpoint import FILENAME, load_checkpoint
@@ -43,8 +44,8 @@ def rerun(job: RerunJob) -> dict:
     run = client.create_run(job.experiment_id, run_name=job.run_name, tags=job.tags())
     run_id = run.info.run_id
     try:
-        client.log_batch(run_id, params=tracking.param_entities({**cfg.to_dict(), "data": job.data_root}))
-        logger = tracking.EpochLogger(job.tracking_uri, run_id)
+        client.log_batch(run_id, params=param_entities({**cfg.to_dict(), "data": job.data_root}))
+        logger = EpochLogger(job.tracking_uri, run_id)
         with tempfile.TemporaryDirectory(prefix="captune-rerun-") as keep:
             best = Path(keep) / FILENAME
 
@@ -61,7 +62,7 @@ def rerun(job: RerunJob) -> dict:
             out = {"run_id": run_id, "val": {"best_bleu4": last["best_bleu4"], "best_epoch": last["best_epoch"]},
                    **_test(load_checkpoint(best), job, device)}
         out.update(_also_scored(job, device))
-        client.log_batch(run_id, metrics=tracking.metric_entities({f"test_{k}": v for k, v in out["test"].items()}))
+        client.log_batch(run_id, metrics=metric_entities({f"test_{k}": v for k, v in out["test"].items()}))
         client.log_dict(run_id, {"captions": out.pop("captions")}, CAPTIONS_ARTIFACT)
         client.set_terminated(run_id, "FINISHED")
         return out

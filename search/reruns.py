@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import ray
 
-from captune.raycluster import signal_name, wait_one
+from infra.raycluster import signal_name, wait_one
 from search.mlflow_names import ERROR_TAG, KIND_TAG, SEED_TAG, SWEEP_TAG
 
 

@@ -10,19 +10,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from captune import tracking
-from captune.raycluster import init_ray, signal_name, wait_one
 from data.cache import default_cache_dir
+from infra.mlflow_logging import param_entities, unavailable
+from infra.raycluster import init_ray, signal_name, wait_one
 from search import sizing
-from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
 from search.mlflow_names import (CHAMPION_TAG, CHAMPION_TRIAL_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, TRIAL_TAG,
                                  champion_record, champion_tags)
 from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_create_run, rank_trial_runs
 from search.mlflow_view import run_path, save_leaderboard_view
+from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
 from search.progress import EventQueue, ProgressEvents, SweepView, held_back, queue_name, quiet_libraries
 from search.space import SearchSpace, SweepSettings, load_spaces
 from search.trial import TrialSetup, trial_trainable
-from trainables.config import ConfigError, TrainConfig, compose, preset_layers, replace
 from trainables.catalog import ARCHS
+from trainables.config import ConfigError, TrainConfig, compose, preset_layers, replace
 
 if TYPE_CHECKING:  # the search tasks import this module: the data code (and nltk) stays out of them
     from data.prepare import PreparedData
@@ -124,7 +125,7 @@ def run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     try:
         return _run_sweep(req)
     except Exception as e:
-        if isinstance(e, tracking.TrackingUnavailable) or not tracking.unavailable(e):
+        if isinstance(e, tracking.TrackingUnavailable) or not unavailable(e):
             raise
         root = storage_root(req.storage)
         started = any(_can_restore(f"{root}/{req.name}-{arch}") for arch in req.archs)
@@ -162,9 +163,10 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     """Check and prepare everything here, then run the architectures' searches side by side, each
     in a Ray task of its own on this node: one search's last trials and champion registration
     overlap the other's trials instead of leaving cores idle."""
-    import mlflow
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    import mlflow
 
     settings, searches = plan(req)
     if not req.verbose:
@@ -330,7 +332,7 @@ def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSe
     parent_id, created = find_or_create_run(client, experiment_id, {SWEEP_TAG: req.name, KIND_TAG: "search",
                                                                     "arch": arch}, run_name=f"{arch}-search")
     if created:
-        client.log_batch(parent_id, params=tracking.param_entities({
+        client.log_batch(parent_id, params=param_entities({
             **{f"space.{k}": f"{kind}{args}" for k, (kind, args) in search.space.searched.items()},
             **{f"base.{k}": v for k, v in base.to_dict().items()}, **vars(settings),
             "data": str(Path(req.data_root).resolve()), "workers_per_trial": req.workers_per_trial,
@@ -344,11 +346,11 @@ def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSe
 
 def _run_search(job: SearchJob) -> ArchOutcome:
     """One architecture's Tune search (a Ray task): Optuna, ASHA, MLflow, then its champion."""
-    import mlflow
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    import mlflow
     from search.slots import pool_name
 
     # Snapshot Tune's experiment state every second (not every 10 s or more): a killed driver
@@ -436,7 +438,7 @@ def _run_search(job: SearchJob) -> ArchOutcome:
         client.set_terminated(job.parent_run_id, "FINISHED" if outcome.best else "FAILED")
         return outcome
     except Exception as e:
-        if not tracking.unavailable(e):
+        if not unavailable(e):
             raise
         raise tracking.TrackingUnavailable(
             f"MLflow at {job.tracking_uri} did not answer ({type(e).__name__}) when the {arch} search ended. Its "
@@ -497,9 +499,9 @@ def _check_vocabulary(data: PreparedData, search: ArchSearch, config_file: str |
 
 def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest, study_name: str,
             grace_period: int) -> ArchOutcome:
-    from search.analysis import log_search_analysis
     from mlflow.entities import RunTag
 
+    from search.analysis import log_search_analysis
     from search.registry import promote
 
     scored = [r for r in grid if r.error is None and r.metrics and METRIC in r.metrics and not _diverged(r)]

@@ -45,7 +45,7 @@ class TrialSetup:
     run_tags: tuple[tuple[str, str], ...] = ()
 
     def system_metrics(self) -> dict | None:
-        """captune.tracking.system_metrics's arguments for this trial's run, if runs are recorded."""
+        """infra.mlflow_logging.system_metrics's arguments for this trial's run, if runs are recorded."""
         if not self.tracking_uri:
             return None
         tags = {**dict(self.run_tags), TRIAL_TAG: tune.get_context().get_trial_id()}
@@ -104,7 +104,7 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
 
 
 def _system_metrics(spec: dict | None):
-    from captune.tracking import system_metrics
+    from infra.mlflow_logging import system_metrics
 
     return system_metrics(**spec) if spec else contextlib.nullcontext()
 

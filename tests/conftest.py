@@ -44,7 +44,7 @@ def cache_dir(tmp_path_factory) -> Path:
 def ray_cluster():
     import ray
 
-    from captune.raycluster import init_ray
+    from infra.raycluster import init_ray
 
     # As the CLI starts it: more logical CPUs than this 2-core machine has (or Train workers wait
     # for a CPU forever) and the dashboard, whose State API frees a stopped trial's placement group.

@@ -1,4 +1,4 @@
-"""The fork server that Ray's workers are forked from (captune.forkserver): first without Ray,
+"""The fork server that Ray's workers are forked from (infra.forkserver): first without Ray,
 this test process standing in for the raylet, then under the real local Ray cluster."""
 import json
 import os
@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from captune.forkserver import socket_path
+from infra.forkserver import socket_path
 
 WORKER = textwrap.dedent("""
     import json, os, sys, time
@@ -38,7 +38,7 @@ def worker_script(tmp_path_factory):
 
 
 def stand_in(script, *args, **env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "captune.forkserver", str(script), *args],
+    return subprocess.Popen([sys.executable, "-m", "infra.forkserver", str(script), *args],
                             stdout=subprocess.PIPE, text=True, cwd=script.parent,
                             env={**os.environ, "CAPTUNE_TEST_VALUE": "from the stand-in", **env},
                             process_group=0)  # as Ray starts a worker: in a group of its own
@@ -63,13 +63,13 @@ def test_worker_runs_as_a_fork_with_the_stand_ins_arguments_streams_and_exit_sta
 
 
 def test_a_server_leaves_no_files_once_its_raylet_has_ended(tmp_path):
-    from captune.forkserver import _private_folder, _remove_stale
+    from infra.forkserver import _private_folder, _remove_stale
 
     raylet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # stands in for a raylet
     path = os.path.join(_private_folder(), f"{raylet.pid}-testonly.sock")
     log = open(path[:-len(".sock")] + ".log", "ab")
     open(path + ".lock", "w").close()
-    server = subprocess.Popen([sys.executable, "-m", "captune.forkserver", "--serve", path, str(raylet.pid)],
+    server = subprocess.Popen([sys.executable, "-m", "infra.forkserver", "--serve", path, str(raylet.pid)],
                               stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not os.path.exists(path):
@@ -116,7 +116,7 @@ def test_without_a_server_the_worker_starts_plainly(worker_script, tmp_path):
     (tmp_path / "nltk.py").write_text("raise ImportError('broken on purpose by the test')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "CAPTUNE_TEST_VALUE": "plain"}
     # Through a shell, so that the stand-in's parent (its "raylet") has no server yet.
-    proc = subprocess.Popen(["sh", "-c", f'{sys.executable} -m captune.forkserver "$0" exit 4', str(worker_script)],
+    proc = subprocess.Popen(["sh", "-c", f'{sys.executable} -m infra.forkserver "$0" exit 4', str(worker_script)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     seen = first_line(proc)
     assert proc.wait(timeout=120) == 4

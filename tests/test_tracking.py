@@ -4,7 +4,7 @@ import time
 
 from mlflow import MlflowClient
 
-from captune.tracking import system_metrics
+from infra.mlflow_logging import system_metrics
 
 
 def test_system_metrics_reach_the_run_created_after_the_block_began(tmp_path):

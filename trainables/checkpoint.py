@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from data.vocab import Vocabulary
+from infra.errors import UserError
 from trainables.encoders import ImageEncoder, weights_digest
 from trainables.models import Captioner, ModelConfig, build_model
 
@@ -18,7 +19,7 @@ NOT_A_CHECKPOINT = ("not a PyTorch checkpoint file (a captune model is the model
 FILENAME = "model.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used as asked: wrong file, wrong format, wrong architecture."""
 
 

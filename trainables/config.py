@@ -10,12 +10,13 @@ from typing import Any
 
 import yaml
 
+from infra.errors import UserError
 from trainables.catalog import ARCHS, MAX_BEAM, RESNET_ENCODERS, VGG_ENCODERS
 
 PRESET_FILE = "captune.yaml"  # a dataset folder's own preset, e.g. the built-in dataset's
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value or key is wrong; the message names it and where it came from."""
 
 

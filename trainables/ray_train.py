@@ -34,7 +34,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = context.get_world_rank()
     logger = None
     if rank == 0 and config.get("mlflow_run_id"):
-        from captune.tracking import EpochLogger
+        from infra.mlflow_logging import EpochLogger
 
         logger = EpochLogger(config["tracking_uri"], config["mlflow_run_id"])
 
@@ -68,7 +68,7 @@ def _system_metrics(spec: dict | None, context):
     rank when the job spans machines."""
     if not spec or context.get_local_rank() != 0:
         return contextlib.nullcontext()
-    from captune.tracking import system_metrics
+    from infra.mlflow_logging import system_metrics
 
     spans_nodes = context.get_local_world_size() != context.get_world_size()
     return system_metrics(**spec, node_id=f"node{context.get_node_rank()}" if spans_nodes else None)
@@ -149,7 +149,7 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
     """keep="best": the two best checkpoints by validation bleu4, and the latest (which a restart
     goes on from); keep="last": only the latest. `stop_signal`: the name of a StopSignal actor the
     workers watch. `resume_from`: a checkpoint folder to go on from, if newer than Ray's. `echo`:
-    rank 0 prints a line per epoch. `system_metrics`: captune.tracking.system_metrics's arguments,
+    rank 0 prints a line per epoch. `system_metrics`: infra.mlflow_logging.system_metrics's arguments,
     for one worker per machine."""
     # The controller sees the workers' end (or a stop) at its next health check: every 0.5 s, not 2.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import os
 
-from captune.forkserver import worker_command
-from trainables.config import ConfigError
+from infra.errors import UserError
+from infra.forkserver import worker_command
+
+
+class ClusterTooSmall(UserError, ValueError):
+    """A job asks for more workers, CPUs or GPUs than the Ray cluster has."""
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -79,7 +83,7 @@ def wait_one(refs: list, between=None):
 
 
 def fork_workers(remote: bool) -> bool:
-    """Whether this job's Ray workers are forks of a preloaded server (captune.forkserver): on for
+    """Whether this job's Ray workers are forks of a preloaded server (infra.forkserver): on for
     a local cluster; on a running cluster only with CAPTUNE_FORK_WORKERS=1, as its nodes must
     have this project installed at this Python's path."""
     value = os.environ.get("CAPTUNE_FORK_WORKERS", "0" if remote else "1")
@@ -107,9 +111,9 @@ def require_resources(workers: int, cpus_per_worker: int, gpus_per_worker: float
     have = ray.cluster_resources()
     need_cpus, need_gpus = workers * cpus_per_worker, workers * gpus_per_worker
     if not (address or os.environ.get("RAY_ADDRESS")) and need_cpus > have.get("CPU", 0):
-        raise ConfigError(f"--workers {workers}: {workers} worker(s) x {cpus_per_worker} CPU need {need_cpus} CPUs; "
+        raise ClusterTooSmall(f"--workers {workers}: {workers} worker(s) x {cpus_per_worker} CPU need {need_cpus} CPUs; "
                           f"the local Ray cluster has {have.get('CPU', 0):g} ({os.cpu_count()} cores): use at most "
                           f"{int(have.get('CPU', 0) // cpus_per_worker)} workers, or a cluster (--address)")
     if need_gpus > have.get("GPU", 0) and not (address or os.environ.get("RAY_ADDRESS")):
-        raise ConfigError(f"--workers {workers} --gpu: {workers} worker(s) x {gpus_per_worker:g} GPU need "
+        raise ClusterTooSmall(f"--workers {workers} --gpu: {workers} worker(s) x {gpus_per_worker:g} GPU need "
                           f"{need_gpus:g} GPUs; the local Ray cluster has {have.get('GPU', 0):g}")

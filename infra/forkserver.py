@@ -35,10 +35,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from data.fingerprint import files_fingerprint
+from infra.fingerprint import files_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("captune", "data", "search", "trainables")  # the project's code, whose changes restart the server
+PACKAGES = ("captune", "data", "infra", "search", "trainables")  # the project's code, whose changes restart the server
 # What a trial process imports, but Ray: its native library seeds the generator of placement group
 # ids as it loads, so workers forked after loading it would all make the same ids (seen here: two
 # searches' trials given one placement group). Each worker loads Ray itself (about 94 MB of private
@@ -52,7 +52,7 @@ MESSAGE_BYTES = 1 << 20
 
 def worker_command() -> str:
     """The `py_executable` that makes a Ray job's workers forks of the node's fork server."""
-    return f"{shlex.quote(sys.executable)} -m captune.forkserver"  # Ray runs it through bash
+    return f"{shlex.quote(sys.executable)} -m infra.forkserver"  # Ray runs it through bash
 
 
 def socket_path(raylet_pid: int) -> str:
@@ -92,7 +92,7 @@ def stand_in(worker_argv: list[str]) -> None:
         if not reply:
             raise RuntimeError("the fork server did not fork this worker (see its log)")
     except (OSError, RuntimeError) as e:
-        print(f"captune.forkserver: no fork server ({e}); starting this worker without it", file=sys.stderr,
+        print(f"infra.forkserver: no fork server ({e}); starting this worker without it", file=sys.stderr,
               flush=True)
         os.execv(sys.executable, [sys.executable, *worker_argv])
     child = json.loads(reply)["pid"]
@@ -141,7 +141,7 @@ def _start_server(path: str, raylet: int) -> socket.socket:
     _remove_stale(os.path.dirname(path))
     log = path[:-len(".sock")] + ".log"
     with open(log, "ab") as out:
-        server = subprocess.Popen([sys.executable, "-m", "captune.forkserver", "--serve", path, str(raylet)],
+        server = subprocess.Popen([sys.executable, "-m", "infra.forkserver", "--serve", path, str(raylet)],
                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                   process_group=0, cwd=ROOT)
     deadline = time.monotonic() + START_TIMEOUT_S
