@@ -76,11 +76,11 @@ def train(arch: str, args) -> Path:
 
 def register(arch: str, checkpoint: Path, uri: str) -> None:
     import mlflow
-
-    from captune.tracking import experiment_id, log_captioner
+    from infra.mlflow_store import get_or_create_experiment
+    from trainables.logged_model import log_captioner
 
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(experiment_id=experiment_id("serve-benchmark", uri)):
+    with mlflow.start_run(experiment_id=get_or_create_experiment("serve-benchmark", uri)):
         info = log_captioner(checkpoint, f"captune-{arch}")
     mlflow.MlflowClient().set_registered_model_alias(f"captune-{arch}", "champion", info.registered_model_version)
 

@@ -40,9 +40,8 @@ def main() -> int:
               "chromium-headless-shell)")
         return 0
 
+    from infra.mlflow_store import default_tracking_uri
     from mlflow import MlflowClient
-
-    from captune.tracking import default_tracking_uri
     from search.mlflow_view import leaderboard_url, run_path
 
     uri = args.tracking_uri or default_tracking_uri()

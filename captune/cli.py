@@ -124,7 +124,7 @@ def cmd_record(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from captune.tracking import load_captioner
+    from trainables.logged_model import load_captioner
 
     loaded = load_captioner(args.model, args.tracking_uri)  # a wrong path fails before torch loads
     from trainables.inference import evaluate_split
@@ -140,7 +140,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_caption(args) -> int:
     from captune.caption_files import CaptionFile, find_images
-    from captune.tracking import load_captioner
+    from trainables.logged_model import load_captioner
 
     images = find_images(args.paths)  # a wrong path fails before the model or torch loads
     if not images:
@@ -204,8 +204,8 @@ def cmd_sweep(args) -> int:
         print(format_comparison(compare(args.name, args.data, args.tracking_uri, seeds=args.seeds,
                                         address=args.address)))
     except Exception as e:
-        from captune.tracking import TrackingUnavailable
         from infra.mlflow_logging import unavailable
+        from infra.mlflow_store import TrackingUnavailable
 
         if not unavailable(e):
             raise
@@ -238,7 +238,7 @@ def cmd_compare(args) -> int:
 
 
 def _ui_command(tracking_uri: str | None) -> str:
-    from captune.tracking import default_tracking_uri
+    from infra.mlflow_store import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith("http"):
@@ -250,9 +250,8 @@ def _ui_command(tracking_uri: str | None) -> str:
 
 def _leaderboard_url(sweep: str, tracking_uri: str | None) -> str:
     """The address of the sweep's saved leaderboard view in the MLflow UI (search.mlflow_view)."""
+    from infra.mlflow_store import default_tracking_uri
     from mlflow import MlflowClient
-
-    from captune.tracking import default_tracking_uri
     from search.mlflow_view import leaderboard_url
 
     uri = tracking_uri or default_tracking_uri()

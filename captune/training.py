@@ -15,20 +15,20 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from captune import tracking
 from data.cache import DiskFullError
 from data.prepare import prepare_data
 from infra.errors import UserError
 from infra.mlflow_logging import metric_entities, param_entities, unavailable
+from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, MODEL_EPOCH_TAG, STOP_TAG
+from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
+                                require_answering_store, require_free_space, require_writable_store, writable_folder)
 from infra.raycluster import Interrupted, init_ray, require_resources, root_cause, signal_name
 from trainables.checkpoint import FILENAME, CheckpointError, read_payload
 from trainables.config import ConfigError, TrainConfig, replace
+from trainables.logged_model import log_captioner
 
 EXPERIMENT = "captune-train"
 RUN_FILE = "run.json"  # in --out: the job's settings, its MLflow run, how it ended
-ERROR_TAG = "captune.error"
-STOP_TAG = "captune.stop_reason"
-MODEL_EPOCH_TAG = "captune.model_epoch"  # the epoch of the model logged to the run
 RESUMABLE_KEYS = {"epochs"}  # what --resume may change: more epochs go on from the last one
 
 
@@ -49,16 +49,16 @@ class TrainOutcome:
 def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, workers: int = 1,
               use_gpu: bool = False, tracking_uri: str | None = None, experiment: str = EXPERIMENT,
               ray_address: str | None = None, resume: bool = False) -> TrainOutcome:
-    out = tracking.writable_folder(Path(out).resolve(), "--out")
+    out = writable_folder(Path(out).resolve(), "--out")
     state = _job_state(out, cfg, data_root, workers, use_gpu, tracking_uri, experiment, resume)
-    tracking.require_writable_store(state["tracking_uri"])
+    require_writable_store(state["tracking_uri"])
     init_ray(ray_address)
     import ray
 
     from trainables.ray_train import StopSignal, cpus_per_worker, make_trainer
 
     require_resources(workers, cpus_per_worker(workers), 1.0 if use_gpu else 0.0, ray_address)
-    tracking.require_answering_store(state["tracking_uri"])
+    require_answering_store(state["tracking_uri"])
     # Check the data and decode the images once, here, before any worker starts: a bad dataset
     # fails in seconds with the full report, and the workers find the pixel cache ready.
     data = prepare_data(data_root, cfg.image_size, cfg.cache_path(),
@@ -119,7 +119,7 @@ def _require_space(out: Path, cfg: TrainConfig, vocab_size: int) -> None:
 
     size = checkpoint_size(cfg, vocab_size)
     present = sum(1 for p in (out / "ray" / out.name).glob("checkpoint_*") if p.is_dir())  # on --resume
-    tracking.require_free_space([
+    require_free_space([
         (out, size * max(1, KEPT_CHECKPOINTS + 2 - present), f"--out ({KEPT_CHECKPOINTS} kept checkpoints of "
                                                               f"{size / 1e6:.1f} MB, one being written, model.pt)"),
         (Path(tempfile.gettempdir()), size, "one checkpoint being written")])
@@ -232,7 +232,7 @@ def _job_state(out: Path, cfg: TrainConfig, data_root: str | Path, workers: int,
     """The settings to write to OUT/run.json; with --resume, those already there, checked against
     this command's (only the epochs may change)."""
     wanted = {"config": cfg.to_dict(), "data": str(Path(data_root).resolve()), "workers": workers, "gpu": use_gpu,
-              "tracking_uri": tracking_uri or tracking.default_tracking_uri(), "experiment": experiment,
+              "tracking_uri": tracking_uri or default_tracking_uri(), "experiment": experiment,
               "run_id": None}
     before = _load_state(out)
     if before is None:
@@ -307,7 +307,7 @@ def _open_run(state: dict, cfg: TrainConfig) -> str:
     has been trained yet, so refusing costs nothing."""
     from mlflow import MlflowClient
 
-    uri = tracking.configure(state["tracking_uri"])
+    uri = configure(state["tracking_uri"])
     try:
         client = MlflowClient(uri)
         if state.get("run_id"):  # --resume: the run goes on; why it stopped is history
@@ -316,16 +316,16 @@ def _open_run(state: dict, cfg: TrainConfig) -> str:
                 if tag in client.get_run(state["run_id"]).data.tags:
                     client.delete_tag(state["run_id"], tag)
             return state["run_id"]
-        run = client.create_run(tracking.experiment_id(state["experiment"], uri),
+        run = client.create_run(get_or_create_experiment(state["experiment"], uri),
                                 run_name=f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                tags={"arch": cfg.arch, "captune.kind": "train", "image_blind": str(cfg.image_blind)})
+                                tags={ARCH_TAG: cfg.arch, KIND_TAG: "train", "image_blind": str(cfg.image_blind)})
         client.log_batch(run.info.run_id, params=param_entities(
             {**cfg.to_dict(), "data": state["data"], "workers": state["workers"], "gpu": state["gpu"]}))
         return run.info.run_id
     except Exception as e:
         if not unavailable(e):
             raise
-        raise tracking.TrackingUnavailable(f"MLflow store {uri} did not answer ({_first_line(e)}); nothing was trained: "
+        raise TrackingUnavailable(f"MLflow store {uri} did not answer ({_first_line(e)}); nothing was trained: "
                                   f"run the command again once it answers (a SQLite store is locked while another "
                                   f"process writes to it; an `mlflow server` must be running)") from None
 
@@ -381,7 +381,7 @@ def _write_record(out: Path, state: dict) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    uri = tracking.configure(state["tracking_uri"])
+    uri = configure(state["tracking_uri"])
     client, run_id = MlflowClient(uri), state["run_id"]
     metrics_file = out / "metrics.json"
     if metrics_file.exists():
@@ -397,7 +397,7 @@ def _write_record(out: Path, state: dict) -> None:
         client.log_artifact(run_id, str(metrics_file))
         if client.get_run(run_id).data.tags.get(MODEL_EPOCH_TAG) != str(best["epoch"]):
             with mlflow.start_run(run_id=run_id):
-                tracking.log_captioner(out / FILENAME)
+                log_captioner(out / FILENAME)
             client.set_tag(run_id, MODEL_EPOCH_TAG, str(best["epoch"]))
     for tag, value in ((STOP_TAG, state.get("stop_reason")), (ERROR_TAG, state.get("error"))):
         if value:

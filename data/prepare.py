@@ -9,12 +9,12 @@ from tqdm import tqdm
 
 from data.cache import cached_array
 from data.corpus import SPLITS, Corpus, Problem
-from infra.fingerprint import files_fingerprint
 from data.images import OnBatch, default_decoder, read_images
 from data.layouts import load_corpus
 from data.text import tokenize
 from data.vocab import Vocabulary
 from infra.errors import UserError
+from infra.fingerprint import files_fingerprint
 
 
 class DataProblems(UserError, ValueError):

@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from infra.mlflow_logging import metric_entities
-from search.mlflow_names import IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX
+from infra.mlflow_names import IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX
 
 matplotlib.use("Agg")  # a Ray worker has no display
 

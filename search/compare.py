@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from infra.mlflow_logging import metric_entities, param_entities
+from infra.mlflow_names import (ARCH_TAG, COMPARE_KEY_TAG, CONTROL_METRICS, KIND_TAG, NOTE_TAG, SWEEP_TAG,
+                                champion_record, control_verdict)
 from search.bootstrap import RESAMPLES, paired_bootstrap
-from search.mlflow_names import COMPARE_KEY_TAG, CONTROL_METRICS, KIND_TAG, SWEEP_TAG, champion_record, control_verdict
 from search.mlflow_trials import find_or_create_run
 from search.objective import METRIC
 from trainables.config import ConfigError
@@ -28,12 +29,13 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
     """The champions are the models this sweep registered (not whichever holds the alias now). A
     champion trained with skip_bad (its search's setting) is evaluated with it too: the real
     Flickr8k token file names an image that does not exist."""
-    from captune import tracking
+    from infra.mlflow_store import configure
     from mlflow import MlflowClient
     from trainables.inference import caption_split
+    from trainables.logged_model import load_captioner
     from trainables.metrics import bleu, bleu_statistics
 
-    uri = tracking.configure(tracking_uri)
+    uri = configure(tracking_uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -41,7 +43,7 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
     results: dict = {"sweep": name, "split": split, "models": {}, "bootstrap": None, "replicates": None}
     statistics, references, champions = {}, {}, {}
     for parent in _parents(client, experiment.experiment_id, name):
-        arch, tags = parent.data.tags["arch"], parent.data.tags
+        arch, tags = parent.data.tags[ARCH_TAG], parent.data.tags
         champion = champion_record(tags, parent.data.metrics.get(METRIC, 0.0))
         if champion is None:
             continue
@@ -49,7 +51,7 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
         root = data_root or parent.data.params.get("data")
         if root is None:
             raise ConfigError(f"sweep {name!r}: the {arch} search records no dataset; pass --data")
-        loaded = tracking.load_captioner(model_uri, uri)
+        loaded = load_captioner(model_uri, uri)
         skip = skip_bad or bool(loaded.payload.get("train_config", {}).get("skip_bad", False))
         captions, refs = caption_split(loaded, root, split, beams, skip_bad=skip)
         champions[arch] = (parent, loaded, root)
@@ -80,7 +82,7 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
 def _parents(client, experiment_id: str, name: str) -> list:
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and "
                                                              f"tags.`{KIND_TAG}` = 'search'")
-    return sorted(runs, key=lambda r: r.data.tags["arch"])
+    return sorted(runs, key=lambda r: r.data.tags[ARCH_TAG])
 
 
 def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: int, uri: str, address: str | None,
@@ -207,7 +209,7 @@ def _log(client, experiment_id: str, name: str, results: dict, beams, resamples:
         (Path(tmp) / "comparison.json").write_text(json.dumps(results, indent=2))
         _chart(results, name, Path(tmp) / "comparison.png")
         client.log_artifacts(run_id, tmp)
-    client.set_tag(run_id, "mlflow.note.content", results["verdict"])
+    client.set_tag(run_id, NOTE_TAG, results["verdict"])
     client.set_terminated(run_id, "FINISHED")
 
 

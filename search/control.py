@@ -12,8 +12,8 @@ A champion whose interval does not lie above 0 does not clearly beat its control
 from __future__ import annotations
 
 from infra.mlflow_logging import metric_entities
+from infra.mlflow_names import CONTROL_ERROR_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG, control_verdict
 from search.bootstrap import paired_bootstrap
-from search.mlflow_names import CONTROL_ERROR_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG, control_verdict
 from search.progress import note
 from search.reruns import RerunJob, run_reruns
 from search.slots import held_slot

@@ -3,10 +3,9 @@ objective (best validation BLEU-4, MLflow's own ordering by `metrics.best_bleu4`
 image-blind control sets, and which hyperparameters mattered."""
 from __future__ import annotations
 
-
-from search.mlflow_names import (CONTROL_ERROR_TAG, CONTROL_METRICS, ERROR_TAG, IMPORTANCE_NOTE_TAG,
-                                 IMPORTANCE_BASIS_TAG, IMPORTANCE_PREFIX, KIND_TAG, STATE_TAG, SWEEP_TAG, TRIAL_TAG,
-                                 control_verdict)
+from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, CONTROL_METRICS, EPOCHS_RUN_TAG, ERROR_TAG,
+                                IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG, STATE_TAG,
+                                SWEEP_TAG, TRIAL_TAG, control_verdict)
 from search.objective import METRIC
 from trainables.config import ConfigError
 
@@ -16,11 +15,10 @@ PARAM_COLUMNS = ("lr", "hidden_size", "vocab_threshold", "embed_size", "dropout"
 def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -> dict:
     """{"sweep", "trials": every trial, best first (trials with no score last), "searches": per
     architecture its best, control and importances}."""
+    from infra.mlflow_store import configure
     from mlflow import MlflowClient
 
-    from captune import tracking
-
-    uri = tracking.configure(tracking_uri)
+    uri = configure(tracking_uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -34,12 +32,12 @@ def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -
             "rank": len(rows) + 1, "run_id": run.info.run_id, "trial_id": t.get(TRIAL_TAG), "arch": p.get("arch"),
             METRIC: m.get(METRIC), "best_epoch": _int(m.get("best_epoch")), "last_bleu4": m.get("bleu4"),
             **{k: _number(p.get(k)) for k in PARAM_COLUMNS},
-            "epochs": int(t.get("captune.epochs_run", 0)) or None, "end_state": t.get(STATE_TAG),
+            "epochs": int(t.get(EPOCHS_RUN_TAG, 0)) or None, "end_state": t.get(STATE_TAG),
             "error": t.get(ERROR_TAG),
         })
     parents = client.search_runs([experiment.experiment_id],
                                  filter_string=f"tags.`{KIND_TAG}` = 'search' and tags.`{SWEEP_TAG}` = '{name}'")
-    return {"sweep": name, "trials": rows, "searches": {r.data.tags["arch"]: _search(r) for r in parents}}
+    return {"sweep": name, "trials": rows, "searches": {r.data.tags[ARCH_TAG]: _search(r) for r in parents}}
 
 
 def _search(run) -> dict:
@@ -48,7 +46,7 @@ def _search(run) -> dict:
     if "control_bleu4" in m:
         control = {k: m.get(k) for k in CONTROL_METRICS}
         control["verdict"] = control_verdict(t, m)
-    return {"run_id": run.info.run_id, METRIC: m.get(METRIC), "best_trial": t.get("captune.best_trial"),
+    return {"run_id": run.info.run_id, METRIC: m.get(METRIC), "best_trial": t.get(BEST_TRIAL_TAG),
             "control": control, "control_error": None if control else t.get(CONTROL_ERROR_TAG),
             "importances": dict(sorted(((k.removeprefix(IMPORTANCE_PREFIX), v) for k, v in m.items() if k.startswith(IMPORTANCE_PREFIX)),
                                        key=lambda kv: -kv[1])),

@@ -3,7 +3,8 @@ child run per trial, found again by tag after a resume so that no trial is recor
 
 Every record goes through an outbox: when the tracking server cannot be reached, the records wait
 (in order, and in Tune's experiment snapshot, so a `--resume` still has them) while training goes
-on, and are written once the server answers again.
+on, and are written once the server answers again. A record the store refuses (anything but an
+outage, as infra.mlflow_logging.unavailable tells them apart) fails the search at once.
 """
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import os
 import time
 
 import optuna
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from optuna.trial import TrialState
 from ray.tune import Callback
 
+from infra.mlflow_logging import unavailable
+from infra.mlflow_names import (ARCH_TAG, CHAMPION_TRIAL_TAG, EPOCHS_RUN_TAG, ERROR_TAG, KIND_TAG, LAST_RESTART_TAG,
+                                NODE_TAG, NOTE_TAG, OPTUNA_TRIAL_TAG, RESTARTS_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG,
+                                TRIAL_TAG, trial_run_name)
+from infra.mlflow_store import dataset_input
 from infra.raycluster import root_cause
-from captune.tracking import dataset_input
-from search.mlflow_names import (CHAMPION_TRIAL_TAG, ERROR_TAG, KIND_TAG, NODE_TAG, NOTE_TAG, OPTUNA_TRIAL_TAG,
-                                 STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG, trial_run_name)
+from mlflow import MlflowClient
 from search.objective import DIVERGED, FAILED, end_state
 from search.searcher import TRIAL_ATTR
 
@@ -127,7 +130,10 @@ class MlflowTrials(Callback):
             kind, trial_id, payload = self.pending[0]
             try:
                 self._write(kind, trial_id, payload)
-            except Exception as e:  # the server is down, restarting, or timing out: keep the record
+            except Exception as e:
+                if not unavailable(e):  # refused (a bad request, a bug here): loud, not retried forever
+                    raise
+                # the server is down, restarting or timing out, or SQLite is locked: keep the record
                 if self.outage_since is None:
                     self.outage_since = time.monotonic()
                     print(f"MLflow at {self.tracking_uri} unreachable ({type(e).__name__}); training goes on, "
@@ -158,12 +164,12 @@ class MlflowTrials(Callback):
                              tags=[RunTag(NODE_TAG, p["node"])] if p["node"] else [])
             self.last_epoch[trial_id] = p["epoch"]
         elif kind == "restart":
-            restarts = int(client.get_run(run_id).data.tags.get("captune.restarts", "0")) + 1
-            client.set_tag(run_id, "captune.restarts", str(restarts))
-            client.set_tag(run_id, "captune.last_restart_reason", root_cause(Exception(p["reason"]))[:5000])
+            restarts = int(client.get_run(run_id).data.tags.get(RESTARTS_TAG, "0")) + 1
+            client.set_tag(run_id, RESTARTS_TAG, str(restarts))
+            client.set_tag(run_id, LAST_RESTART_TAG, root_cause(Exception(p["reason"]))[:5000])
         elif kind == "complete":
             epoch = max(p["epoch"], self.last_epoch.get(trial_id, 0))
-            client.set_tag(run_id, "captune.epochs_run", str(epoch))
+            client.set_tag(run_id, EPOCHS_RUN_TAG, str(epoch))
             client.log_metric(run_id, "epochs_run", epoch)
             if p["state"] == DIVERGED:
                 self._end(run_id, DIVERGED, "FAILED", str(p["diverged"]))
@@ -184,7 +190,7 @@ class MlflowTrials(Callback):
         half-way (its setup is completed: each step below is skipped once done)."""
         if trial_id not in self.runs:
             run_id, created = find_or_create_run(
-                self.client, self.experiment_id, {TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep, "arch": self.arch},
+                self.client, self.experiment_id, {TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep, ARCH_TAG: self.arch},
                 run_name=trial_run_name(self.arch, config),
                 extra_tags={"mlflow.parentRunId": self.parent_run_id, KIND_TAG: "trial", STATE_TAG: "running"})
             run = None if created else self.client.get_run(run_id)
@@ -228,7 +234,7 @@ class MlflowTrials(Callback):
         self.reconciled = True
         runs = self.client.search_runs(
             [self.experiment_id], max_results=10000,
-            filter_string=f"tags.`{SWEEP_TAG}` = '{self.sweep}' and tags.arch = '{self.arch}' and "
+            filter_string=f"tags.`{SWEEP_TAG}` = '{self.sweep}' and tags.`{ARCH_TAG}` = '{self.arch}' and "
                           f"tags.`{KIND_TAG}` = 'trial' and tags.`{STATE_TAG}` = 'running'")
         for run in runs:
             if run.data.tags[TRIAL_TAG] not in known:
@@ -251,7 +257,7 @@ def rank_trial_runs(client: MlflowClient, experiment_id: str, sweep: str, arch: 
     """After a search: each trial run renamed with its rank by best BLEU-4 and, if it did not
     finish, its end state (trial_run_name); its champion tagged as such."""
     runs = client.search_runs([experiment_id], max_results=10000, order_by=["metrics.best_bleu4 DESC"],
-                              filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.arch = '{arch}' and "
+                              filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ARCH_TAG}` = '{arch}' and "
                                             f"tags.`{KIND_TAG}` = 'trial'")
     for rank, run in enumerate(runs, 1):
         name = trial_run_name(arch, {k: _number(v) for k, v in run.data.params.items()}, rank,

@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 
-from search.mlflow_names import KIND_TAG, STATE_TAG
+from infra.mlflow_names import KIND_TAG, STATE_TAG
 
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 VIEW_NAME = "captune leaderboard"

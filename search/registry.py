@@ -11,10 +11,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from captune import tracking
 from data.layouts import load_corpus
 from trainables.checkpoint import load_checkpoint, read_payload
 from trainables.config import split_seed_of
+from trainables.logged_model import load_captioner, log_captioner
 
 ALIAS = "champion"
 LOCK_SUFFIX = ".promotion-lock"
@@ -51,7 +51,7 @@ def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
         write_champion_artifacts(checkpoint, data_root, Path(tmp))
         client.log_artifacts(best["run_id"], tmp, "champion")
     with mlflow.start_run(run_id=best["run_id"]):
-        info = tracking.log_captioner(checkpoint, registered_name=name)
+        info = log_captioner(checkpoint, registered_name=name)
     version = str(info.registered_model_version)
     for tag, value in {"bleu4": best["bleu4"], "epoch": payload["epoch"], "val_key": key,
                        "trial_id": best["trial_id"]}.items():
@@ -124,7 +124,7 @@ def _champion_score(current, key: str, data_root, train_config: dict) -> float:
 def _score(uri: str, data_root, train_config: dict) -> float:
     from trainables.inference import evaluate_split
 
-    loaded = tracking.load_captioner(uri)
+    loaded = load_captioner(uri)
     return evaluate_split(loaded, data_root, split="val", beam=int(train_config.get("val_beam", 1)))["bleu4"]
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from captune import tracking
 from infra.mlflow_logging import EpochLogger, metric_entities, param_entities
-from search.mlflow_names import ERROR_TAG
+from infra.mlflow_names import ERROR_TAG
 from search.reruns import RerunJob
 from trainables.checkpoint import FILENAME, load_checkpoint
 from trainables.config import TrainConfig
 from trainables.inference import caption_split
+from trainables.logged_model import load_captioner
 from trainables.loop import WorkerContext, train
 from trainables.metrics import bleu, bleu_statistics
 
@@ -76,7 +76,7 @@ def _also_scored(job: RerunJob, device: torch.device) -> dict:
     """`also_score`'s test scores and statistics on the same images ({} when there is none)."""
     if not job.also_score:
         return {}
-    other = _test(tracking.load_captioner(job.also_score, job.tracking_uri), job, device)
+    other = _test(load_captioner(job.also_score, job.tracking_uri), job, device)
     return {"other_test": other["test"], "other_statistics": other["statistics"]}
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import ray
 
+from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, SEED_TAG, SWEEP_TAG
 from infra.raycluster import signal_name, wait_one
-from search.mlflow_names import ERROR_TAG, KIND_TAG, SEED_TAG, SWEEP_TAG
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class RerunJob:
     echo_epochs: bool = True  # a line per epoch (a sweep's controls keep quiet unless --verbose)
 
     def tags(self) -> dict[str, str]:
-        return {SWEEP_TAG: self.sweep, KIND_TAG: self.kind, "arch": self.config["arch"],
+        return {SWEEP_TAG: self.sweep, KIND_TAG: self.kind, ARCH_TAG: self.config["arch"],
                 SEED_TAG: str(self.config["seed"]), "mlflow.parentRunId": self.parent_run_id}
 
 

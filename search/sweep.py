@@ -9,14 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from captune import tracking
 from data.cache import default_cache_dir
 from infra.mlflow_logging import param_entities, unavailable
+from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CONCURRENT_TAG,
+                                FAILED_TRIALS_TAG, KIND_TAG, NOTE_TAG, SLOTS_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG,
+                                TRIAL_TAG, TRIALS_TAG, champion_record, champion_tags)
+from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
+                                require_answering_store, require_free_space, require_writable_store, writable_folder)
 from infra.raycluster import init_ray, signal_name, wait_one
 from search import sizing
-from search.mlflow_names import (CHAMPION_TAG, CHAMPION_TRIAL_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, TRIAL_TAG,
-                                 champion_record, champion_tags)
-from search.mlflow_trials import KIND_TAG, SWEEP_TAG, MlflowTrials, find_or_create_run, rank_trial_runs
+from search.mlflow_trials import MlflowTrials, find_or_create_run, rank_trial_runs
 from search.mlflow_view import run_path, save_leaderboard_view
 from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
 from search.progress import EventQueue, ProgressEvents, SweepView, held_back, queue_name, quiet_libraries
@@ -125,13 +127,13 @@ def run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     try:
         return _run_sweep(req)
     except Exception as e:
-        if isinstance(e, tracking.TrackingUnavailable) or not unavailable(e):
+        if isinstance(e, TrackingUnavailable) or not unavailable(e):
             raise
         root = storage_root(req.storage)
         started = any(_can_restore(f"{root}/{req.name}-{arch}") for arch in req.archs)
         again = (f"results computed so far are kept under {root}: `{resume_command(req)}` once it answers" if started
                  else "nothing was trained: run the same command again once it answers")
-        raise tracking.TrackingUnavailable(f"MLflow at {req.tracking_uri or tracking.default_tracking_uri()} did not answer "
+        raise TrackingUnavailable(f"MLflow at {req.tracking_uri or default_tracking_uri()} did not answer "
                                   f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); {again}") from None
 
 
@@ -172,12 +174,12 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
     if not req.verbose:
         quiet_libraries()
     root = storage_root(req.storage)
-    tracking.require_writable_store(req.tracking_uri)
-    tracking.require_answering_store(req.tracking_uri)
-    uri = tracking.configure(req.tracking_uri)
+    require_writable_store(req.tracking_uri)
+    require_answering_store(req.tracking_uri)
+    uri = configure(req.tracking_uri)
     client = mlflow.MlflowClient(uri)
     restorable = _check_name(client, uri, req, root, [search.arch for search in searches])
-    experiment_id = tracking.experiment_id(req.name, uri)
+    experiment_id = get_or_create_experiment(req.name, uri)
     save_leaderboard_view(client, experiment_id)
     client.set_experiment_tag(experiment_id, NOTE_TAG, _experiment_note(req.name))
     init_ray(req.address)
@@ -195,8 +197,8 @@ def _run_sweep(req: SweepRequest) -> list[ArchOutcome]:
         _check_vocabulary(data, search, req.config_file)
         space_needed.append(_checkpoints_size(search, data, settings.trials))
     if "://" not in root:  # last of the checks: it creates the folder
-        tracking.writable_folder(Path(root), "--storage")
-        tracking.require_free_space([(Path(root), sum(space_needed), f"--storage (each trial keeps its best and its "
+        writable_folder(Path(root), "--storage")
+        require_free_space([(Path(root), sum(space_needed), f"--storage (each trial keeps its best and its "
                                                                      f"latest checkpoint, {settings.trials} trials "
                                                                      f"per architecture, at the default sizes)")])
     jobs = []
@@ -367,7 +369,7 @@ def _run_search(job: SearchJob) -> ArchOutcome:
     if not req.verbose:
         quiet_libraries()
     arch, base = search.arch, search.base
-    tracking.configure(job.tracking_uri)  # this process's mlflow library (registration uses it)
+    configure(job.tracking_uri)  # this process's mlflow library (registration uses it)
     client = mlflow.MlflowClient(job.tracking_uri)
     use_gpu = req.gpus_per_worker > 0
     setup = TrialSetup(base=base.to_dict(), data_root=str(Path(req.data_root).resolve()),
@@ -392,12 +394,12 @@ def _run_search(job: SearchJob) -> ArchOutcome:
                                          study_name=job.experiment)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=settings.max_epochs, grace_period=settings.grace_period,
                                   reduction_factor=settings.reduction_factor)
-        client.set_tag(job.parent_run_id, "captune.concurrent_trials", str(job.concurrent))
+        client.set_tag(job.parent_run_id, CONCURRENT_TAG, str(job.concurrent))
         limit = None
         if job.slots:
             from search.slots import SharedSlots
 
-            client.set_tag(job.parent_run_id, "captune.sweep_slots", str(job.slots))
+            client.set_tag(job.parent_run_id, SLOTS_TAG, str(job.slots))
             searcher = SharedSlots(searcher, req.name, arch, min(job.slots, settings.trials), settings.trials)
             at_once = f"{job.concurrent} at a time, more when the other searches leave slots free"
         else:
@@ -440,7 +442,7 @@ def _run_search(job: SearchJob) -> ArchOutcome:
     except Exception as e:
         if not unavailable(e):
             raise
-        raise tracking.TrackingUnavailable(
+        raise TrackingUnavailable(
             f"MLflow at {job.tracking_uri} did not answer ({type(e).__name__}) when the {arch} search ended. Its "
             f"trials are done and kept in {job.path}; once the server answers, `{resume_command(req)}` writes what "
             f"is missing and registers the champions without training again.") from None
@@ -452,8 +454,8 @@ def _show_finished_trials(view: SweepView, client, experiment_id: str, sweep: st
                                filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{KIND_TAG}` = 'trial' and "
                                              f"attributes.status != 'RUNNING' and tags.`{STATE_TAG}` != 'interrupted'")
     for run in ended:
-        if run.data.tags.get("arch") in view.archs:
-            view.ended_before(run.data.tags["arch"], run.data.tags[TRIAL_TAG], run.data.metrics.get("best_bleu4"),
+        if run.data.tags.get(ARCH_TAG) in view.archs:
+            view.ended_before(run.data.tags[ARCH_TAG], run.data.tags[TRIAL_TAG], run.data.metrics.get("best_bleu4"),
                               int(run.data.metrics.get("best_epoch", 0)))
 
 
@@ -518,7 +520,7 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
                         "bleu4": float(top.metrics[METRIC]), "epoch": int(top.metrics["best_epoch"]),
                         "config": top.config}
         tags = parent.data.tags
-        if tags.get("captune.best_trial") == trial_id and CHAMPION_TAG in tags:
+        if tags.get(BEST_TRIAL_TAG) == trial_id and CHAMPION_TAG in tags:
             # a resumed sweep whose search had already ended: registered before, not again
             outcome.champion = champion_record(tags, outcome.best["bleu4"])
         elif outcome.best["run_id"]:
@@ -528,9 +530,9 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
                                            req.data_root)
             client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in champion_tags(outcome.champion).items()])
         client.log_metric(parent_id, METRIC, outcome.best["bleu4"])
-        client.set_tag(parent_id, "captune.best_trial", trial_id)
-    client.set_tag(parent_id, "captune.trials", str(len(grid)))
-    client.set_tag(parent_id, "captune.failed_trials", str(errors))
+        client.set_tag(parent_id, BEST_TRIAL_TAG, trial_id)
+    client.set_tag(parent_id, TRIALS_TAG, str(len(grid)))
+    client.set_tag(parent_id, FAILED_TRIALS_TAG, str(errors))
     rank_trial_runs(client, experiment_id, req.name, search.arch, (outcome.best or {}).get("run_id"))
     client.set_tag(parent_id, NOTE_TAG, _search_note(outcome, experiment_id, req.name))
     log_search_analysis(client, parent_id, optuna_url(storage_root(req.storage), req.name), study_name,

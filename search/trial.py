@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import ray
 from ray import tune
 
-from search.mlflow_names import TRIAL_TAG
+from infra.mlflow_names import TRIAL_TAG
 from trainables.config import TrainConfig
 
 if TYPE_CHECKING:

@@ -3,10 +3,10 @@ import math
 import random
 
 import optuna
-from mlflow import MlflowClient
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
+from mlflow import MlflowClient
 from search.analysis import MIN_TRIALS, at_epoch_study, log_search_analysis
 
 SPACE = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "hidden_size": IntDistribution(32, 512)}

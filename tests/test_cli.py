@@ -192,7 +192,7 @@ def test_errors_a_user_causes_are_user_errors_and_the_cli_stays_light():
     for name in ("trainables.config.ConfigError", "data.layouts.LayoutError", "data.prepare.DataProblems",
                  "trainables.checkpoint.CheckpointError", "data.cache.DiskFullError", "data.images.ImageError",
                  "trainables.encoders.WeightsUnavailable", "captune.training.TrainFailed",
-                 "captune.tracking.TrackingUnavailable", "captune.caption_files.OutputFileError"):
+                 "infra.mlflow_store.TrackingUnavailable", "captune.caption_files.OutputFileError"):
         module, cls = name.rsplit(".", 1)
         assert issubclass(getattr(importlib.import_module(module), cls), UserError), name
     # catching them needs none of the heavy libraries

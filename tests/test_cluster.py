@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from mlflow import MlflowClient
 
+from mlflow import MlflowClient
 from tests.test_sweep import sweep_yaml, trial_runs
 
 ROOT = Path(__file__).resolve().parents[1]

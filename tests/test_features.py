@@ -7,8 +7,8 @@ import torch
 from data.prepare import prepare_data
 from data.synth import write_synthetic
 from trainables.config import TrainConfig
-from trainables.features import EarlyFeatures, encoder_features, frozen_encoder, frozen_features, \
-    prepare_with_features, weights_id
+from trainables.features import (EarlyFeatures, encoder_features, frozen_encoder, frozen_features,
+                                 prepare_with_features, weights_id)
 
 CPU = torch.device("cpu")
 

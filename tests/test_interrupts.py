@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
 from captune.cli import main
+from mlflow import MlflowClient
 from tests.conftest import attached, tiny_overrides
 from tests.test_sweep import sweep_yaml
 from trainables.checkpoint import read_payload

@@ -2,7 +2,6 @@
 import json
 
 from mlflow import MlflowClient
-
 from search.mlflow_view import VIEW_KEY, VIEW_TAG_PREFIX, leaderboard_url, save_leaderboard_view
 
 

@@ -84,7 +84,7 @@ def test_racing_promoters_leave_the_alias_on_the_stronger_model(tmp_path):
 
 
 def test_champion_record_round_trips_through_short_readable_tags():
-    from search.mlflow_names import champion_record, champion_tags
+    from infra.mlflow_names import champion_record, champion_tags
 
     kept = {"name": "captune-cnn-lstm", "version": "4", "bleu4": 0.21, "promoted": False,
             "previous": {"version": "2", "bleu4": 0.234567}}
@@ -100,7 +100,7 @@ def test_champion_record_round_trips_through_short_readable_tags():
 
 
 def test_control_verdict_is_words_in_its_tag_and_clear_from_the_gap():
-    from search.mlflow_names import control_verdict
+    from infra.mlflow_names import control_verdict
 
     text = "the cnn-lstm champion beats its image-blind control by 0.41 BLEU-4"
     assert control_verdict({"captune.control_verdict": text}, {"control_gap_low": 0.36}) == {"clear": True, "text": text}

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from mlflow import MlflowClient
 
 from captune.cli import main
 from data.cache import cached_array
 from data.layouts import load_corpus
+from mlflow import MlflowClient
 from tests import datasets
 from tests.test_sweep import sweep_yaml, trial_runs
 
@@ -315,3 +315,21 @@ def test_a_trial_tune_fails_before_it_starts_is_recorded_in_mlflow(ray_cluster, 
     (run,) = client.search_runs([experiment], filter_string="tags.`captune.trial_id` = 't0001'")
     assert run.info.status == "FAILED" and run.data.tags["captune.end_state"] == "failed"
     assert "reset_config" in run.data.tags["captune.error"] and run.data.params["lr"] == "0.01"
+
+
+def test_a_record_the_store_refuses_fails_the_search_instead_of_waiting_forever(ray_cluster, tmp_path, tracking_uri):
+    # Only an outage is waited out (test_mlflow_outage_during_a_sweep_loses_nothing); a refusal is
+    # a bug or a bad request, and retrying it every 5 s for the rest of the sweep would hide it.
+    from mlflow.exceptions import MlflowException
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from search.mlflow_trials import MlflowTrials
+
+    client = MlflowClient(tracking_uri)
+    parent = client.create_run(client.create_experiment("e2")).info.run_id
+    trial = Trial("trial_cnn_lstm", config={"lr": 0.01}, trial_id="t0002", stub=True,
+                  storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="e2"))
+    records = MlflowTrials(tracking_uri, "424242", parent, "e2", "cnn-lstm", {"epochs": 1}, 2)  # no such experiment
+    with pytest.raises(MlflowException, match="424242"):
+        records.on_trial_start(0, [trial], trial)

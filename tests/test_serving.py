@@ -18,10 +18,10 @@ from PIL import Image
 
 from captune.caption_files import CaptionFile, OutputFileError, find_images
 from captune.cli import main
-from captune.serving import MAX_IMAGE_BYTES, RequestError, checked_params, request_pixels
 from data.vocab import Vocabulary
 from tests.test_models import tiny
 from trainables.checkpoint import save_checkpoint
+from trainables.serving import MAX_IMAGE_BYTES, RequestError, checked_params, request_pixels
 
 BIN = Path(sys.executable).parent  # `mlflow models serve` runs `uvicorn` from PATH
 
@@ -158,8 +158,9 @@ def test_served_champion_captions_base64_images_as_the_cli_does_and_refuses_bad_
 
 
 def test_logged_model_carries_its_signature_an_input_example_and_its_code(finished_sweep, tmp_path):
-    import mlflow
     from mlflow.models import get_model_info
+
+    import mlflow
 
     mlflow.set_tracking_uri(finished_sweep.tracking_uri)
     info = get_model_info("models:/captune-cnn-lstm@champion")

@@ -18,11 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data.cache import DiskFullError
 from data.batches import CaptionTable, ImageBatches
+from data.cache import DiskFullError
 from data.prepare import PreparedData, prepare_data
-from trainables.checkpoint import (FILENAME, CheckpointError, checkpoint_bytes, load_checkpoint,
-                                  save_checkpoint)
+from trainables.checkpoint import FILENAME, CheckpointError, checkpoint_bytes, load_checkpoint, save_checkpoint
 from trainables.config import TrainConfig
 from trainables.encoders import weights_digest
 from trainables.features import encoder_features, weights_id

@@ -1,10 +1,9 @@
-"""captune.tracking's pieces that need no Ray: system metrics on a run found by its tags."""
+"""infra.mlflow_logging, without Ray: system metrics on a run found by its tags."""
 import threading
 import time
 
-from mlflow import MlflowClient
-
 from infra.mlflow_logging import system_metrics
+from mlflow import MlflowClient
 
 
 def test_system_metrics_reach_the_run_created_after_the_block_began(tmp_path):

@@ -1,6 +1,8 @@
-"""The tag names a sweep writes to MLflow and reads back (one place, so writers and readers agree)."""
+"""Every tag name the project writes to MLflow and reads back, and the forms of the values that
+are more than a word (one place, so that writers and readers agree)."""
 import json
 
+ARCH_TAG = "arch"  # the architecture, on every run of a sweep and of `captune train`
 SWEEP_TAG = "captune.sweep"  # the sweep's name, on every run of it
 KIND_TAG = "captune.kind"  # search (an architecture's parent run), trial, control, replicate, compare
 TRIAL_TAG = "captune.trial_id"  # a trial run's Tune trial id
@@ -8,8 +10,17 @@ OPTUNA_TRIAL_TAG = "captune.optuna_trial"  # a trial run's Optuna trial number (
 STATE_TAG = "captune.end_state"  # how a trial ended (search.objective)
 NODE_TAG = "captune.node_id"  # the Ray node that ran the trial (its last epoch, after a restart)
 SEED_TAG = "captune.seed"  # a rerun's training seed
-ERROR_TAG = "captune.error"
+ERROR_TAG = "captune.error"  # why a run failed (a trial, a rerun, a `captune train` job)
 STOP_TAG = "captune.stop_reason"  # a run stopped by Ctrl-C or SIGTERM: which
+MODEL_EPOCH_TAG = "captune.model_epoch"  # `captune train`: the epoch of the model logged to the run
+EPOCHS_RUN_TAG = "captune.epochs_run"  # a trial run's epochs (also the metric epochs_run)
+RESTARTS_TAG = "captune.restarts"  # a trial run: how often Tune restarted it
+LAST_RESTART_TAG = "captune.last_restart_reason"  # ... and why, the last time
+BEST_TRIAL_TAG = "captune.best_trial"  # on a search's parent: the Tune trial id of its best trial
+TRIALS_TAG = "captune.trials"  # on a search's parent: its trials
+FAILED_TRIALS_TAG = "captune.failed_trials"  # ... and how many of them failed or diverged
+CONCURRENT_TAG = "captune.concurrent_trials"  # on a search's parent: its share of the trial slots
+SLOTS_TAG = "captune.sweep_slots"  # on a search's parent: the slots the sweep's searches share
 COMPARE_KEY_TAG = "captune.compare_key"  # a comparison run's settings (models, data, split, seeds, resamples)
 CONTROL_VERDICT_TAG = "captune.control_verdict"  # on a search's parent: does the champion beat its control (words)
 CONTROL_ERROR_TAG = "captune.control_error"  # on a search's parent: why its control run failed

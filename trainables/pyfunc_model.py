@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import os
 
-import mlflow
 import mlflow.pyfunc
 import pandas as pd
 import torch
@@ -19,9 +18,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from captune.serving import PARAMS, RequestError, checked_params, refuse_unknown, request_pixels
+import mlflow
 from trainables.checkpoint import load_checkpoint
 from trainables.inference import caption_pixels, image_size_of, max_len_of
+from trainables.serving import PARAMS, RequestError, checked_params, refuse_unknown, request_pixels
 
 
 class CaptionerModel(PythonModel):

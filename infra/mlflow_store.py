@@ -1,0 +1,147 @@
+"""Where MLflow runs go and whether the store can take them: the default local store, checks
+made before any work starts (writable, answering, room on disk), a sweep's experiment, and a
+dataset as a run input."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from infra.errors import UserError
+from infra.mlflow_logging import unavailable
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class StoreError(UserError, ValueError):
+    """A store or folder that cannot be written: named, before any work starts."""
+
+
+def _store_dir() -> Path:
+    """The project's mlflow/ folder when running from a checkout, else ./mlflow."""
+    here = PROJECT_ROOT / "mlflow"
+    return here if here.is_dir() else Path.cwd() / "mlflow"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{_store_dir() / 'mlflow.db'}"
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    """Point the mlflow library at the store and return its URI."""
+    import mlflow
+
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def require_writable_store(tracking_uri: str | None = None) -> None:
+    """A local SQLite store that cannot be written is refused up front, naming it: SQLite would
+    otherwise retry for minutes once training is under way, then end in a traceback."""
+    uri = tracking_uri or default_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if db.is_dir():
+        raise StoreError(f"MLflow store {db}: a folder of that name exists; the store is a file (e.g. {db}/mlflow.db)")
+    writable_folder(db.parent, f"MLflow store {db}")
+    if db.exists() and not os.access(db, os.W_OK):
+        raise StoreError(f"MLflow store {db}: the file is read-only")
+
+
+def writable_folder(folder: Path, what: str) -> Path:
+    """`folder`, created if need be, once a file could be written in it; else a StoreError naming
+    it (a file in the way, a read-only file system, no permission), before any work starts."""
+    if folder.exists() and not folder.is_dir():
+        raise StoreError(f"{what}: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".captune-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StoreError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
+    return folder
+
+
+class TrackingUnavailable(UserError, RuntimeError):
+    """The MLflow store did not answer (a server down, a SQLite file locked by another process);
+    the message says what was kept and how to go on."""
+
+
+def require_answering_store(tracking_uri: str | None = None) -> None:
+    """The store must answer before a command starts work it would have to record (a SQLite store
+    another process holds locked waits 20 s, then refuses)."""
+    from mlflow import MlflowClient
+
+    uri = configure(tracking_uri)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:
+        if not unavailable(e):
+            raise
+        text = str(e).strip()
+        raise TrackingUnavailable(
+            f"MLflow store {uri} did not answer ({type(e).__name__}: {text.splitlines()[0][:200] if text else ''}); "
+            f"nothing was started: run the command again once it answers (a SQLite store is locked while another "
+            f"process writes to it; an `mlflow server` must be running)") from None
+
+
+def require_free_space(needs: list[tuple[Path, int, str]]) -> None:
+    """Refuse up front what the disks cannot hold: each (folder, bytes, what for) is summed per
+    file system and compared with its free space, naming the folder, before any work starts."""
+    import shutil
+
+    per_device: dict[int, list[tuple[Path, int, str]]] = {}
+    for folder, size, what in needs:
+        folder = next(p for p in (folder, *folder.parents) if p.exists())
+        per_device.setdefault(folder.stat().st_dev, []).append((folder, size, what))
+    for items in per_device.values():
+        need, free = sum(size for _, size, _ in items), shutil.disk_usage(items[0][0]).free
+        if need > free:
+            wanted = "; ".join(f"{what} in {folder}: about {_mb(size)}" for folder, size, what in items)
+            together = f" (together {_mb(need)})" if len(items) > 1 else ""
+            raise StoreError(f"not enough free space: {wanted}{together}; its file system has {_mb(free)} free")
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB" if size < 10e9 else f"{size / 1e9:,.1f} GB"
+
+
+def get_or_create_experiment(name: str, tracking_uri: str) -> str:
+    """Get or create an experiment. On a local SQLite store its artifacts go beside the database
+    (mlflow/artifacts), not into whatever folder the command happened to run in."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it first
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def dataset_input(data_root: str | Path):
+    """The dataset as an MLflow run input (what the runs table's Dataset column shows): its
+    folder's name, a digest of its caption and split files (names, sizes, times; no reading) and
+    its path."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from infra.fingerprint import files_fingerprint
+
+    root = Path(data_root).resolve()
+    files = sorted(p for pattern in ("*.txt", "*.json", "*/*.txt") for p in root.glob(pattern) if p.is_file())
+    dataset = Dataset(name=root.name, digest=files_fingerprint(files)[:12], source_type="local",
+                      source=json.dumps({"uri": str(root)}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
