@@ -172,7 +172,7 @@ def cmd_caption(args) -> int:
 def cmd_sweep(args) -> int:
     from search.compare import compare, format_comparison
     from search.leaderboard import format_leaderboard, leaderboard
-    from search.sweep import SweepRequest, optuna_url, run_sweep, storage_root
+    from search.request import SweepRequest, optuna_url, plan, storage_root
     from trainables.config import parse_overrides
 
     req = SweepRequest(name=args.name, data_root=args.data, archs=[a.strip() for a in args.arch.split(",") if a.strip()],
@@ -182,7 +182,10 @@ def cmd_sweep(args) -> int:
                        control=not args.no_control, tracking_uri=args.tracking_uri, address=args.address,
                        verbose=args.verbose)
     t0 = time.perf_counter()
-    outcomes = run_sweep(req)
+    planned = plan(req)  # settings and spaces refused in a second, before Ray, MLflow and torch load
+    from search.sweep import run_sweep
+
+    outcomes = run_sweep(req, planned)
     print(f"\nsweep {args.name} done in {time.perf_counter() - t0:.0f}s")
     for o in outcomes:
         if o.best is None:

@@ -1,0 +1,44 @@
+"""The sweep driver's look at the data before any trial starts: every image read once (a bad
+dataset stops the sweep here), a frozen encoder's features built once on a local cluster, the
+vocabulary at the highest threshold a trial may draw, and the disk the checkpoints will take."""
+from __future__ import annotations
+
+import torch
+
+from data.prepare import PreparedData, prepare_data
+from search.request import ArchSearch
+from trainables.config import ConfigError, TrainConfig
+from trainables.features import prepare_with_features
+from trainables.loop import checkpoint_size
+
+FEATURE_KEYS = {"image_size", "encoder", "pretrained", "fine_tune", "seed"}  # what a feature cache depends on
+
+
+def prepare(data_root: str, base: TrainConfig, features: bool) -> PreparedData:
+    """Decode every image once, here: a bad dataset stops the sweep before any trial starts. On a
+    local cluster, a frozen encoder's features too (when the space leaves them fixed), so the first
+    trials start training at once instead of one encoding while the others wait on its lock."""
+    cache_dir = base.cache_path()
+    if features and not base.fine_tune:  # (on a cluster each node builds its own copy, in a trial)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return prepare_with_features(data_root, base, cache_dir, device)[0]
+    return prepare_data(data_root, base.image_size, cache_dir, skip_bad=base.skip_bad, seed=base.split_seed)
+
+
+def checkpoints_size(search: ArchSearch, data: PreparedData, trials: int) -> int:
+    """What the search's trials keep on disk, two checkpoints each (its best and its latest), at
+    the default configuration's size. A lower bound where the space reaches wider layers; not the
+    widest corner, where a trial fails on memory before its disk, as a trial on its own."""
+    return 2 * trials * checkpoint_size(search.base, len(data.vocabulary(search.base.vocab_threshold)))
+
+
+def check_vocabulary(data: PreparedData, search: ArchSearch, config_file: str | None) -> None:
+    """The highest vocabulary threshold a trial may draw must leave words to learn."""
+    kind, args = search.space.searched.get("vocab_threshold", ("choice", [search.base.vocab_threshold]))
+    highest = max(args) if kind == "choice" else args[1]
+    try:
+        data.vocabulary(highest)
+    except ValueError as e:
+        where = f"{config_file or 'search/spaces.yaml'} [{search.arch}]" if "vocab_threshold" in search.space.searched \
+            else "the configuration"
+        raise ConfigError(f"{where}: {e}") from None

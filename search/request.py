@@ -1,0 +1,160 @@
+"""A sweep as asked (`captune sweep`'s options) and as planned: its settings, each architecture's
+space and base configuration checked before anything starts, and the job each architecture's
+search task is handed. Light: the driver and the search tasks both import it."""
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data.cache import default_cache_dir
+from search.space import SearchSpace, SweepSettings, load_spaces
+from trainables.catalog import ARCHS
+from trainables.config import ConfigError, TrainConfig, compose, preset_layers, replace
+
+
+class SweepExists(ConfigError):
+    """A sweep of that name exists and --resume was not given (or the reverse)."""
+
+
+@dataclass
+class SweepRequest:
+    name: str
+    data_root: str
+    archs: list[str] = field(default_factory=lambda: list(ARCHS))
+    trials: int | None = None  # None: the config file's
+    epochs: int | None = None
+    config_file: str | None = None
+    overrides: dict = field(default_factory=dict)  # --set, applied to every trial
+    workers_per_trial: int = 1
+    gpus_per_worker: float = 0.0  # 0: CPU trials
+    storage: str | None = None  # None: default_storage()
+    resume: bool = False
+    control: bool = True  # after each search, train its champion's configuration image-blind
+    tracking_uri: str | None = None
+    address: str | None = None
+    verbose: bool = False  # Tune's own output and every trial's epoch lines, not the driver's view
+
+
+@dataclass
+class ArchSearch:
+    arch: str
+    space: SearchSpace
+    base: TrainConfig
+    default_point: dict
+
+
+@dataclass
+class ArchOutcome:
+    arch: str
+    parent_run_id: str
+    best: dict | None  # {"trial_id", "run_id", "bleu4" (its best_bleu4), "epoch" (that epoch), "config"}
+    trials: int
+    errors: int
+    champion: dict | None = None  # from search.registry.promote
+    control: dict | None = None  # from search.control.run_control
+
+
+@dataclass
+class SearchJob:
+    """One architecture's search, as the driver hands it to the task that runs it."""
+    req: SweepRequest
+    settings: SweepSettings
+    search: ArchSearch
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    root: str
+    cpus: int
+    concurrent: int  # this search's share of the slots (all of them, when it runs alone)
+    slots: int  # trial slots shared by the sweep's searches (search.slots); 0: `concurrent` is fixed
+    restore: bool  # Tune's experiment state exists: resume it
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.req.name}-{self.search.arch}"
+
+    @property
+    def path(self) -> str:
+        return f"{self.root}/{self.experiment}"
+
+
+def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
+    """Everything checked before any trial starts: settings, spaces, every architecture's base
+    configuration and that its defaults lie inside its space."""
+    for arch in req.archs:
+        if arch not in ARCHS:
+            raise ConfigError(f"--arch: unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    settings, spaces = load_spaces(req.config_file)
+    if req.trials is not None:
+        settings.trials = req.trials
+    if req.epochs is not None:
+        settings.max_epochs = req.epochs
+    settings.grace_period = min(settings.grace_period, settings.max_epochs)
+    source = str(req.config_file or "search/spaces.yaml")
+    searches = []
+    for arch in req.archs:
+        space = spaces[arch]
+        if not space.searched:  # Tune would fail later, after Ray and MLflow started, with "no search space"
+            raise ConfigError(f"{source} [{arch}]: nothing to search: no key has a range or choices "
+                              f"({{loguniform: [low, high]}}, {{choice: [...]}}, ...); give one a range, or train the "
+                              f"single configuration with `captune train`")
+        fixed_by_set = sorted(set(req.overrides) & set(space.searched))
+        if fixed_by_set:  # a trial's drawn value would silently win over --set
+            raise ConfigError(f"--set {', '.join(fixed_by_set)}: {source} searches {' and '.join(fixed_by_set)} for "
+                              f"{arch}; to fix it, copy that file, give it a plain value there and pass the copy "
+                              f"with --config")
+        base = compose(arch, preset_layers(req.data_root, arch) + [(f"{source} [{arch}]", space.fixed),
+                                                                   ("--set", req.overrides)])
+        base = replace(base, epochs=settings.max_epochs)
+        for key in space.searched:  # each bound of the space must make a valid configuration
+            kind, args = space.searched[key]
+            for value in (args if kind == "choice" else args[:2]):
+                try:
+                    replace(base, **{key: value})
+                except (ConfigError, TypeError) as e:
+                    raise ConfigError(f"{source} [{arch}]: {key} value {value!r} is invalid: {e}") from None
+        searches.append(ArchSearch(arch, space, base, space.default_point(base, f"{source} [{arch}]")))
+    return settings, searches
+
+
+def default_storage() -> str:
+    """$CAPTUNE_STORAGE/sweeps (a cluster's one storage setting, see cluster.yaml), else a local folder."""
+    shared = os.environ.get("CAPTUNE_STORAGE", "").rstrip("/")
+    return f"{shared}/sweeps" if shared else "runs/sweeps"
+
+
+def storage_root(storage: str | None) -> str:
+    storage = storage or default_storage()
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def optuna_url(root: str, name: str) -> str:
+    """The Optuna study's SQLite file sits beside the Tune results when those are on a local or
+    mounted path; with s3:// results it stays on the driver's disk."""
+    folder = Path(root) if "://" not in root else default_cache_dir() / "optuna"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / f'{name}-optuna.db'}"
+
+
+def resume_command(req: SweepRequest) -> str:
+    """The command that goes on with this sweep."""
+    q = shlex.quote
+    words = ["captune sweep --name", q(req.name), "--data", q(req.data_root), "--resume"]
+    if req.config_file:
+        words += ["--config", q(req.config_file)]
+    if sorted(req.archs) != sorted(ARCHS):
+        words += ["--arch", q(",".join(req.archs))]
+    for flag, value in (("--trials", req.trials), ("--epochs", req.epochs), ("--storage", req.storage),
+                        ("--tracking-uri", req.tracking_uri), ("--address", req.address)):
+        if value is not None:
+            words += [flag, q(str(value))]
+    words += [f"--set {q(f'{k}={v}')}" for k, v in req.overrides.items()]
+    if req.workers_per_trial != 1:
+        words += ["--workers-per-trial", str(req.workers_per_trial)]
+    if req.gpus_per_worker:
+        words += ["--gpus-per-worker", f"{req.gpus_per_worker:g}"]
+    if not req.control:
+        words.append("--no-control")
+    return " ".join(words)

@@ -1,0 +1,196 @@
+"""One architecture's search, in the Ray task the sweep driver starts for it: a Ray Tune run of
+Optuna (TPE) and ASHA over the trials, recorded in MLflow, then its champion registered and its
+image-blind control trained. torch stays out of this process until the champion is registered."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import ray
+from mlflow.entities import RunTag
+from optuna.storages import RDBStorage
+from ray import tune
+from ray.tune import Checkpoint
+from ray.tune.schedulers import ASHAScheduler
+
+from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CONCURRENT_TAG,
+                                FAILED_TRIALS_TAG, NOTE_TAG, SLOTS_TAG, SWEEP_TAG, TRIAL_TAG, TRIALS_TAG,
+                                champion_record, champion_tags)
+from infra.mlflow_logging import unavailable
+from infra.mlflow_store import TrackingUnavailable, configure
+from search.analysis import log_search_analysis
+from search.mlflow_trials import MlflowTrials, rank_trial_runs
+from search.mlflow_view import run_path
+from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
+from search.progress import ProgressEvents, held_back, quiet_libraries
+from search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command, storage_root
+from search.searcher import ResumableOptunaSearch
+from search.slots import SharedSlots, pool_name
+from search.trial import TrialSetup, trial_trainable
+
+
+def run_search(job: SearchJob) -> ArchOutcome:
+    """One architecture's Tune search (a Ray task): Optuna, ASHA, MLflow, then its champion."""
+    # Snapshot Tune's experiment state every second (not every 10 s or more): a killed driver
+    # then loses at most a second of it on --resume. An MLflow server that does not answer must
+    # not hold the search for minutes per call (the client retries 7 times by default): the
+    # trial callback holds records and retries itself.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Keeping one checkpoint per trial makes Tune snapshot after each (a few ms, local): so be it,
+    # without its warning every epoch that snapshots are frequent (we ask for them every second).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    req, settings, search = job.req, job.settings, job.search
+    if not req.verbose:
+        quiet_libraries()
+    arch, base = search.arch, search.base
+    configure(job.tracking_uri)  # this process's mlflow library (registration uses it)
+    client = mlflow.MlflowClient(job.tracking_uri)
+    use_gpu = req.gpus_per_worker > 0
+    setup = TrialSetup(base=base.to_dict(), data_root=str(Path(req.data_root).resolve()),
+                       train_storage=f"{job.path}-train", workers=req.workers_per_trial, use_gpu=use_gpu,
+                       gpus_per_worker=req.gpus_per_worker or 1.0, cpus_per_worker=job.cpus,
+                       echo_epochs=req.verbose, tracking_uri=job.tracking_uri, experiment_id=job.experiment_id,
+                       run_tags=((SWEEP_TAG, req.name), (ARCH_TAG, arch)))
+    trainable = trial_trainable(setup)
+    progress = ProgressEvents(req.name, arch, list(search.space.searched), settings.max_epochs)
+    if job.restore:
+        progress.note(f"resuming {job.path}")
+        tuner = tune.Tuner.restore(job.path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   param_space=search.space.to_tune())
+    else:
+        searcher = ResumableOptunaSearch(max_epochs=settings.max_epochs, points_to_evaluate=[search.default_point],
+                                         seed=sampler_seed(settings.seed, arch),
+                                         storage=RDBStorage(optuna_url(job.root, req.name)),
+                                         study_name=job.experiment)
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=settings.max_epochs, grace_period=settings.grace_period,
+                                  reduction_factor=settings.reduction_factor)
+        client.set_tag(job.parent_run_id, CONCURRENT_TAG, str(job.concurrent))
+        limit = None
+        if job.slots:
+            client.set_tag(job.parent_run_id, SLOTS_TAG, str(job.slots))
+            searcher = SharedSlots(searcher, req.name, arch, min(job.slots, settings.trials), settings.trials)
+            at_once = f"{job.concurrent} at a time, more when the other searches leave slots free"
+        else:
+            limit, at_once = job.concurrent, f"up to {job.concurrent} at a time"
+        progress.note(f"{settings.trials} trials, {at_once}, {settings.max_epochs} epochs at most; "
+                      f"results in {job.path}")
+        tuner = tune.Tuner(
+            trainable, param_space=search.space.to_tune(),
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                        num_samples=settings.trials, max_concurrent_trials=limit,
+                                        # a reused actor (in-process trials) starts a trial in well
+                                        # under a second; a DDP trial's actor is still tearing its
+                                        # worker group down when the next one starts
+                                        reuse_actors=setup.in_process),
+            run_config=tune.RunConfig(
+                name=job.experiment, storage_path=job.root,
+                # a trial resumes from its last epoch and is registered by its best: Tune keeps
+                # those two (the latest always); others are only disk (a fine-tuned ResNet-18's is
+                # 138 MB with Adam's moments)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=EPOCH_METRIC,
+                                                        checkpoint_score_order=MODE),
+                callbacks=[MlflowTrials(job.tracking_uri, job.experiment_id, job.parent_run_id, req.name, arch,
+                                        base.to_dict(), settings.max_epochs, setup.data_root,
+                                        optuna_study=(optuna_url(job.root, req.name), job.experiment)), progress],
+                verbose=None if req.verbose else 0,  # the driver shows progress (search.progress)
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures, fail_fast=False)),
+        )
+    try:
+        grid = tuner.fit()
+    finally:  # ended or failed: its slots go to the other searches
+        ray.get_actor(pool_name(req.name)).satisfied.remote(arch)
+    try:
+        outcome = _finish(client, grid, search, job.parent_run_id, req, job.experiment, settings.grace_period)
+        if req.control and outcome.champion:
+            from search.control import run_control  # (its scoring loads nltk: only when there is a champion)
+
+            outcome.control = run_control(client, job, outcome)
+        client.set_terminated(job.parent_run_id, "FINISHED" if outcome.best else "FAILED")
+        return outcome
+    except Exception as e:
+        if not unavailable(e):
+            raise
+        raise TrackingUnavailable(
+            f"MLflow at {job.tracking_uri} did not answer ({type(e).__name__}) when the {arch} search ended. Its "
+            f"trials are done and kept in {job.path}; once the server answers, `{resume_command(req)}` writes what "
+            f"is missing and registers the champions without training again.") from None
+
+
+def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest, study_name: str,
+            grace_period: int) -> ArchOutcome:
+    # registration reads the checkpoint with torch: loaded here, as the search ends, not at the task's start
+    from search.registry import promote
+
+    scored = [r for r in grid if r.error is None and r.metrics and METRIC in r.metrics and not _diverged(r)]
+    errors = sum(r.error is not None or _diverged(r) for r in grid)
+    outcome = ArchOutcome(search.arch, parent_id, None, len(grid), errors)
+    parent = client.get_run(parent_id)
+    experiment_id = parent.info.experiment_id
+    if scored:
+        top = max(scored, key=lambda r: r.metrics[METRIC])
+        trial_id = top.metrics["trial_id"]
+        runs = client.search_runs([experiment_id],
+                                  filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
+        outcome.best = {"trial_id": trial_id, "run_id": runs[0].info.run_id if runs else None,
+                        "bleu4": float(top.metrics[METRIC]), "epoch": int(top.metrics["best_epoch"]),
+                        "config": top.config}
+        tags = parent.data.tags
+        if tags.get(BEST_TRIAL_TAG) == trial_id and CHAMPION_TAG in tags:
+            # a resumed sweep whose search had already ended: registered before, not again
+            outcome.champion = champion_record(tags, outcome.best["bleu4"])
+        elif outcome.best["run_id"]:
+            with _best_checkpoint(top).as_directory() as folder, held_back(not req.verbose):
+                # (the checkpoint is downloaded when the storage is remote)
+                outcome.champion = promote(client, search.arch, {**outcome.best, "checkpoint": Path(folder) / "model.pt"},
+                                           req.data_root)
+            client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in champion_tags(outcome.champion).items()])
+        client.log_metric(parent_id, METRIC, outcome.best["bleu4"])
+        client.set_tag(parent_id, BEST_TRIAL_TAG, trial_id)
+    client.set_tag(parent_id, TRIALS_TAG, str(len(grid)))
+    client.set_tag(parent_id, FAILED_TRIALS_TAG, str(errors))
+    rank_trial_runs(client, experiment_id, req.name, search.arch, (outcome.best or {}).get("run_id"))
+    client.set_tag(parent_id, NOTE_TAG, _search_note(outcome, experiment_id, req.name))
+    log_search_analysis(client, parent_id, optuna_url(storage_root(req.storage), req.name), study_name,
+                        list(search.space.searched), at_epoch=grace_period)
+    return outcome
+
+
+def _search_note(outcome: ArchOutcome, experiment_id: str, sweep: str) -> str:
+    """The parent run's description in the MLflow UI (markdown)."""
+    head = f"**{outcome.arch}** search of sweep `{sweep}`: {outcome.trials} trials, {outcome.errors} failed."
+    if not outcome.best:
+        return head + " No trial finished an epoch."
+    best, champion = outcome.best, outcome.champion or {}
+    registered = (f" Registered as `{champion['name']}` version {champion['version']}"
+                  + (", now the champion." if champion.get("promoted") else ", not the champion (the current one "
+                     "scores higher on the same validation split).")) if champion else ""
+    return (f"{head}\n\nBest: trial `{best['trial_id']}`, best validation BLEU-4 **{best['bleu4']:.4f}** at epoch "
+            f"{best['epoch']} ([its run]({run_path(experiment_id, best['run_id'])}), tagged "
+            f"`{CHAMPION_TRIAL_TAG}`; the model and its figures are in that run's artifacts).{registered}\n\n"
+            f"The leaderboard: this experiment's saved view \"captune leaderboard\" (the views menu at the top of "
+            f"the runs page).")
+
+
+def _diverged(result) -> bool:
+    """A trial that diverged reports bleu4 0 with the reason (search.trial): not a candidate."""
+    return bool((result.metrics or {}).get("diverged_reason"))
+
+
+def _best_checkpoint(result):
+    """The checkpoint of a trial's best epoch (`best_epoch`): for an in-process trial, one Tune
+    kept by its bleu4 (beside the latest); for a DDP trial, the Train run's, whose path
+    TuneReportCallback reported with that epoch (on the same filesystem as Tune's storage)."""
+    epoch = int(result.metrics["best_epoch"])
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if int(metrics.get("epoch", -1)) == epoch:
+            return checkpoint
+    frame = result.metrics_dataframe
+    if frame is not None and "checkpoint_path" in frame:
+        rows = frame[(frame["epoch"] == epoch) & frame["checkpoint_path"].notna()]
+        if len(rows):
+            return Checkpoint(rows["checkpoint_path"].iloc[-1], filesystem=result.filesystem)
+    raise RuntimeError(f"trial {result.metrics.get('trial_id')}: no checkpoint of its best epoch {epoch} was kept "
+                       f"(under {result.path})")
