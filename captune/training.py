@@ -23,6 +23,7 @@ from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, MODEL_EPOCH_TAG, S
 from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
                                 require_answering_store, require_free_space, require_writable_store, writable_folder)
 from infra.raycluster import Interrupted, init_ray, require_resources, root_cause, signal_name
+from infra.sizing import cpus_per_worker_alone
 from trainables.checkpoint import FILENAME, CheckpointError, read_payload
 from trainables.config import ConfigError, TrainConfig, replace
 from trainables.logged_model import log_captioner
@@ -55,9 +56,10 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
     init_ray(ray_address)
     import ray
 
-    from trainables.ray_train import StopSignal, cpus_per_worker, make_trainer
+    from trainables.ray_train import StopSignal, make_trainer
 
-    require_resources(workers, cpus_per_worker(workers), 1.0 if use_gpu else 0.0, ray_address)
+    cpus = cpus_per_worker_alone(workers)
+    require_resources(workers, cpus, 1.0 if use_gpu else 0.0, ray_address)
     require_answering_store(state["tracking_uri"])
     # Check the data and decode the images once, here, before any worker starts: a bad dataset
     # fails in seconds with the full report, and the workers find the pixel cache ready.
@@ -74,7 +76,7 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
     stop_name = f"captune-stop-{uuid.uuid4().hex[:12]}"
     stop = StopSignal.options(name=stop_name).remote()
     saved = _complete_checkpoints(out / "ray" / out.name) if resume else {}
-    trainer = make_trainer(cfg, data_root, workers=workers, use_gpu=use_gpu, name=out.name,
+    trainer = make_trainer(cfg, data_root, workers=workers, use_gpu=use_gpu, cpus=cpus, name=out.name,
                            storage_path=str(out / "ray"), tracking_uri=state["tracking_uri"],
                            mlflow_run_id=state["run_id"], stop_signal=stop_name,
                            resume_from=str(saved[max(saved)]) if saved else None)

@@ -92,7 +92,7 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
     cluster's trial slots at once; per architecture the test BLEU mean and standard deviation,
     and the paired bootstrap of the pooled replicates (their counts added image by image)."""
     from infra.raycluster import init_ray
-    from search import sizing
+    from infra import sizing
     from search.reruns import RerunJob, run_reruns
     from trainables.config import split_seed_of
 

@@ -20,7 +20,7 @@ from infra.mlflow_names import ARCH_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG
 from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
                                 require_answering_store, require_free_space, require_writable_store, writable_folder)
 from infra.raycluster import init_ray, signal_name, wait_one
-from search import sizing
+from infra import sizing
 from search.mlflow_trials import find_or_create_run
 from search.mlflow_view import save_leaderboard_view
 from search.objective import sampler_seed

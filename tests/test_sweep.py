@@ -379,3 +379,27 @@ def test_multi_worker_trials_run_ddp_through_torchtrainer(ray_cluster, synth_dir
     assert train_runs == sorted(f"trial-{r.data.tags['captune.trial_id']}" for r in runs)
     version = client.get_model_version_by_alias("captune-cnn-lstm", "champion")
     assert version.run_id in {r.info.run_id for r in runs}
+
+
+def test_the_trial_entry_preloads_the_training_code_in_an_actor_only(ray_cluster):
+    # Tune unpickles a trainable in the trial actor as the actor is created, before the first trial:
+    # search.trial._Entry imports the training code then; a process with no actor (the search
+    # task, here a plain interpreter) unpickles it without loading torch.
+    import pickle
+
+    import ray
+
+    from search.trial import _Entry
+
+    @ray.remote(num_cpus=0)
+    class TrialLike:
+        def unpickle(self, blob: bytes) -> bool:
+            pickle.loads(blob)
+            return "trainables.loop" in sys.modules
+
+    blob = pickle.dumps(_Entry())
+    assert ray.get(TrialLike.remote().unpickle.remote(blob))
+    code = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+            "print('torch' in sys.modules or 'trainables.loop' in sys.modules)")
+    plain = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, check=True)
+    assert plain.stdout.decode().strip() == "False"

@@ -133,14 +133,8 @@ def train_resuming(cfg: TrainConfig, data_root: str, ctx: WorkerContext, checkpo
         return train(cfg, data_root, ctx, data=data)
 
 
-def cpus_per_worker(workers: int) -> int:
-    """On one machine, split its cores between the workers (Ray sets each worker's thread count
-    from this); at least one each."""
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, use_gpu: bool = False,
-                 gpus_per_worker: float = 1.0, cpus: int | None = None, name: str | None = None,
+                 gpus_per_worker: float = 1.0, cpus: int = 1, name: str | None = None,
                  storage_path: str | None = None, max_failures: int = 0, keep: str = "best",
                  callbacks: list | None = None, tracking_uri: str | None = None,
                  mlflow_run_id: str | None = None, stop_signal: str | None = None,
@@ -153,7 +147,7 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
     for one worker per machine."""
     # The controller sees the workers' end (or a stop) at its next health check: every 0.5 s, not 2.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    resources = {"CPU": cpus or cpus_per_worker(workers)}
+    resources = {"CPU": cpus}
     if use_gpu:
         resources["GPU"] = gpus_per_worker
     return TorchTrainer(

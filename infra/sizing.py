@@ -1,5 +1,5 @@
 """How many CPUs a training worker takes and how many trials (or reruns) run at once: the one
-sizing rule for sweeps and for the reruns after them."""
+sizing rule for `captune train`, for sweeps and for the reruns after them."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,12 @@ import os
 def attached(address: str | None) -> bool:
     """Whether this job runs on an existing cluster (--address or RAY_ADDRESS) rather than a local one."""
     return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def cpus_per_worker_alone(workers: int) -> int:
+    """A job alone on this machine (`captune train`): its workers split the cores (Ray sets each
+    worker's thread count from this), at least one each."""
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def cpus_per_worker(address: str | None, gpus_per_worker: float) -> int:
