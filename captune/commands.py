@@ -1,0 +1,237 @@
+"""What each `captune` command does, over the library functions. Each imports what it runs, in
+its body: `captune --help`, or a refused option, answers before torch, Ray or MLflow load."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def cmd_synth(args) -> int:
+    from data.synth import write_synthetic
+
+    t0 = time.perf_counter()
+    out = write_synthetic(args.out, images=args.images, seed=args.seed)
+    print(f"wrote {args.images:,} images with 5 captions each to {out} in {time.perf_counter() - t0:.1f}s "
+          f"(Kaggle layout, preset {out / 'captune.yaml'})")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from data.check import check_dataset, format_report
+
+    report = check_dataset(args.dir, seed=args.seed, decode_images=not args.no_decode, progress=not args.json)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if report["problems"] else 0
+
+
+def cmd_train(args) -> int:
+    from trainables.config import ConfigError, compose, parse_overrides, preset_layers, read_config_file
+
+    if args.resume:  # the settings are the folder's; --epochs may add epochs
+        from captune.train_record import resume_settings
+
+        given = [flag for flag, value in (("--config", args.config), ("--set", args.set), ("--out", args.out),
+                                          ("--image-blind", args.image_blind), ("--skip-bad", args.skip_bad))
+                 if value]
+        if given:
+            raise ConfigError(f"--resume {args.resume}: {', '.join(given)} cannot be given: a resumed run keeps "
+                              f"the settings in {args.resume}/run.json (only --epochs may change)")
+        cfg, data, workers, gpu = resume_settings(Path(args.resume), arch=args.arch, data=args.data,
+                                                  workers=args.workers, gpu=args.gpu, epochs=args.epochs)
+        out = Path(args.resume)
+    else:
+        if not (args.arch and args.data):
+            raise ConfigError("--arch and --data are required (or --resume OUT to go on with a stopped run)")
+        layers = preset_layers(args.data, args.arch)
+        if args.config:
+            layers += read_config_file(args.config, args.arch)
+        flags = {k: v for k, v in (("epochs", args.epochs), ("image_blind", args.image_blind or None),
+                                   ("skip_bad", args.skip_bad or None)) if v is not None}
+        layers += [("command line", flags), ("--set", parse_overrides(args.set))]
+        cfg = compose(args.arch, layers)  # settings are checked before torch and Ray are loaded
+        data, workers, gpu = args.data, args.workers or 1, args.gpu
+        out = Path(args.out or Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if gpu:
+        _require_gpu()
+    from captune.training import run_train
+
+    print(f"training {cfg.arch} on {data} with {workers} worker(s): " +
+          ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+    t0 = time.perf_counter()
+    outcome = run_train(cfg, data, out, workers=workers, use_gpu=gpu, tracking_uri=args.tracking_uri,
+                        experiment=args.experiment, ray_address=args.address, resume=bool(args.resume))
+    again = f"captune train --resume {outcome.out_dir}"
+    if outcome.metrics is None:
+        print(f"stopped ({outcome.stopped}) before the first epoch ended: nothing to keep. To start again: {again}")
+        return 130
+    best, final = outcome.metrics["best"], outcome.metrics["final"]
+    if outcome.stopped:
+        print(f"stopped ({outcome.stopped}) after {time.perf_counter() - t0:.0f}s, in epoch {final['epoch'] + 1} of "
+              f"{cfg.epochs}; epochs 1-{final['epoch']} are kept. To go on from there: {again}")
+    else:
+        print(f"done in {time.perf_counter() - t0:.0f}s. validation BLEU-1..4 at the last epoch ({final['epoch']}): " +
+              " ".join(f"{final[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")))
+    print(f"saved the best epoch ({best['epoch']}, bleu4 {best['bleu4']:.4f}) to {outcome.checkpoint}, "
+          f"metrics in {outcome.out_dir / 'metrics.json'}")
+    if outcome.recorded:
+        print(f"MLflow run {outcome.run_id}: captune caption runs:/{outcome.run_id}/model IMAGE")
+    return 130 if outcome.stopped else 0 if outcome.recorded else 1
+
+
+def cmd_record(args) -> int:
+    from captune.train_record import record_run
+
+    if not record_run(Path(args.out), wait_s=args.wait):
+        return 1
+    print(f"MLflow run of {args.out} is complete")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from trainables.logged_model import load_captioner
+
+    loaded = load_captioner(args.model, args.tracking_uri)  # a wrong path fails before torch loads
+    from trainables.inference import evaluate_split
+
+    scores = evaluate_split(loaded, args.data, split=args.split, beam=args.beam, skip_bad=args.skip_bad)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        print(f"{args.split} split, {scores['images']:,} images, beam {args.beam}: " +
+              "  ".join(f"BLEU-{n} {scores[f'bleu{n}']:.4f}" for n in range(1, 5)))
+    return 0
+
+
+def cmd_caption(args) -> int:
+    from captune.caption_files import CaptionFile, find_images
+    from trainables.logged_model import load_captioner
+
+    images = find_images(args.paths)  # a wrong path fails before the model or torch loads
+    if not images:
+        raise FileNotFoundError(f"no .jpg, .jpeg or .png images in {', '.join(args.paths)}")
+    out = CaptionFile(args.out)
+    loaded = load_captioner(args.model, args.tracking_uri)
+    import torch
+
+    from captune.caption_files import caption_files
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        summary = caption_files(loaded, images, out, args.beam, args.batch_size, device)
+    except KeyboardInterrupt:
+        if args.out:
+            print(f"captune: {len(out.done):,} captions are in {args.out}; run the same command again to caption "
+                  "the rest", file=sys.stderr)
+        raise
+    finally:
+        out.close()
+    where = f" in {args.out}" if args.out else ""
+    print(f"captioned {summary.captioned:,} images{where}" +
+          (f" ({summary.already:,} already there)" if summary.already else "") +
+          (f"; {len(summary.skipped):,} unreadable, skipped (listed above)" if summary.skipped else ""),
+          file=sys.stderr)
+    return 1 if summary.skipped else 0
+
+
+def cmd_sweep(args) -> int:
+    from search.compare import compare, format_comparison
+    from search.leaderboard import format_leaderboard, leaderboard
+    from search.request import SweepRequest, optuna_url, plan, storage_root
+    from trainables.config import parse_overrides
+
+    req = SweepRequest(name=args.name, data_root=args.data, archs=[a.strip() for a in args.arch.split(",") if a.strip()],
+                       trials=args.trials, epochs=args.epochs, config_file=args.config,
+                       overrides=parse_overrides(args.set), workers_per_trial=args.workers_per_trial,
+                       gpus_per_worker=args.gpus_per_worker, storage=args.storage, resume=args.resume,
+                       control=not args.no_control, tracking_uri=args.tracking_uri, address=args.address,
+                       verbose=args.verbose)
+    t0 = time.perf_counter()
+    planned = plan(req)  # settings and spaces refused in a second, before Ray, MLflow and torch load
+    from search.sweep import run_sweep
+
+    outcomes = run_sweep(req, planned)
+    print(f"\nsweep {args.name} done in {time.perf_counter() - t0:.0f}s")
+    for o in outcomes:
+        if o.best is None:
+            print(f"[{o.arch}] no trial finished an epoch ({o.errors} of {o.trials} failed)")
+            continue
+        c = o.champion or {}
+        verdict = ("now champion" if c.get("promoted") else
+                   f"champion stays v{c['previous']['version']} (bleu4 {c['previous']['bleu4']:.4f})") if c else ""
+        print(f"[{o.arch}] best trial {o.best['trial_id']}: best validation BLEU-4 {o.best['bleu4']:.4f} "
+              f"(epoch {o.best['epoch']}); registered {c.get('name')} v{c.get('version')}, {verdict}; "
+              f"{o.errors} of {o.trials} trials failed")
+        if o.control:
+            print(f"[{o.arch}] image-blind control: best validation BLEU-4 {o.control['control_bleu4']:.4f}; "
+                  f"{o.control['verdict']['text']}")
+    try:
+        print("\nleaderboard:")
+        print(format_leaderboard(leaderboard(args.name, args.tracking_uri), top=20))
+        print()
+        print(format_comparison(compare(args.name, args.data, args.tracking_uri, seeds=args.seeds,
+                                        address=args.address)))
+    except Exception as e:
+        from infra.mlflow_logging import unavailable
+        from infra.mlflow_store import TrackingUnavailable
+
+        if not unavailable(e):
+            raise
+        raise TrackingUnavailable(f"MLflow did not answer after the sweep ended ({type(e).__name__}). The sweep is "
+                                  f"done and recorded; once the store answers, `captune leaderboard {args.name}` "
+                                  f"and `captune compare {args.name} --data {args.data}"
+                                  f"{f' --seeds {args.seeds}' if args.seeds else ''}` finish the report (a "
+                                  f"replicate already trained is reused)") from None
+    print(f"\nMLflow UI: {_ui_command(args.tracking_uri)}\nOptuna Dashboard (pip install -e '.[dashboard]'): "
+          f"optuna-dashboard {optuna_url(storage_root(args.storage), args.name)} --host 127.0.0.1"
+          f"\nleaderboard: {_leaderboard_url(args.name, args.tracking_uri)}")
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from search.leaderboard import format_leaderboard, leaderboard
+
+    board = leaderboard(args.name, args.tracking_uri)
+    print(json.dumps(board, indent=2) if args.json else format_leaderboard(board, top=args.top))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from search.compare import compare, format_comparison
+
+    results = compare(args.name, args.data, args.tracking_uri, skip_bad=args.skip_bad, seeds=args.seeds,
+                      resamples=args.resamples, bootstrap_seed=args.bootstrap_seed, address=args.address)
+    print(json.dumps(results, indent=2) if args.json else format_comparison(results))
+    return 0
+
+
+def _ui_command(tracking_uri: str | None) -> str:
+    from infra.mlflow_store import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("http"):
+        return f"open {uri}"
+    if uri == f"sqlite:///{Path('mlflow').resolve() / 'mlflow.db'}" or "/mlflow/mlflow.db" in uri:
+        return "mlflow/server.sh   # then open http://127.0.0.1:5000"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def _leaderboard_url(sweep: str, tracking_uri: str | None) -> str:
+    """The address of the sweep's saved leaderboard view in the MLflow UI (search.mlflow_view)."""
+    from infra.mlflow_store import default_tracking_uri
+    from mlflow import MlflowClient
+    from search.mlflow_view import leaderboard_url
+
+    uri = tracking_uri or default_tracking_uri()
+    experiment = MlflowClient(uri).get_experiment_by_name(sweep)
+    return leaderboard_url(uri if uri.startswith("http") else "http://127.0.0.1:5000", experiment.experiment_id)
+
+
+def _require_gpu() -> None:
+    import torch
+
+    from trainables.config import ConfigError
+
+    if not torch.cuda.is_available():
+        raise ConfigError("--gpu: no CUDA GPU is visible on this machine (train on CPU without --gpu)")
