@@ -7,9 +7,19 @@ import os
 import sys
 from pathlib import Path
 
-from captune.commands import (cmd_caption, cmd_check, cmd_compare, cmd_evaluate, cmd_leaderboard, cmd_record, cmd_sweep,
-                              cmd_synth, cmd_train)
+from captune.commands import (
+    cmd_caption,
+    cmd_check,
+    cmd_compare,
+    cmd_evaluate,
+    cmd_leaderboard,
+    cmd_record,
+    cmd_sweep,
+    cmd_synth,
+    cmd_train,
+)
 from infra.errors import UserError
+from infra.raycluster import signal_name, stop_on_signals
 from trainables.catalog import ARCHS, CAPTION_BEAM, MAX_BEAM
 
 
@@ -27,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model download
-    from infra.raycluster import signal_name, stop_on_signals
-
     stop_on_signals()
     try:
         return args.run(args) or 0

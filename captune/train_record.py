@@ -10,9 +10,11 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 from infra.mlflow_logging import metric_entities, param_entities, unavailable
 from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, MODEL_EPOCH_TAG, STOP_TAG
 from infra.mlflow_store import TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment
+from mlflow import MlflowClient
 from trainables.checkpoint import FILENAME
 from trainables.config import ConfigError, TrainConfig, replace
 from trainables.logged_model import log_captioner
@@ -100,8 +102,6 @@ def save_state(out: Path, state: dict) -> None:
 def open_run(state: dict, cfg: TrainConfig) -> str:
     """Create the job's MLflow run, or reopen it on --resume. The store must answer now: nothing
     has been trained yet, so refusing costs nothing."""
-    from mlflow import MlflowClient
-
     uri = configure(state["tracking_uri"])
     try:
         client = MlflowClient(uri)
@@ -173,9 +173,6 @@ def record_within(out: Path, seconds: float) -> bool:
 
 
 def _write_record(out: Path, state: dict) -> None:
-    import mlflow
-    from mlflow import MlflowClient
-
     uri = configure(state["tracking_uri"])
     client, run_id = MlflowClient(uri), state["run_id"]
     metrics_file = out / "metrics.json"

@@ -9,10 +9,13 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+import ray
 
 from captune.train_record import EXPERIMENT, job_state, open_run, record_run, record_within, replace_file, save_state
 from data.cache import DiskFullError
@@ -23,6 +26,8 @@ from infra.raycluster import Interrupted, init_ray, require_resources, root_caus
 from infra.sizing import cpus_per_worker_alone
 from trainables.checkpoint import FILENAME, CheckpointError, read_payload
 from trainables.config import TrainConfig
+from trainables.loop import best_so_far, checkpoint_size
+from trainables.ray_train import StopSignal, make_trainer
 
 
 class TrainFailed(UserError, RuntimeError):
@@ -46,10 +51,6 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
     state = job_state(out, cfg, data_root, workers, use_gpu, tracking_uri, experiment, resume)
     require_writable_store(state["tracking_uri"])
     init_ray(ray_address)
-    import ray
-
-    from trainables.ray_train import StopSignal, make_trainer
-
     cpus = cpus_per_worker_alone(workers)
     require_resources(workers, cpus, 1.0 if use_gpu else 0.0, ray_address)
     require_answering_store(state["tracking_uri"])
@@ -107,10 +108,6 @@ KEPT_CHECKPOINTS = 3  # the two best by bleu4 and the latest (trainables.ray_tra
 def _require_space(out: Path, cfg: TrainConfig, vocab_size: int) -> None:
     """The checkpoints Ray keeps, one more while it writes the next, and model.pt fit in --out; one
     fits in the temporary folder, where each is written first."""
-    import tempfile
-
-    from trainables.loop import checkpoint_size
-
     size = checkpoint_size(cfg, vocab_size)
     present = sum(1 for p in (out / "ray" / out.name).glob("checkpoint_*") if p.is_dir())  # on --resume
     require_free_space([
@@ -125,8 +122,6 @@ def _fit_until_stopped(trainer, stop) -> tuple[BaseException | None, str | None,
     Returns the trainer's error, why it was stopped, and whether at once.
     The trainer runs in a thread of its own: in the main thread Ray Train would install its own
     SIGINT handler, which aborts the workers mid-epoch and leaves the run failed."""
-    import ray
-
     outcome: dict = {}
 
     def fit() -> None:
@@ -169,8 +164,6 @@ def keep_results(out: Path, checkpoints: Path) -> dict | None:
     """From the checkpoints Ray kept (the best two by validation bleu4 and the latest), write
     `model.pt` (the best finished epoch's) and `metrics.json` (every finished epoch) into `out`.
     Returns what metrics.json holds; None when no epoch finished."""
-    from trainables.loop import best_so_far
-
     saved = _complete_checkpoints(checkpoints)
     if not saved:
         return None

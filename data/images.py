@@ -13,6 +13,9 @@ from PIL import Image, UnidentifiedImageError
 
 from infra.errors import UserError
 
+# torch and torchvision are imported inside the functions that decode on the GPU (nvjpeg): reading
+# images on CPUs, as `captune data check` and the caches do, never loads them.
+
 if TYPE_CHECKING:
     import torch
 

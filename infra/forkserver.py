@@ -20,9 +20,13 @@ runs.
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import hashlib
+import importlib
 import json
 import os
+import runpy
 import select
 import shlex
 import signal
@@ -30,7 +34,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 from filelock import FileLock
@@ -171,9 +177,6 @@ def _remove_stale(folder: str) -> None:
 # --- the server ---------------------------------------------------------------------------------
 
 def serve(path: str, raylet: int) -> None:
-    import gc
-    import importlib
-
     for name in PRELOAD:
         importlib.import_module(name)
     if "ray" in sys.modules:
@@ -262,11 +265,6 @@ def _reap(children: dict[int, socket.socket]) -> None:
 
 def _become_worker(conn: socket.socket, request: dict, fds: list[int]) -> None:
     """In the forked child: become the worker Ray asked for, then exit as it would have."""
-    import atexit
-    import runpy
-    import threading
-    import traceback
-
     code = 1
     try:
         for target, fd in enumerate(fds):

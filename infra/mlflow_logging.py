@@ -2,8 +2,15 @@
 per-epoch metrics written from a thread of their own, and a machine's system metrics."""
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+# mlflow (and requests) are imported inside the functions: infra is imported by every layer, and
+# most importers never talk to MLflow.
 
 
 def unavailable(error: BaseException) -> bool:
@@ -27,8 +34,6 @@ def flat_params(prefix: str, values: dict) -> dict[str, str]:
 
 def metric_entities(values: dict[str, float], step: int = 0) -> list:
     """Metrics for MlflowClient.log_batch, all stamped now."""
-    import time
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -49,9 +54,6 @@ class EpochLogger:
     history (captune.training.record_run), so the record is complete either way."""
 
     def __init__(self, tracking_uri: str, run_id: str):
-        import queue
-        import threading
-
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._queue: queue.Queue = queue.Queue()
         self._closed = threading.Event()
@@ -69,8 +71,6 @@ class EpochLogger:
         self._closed.set()
 
     def _write(self) -> None:
-        import time
-
         from mlflow import MlflowClient
 
         client = None
@@ -105,9 +105,6 @@ def system_metrics(tracking_uri: str, experiment_id: str, run_tags: dict[str, st
     up until found. MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides `every_s`.
     Auxiliary: a store that refuses is named once; during an outage the lookup is tried again, a
     started monitor stops (MLflow's behaviour), and training goes on either way."""
-    import logging
-    import threading
-
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     from mlflow import MlflowClient

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from infra.errors import UserError
+from infra.fingerprint import files_fingerprint
 from infra.mlflow_logging import unavailable
+
+# mlflow is imported inside the functions: infra is imported by every layer (the CLI among them,
+# which answers `--help` and refuses bad options before MLflow loads).
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,8 +98,6 @@ def require_answering_store(tracking_uri: str | None = None) -> None:
 def require_free_space(needs: list[tuple[Path, int, str]]) -> None:
     """Refuse up front what the disks cannot hold: each (folder, bytes, what for) is summed per
     file system and compared with its free space, naming the folder, before any work starts."""
-    import shutil
-
     per_device: dict[int, list[tuple[Path, int, str]]] = {}
     for folder, size, what in needs:
         folder = next(p for p in (folder, *folder.parents) if p.exists())
@@ -137,8 +140,6 @@ def dataset_input(data_root: str | Path):
     folder's name, a digest of its caption and split files (names, sizes, times; no reading) and
     its path."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    from infra.fingerprint import files_fingerprint
 
     root = Path(data_root).resolve()
     files = sorted(p for pattern in ("*.txt", "*.json", "*/*.txt") for p in root.glob(pattern) if p.is_file())

@@ -1,10 +1,16 @@
 """Connecting to Ray: a running cluster when asked (--address or RAY_ADDRESS), else a local one."""
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 
 from infra.errors import UserError
 from infra.forkserver import worker_command
+
+# ray is imported inside the functions: infra is imported by every layer (the CLI among them, which
+# answers `--help` and refuses bad options before Ray loads).
 
 
 class ClusterTooSmall(UserError, ValueError):
@@ -12,8 +18,6 @@ class ClusterTooSmall(UserError, ValueError):
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    import logging
-
     import ray
 
     if ray.is_initialized():
@@ -56,9 +60,6 @@ def stop_on_signals() -> None:
     """SIGINT and SIGTERM (what a job scheduler sends) stop a command alike: an `Interrupted` that
     the command's own clean-up sees. Ray's driver handler for SIGTERM calls sys.exit inside
     whatever Ray call is waiting, which ends in SIGABRT and a C++ stack dump."""
-    import signal
-    import threading
-
     def interrupt(signum, _frame):
         _RECEIVED.append(signal.Signals(signum).name)
         raise Interrupted(_RECEIVED[-1])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+# ray is imported inside the functions that read the cluster: the local rules need none of it.
+
 
 def attached(address: str | None) -> bool:
     """Whether this job runs on an existing cluster (--address or RAY_ADDRESS) rather than a local one."""

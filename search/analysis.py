@@ -21,6 +21,8 @@ from optuna.trial import TrialState
 from infra.mlflow_logging import metric_entities
 from infra.mlflow_names import IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX
 
+# matplotlib is imported where a figure is drawn, after its Agg backend is chosen.
+
 matplotlib.use("Agg")  # a Ray worker has no display
 
 MIN_TRIALS = 5

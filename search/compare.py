@@ -8,17 +8,36 @@ import hashlib
 import json
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
 
+from infra import sizing
 from infra.mlflow_logging import metric_entities, param_entities
-from infra.mlflow_names import (ARCH_TAG, COMPARE_KEY_TAG, CONTROL_METRICS, KIND_TAG, NOTE_TAG, SWEEP_TAG,
-                                champion_record, control_verdict)
+from infra.mlflow_names import (
+    ARCH_TAG,
+    COMPARE_KEY_TAG,
+    CONTROL_METRICS,
+    KIND_TAG,
+    NOTE_TAG,
+    SWEEP_TAG,
+    champion_record,
+    control_verdict,
+)
+from infra.mlflow_store import configure
+from infra.raycluster import init_ray
+from mlflow import MlflowClient
 from search.bootstrap import RESAMPLES, paired_bootstrap
 from search.mlflow_trials import find_or_create_run
 from search.objective import METRIC
-from trainables.config import ConfigError
+from search.reruns import RerunJob, run_reruns
+from trainables.config import ConfigError, split_seed_of
+from trainables.inference import caption_split
+from trainables.logged_model import load_captioner
+from trainables.metrics import bleu, bleu_statistics
+
+# matplotlib is imported where a figure is drawn, after its Agg backend is chosen.
 
 KEYS = ("bleu1", "bleu2", "bleu3", "bleu4")
 
@@ -29,12 +48,6 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
     """The champions are the models this sweep registered (not whichever holds the alias now). A
     champion trained with skip_bad (its search's setting) is evaluated with it too: the real
     Flickr8k token file names an image that does not exist."""
-    from infra.mlflow_store import configure
-    from mlflow import MlflowClient
-    from trainables.inference import caption_split
-    from trainables.logged_model import load_captioner
-    from trainables.metrics import bleu, bleu_statistics
-
     uri = configure(tracking_uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
@@ -91,11 +104,6 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
     + seeds: its own score is picked as the best of a search, so it is left out), all on the
     cluster's trial slots at once; per architecture the test BLEU mean and standard deviation,
     and the paired bootstrap of the pooled replicates (their counts added image by image)."""
-    from infra.raycluster import init_ray
-    from infra import sizing
-    from search.reruns import RerunJob, run_reruns
-    from trainables.config import split_seed_of
-
     init_ray(address)
     gpus = max(float(parent.data.params.get("gpus_per_worker", 0)) for parent, _, _ in champions.values())
     cpus = sizing.cpus_per_worker(address, gpus)
@@ -217,8 +225,6 @@ def _chart(results: dict, name: str, path: Path) -> None:
     """Test BLEU-1..4 per architecture (one colour each): the champion (greedy), the seed
     replicates' mean with their standard deviation as error bars, and the image-blind control's
     BLEU-4 as a dashed floor over that architecture's BLEU-4 bars; the verdict below."""
-    import textwrap
-
     import matplotlib
 
     matplotlib.use("Agg")

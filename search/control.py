@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from infra.mlflow_logging import metric_entities
 from infra.mlflow_names import CONTROL_ERROR_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG, control_verdict
+from infra.raycluster import root_cause
 from search.bootstrap import paired_bootstrap
 from search.progress import note
 from search.reruns import RerunJob, run_reruns
@@ -37,8 +38,6 @@ def run_control(client, job, outcome) -> dict | None:
         with held_slot(job.req.name, arch, "control"):
             [result] = run_reruns(client, [rerun], concurrent=1, cpus=job.cpus, gpus=job.req.gpus_per_worker)
     except Exception as e:  # the search's results stand; the missing floor is recorded and shown
-        from infra.raycluster import root_cause
-
         reason = root_cause(e)
         client.set_tag(parent, CONTROL_ERROR_TAG, reason[:5000])
         note(job.req.name, arch, f"WARNING: the image-blind control failed ({reason}); the champion has no floor. "

@@ -3,9 +3,24 @@ objective (best validation BLEU-4, MLflow's own ordering by `metrics.best_bleu4`
 image-blind control sets, and which hyperparameters mattered."""
 from __future__ import annotations
 
-from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, CONTROL_METRICS, EPOCHS_RUN_TAG, ERROR_TAG,
-                                IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG, STATE_TAG,
-                                SWEEP_TAG, TRIAL_TAG, control_verdict)
+from infra.mlflow_names import (
+    ARCH_TAG,
+    BEST_TRIAL_TAG,
+    CONTROL_ERROR_TAG,
+    CONTROL_METRICS,
+    EPOCHS_RUN_TAG,
+    ERROR_TAG,
+    IMPORTANCE_BASIS_TAG,
+    IMPORTANCE_NOTE_TAG,
+    IMPORTANCE_PREFIX,
+    KIND_TAG,
+    STATE_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    control_verdict,
+)
+from infra.mlflow_store import configure
+from mlflow import MlflowClient
 from search.objective import METRIC
 from trainables.config import ConfigError
 
@@ -15,9 +30,6 @@ PARAM_COLUMNS = ("lr", "hidden_size", "vocab_threshold", "embed_size", "dropout"
 def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -> dict:
     """{"sweep", "trials": every trial, best first (trials with no score last), "searches": per
     architecture its best, control and importances}."""
-    from infra.mlflow_store import configure
-    from mlflow import MlflowClient
-
     uri = configure(tracking_uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)

@@ -17,9 +17,23 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 
 from infra.mlflow_logging import unavailable
-from infra.mlflow_names import (ARCH_TAG, CHAMPION_TRIAL_TAG, EPOCHS_RUN_TAG, ERROR_TAG, KIND_TAG, LAST_RESTART_TAG,
-                                NODE_TAG, NOTE_TAG, OPTUNA_TRIAL_TAG, RESTARTS_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG,
-                                TRIAL_TAG, trial_run_name)
+from infra.mlflow_names import (
+    ARCH_TAG,
+    CHAMPION_TRIAL_TAG,
+    EPOCHS_RUN_TAG,
+    ERROR_TAG,
+    KIND_TAG,
+    LAST_RESTART_TAG,
+    NODE_TAG,
+    NOTE_TAG,
+    OPTUNA_TRIAL_TAG,
+    RESTARTS_TAG,
+    STATE_TAG,
+    STOP_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    trial_run_name,
+)
 from infra.mlflow_store import dataset_input
 from infra.raycluster import root_cause
 from mlflow import MlflowClient

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
 import ray
 from ray.tune import Callback
+from tqdm import tqdm
 
 from search.objective import METRIC, end_state
 
@@ -148,8 +152,6 @@ class SweepView:
         self.began = clock()
         self.bars = {}
         if self.tty:
-            from tqdm import tqdm
-
             # a terminal that reports no size (0 x 0) gets 80 x 24, not hidden bars
             size = {"ncols": shutil.get_terminal_size().columns, "nrows": shutil.get_terminal_size().lines}
             for position, arch in enumerate(self.archs):
@@ -222,8 +224,6 @@ class SweepView:
 
     def _line(self, text: str) -> None:
         if self.tty:
-            from tqdm import tqdm
-
             tqdm.write(text, file=self.out)
         else:
             print(text, file=self.out, flush=True)
@@ -241,10 +241,6 @@ def quiet_libraries() -> None:
     at verbosity 0 (`tune.run` calls `experiment_started` whatever the verbosity): the legacy
     engine, at 0, prints nothing. Breaks first: tests/test_sweep.py (a sweep's output holds no
     Tune box)."""
-    import logging
-    import os
-    import warnings
-
     import optuna  # here, not on import: the driver's view does not need it
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"

@@ -7,14 +7,22 @@ import json
 import os
 import socket
 import tempfile
+import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+import mlflow
 from data.layouts import load_corpus
 from trainables.checkpoint import load_checkpoint, read_payload
 from trainables.config import split_seed_of
+from trainables.inference import caption_images, evaluate_split
 from trainables.logged_model import load_captioner, log_captioner
+
+# matplotlib is imported where a figure is drawn, after its Agg backend is chosen.
 
 ALIAS = "champion"
 LOCK_SUFFIX = ".promotion-lock"
@@ -37,8 +45,6 @@ def validation_key(data_root: str | Path, train_config: dict) -> str:
 
 def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
     """Log the best trial's model in its run, register it, and move the champion alias if it wins."""
-    import mlflow
-
     name, checkpoint = model_name(arch), Path(best["checkpoint"])
     payload = read_payload(checkpoint)
     if payload["model_config"]["arch"] != arch:  # never register one architecture under the other's name
@@ -63,8 +69,6 @@ def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
 def claim_alias(client, name: str, version: str, score: float, key: str, data_root, train_config: dict) -> dict:
     """Move the champion alias to `version` if it beats the current champion (compared on the same
     validation split). Call it holding the promotion lock: it reads, compares, then writes."""
-    from mlflow.exceptions import MlflowException
-
     try:
         current = client.get_model_version_by_alias(name, ALIAS)
     except MlflowException:
@@ -90,8 +94,6 @@ def promotion_lock(client, name: str, timeout_s: float | None = None):
     lock is the registered model `<name>.promotion-lock`, created to take it, deleted to give it
     back. Two sweeps ending together otherwise both read the old champion, both win, and the
     alias ends on whichever wrote last."""
-    from mlflow.exceptions import MlflowException
-
     lock = f"{name}{LOCK_SUFFIX}"
     timeout_s = float(os.environ.get("CAPTUNE_PROMOTION_LOCK_S", "600")) if timeout_s is None else timeout_s
     deadline = time.monotonic() + timeout_s
@@ -122,8 +124,6 @@ def _champion_score(current, key: str, data_root, train_config: dict) -> float:
 
 
 def _score(uri: str, data_root, train_config: dict) -> float:
-    from trainables.inference import evaluate_split
-
     loaded = load_captioner(uri)
     return evaluate_split(loaded, data_root, split="val", beam=int(train_config.get("val_beam", 1)))["bleu4"]
 
@@ -135,8 +135,6 @@ def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from trainables.inference import caption_images
 
     loaded = load_checkpoint(checkpoint)
     payload = loaded.payload
@@ -166,10 +164,7 @@ def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path,
 def examples_figure(paths: list[Path], hyps: list[str], refs: list[list[str]], path: Path, cols: int = 4) -> None:
     """Each example: the image, then below it, in a panel of its own, the model's caption
     (greedy, labelled and in colour) and three references, wrapped at the image's width."""
-    import textwrap
-
     import matplotlib.pyplot as plt  # (the caller chose the Agg backend)
-    from PIL import Image
 
     def wrap(text: str, width: int = 40) -> str:
         return textwrap.fill(text, width, subsequent_indent="  ")

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from data.prepare import prepare_data
 from infra.mlflow_logging import EpochLogger, metric_entities, param_entities
 from infra.mlflow_names import ERROR_TAG
+from mlflow import MlflowClient
 from search.reruns import RerunJob
 from trainables.checkpoint import FILENAME, load_checkpoint
-from trainables.config import TrainConfig
+from trainables.config import TrainConfig, split_seed_of
 from trainables.inference import caption_split
 from trainables.logged_model import load_captioner
 from trainables.loop import WorkerContext, train
@@ -35,8 +37,6 @@ def rerun(job: RerunJob) -> dict:
     """Train, score the best epoch on the test split, record. Returns {"run_id", "val": best
     epoch's validation scores, "test": its test BLEU-1..4, "statistics": per test image, and for
     `also_score` "other_test" and "other_statistics"}."""
-    from mlflow import MlflowClient
-
     torch.set_num_threads(job.threads)
     device = torch.device("cuda" if job.use_gpu else "cpu")
     cfg = TrainConfig(**job.config).validate(f"{job.kind} run of {job.config['arch']}")
@@ -91,9 +91,6 @@ def saved_result(client, run_id: str, job: RerunJob) -> dict:
     """A finished rerun's result, read back from its run: its logged test captions are scored
     again against the references (statistics are not stored, captions are); `also_score` is
     scored afresh."""
-    from data.prepare import prepare_data
-    from trainables.config import split_seed_of
-
     m = client.get_run(run_id).data.metrics
     with tempfile.TemporaryDirectory(prefix="captune-rerun-") as folder:
         local = client.download_artifacts(run_id, CAPTIONS_ARTIFACT, folder)

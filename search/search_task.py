@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import mlflow
 import ray
 from mlflow.entities import RunTag
 from optuna.storages import RDBStorage
@@ -14,10 +13,23 @@ from ray import tune
 from ray.tune import Checkpoint
 from ray.tune.schedulers import ASHAScheduler
 
-from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CONCURRENT_TAG,
-                                FAILED_TRIALS_TAG, NOTE_TAG, SLOTS_TAG, SWEEP_TAG, TRIAL_TAG, TRIALS_TAG,
-                                champion_record, champion_tags)
+import mlflow
 from infra.mlflow_logging import unavailable
+from infra.mlflow_names import (
+    ARCH_TAG,
+    BEST_TRIAL_TAG,
+    CHAMPION_TAG,
+    CHAMPION_TRIAL_TAG,
+    CONCURRENT_TAG,
+    FAILED_TRIALS_TAG,
+    NOTE_TAG,
+    SLOTS_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    TRIALS_TAG,
+    champion_record,
+    champion_tags,
+)
 from infra.mlflow_store import TrackingUnavailable, configure
 from search.analysis import log_search_analysis
 from search.mlflow_trials import MlflowTrials, rank_trial_runs

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import ray
 from ray import tune
 
+from infra.mlflow_logging import system_metrics
 from infra.mlflow_names import TRIAL_TAG
 from trainables.config import TrainConfig
 
@@ -104,8 +105,6 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
 
 
 def _system_metrics(spec: dict | None):
-    from infra.mlflow_logging import system_metrics
-
     return system_metrics(**spec) if spec else contextlib.nullcontext()
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from data.cache import default_cache_dir
 from infra.errors import UserError
 from trainables.catalog import ARCHS, MAX_BEAM, RESNET_ENCODERS, VGG_ENCODERS
 
@@ -55,8 +56,6 @@ class TrainConfig:
 
     def cache_path(self) -> Path:
         """Where decoded pixels and encoder features are cached."""
-        from data.cache import default_cache_dir
-
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
 
     def validate(self, source: str = "configuration") -> "TrainConfig":

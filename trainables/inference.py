@@ -7,9 +7,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data.cache import default_cache_dir
 from data.images import read_image
+from data.prepare import prepare_data
 from data.vocab import Vocabulary
 from trainables.checkpoint import Loaded
+from trainables.config import split_seed_of
+from trainables.features import encoded_rows
+from trainables.metrics import bleu
 from trainables.models import Captioner
 
 
@@ -74,8 +79,6 @@ def evaluate_beams(loaded: Loaded, data_root: str | Path, split: str = "test", b
                    cache_dir: Path | None = None, skip_bad: bool = False,
                    device: torch.device | None = None) -> dict[int, dict]:
     """evaluate_split for each beam width, {beam: scores}; the images are encoded once for all."""
-    from trainables.metrics import bleu
-
     captions, refs = caption_split(loaded, data_root, split, beams, cache_dir, skip_bad, device)
     return {beam: {"split": split, "beam": beam, "images": len(refs), **bleu(hyps, refs)}
             for beam, hyps in captions.items()}
@@ -86,11 +89,6 @@ def caption_split(loaded: Loaded, data_root: str | Path, split: str = "test", be
                   device: torch.device | None = None) -> tuple[dict[int, list[str]], list[list[str]]]:
     """The model's captions of a split's images for each beam width, and their references, in the
     split's order: ({beam: captions}, references)."""
-    from data.cache import default_cache_dir
-    from data.prepare import prepare_data
-    from trainables.config import split_seed_of
-    from trainables.features import encoded_rows
-
     device = device or torch.device("cpu")
     data = prepare_data(data_root, image_size_of(loaded), cache_dir or default_cache_dir(), skip_bad=skip_bad,
                         seed=split_seed_of(loaded.payload.get("train_config", {})), progress=False)

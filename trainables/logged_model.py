@@ -6,13 +6,18 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+import mlflow
 from infra.mlflow_store import configure
-
-if TYPE_CHECKING:
-    from trainables.checkpoint import Loaded
+from trainables.catalog import CAPTION_BEAM
+from trainables.checkpoint import FILENAME, Loaded, load_checkpoint, read_payload, without_optimizer
+from trainables.serving import example_image
 
 MODEL_NAME = "model"  # the logged model's name inside a run
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -26,13 +31,6 @@ def log_captioner(checkpoint: Path, registered_name: str | None = None):
     input example that MLflow's UI shows as how to call it. The model carries the project's code
     it runs (`code_paths`): a machine with only its pip requirements serves it, with the code it
     was logged with. Returns the ModelInfo."""
-    import pandas as pd
-
-    import mlflow
-    from trainables.catalog import CAPTION_BEAM
-    from trainables.checkpoint import FILENAME, read_payload, without_optimizer
-    from trainables.serving import example_image
-
     max_len = int(read_payload(checkpoint).get("train_config", {}).get("max_len", 30))
     with tempfile.TemporaryDirectory(prefix="captune-model-") as folder:
         code = [shutil.copytree(PROJECT_ROOT / package, Path(folder) / "code" / package,
@@ -47,19 +45,12 @@ def log_captioner(checkpoint: Path, registered_name: str | None = None):
 
 
 def _signature(max_len: int):
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    from trainables.catalog import CAPTION_BEAM
-
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema([ColSpec("string")]),
                           params=ParamSchema([ParamSpec("beam", "long", CAPTION_BEAM),
                                               ParamSpec("max_len", "long", max_len)]))
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     def pinned(*names: str) -> str:  # the first of these that is installed
         for name in names:
             try:
@@ -77,8 +68,6 @@ def load_captioner(model: str, tracking_uri: str | None = None, arch: str | None
     """The captioner MODEL names: a checkpoint path (file, or folder with model.pt) or an MLflow
     model URI such as runs:/<id>/model or models:/<name>@<alias>."""
     with local_checkpoint(model, tracking_uri) as path:
-        from trainables.checkpoint import load_checkpoint
-
         return load_checkpoint(path, arch)
 
 
@@ -93,8 +82,6 @@ def local_checkpoint(model: str, tracking_uri: str | None = None) -> Iterator[Pa
                                     "(or give an MLflow URI: runs:/<run_id>/model, models:/<name>@<alias>)")
         yield path
         return
-    import mlflow
-
     configure(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="captune-model-") as folder:
         try:

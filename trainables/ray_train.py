@@ -13,6 +13,8 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from infra.mlflow_logging import EpochLogger, system_metrics
+from trainables.checkpoint import FILENAME, read_payload
 from trainables.config import TrainConfig
 from trainables.loop import WorkerContext, train
 
@@ -34,8 +36,6 @@ def train_loop_per_worker(config: dict) -> None:
     rank = context.get_world_rank()
     logger = None
     if rank == 0 and config.get("mlflow_run_id"):
-        from infra.mlflow_logging import EpochLogger
-
         logger = EpochLogger(config["tracking_uri"], config["mlflow_run_id"])
 
     node = ray.get_runtime_context().get_node_id()
@@ -68,8 +68,6 @@ def _system_metrics(spec: dict | None, context):
     rank when the job spans machines."""
     if not spec or context.get_local_rank() != 0:
         return contextlib.nullcontext()
-    from infra.mlflow_logging import system_metrics
-
     spans_nodes = context.get_local_world_size() != context.get_world_size()
     return system_metrics(**spec, node_id=f"node{context.get_node_rank()}" if spans_nodes else None)
 
@@ -79,8 +77,6 @@ def _latest(reported, on_disk: str | None):
     one the driver found on disk, the later. The driver of a stopped job does not wait for the
     controller to finish (Ray Train's placement-group cleaner holds it up to 12 s), so its record
     may miss the last epoch; the checkpoint files never do."""
-    from trainables.checkpoint import FILENAME, read_payload
-
     if on_disk is None:
         return reported
     if reported is not None:

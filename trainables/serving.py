@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data.images import ImageError, read_image, read_image_bytes
+from data.synth import draw, random_scene
 from trainables.catalog import CAPTION_BEAM, MAX_BEAM, MAX_CAPTION_WORDS
 
 MAX_ROWS = 256  # images per request
@@ -94,8 +95,6 @@ def _pixels(value, size: int, name: str, allow_paths: bool) -> np.ndarray:
 
 def example_image() -> str:
     """A small PNG of a built-in scene, base64: the logged model's input example."""
-    from data.synth import draw, random_scene
-
     rng = random.Random(0)
     buffer = io.BytesIO()
     draw(random_scene(rng), rng).resize((64, 64)).save(buffer, format="PNG")
