@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from data.prepare import PreparedData
 
 # torch, torchvision, nltk and the training code are imported where trials run (see _Entry), not
-# on import: the search task that builds the trainable from this module then starts in 6 s, not
-# 18 s, and does not hold them (measured here: 1.2 GB RSS with them, 0.24 GB without).
+# on import: the search task that builds the trainable from this module neither waits for them nor
+# holds them (benchmarks/RESULTS.md, section 2).
 
 
 @dataclass(frozen=True)

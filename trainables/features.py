@@ -111,8 +111,7 @@ def frozen_encoder(cfg: TrainConfig, device: torch.device) -> ImageEncoder:
 
 def _ready(encoder: ImageEncoder, device: torch.device) -> ImageEncoder:
     # channels_last lets cuDNN use tensor-core convolutions under bf16, and oneDNN's CPU
-    # convolutions are faster on it too (measured here at 64 px, 2 threads: vgg-small 1.6x,
-    # resnet18 1.2-1.5x; features equal to 1e-5)
+    # convolutions are faster on it too (benchmarks/RESULTS.md, section 1)
     return encoder.eval().to(device, memory_format=torch.channels_last)
 
 
