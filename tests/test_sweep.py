@@ -382,24 +382,20 @@ def test_multi_worker_trials_run_ddp_through_torchtrainer(ray_cluster, synth_dir
 
 
 def test_the_trial_entry_preloads_the_training_code_in_an_actor_only(ray_cluster):
-    # Tune unpickles a trainable in the trial actor as the actor is created, before the first trial:
-    # search.trial._Entry imports the training code then; a process with no actor (the search
-    # task, here a plain interpreter) unpickles it without loading torch.
-    import pickle
-
+    # Tune hands a trainable to the trial actor as the actor is created, before the first trial:
+    # search.trial._Entry, rebuilt there by Ray, imports the training code then; rebuilt where no
+    # actor runs (the search task; here a plain interpreter), it loads no torch.
     import ray
 
     from search.trial import _Entry
 
     @ray.remote(num_cpus=0)
     class TrialLike:
-        def unpickle(self, blob: bytes) -> bool:
-            pickle.loads(blob)
-            return "trainables.loop" in sys.modules
+        def holds(self, entry) -> bool:  # Ray rebuilt `entry` in this actor's process
+            return type(entry).__name__ == "_Entry" and "trainables.loop" in sys.modules
 
-    blob = pickle.dumps(_Entry())
-    assert ray.get(TrialLike.remote().unpickle.remote(blob))
-    code = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+    assert ray.get(TrialLike.remote().holds.remote(_Entry()))
+    code = ("import sys; from search.trial import _entry; _entry(); "
             "print('torch' in sys.modules or 'trainables.loop' in sys.modules)")
-    plain = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, check=True)
-    assert plain.stdout.decode().strip() == "False"
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert plain.stdout.strip() == "False"
