@@ -14,7 +14,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import mlflow
-from infra.mlflow_store import configure
+from infra.mlflow_store import PROJECT_ROOT, configure
 from trainables.catalog import CAPTION_BEAM
 from trainables.checkpoint import FILENAME, Loaded, load_checkpoint, read_payload, without_optimizer
 from trainables.serving import example_image
@@ -22,7 +22,6 @@ from trainables.serving import example_image
 MODEL_NAME = "model"  # the logged model's name inside a run
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_CODE = ("data", "infra", "trainables")  # the packages a logged model runs: it carries them
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def log_captioner(checkpoint: Path, registered_name: str | None = None):
