@@ -7,17 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from captune.commands import (
-    cmd_caption,
-    cmd_check,
-    cmd_compare,
-    cmd_evaluate,
-    cmd_leaderboard,
-    cmd_record,
-    cmd_sweep,
-    cmd_synth,
-    cmd_train,
-)
+from captune.commands import (cmd_caption, cmd_check, cmd_compare, cmd_evaluate, cmd_leaderboard, cmd_record, cmd_sweep,
+                              cmd_synth, cmd_train)
 from infra.errors import UserError
 from infra.raycluster import signal_name, stop_on_signals
 from trainables.catalog import ARCHS, CAPTION_BEAM, MAX_BEAM

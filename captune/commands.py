@@ -219,8 +219,9 @@ def _ui_command(tracking_uri: str | None) -> str:
 
 def _leaderboard_url(sweep: str, tracking_uri: str | None) -> str:
     """The address of the sweep's saved leaderboard view in the MLflow UI (search.mlflow_view)."""
-    from infra.mlflow_store import default_tracking_uri
     from mlflow import MlflowClient
+
+    from infra.mlflow_store import default_tracking_uri
     from search.mlflow_view import leaderboard_url
 
     uri = tracking_uri or default_tracking_uri()

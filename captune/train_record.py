@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import mlflow
+from mlflow import MlflowClient
+
 from infra.mlflow_logging import metric_entities, param_entities, unavailable
 from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, MODEL_EPOCH_TAG, STOP_TAG
 from infra.mlflow_store import TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment
-from mlflow import MlflowClient
 from trainables.checkpoint import FILENAME
 from trainables.config import ConfigError, TrainConfig, replace
 from trainables.logged_model import log_captioner

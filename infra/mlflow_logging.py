@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from infra.mlflow_names import tags_filter
+
 # mlflow (and requests) are imported inside the functions: infra is imported by every layer, and
 # most importers never talk to MLflow.
 
@@ -51,7 +53,7 @@ class EpochLogger:
     """Logs each epoch's numeric metrics to an existing run (rank 0 of a training job), from a
     thread of its own: a tracking store that is slow, locked or down never holds training up or
     ends it. What it could not write by `close` is written by the driver from the checkpoint's
-    history (captune.training.record_run), so the record is complete either way."""
+    history (captune.train_record.record_run), so the record is complete either way."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri, self.run_id = tracking_uri, run_id
@@ -105,15 +107,14 @@ def system_metrics(tracking_uri: str, experiment_id: str, run_tags: dict[str, st
     up until found. MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides `every_s`.
     Auxiliary: a store that refuses is named once; during an outage the lookup is tried again, a
     started monitor stops (MLflow's behaviour), and training goes on either way."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
     from mlflow import MlflowClient
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     # MLflow's monitor logs INFO lines at start and stop ("Skip logging GPU metrics" on a CPU),
     # and a warning as it stops for good when the store does not answer: noise in the sweep's
     # console, where a trial's output arrives (the sweep says once that MLflow is unreachable).
     logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in run_tags.items())
+    query = tags_filter(run_tags)
     done = threading.Event()
     monitors: list[SystemMetricsMonitor] = []
     refused: list[Exception] = []

@@ -37,6 +37,11 @@ CHAMPION_TRIAL_TAG = "captune.is_champion"  # "true" on the trial whose best epo
 NOTE_TAG = "mlflow.note.content"  # MLflow's description of an experiment or run (shown in the UI)
 
 
+def tags_filter(tags: dict[str, str]) -> str:
+    """An MLflow search filter for the runs that carry every one of `tags`."""
+    return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+
+
 def trial_run_name(arch: str, config: dict, rank: int | None = None, state: str | None = None) -> str:
     """A trial run's name a person reads: "cnn-lstm lr=2.0e-03 hidden=256 vthr=2"; after the search,
     its rank first and, when it did not finish, its end state next, where the runs table's narrow

@@ -12,22 +12,14 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+from mlflow import MlflowClient
 
 from infra import sizing
 from infra.mlflow_logging import metric_entities, param_entities
-from infra.mlflow_names import (
-    ARCH_TAG,
-    COMPARE_KEY_TAG,
-    CONTROL_METRICS,
-    KIND_TAG,
-    NOTE_TAG,
-    SWEEP_TAG,
-    champion_record,
-    control_verdict,
-)
+from infra.mlflow_names import (ARCH_TAG, COMPARE_KEY_TAG, CONTROL_METRICS, KIND_TAG, NOTE_TAG, SWEEP_TAG,
+                                champion_record, control_verdict)
 from infra.mlflow_store import configure
 from infra.raycluster import init_ray
-from mlflow import MlflowClient
 from search.bootstrap import RESAMPLES, paired_bootstrap
 from search.mlflow_trials import find_or_create_run
 from search.objective import METRIC

@@ -3,24 +3,12 @@ objective (best validation BLEU-4, MLflow's own ordering by `metrics.best_bleu4`
 image-blind control sets, and which hyperparameters mattered."""
 from __future__ import annotations
 
-from infra.mlflow_names import (
-    ARCH_TAG,
-    BEST_TRIAL_TAG,
-    CONTROL_ERROR_TAG,
-    CONTROL_METRICS,
-    EPOCHS_RUN_TAG,
-    ERROR_TAG,
-    IMPORTANCE_BASIS_TAG,
-    IMPORTANCE_NOTE_TAG,
-    IMPORTANCE_PREFIX,
-    KIND_TAG,
-    STATE_TAG,
-    SWEEP_TAG,
-    TRIAL_TAG,
-    control_verdict,
-)
-from infra.mlflow_store import configure
 from mlflow import MlflowClient
+
+from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, CONTROL_METRICS, EPOCHS_RUN_TAG, ERROR_TAG,
+                                IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG, STATE_TAG,
+                                SWEEP_TAG, TRIAL_TAG, control_verdict)
+from infra.mlflow_store import configure
 from search.objective import METRIC
 from trainables.config import ConfigError
 

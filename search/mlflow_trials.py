@@ -12,31 +12,17 @@ import os
 import time
 
 import optuna
+from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from optuna.trial import TrialState
 from ray.tune import Callback
 
 from infra.mlflow_logging import unavailable
-from infra.mlflow_names import (
-    ARCH_TAG,
-    CHAMPION_TRIAL_TAG,
-    EPOCHS_RUN_TAG,
-    ERROR_TAG,
-    KIND_TAG,
-    LAST_RESTART_TAG,
-    NODE_TAG,
-    NOTE_TAG,
-    OPTUNA_TRIAL_TAG,
-    RESTARTS_TAG,
-    STATE_TAG,
-    STOP_TAG,
-    SWEEP_TAG,
-    TRIAL_TAG,
-    trial_run_name,
-)
+from infra.mlflow_names import (ARCH_TAG, CHAMPION_TRIAL_TAG, EPOCHS_RUN_TAG, ERROR_TAG, KIND_TAG, LAST_RESTART_TAG,
+                                NODE_TAG, NOTE_TAG, OPTUNA_TRIAL_TAG, RESTARTS_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG,
+                                TRIAL_TAG, tags_filter, trial_run_name)
 from infra.mlflow_store import dataset_input
 from infra.raycluster import root_cause
-from mlflow import MlflowClient
 from search.objective import DIVERGED, FAILED, end_state
 from search.searcher import TRIAL_ATTR
 
@@ -48,7 +34,7 @@ RETRY_EVERY_S = 5.0
 def find_or_create_run(client: MlflowClient, experiment_id: str, tags: dict[str, str], run_name: str,
                        extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """The run carrying all `tags`, or a new one with them. Returns (run_id, created)."""
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    query = tags_filter(tags)
     found = client.search_runs([experiment_id], filter_string=query, max_results=1)
     if found:
         return found[0].info.run_id, False

@@ -12,10 +12,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-import mlflow
 from data.layouts import load_corpus
 from trainables.checkpoint import load_checkpoint, read_payload
 from trainables.config import split_seed_of

@@ -17,11 +17,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from mlflow import MlflowClient
 
 from data.prepare import prepare_data
 from infra.mlflow_logging import EpochLogger, metric_entities, param_entities
 from infra.mlflow_names import ERROR_TAG
-from mlflow import MlflowClient
 from search.reruns import RerunJob
 from trainables.checkpoint import FILENAME, load_checkpoint
 from trainables.config import TrainConfig, split_seed_of

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import ray
 
-from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, SEED_TAG, SWEEP_TAG
+from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, SEED_TAG, SWEEP_TAG, tags_filter
 from infra.raycluster import signal_name, wait_one
 
 
@@ -79,7 +79,7 @@ def _rerun(job: RerunJob) -> dict:
 
 
 def _query(job: RerunJob) -> str:
-    return " and ".join(f"tags.`{k}` = '{v}'" for k, v in job.tags().items())
+    return tags_filter(job.tags())
 
 
 def _finished_run(client, job: RerunJob) -> str | None:

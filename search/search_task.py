@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import mlflow
 import ray
 from mlflow.entities import RunTag
 from optuna.storages import RDBStorage
@@ -13,23 +14,10 @@ from ray import tune
 from ray.tune import Checkpoint
 from ray.tune.schedulers import ASHAScheduler
 
-import mlflow
 from infra.mlflow_logging import unavailable
-from infra.mlflow_names import (
-    ARCH_TAG,
-    BEST_TRIAL_TAG,
-    CHAMPION_TAG,
-    CHAMPION_TRIAL_TAG,
-    CONCURRENT_TAG,
-    FAILED_TRIALS_TAG,
-    NOTE_TAG,
-    SLOTS_TAG,
-    SWEEP_TAG,
-    TRIAL_TAG,
-    TRIALS_TAG,
-    champion_record,
-    champion_tags,
-)
+from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CONCURRENT_TAG,
+                                FAILED_TRIALS_TAG, NOTE_TAG, SLOTS_TAG, SWEEP_TAG, TRIAL_TAG, TRIALS_TAG,
+                                champion_record, champion_tags)
 from infra.mlflow_store import TrackingUnavailable, configure
 from search.analysis import log_search_analysis
 from search.mlflow_trials import MlflowTrials, rank_trial_runs

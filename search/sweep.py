@@ -8,43 +8,26 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import ray
 from optuna.storages import RDBStorage
 from ray import tune
 from ray.autoscaler.sdk import request_resources
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-import mlflow
 from infra import sizing
 from infra.mlflow_logging import param_entities, unavailable
 from infra.mlflow_names import ARCH_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
-from infra.mlflow_store import (
-    TrackingUnavailable,
-    configure,
-    default_tracking_uri,
-    get_or_create_experiment,
-    require_answering_store,
-    require_free_space,
-    require_writable_store,
-    writable_folder,
-)
+from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
+                                require_answering_store, require_free_space, require_writable_store, writable_folder)
 from infra.raycluster import init_ray, signal_name, wait_one
 from search.mlflow_trials import find_or_create_run
 from search.mlflow_view import save_leaderboard_view
 from search.objective import sampler_seed
 from search.preflight import FEATURE_KEYS, check_vocabulary, checkpoints_size, prepare
 from search.progress import EventQueue, SweepView, queue_name, quiet_libraries
-from search.request import (
-    ArchOutcome,
-    ArchSearch,
-    SearchJob,
-    SweepExists,
-    SweepRequest,
-    optuna_url,
-    plan,
-    resume_command,
-    storage_root,
-)
+from search.request import (ArchOutcome, ArchSearch, SearchJob, SweepExists, SweepRequest, optuna_url, plan,
+                            resume_command, storage_root)
 from search.search_task import run_search
 from search.slots import create_pool
 from search.space import SweepSettings

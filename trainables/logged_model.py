@@ -9,11 +9,11 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-import mlflow
 from infra.mlflow_store import PROJECT_ROOT, configure
 from trainables.catalog import CAPTION_BEAM
 from trainables.checkpoint import FILENAME, Loaded, load_checkpoint, read_payload, without_optimizer

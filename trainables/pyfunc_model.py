@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 
+import mlflow
 import mlflow.pyfunc
 import pandas as pd
 import torch
@@ -18,7 +19,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-import mlflow
 from trainables.checkpoint import load_checkpoint
 from trainables.inference import caption_pixels, image_size_of, max_len_of
 from trainables.serving import PARAMS, RequestError, checked_params, refuse_unknown, request_pixels
