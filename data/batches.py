@@ -23,7 +23,7 @@ class CaptionTable:
 
     @classmethod
     def build(cls, captions: list[list[str]], vocab: Vocabulary, max_len: int) -> "CaptionTable":
-        encoded = [vocab.encode(tokenize(c), max_len) for caps in captions for c in caps]
+        encoded = [vocab.to_ids(tokenize(c), max_len) for caps in captions for c in caps]
         tokens = torch.full((len(encoded), max(map(len, encoded), default=2)), vocab.pad_id, dtype=torch.long)
         for row, ids in enumerate(encoded):
             tokens[row, :len(ids)] = torch.tensor(ids)

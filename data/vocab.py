@@ -52,13 +52,13 @@ class Vocabulary:
     def unk_id(self) -> int:
         return 3
 
-    def encode(self, tokens: list[str], max_len: int | None = None) -> list[int]:
+    def to_ids(self, tokens: list[str], max_len: int | None = None) -> list[int]:
         """<start> w1 .. wn <end>, words cut to max_len and unknown words mapped to <unk>."""
         if max_len is not None:
             tokens = tokens[:max_len]
         return [self.start_id, *(self.index.get(w, self.unk_id) for w in tokens), self.end_id]
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def to_text(self, ids: Iterable[int]) -> str:
         """Words up to the first <end>, specials other than <unk> left out."""
         out = []
         for i in ids:

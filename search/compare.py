@@ -242,7 +242,7 @@ def _chart(results: dict, name: str, path: Path) -> None:
                       3 + mine[-1] * width + width / 2, colors=f"C{list(models).index(arch)}", linestyles="dashed",
                       linewidth=2, zorder=3, label=f"{arch} image-blind control (BLEU-4)")
     ax.set_xticks([n + (len(bars) - 1) * width / 2 for n in range(4)], [f"BLEU-{n}" for n in range(1, 5)])
-    ax.set(ylim=(0, 1.22), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0], ylabel=f"{results['split']} split, greedy decoding",
+    ax.set(ylim=(0, 1.22), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0], ylabel=f"{results['split']} split, greedy search",
            title=f"sweep {name}: champions compared")
     ax.legend(fontsize=8, loc="upper left", ncol=3)
     fig.text(0.01, 0.01, textwrap.fill(f"verdict: {results['verdict']}", 140), fontsize=7.5, va="bottom")

@@ -34,7 +34,7 @@ def model_name(arch: str) -> str:
 
 def validation_key(data_root: str | Path, train_config: dict) -> str:
     """Identifies what a validation bleu4 was measured on: the images and captions of the
-    validation split and the decoding settings."""
+    validation split and the caption generation settings."""
     corpus = load_corpus(data_root, seed=split_seed_of(train_config))
     h = hashlib.sha256()
     for image in corpus.splits["val"][: train_config.get("val_images") or None]:

@@ -3,7 +3,7 @@ image-blind control of a champion, or one seed replicate of it), its best epoch 
 test split, all recorded as an MLflow run under the architecture's search run.
 
 The run keeps the best validation epoch, as a trial and `captune train` do, and scores that epoch
-on the test split with greedy decoding. It returns the test captions' BLEU statistics, for the
+on the test split with greedy search. It returns the test captions' BLEU statistics, for the
 paired bootstrap, and logs the captions (`test_captions.json`) so that a resumed sweep or compare
 reuses a finished rerun instead of training it again.
 """

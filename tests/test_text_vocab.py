@@ -20,11 +20,11 @@ def test_vocabulary_threshold_counts_training_words():
         Vocabulary.build(captions, 4)
 
 
-def test_encode_decode_round_trip_with_unknown_words():
+def test_words_to_ids_and_back_with_unknown_words():
     v = Vocabulary.build([["a", "red", "circle"]] * 2, 2)
-    ids = v.encode(["a", "green", "circle"])
+    ids = v.to_ids(["a", "green", "circle"])
     assert ids[0] == v.start_id and ids[-1] == v.end_id and v.unk_id in ids
-    assert v.decode(ids) == "a <unk> circle"
-    assert v.decode([v.index["a"], v.end_id, v.index["red"]]) == "a"
-    assert v.encode(["a"] * 50, max_len=5) == [v.start_id] + [v.index["a"]] * 5 + [v.end_id]
+    assert v.to_text(ids) == "a <unk> circle"
+    assert v.to_text([v.index["a"], v.end_id, v.index["red"]]) == "a"
+    assert v.to_ids(["a"] * 50, max_len=5) == [v.start_id] + [v.index["a"]] * 5 + [v.end_id]
     assert Vocabulary.from_dict(v.to_dict()).words == v.words

@@ -112,7 +112,7 @@ def test_batches_hold_every_caption_of_their_images_longest_first():
     assert batch.lengths == (batch.captions != vocab.pad_id).sum(1).tolist()
     assert batch.captions.shape[1] == max(batch.lengths)  # no all-padding columns
     owners = [int(batch.inputs[i, 0]) // 2 for i in batch.image_of_caption]  # the image each caption is on
-    pairs = sorted((image, vocab.decode(ids)) for image, ids in zip(owners, batch.captions.tolist()))
+    pairs = sorted((image, vocab.to_text(ids)) for image, ids in zip(owners, batch.captions.tolist()))
     assert pairs == sorted((image, c) for image, caps in enumerate(captions) for c in caps)
 
 

@@ -39,7 +39,7 @@ class TrainConfig:
     batch_size: int = 64  # images per step per worker, each with all its captions
     epochs: int = 10
     grad_clip: float = 5.0
-    val_beam: int = 1  # beam width of validation decoding (1 = greedy)
+    val_beam: int = 1  # beam width of validation captions (1 = greedy)
     val_images: int = 0  # validate on the first N validation images (0 = all)
     seed: int = 0  # initial weights (a random-init encoder's too), batch order, dropout
     split_seed: int = 0  # the train/val/test draw, for layouts without their own split (Kaggle)

@@ -1,4 +1,4 @@
-"""Captioning with a trained model: validation decoding, evaluation on a split, new images."""
+"""Captioning with a trained model: validation captions, evaluation on a split, new images."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,11 +19,11 @@ from trainables.models import Captioner
 
 
 @torch.no_grad()
-def decode(model: Captioner, inputs: np.ndarray, rows: np.ndarray, vocab: Vocabulary, max_len: int,
-           beam: int, *, encode: bool, device: torch.device, rank: int = 0, world_size: int = 1,
-           batch_size: int = 256) -> list[str]:
+def generate_captions(model: Captioner, inputs: np.ndarray, rows: np.ndarray, vocab: Vocabulary,
+                      max_len: int, beam: int, *, encode: bool, device: torch.device, rank: int = 0,
+                      world_size: int = 1, batch_size: int = 256) -> list[str]:
     """Free-running captions of inputs[rows] (pixels if `encode`, else features). With several
-    ranks, each decodes an interleaved share and all exchange them, so all return the full list."""
+    ranks, each captions an interleaved share and all exchange them, so all return the full list."""
     model.eval()
     mine = np.arange(rank, len(rows), world_size)
     hyps = []
@@ -32,7 +32,7 @@ def decode(model: Captioner, inputs: np.ndarray, rows: np.ndarray, vocab: Vocabu
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats = model.encoder(x) if encode else x.float()
             ids = model.caption(feats, vocab.start_id, vocab.end_id, max_len, beam)
-        hyps += [vocab.decode(seq) for seq in ids.tolist()]
+        hyps += [vocab.to_text(seq) for seq in ids.tolist()]
     if world_size == 1:
         return hyps
     shares: list = [None] * world_size
@@ -64,8 +64,8 @@ def caption_pixels(loaded: Loaded, pixels: np.ndarray, beam: int = 1, max_len: i
     `max_len` words (default: the training setting)."""
     device = device or torch.device("cpu")
     model = loaded.model.to(device)
-    return decode(model, pixels, np.arange(len(pixels)), loaded.vocab, max_len or max_len_of(loaded), beam,
-                  encode=True, device=device)
+    return generate_captions(model, pixels, np.arange(len(pixels)), loaded.vocab,
+                             max_len or max_len_of(loaded), beam, encode=True, device=device)
 
 
 def evaluate_split(loaded: Loaded, data_root: str | Path, split: str = "test", beam: int = 1,
@@ -95,6 +95,7 @@ def caption_split(loaded: Loaded, data_root: str | Path, split: str = "test", be
     rows, refs = data.rows(split), data.captions(split)
     model = loaded.model.to(device).eval()
     feats = np.concatenate([f for _, f in encoded_rows(model.encoder, data.pixels, rows, device)])  # (R, F)
-    captions = {beam: decode(model, feats, np.arange(len(rows)), loaded.vocab, max_len_of(loaded), beam,
-                             encode=False, device=device) for beam in beams}
+    captions = {beam: generate_captions(model, feats, np.arange(len(rows)), loaded.vocab,
+                                        max_len_of(loaded), beam, encode=False, device=device)
+                for beam in beams}
     return captions, refs

@@ -25,7 +25,7 @@ from trainables.checkpoint import FILENAME, CheckpointError, checkpoint_bytes, l
 from trainables.config import TrainConfig
 from trainables.encoders import weights_digest
 from trainables.features import encoder_features, weights_id
-from trainables.inference import decode
+from trainables.inference import generate_captions
 from trainables.loss import linear_cross_entropy
 from trainables.metrics import bleu
 from trainables.models import Captioner, ModelConfig, build_model, packed
@@ -128,8 +128,9 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
                 ctx.echo(f"stopped during epoch {stop.epoch}/{cfg.epochs} as asked")
             return {**metrics, "stopped_in_epoch": stop.epoch}
         t1 = time.perf_counter()
-        hyps = decode(model, inputs, val_rows, vocab, cfg.max_len, cfg.val_beam, encode=cfg.fine_tune,
-                      device=ctx.device, rank=ctx.rank, world_size=ctx.world_size)
+        hyps = generate_captions(model, inputs, val_rows, vocab, cfg.max_len, cfg.val_beam,
+                                 encode=cfg.fine_tune, device=ctx.device, rank=ctx.rank,
+                                 world_size=ctx.world_size)
         metrics = {"epoch": epoch + 1, "loss": loss, **bleu(hyps, val_refs),
                    "epoch_seconds": t1 - t0, "val_seconds": time.perf_counter() - t1,
                    "setup_seconds": setup_seconds,

@@ -1,6 +1,6 @@
 """The two captioners. Model code only: no data loading, no training.
 
-Both share `Captioner`, which owns decoding through three hooks: `start` (state from image
+Both share `Captioner`, which owns caption generation through three hooks: `start` (state from image
 features), `step` (one word) and `forward` (teacher forcing over whole captions).
 """
 from __future__ import annotations
