@@ -124,8 +124,7 @@ def _sweep_processes(driver: int, started: float) -> set[psutil.Process]:
     (it leaves the driver's process tree when that worker ends) and the workers forked from it."""
     roots = [psutil.Process(driver)]
     for p in psutil.process_iter(["cmdline", "create_time"]):
-        if "--serve" in (p.info["cmdline"] or []) and (p.info["create_time"] or 0) >= started - 1 \
-                and any("infra.forkserver" in part for part in p.info["cmdline"]):
+        if "infra.forkserver" in (p.info["cmdline"] or []) and (p.info["create_time"] or 0) >= started - 1:
             roots.append(p)
     found = set()
     for root in roots:

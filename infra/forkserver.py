@@ -5,7 +5,7 @@ Ray starts every worker as a new Python process (raylet, then `setup_worker.py`,
 `<py_executable> default_worker.py ...`). Importing what a trial needs (torch, torchvision, Ray
 Tune, nltk, the training code) costs each of those processes about 520 MB of private memory here,
 before any training: more than a small trial's whole working set. All of it but Ray can be shared. With
-`runtime_env={"py_executable": worker_command()}`, Ray execs this module instead, as a small
+`runtime_env={"py_executable": worker_command()}`, Ray execs `infra.fork_stand_in` instead, a small
 stand-in for the worker. It asks the node's fork server for a child, a fork of a process that has
 already imported all of that, and hands it the worker's arguments, environment, working folder
 and standard streams. The child then runs `default_worker.py` as the worker would have; its
@@ -17,6 +17,8 @@ The first worker on a node that needs the server starts it; it ends with that no
 is started afresh when the project's code changes. If it cannot be started, a worker starts the
 usual way, with a warning in its log: the fork server saves memory, never decides whether a sweep
 runs.
+
+This module is the server and, after each fork, the worker's first steps.
 """
 from __future__ import annotations
 
@@ -28,18 +30,12 @@ import json
 import os
 import runpy
 import select
-import shlex
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 import traceback
 from pathlib import Path
-
-from filelock import FileLock
 
 from infra.fingerprint import files_fingerprint
 
@@ -51,14 +47,7 @@ PACKAGES = ("captune", "data", "infra", "search", "trainables")  # the project's
 # memory); the libraries Ray needs are preloaded.
 PRELOAD = ("torch", "torchvision", "nltk", "pandas", "pyarrow", "requests", "pydantic", "google.protobuf",
            "jsonschema", "fsspec", "click", "msgpack", "trainables.loop")
-RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-START_TIMEOUT_S = 180.0
 MESSAGE_BYTES = 1 << 20
-
-
-def worker_command() -> str:
-    """The `py_executable` that makes a Ray job's workers forks of the node's fork server."""
-    return f"{shlex.quote(sys.executable)} -m infra.forkserver"  # Ray runs it through bash
 
 
 def socket_path(raylet_pid: int) -> str:
@@ -79,103 +68,6 @@ def _private_folder() -> str:
     return folder
 
 
-# --- the stand-in, in the process Ray started ---------------------------------------------------
-
-def stand_in(worker_argv: list[str]) -> None:
-    """Run the worker as a fork of the server, or, when there is none, exec it the usual way."""
-    raylet = os.getppid()  # Ray execs the worker command in the process the raylet started
-    # Ray's State API, used inside Train's actors (its placement-group cleaner), finds "the" local
-    # cluster by looking for GCS processes and fails when this machine runs two (two commands at
-    # once, each with its own local cluster). Name the worker's own, as `ray start` workers have it.
-    gcs = next((arg.split("=", 1)[1] for arg in worker_argv if arg.startswith("--gcs-address=")), None)
-    if gcs:
-        os.environ.setdefault("RAY_ADDRESS", gcs)
-    request = {"argv": worker_argv, "env": dict(os.environ), "cwd": os.getcwd(), "pgid": os.getpgrp()}
-    try:
-        conn = _connect(socket_path(raylet), raylet)
-        socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
-        reply = conn.recv(MESSAGE_BYTES)
-        if not reply:
-            raise RuntimeError("the fork server did not fork this worker (see its log)")
-    except (OSError, RuntimeError) as e:
-        print(f"infra.forkserver: no fork server ({e}); starting this worker without it", file=sys.stderr,
-              flush=True)
-        os.execv(sys.executable, [sys.executable, *worker_argv])
-    child = json.loads(reply)["pid"]
-    for sig in RELAYED:
-        signal.signal(sig, lambda signum, _frame: _relay(child, signum))
-    reply = conn.recv(MESSAGE_BYTES)  # the child's exit status, once it has ended
-    code = json.loads(reply)["exit_code"] if reply else 1
-    if code < 0:  # ended by a signal: end the same way
-        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # (those two cannot be handled: always the default)
-            signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    sys.exit(code)
-
-
-def _relay(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _connect(path: str, raylet: int) -> socket.socket:
-    try:
-        return _dial(path)
-    except OSError:
-        pass
-    # One worker starts the server; the others, started at the same moment, wait for it.
-    with FileLock(path + ".lock"):
-        try:
-            return _dial(path)
-        except OSError:
-            return _start_server(path, raylet)
-
-
-def _dial(path: str) -> socket.socket:
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        conn.connect(path)
-    except OSError:
-        conn.close()
-        raise
-    return conn
-
-
-def _start_server(path: str, raylet: int) -> socket.socket:
-    _remove_stale(os.path.dirname(path))
-    log = path[:-len(".sock")] + ".log"
-    with open(log, "ab") as out:
-        server = subprocess.Popen([sys.executable, "-m", "infra.forkserver", "--serve", path, str(raylet)],
-                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                  process_group=0, cwd=ROOT)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the fork server exited with status {server.returncode}; its log: {log}")
-        try:
-            return _dial(path)
-        except OSError:
-            time.sleep(0.1)
-    server.kill()
-    raise RuntimeError(f"the fork server did not start within {START_TIMEOUT_S:.0f} s; its log: {log}")
-
-
-def _remove_stale(folder: str) -> None:
-    """The files of servers whose raylet has ended (a killed server leaves its socket, lock and
-    log): named `<raylet pid>-<code digest>.*`."""
-    for name in os.listdir(folder):
-        pid = name.split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            try:
-                os.unlink(os.path.join(folder, name))
-            except FileNotFoundError:
-                pass  # another worker removed it first
-
-
-# --- the server ---------------------------------------------------------------------------------
-
 def serve(path: str, raylet: int) -> None:
     for name in PRELOAD:
         importlib.import_module(name)
@@ -194,7 +86,7 @@ def serve(path: str, raylet: int) -> None:
     children: dict[int, socket.socket] = {}
     print(f"fork server {os.getpid()} for raylet {raylet}: {path}", flush=True)
     try:
-        while _alive(raylet):
+        while alive(raylet):
             ready, _, _ = select.select([listener], [], [], 0.5)
             if ready:
                 conn, _ = listener.accept()
@@ -209,7 +101,7 @@ def serve(path: str, raylet: int) -> None:
                 os.unlink(leftover)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -311,12 +203,5 @@ def _end_with_stand_in(conn: socket.socket) -> None:
     os._exit(1)
 
 
-def main(argv: list[str]) -> None:
-    if argv[:1] == ["--serve"]:
-        serve(argv[1], int(argv[2]))
-    else:
-        stand_in(argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    serve(sys.argv[1], int(sys.argv[2]))
