@@ -57,7 +57,7 @@ def one_trial(arch: str, root: str) -> None:
     torch.set_num_threads(1)
     from trainables.checkpoint import load_checkpoint
     from trainables.config import TrainConfig
-    from trainables.inference import evaluate_split
+    from trainables.evaluation import evaluate_split
     from trainables.loop import WorkerContext, train
 
     cfg = TrainConfig(arch=arch, encoder=ENCODER[arch], epochs=1, **PRESET)

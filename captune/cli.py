@@ -7,11 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from captune.commands import (cmd_caption, cmd_check, cmd_compare, cmd_evaluate, cmd_leaderboard, cmd_record, cmd_sweep,
-                              cmd_synth, cmd_train)
+from captune.commands import (cmd_caption, cmd_check, cmd_compare, cmd_evaluate, cmd_features, cmd_leaderboard,
+                              cmd_record, cmd_sweep, cmd_synth, cmd_train)
 from infra.errors import UserError
 from infra.raycluster import signal_name, stop_on_signals
-from trainables.catalog import ARCHS, CAPTION_BEAM, MAX_BEAM
+from trainables.catalog import ARCHS, CAPTION_BEAM, MAX_BEAM, RESNET_ENCODERS, VGG_ENCODERS
 
 
 def entry() -> None:
@@ -103,6 +103,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("out", help="the --out folder of `captune train`")
     r.add_argument("--wait", type=float, default=0.0, help="seconds to keep trying while the store does not answer")
     r.set_defaults(run=cmd_record)
+
+    f = sub.add_parser("features", help="build a frozen encoder's feature cache once, with Ray Data across the "
+                                         "cluster, in the shared storage the trials read")
+    f.add_argument("--data", required=True, help="dataset folder (any supported layout)")
+    f.add_argument("--encoder", required=True, choices=VGG_ENCODERS + RESNET_ENCODERS)
+    f.add_argument("--image-size", type=_positive, help="pixels per side (default: the dataset's preset, else 224)")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another setting the features depend on: pretrained, seed, skip_bad, split_seed")
+    f.add_argument("--storage", help="a folder every node mounts, or s3://... (default: $CAPTUNE_STORAGE); the "
+                                     "cache goes to its features/ folder")
+    f.add_argument("--images-from", metavar="URI", help="a copy of the dataset folder in object storage "
+                   "(s3://...) where the job's tasks on every node read the images; only this machine then "
+                   "needs --data")
+    f.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    f.set_defaults(run=cmd_features)
 
     w = sub.add_parser("sweep", help="Ray Tune + Optuna search per architecture, on validation bleu4")
     w.add_argument("--data", required=True, help="dataset folder (any Flickr8k layout)")

@@ -26,6 +26,35 @@ def cmd_check(args) -> int:
     return 1 if report["problems"] else 0
 
 
+def cmd_features(args) -> int:
+    from trainables.catalog import VGG_ENCODERS
+    from trainables.config import ConfigError, compose, parse_overrides, preset_layers
+
+    arch = "cnn-lstm" if args.encoder in VGG_ENCODERS else "resnet-gru"  # the family the encoder serves
+    overrides = parse_overrides(args.set)
+    unknown = sorted(set(overrides) - {"pretrained", "seed", "skip_bad", "split_seed"})
+    if unknown:
+        raise ConfigError(f"--set {unknown[0]}: features do not depend on it (they do on pretrained, seed, "
+                          f"skip_bad, split_seed)")
+    flags = {"encoder": args.encoder, "fine_tune": False,
+             **({"image_size": args.image_size} if args.image_size else {})}
+    cfg = compose(arch, preset_layers(args.data, arch) + [("command line", flags), ("--set", overrides)])
+    from infra.raycluster import init_ray
+    from trainables.feature_job import build_features, feature_folder
+
+    folder = feature_folder(args.storage)
+    init_ray(args.address)
+    done = build_features(args.data, cfg, folder, images_from=args.images_from)
+    verb = "built" if done.built else "already there"
+    print(f"features of {done.shape[0]:,} images ({cfg.encoder}, {cfg.image_size}px, "
+          f"{done.shape[1]} values each): {verb}, {done.seconds:.1f} s"
+          + (f", {done.images_per_s:,.0f} images/s" if done.built else "")
+          + f"\n  manifest {done.manifest}")
+    if done.data.skipped:
+        print(f"  {len(done.data.skipped)} bad item(s) left out (--set skip_bad=true)")
+    return 0
+
+
 def cmd_train(args) -> int:
     from trainables.config import ConfigError, compose, parse_overrides, preset_layers, read_config_file
 
@@ -90,10 +119,10 @@ def cmd_record(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from trainables.logged_model import load_captioner
+    from trainables.model_source import load_captioner
 
     loaded = load_captioner(args.model, args.tracking_uri)  # a wrong path fails before torch loads
-    from trainables.inference import evaluate_split
+    from trainables.evaluation import evaluate_split
 
     scores = evaluate_split(loaded, args.data, split=args.split, beam=args.beam, skip_bad=args.skip_bad)
     if args.json:
@@ -106,7 +135,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_caption(args) -> int:
     from captune.caption_files import CaptionFile, find_images
-    from trainables.logged_model import load_captioner
+    from trainables.model_source import load_captioner
 
     images = find_images(args.paths)  # a wrong path fails before the model or torch loads
     if not images:

@@ -53,8 +53,7 @@ def cached_array(cache_dir: Path, kind: str, key: dict, shape: tuple[int, ...], 
     and returned with the array on every later hit.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = cache_dir / f"{kind}-{digest}.npy"
+    path = cache_dir / f"{entry_name(kind, key)}.npy"
     sidecar = path.with_suffix(".json")
     with FileLock(str(path) + ".lock"):
         found = _open_valid(path, sidecar, key, shape, dtype)
@@ -78,6 +77,11 @@ def cached_array(cache_dir: Path, kind: str, key: dict, shape: tuple[int, ...], 
         _write_json(sidecar, {"key": key, "shape": list(shape), "dtype": dtype,
                               "bytes": path.stat().st_size, "info": info})
     return np.load(path, mmap_mode="r"), info
+
+
+def entry_name(kind: str, key: dict) -> str:
+    """The file name (without .npy) of the entry for `key`."""
+    return f"{kind}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}"
 
 
 def _open_valid(path: Path, sidecar: Path, key: dict, shape, dtype) -> tuple[np.ndarray, dict] | None:

@@ -1,6 +1,7 @@
 """`captune data check`: what a dataset folder holds and everything wrong with it."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,11 +29,11 @@ def check_dataset(root: str | Path, seed: int = 0, decode_images: bool = True, p
             _, errors = read_images([corpus.image_path(n) for n in names], CHECK_SIZE, progress=bar)
         problems += [Problem("corrupt_image", str(corpus.image_path(names[i])), None, msg, names[i])
                      for i, msg in sorted(errors.items())]
-    train_words = [tokenize(c) for im in corpus.splits["train"] for c in corpus.captions[im]]
+    counts = Counter(w for im in corpus.splits["train"] for c in corpus.captions[im] for w in tokenize(c))
     vocab = {}
     for t in THRESHOLDS:
         try:
-            vocab[str(t)] = len(Vocabulary.build(train_words, t))
+            vocab[str(t)] = len(Vocabulary.from_counts(counts, t))
         except ValueError:
             vocab[str(t)] = 0
     return {

@@ -1,8 +1,10 @@
-"""Readers for Flickr8k's published layouts, chosen automatically from what a folder holds.
+"""Readers for the published caption datasets' layouts, chosen automatically from what a folder holds.
 
-1. original: an image folder + Flickr8k_text/Flickr8k.token.txt (`name.jpg#n<TAB>caption`)
-   and Flickr_8k.{train,dev,test}Images.txt (the official split).
-2. karpathy: dataset_flickr8k.json (a split per image, raw sentences) + an image folder.
+1. original (Flickr8k): an image folder + Flickr8k_text/Flickr8k.token.txt
+   (`name.jpg#n<TAB>caption`) and Flickr_8k.{train,dev,test}Images.txt (the official split).
+2. karpathy (Flickr8k, Flickr30k, COCO): dataset_{flickr8k,flickr30k,coco}.json (a split per image,
+   raw sentences; `restval` is train) + an image folder. COCO's entries name a subfolder
+   (`filepath`: train2014, val2014), so its images are keyed `train2014/COCO_train2014_….jpg`.
 3. kaggle: Images/*.jpg + captions.txt (CSV with header `image,caption`), split by a seeded draw.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from pathlib import Path, PurePosixPath
 
@@ -17,7 +20,9 @@ from data.corpus import SPLITS, Corpus, Problem, seeded_split
 from data.text import tokenize
 from infra.errors import UserError
 
-IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images")
+IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images", "Images")
+KARPATHY_FILES = ("dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json")
+COCO_IMAGE_DIRS = ("images", ".")  # where COCO's train2014/ and val2014/ usually sit
 TEXT_DIRS = ("Flickr8k_text", ".")
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
@@ -43,7 +48,7 @@ def load_corpus(root: str | Path, seed: int = 0) -> Corpus:
         f"{root}: unknown dataset layout (holds {listing or 'nothing'}). Expected one of: "
         f"Images/ + captions.txt (Kaggle); an image folder ({', '.join(IMAGE_DIRS)}) + "
         "Flickr8k_text/Flickr8k.token.txt and the Flickr_8k.*Images.txt split files (original); "
-        "dataset_flickr8k.json + an image folder (Karpathy). "
+        f"one of {', '.join(KARPATHY_FILES)} + an image folder (Karpathy; COCO: train2014/, val2014/). "
         "Or write the built-in dataset with `captune data synth --out DIR`."
     )
 
@@ -93,19 +98,21 @@ def _read_original(root: Path, seed: int) -> Corpus | None:
 
 
 def _read_karpathy(root: Path, seed: int) -> Corpus | None:
-    path = _first_existing([root / "dataset_flickr8k.json"])
+    path = _first_existing(root / name for name in KARPATHY_FILES)
     if path is None:
         return None
     problems: list[Problem] = []
-    image_dir = _image_dir(root, problems, path)
-    raw = path.read_bytes()
     try:
-        doc = json.loads(raw.decode("utf-8-sig"))
+        doc = json.loads(path.read_bytes().decode("utf-8-sig"))
         entries = doc["images"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         problems.append(Problem("malformed_file", str(path), getattr(e, "lineno", None),
                                 f"not a Karpathy split file (expected {{'images': [...]}}): {e}"))
-        return Corpus(root, "karpathy", path, image_dir, {}, {s: [] for s in SPLITS}, problems)
+        return Corpus(root, "karpathy", path, _image_dir(root, problems, path), {}, {s: [] for s in SPLITS},
+                      problems)
+    subfolders = isinstance(entries, list) and bool(entries) and isinstance(entries[0], dict) \
+        and "filepath" in entries[0]
+    image_dir = _coco_image_dir(root, entries) if subfolders else _image_dir(root, problems, path)
     captions: dict[str, list[str]] = {}
     splits: dict[str, list[str]] = {s: [] for s in SPLITS}
     for i, entry in enumerate(entries):
@@ -113,6 +120,8 @@ def _read_karpathy(root: Path, seed: int) -> Corpus | None:
         try:
             image, split, sentences = entry["filename"], entry["split"], entry["sentences"]
             raws = [s["raw"] for s in sentences]
+            if subfolders:
+                image = f"{entry['filepath']}/{image}"
         except (KeyError, TypeError) as e:
             problems.append(Problem("malformed_line", str(path), None, f"{where}: missing field {e}"))
             continue
@@ -178,6 +187,13 @@ def _image_dir(root: Path, problems: list[Problem], caption_file: Path) -> Path:
     problems.append(Problem("missing_image_dir", str(root), None,
                             f"no image folder beside {caption_file.name}: expected one of {IMAGE_DIRS}"))
     return root / "Images"
+
+
+def _coco_image_dir(root: Path, entries: list) -> Path:
+    """The folder holding COCO's subfolders (train2014/, val2014/): `images/` or the root. A
+    missing subfolder shows as each of its images missing."""
+    first = str(entries[0].get("filepath", ""))
+    return next((root / d for d in COCO_IMAGE_DIRS if (root / d / first).is_dir()), root)
 
 
 def _decode(path: Path, problems: list[Problem]) -> str:
@@ -252,13 +268,21 @@ def _check_images_exist(corpus: Corpus, file: Path, line_of: dict[str, int]) -> 
     for image in [im for im, caps in corpus.captions.items() if not caps]:
         corpus.problems.append(Problem("no_captions", str(file), line_of.get(image),
                                        f"{image} has no usable caption", image))
-    entries = list(corpus.image_dir.iterdir()) if corpus.image_dir.is_dir() else []
-    present = {p.name for p in entries}
+    # One listing per folder (COCO's images lie in subfolders), not one stat per image.
+    present: dict[str, os.DirEntry] = {}
+    for folder in {str(PurePosixPath(im).parent) for im in corpus.captions}:
+        try:
+            with os.scandir(corpus.image_dir / folder) as listing:
+                prefix = "" if folder == "." else folder + "/"
+                present.update((prefix + e.name, e) for e in listing)
+        except OSError:
+            pass  # a missing folder: each of its images is reported below
     for image in corpus.captions:
         if image not in present and not corpus.image_path(image).is_file():
             corpus.problems.append(Problem("missing_image", str(file), line_of.get(image),
                                            f"{image} has captions but no file in {corpus.image_dir}", image))
-    _check_links(corpus, [p for p in entries if p.is_symlink() and p.name in corpus.captions], file, line_of)
+    links = [corpus.image_dir / im for im, e in present.items() if im in corpus.captions and e.is_symlink()]
+    _check_links(corpus, links, file, line_of)
 
 
 def _check_links(corpus: Corpus, links: list[Path], file: Path, line_of: dict[str, int]) -> None:
@@ -268,10 +292,11 @@ def _check_links(corpus: Corpus, links: list[Path], file: Path, line_of: dict[st
     for link in links:
         target = link.resolve()
         if not any(target.is_relative_to(folder) for folder in inside):
-            corpus.problems.append(Problem("outside_dataset", str(file), line_of.get(link.name),
-                                           f"{link.name} is a link to {target}, outside the dataset folder "
+            image = link.relative_to(corpus.image_dir).as_posix()
+            corpus.problems.append(Problem("outside_dataset", str(file), line_of.get(image),
+                                           f"{image} is a link to {target}, outside the dataset folder "
                                            f"{inside[0]}: copy the image in, or leave it out with --skip-bad",
-                                           link.name))
+                                           image))
 
 
 def _report_unsplit(corpus: Corpus) -> None:

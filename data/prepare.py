@@ -1,7 +1,9 @@
 """From a dataset folder to what training reads: checked corpus, vocabulary, cached pixels."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +36,26 @@ class DataProblems(UserError, ValueError):
 class PreparedData:
     corpus: Corpus
     images: list[str]  # every image in a split; row i of `pixels`
-    pixels: np.ndarray  # (N, 3, S, S) uint8, memory-mapped
+    pixels: np.ndarray | None  # (N, 3, S, S) uint8, memory-mapped; None when read from a manifest
     pixels_key: dict
     skipped: list[Problem]  # problems whose items were left out (only with skip_bad)
+
+    def manifest(self) -> dict:
+        """What a trial needs besides features, as JSON: the checked captions and splits, the row
+        of each image and the key its features are cached under. With it, a node that holds no
+        image trains on features built elsewhere (trainables.feature_job)."""
+        c = self.corpus
+        return {"root": str(c.root), "layout": c.layout, "caption_file": str(c.caption_file),
+                "image_dir": str(c.image_dir), "captions": c.captions, "splits": c.splits,
+                "problems": [p.to_dict() for p in c.problems], "images": self.images,
+                "pixels_key": self.pixels_key, "skipped": [p.to_dict() for p in self.skipped]}
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "PreparedData":
+        m = manifest
+        corpus = Corpus(Path(m["root"]), m["layout"], Path(m["caption_file"]), Path(m["image_dir"]),
+                        m["captions"], m["splits"], [Problem(**p) for p in m["problems"]])
+        return cls(corpus, m["images"], None, m["pixels_key"], [Problem(**p) for p in m["skipped"]])
 
     def rows(self, split: str) -> np.ndarray:
         where = {im: i for i, im in enumerate(self.images)}
@@ -47,7 +66,12 @@ class PreparedData:
 
     def vocabulary(self, min_count: int) -> Vocabulary:
         """Words of the training captions that occur at least `min_count` times."""
-        return Vocabulary.build((tokenize(c) for caps in self.captions("train") for c in caps), min_count)
+        return Vocabulary.from_counts(self.train_word_counts, min_count)
+
+    @cached_property
+    def train_word_counts(self) -> Counter:
+        # Counted once: a sweep's driver asks for several thresholds (600k captions on COCO).
+        return Counter(w for caps in self.captions("train") for c in caps for w in tokenize(c))
 
 
 def prepare_data(root: str | Path, image_size: int, cache_dir: Path, *, skip_bad: bool = False,
@@ -60,15 +84,9 @@ def prepare_data(root: str | Path, image_size: int, cache_dir: Path, *, skip_bad
     in `pixels`; it is not called when the pixel cache was already there.
     """
     root = Path(root)
-    corpus = load_corpus(root, seed=seed)
-    text_errors = corpus.errors
-    # Images already known bad (missing) are not decoded; all others are, so that one report
-    # names every problem, text and image alike.
-    known_bad = corpus.bad_images()
-    images = sorted({im for split in SPLITS for im in corpus.splits[split]} - known_bad)
-    paths = [corpus.image_path(im) for im in images]
+    corpus, images, paths = listed_images(root, seed)
     decoder = default_decoder()  # pixels differ a little between decoders: part of the key
-    key = {"files": files_fingerprint(paths), "count": len(paths), "size": image_size, "decoder": decoder}
+    key = pixels_key(paths, image_size, decoder)
 
     def decode(out: np.ndarray) -> dict:
         bar = tqdm(total=len(paths), desc=f"decoding images at {image_size}px", unit="img",
@@ -80,11 +98,32 @@ def prepare_data(root: str | Path, image_size: int, cache_dir: Path, *, skip_bad
 
     pixels, info = cached_array(cache_dir, f"pixels{image_size}", key, (len(images), 3, image_size, image_size),
                                 "uint8", decode)
+    return checked_data(root, corpus, images, pixels, key, info["errors"], skip_bad)
+
+
+def listed_images(root: Path, seed: int) -> tuple[Corpus, list[str], list[Path]]:
+    """The corpus, and every image in a split (sorted: row order) with its path. Images already
+    known bad (missing) are left out; all others are decoded, so that one report names every
+    problem, text and image alike."""
+    corpus = load_corpus(root, seed=seed)
+    images = sorted({im for split in SPLITS for im in corpus.splits[split]} - corpus.bad_images())
+    return corpus, images, [corpus.image_path(im) for im in images]
+
+
+def pixels_key(paths: list[Path], image_size: int, decoder: str) -> dict:
+    """What decoded pixels (and so any features of them) depend on."""
+    return {"files": files_fingerprint(paths), "count": len(paths), "size": image_size, "decoder": decoder}
+
+
+def checked_data(root: Path, corpus: Corpus, images: list[str], pixels: np.ndarray | None, key: dict,
+                 errors: dict[str, str], skip_bad: bool) -> PreparedData:
+    """The prepared dataset once its images are decoded, `errors` {image: ImageError message}:
+    stopped on any problem, or with the bad items left out when `skip_bad`."""
     bad = []
-    for im, msg in info["errors"].items():
+    for im, msg in errors.items():
         file, _, detail = msg.partition(": ")  # ImageError messages start with the file's path
         bad.append(Problem("corrupt_image", file, None, detail, im))
-    _stop_or_skip(root, corpus, text_errors + bad, skip_bad)
+    _stop_or_skip(root, corpus, corpus.errors + bad, skip_bad)
     corpus.problems.extend(bad)
     skipped = corpus.errors if skip_bad else []
     return PreparedData(corpus, images, pixels, key, skipped)

@@ -22,9 +22,13 @@ class Vocabulary:
 
     @classmethod
     def build(cls, tokenized: Iterable[list[str]], min_count: int) -> "Vocabulary":
+        return cls.from_counts(Counter(w for tokens in tokenized for w in tokens), min_count)
+
+    @classmethod
+    def from_counts(cls, counts: Counter, min_count: int) -> "Vocabulary":
+        """The words counted at least `min_count` times (several thresholds, one count)."""
         if min_count < 1:
             raise ValueError(f"vocab_threshold must be >= 1, got {min_count}")
-        counts = Counter(w for tokens in tokenized for w in tokens)
         # Most frequent first, ties alphabetical, so the same data always gives the same ids.
         kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
         if not kept:

@@ -25,8 +25,8 @@ from search.mlflow_trials import find_or_create_run
 from search.objective import METRIC
 from search.reruns import RerunJob, run_reruns
 from trainables.config import ConfigError, split_seed_of
-from trainables.inference import caption_split
-from trainables.logged_model import load_captioner
+from trainables.evaluation import caption_split
+from trainables.model_source import load_captioner
 from trainables.metrics import bleu, bleu_statistics
 
 # matplotlib is imported where a figure is drawn, after its Agg backend is chosen.

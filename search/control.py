@@ -28,8 +28,9 @@ def run_control(client, job, outcome) -> dict | None:
     if all(k in done.metrics for k in CONTROL_METRICS):  # a resumed sweep: the control ran before
         return {**{k: done.metrics[k] for k in CONTROL_METRICS}, "verdict": control_verdict(done.tags, done.metrics)}
     champion = outcome.champion
-    config = {**job.search.base.to_dict(), **outcome.best["config"], "image_blind": True}
-    rerun = RerunJob(kind="control", config=config, data_root=job.req.data_root, tracking_uri=job.tracking_uri,
+    config = {**job.trial_base(), **outcome.best["config"], "image_blind": True}
+    rerun = RerunJob(kind="control", config=config, data_root=job.req.data_root, feature_set=job.feature_set,
+                     tracking_uri=job.tracking_uri,
                      experiment_id=job.experiment_id, parent_run_id=parent, sweep=job.req.name,
                      run_name=f"{arch}-control", also_score=f"models:/{champion['name']}/{champion['version']}",
                      use_gpu=job.req.gpus_per_worker > 0, threads=job.cpus, echo_epochs=job.req.verbose)

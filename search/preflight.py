@@ -8,21 +8,29 @@ import torch
 from data.prepare import PreparedData, prepare_data
 from search.request import ArchSearch
 from trainables.config import ConfigError, TrainConfig
+from trainables.feature_job import FeatureSet, build_features
 from trainables.features import prepare_with_features
 from trainables.loop import checkpoint_size
 
 FEATURE_KEYS = {"image_size", "encoder", "pretrained", "fine_tune", "seed"}  # what a feature cache depends on
 
 
-def prepare(data_root: str, base: TrainConfig, features: bool) -> PreparedData:
-    """Decode every image once, here: a bad dataset stops the sweep before any trial starts. On a
-    local cluster, a frozen encoder's features too (when the space leaves them fixed), so the first
-    trials start training at once instead of one encoding while the others wait on its lock."""
+def prepare(data_root: str, base: TrainConfig, features: bool, shared: str | None = None
+            ) -> tuple[PreparedData, FeatureSet | None]:
+    """Decode every image once, here: a bad dataset stops the sweep before any trial starts. A
+    frozen encoder's features too (when the space leaves them fixed): with `shared` storage (a
+    folder every node mounts), by a Ray Data job across the cluster into it, and the trials read
+    them there, holding no image; else on a local cluster in one pass here, so the first trials
+    start training at once instead of one encoding while the others wait on its lock. (On a
+    cluster without shared storage each node builds its own copy, in a trial.)"""
+    if features and not base.fine_tune and shared is not None:
+        built = build_features(data_root, base, shared)
+        return built.data, built
     cache_dir = base.cache_path()
-    if features and not base.fine_tune:  # (on a cluster each node builds its own copy, in a trial)
+    if features and not base.fine_tune:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return prepare_with_features(data_root, base, cache_dir, device)[0]
-    return prepare_data(data_root, base.image_size, cache_dir, skip_bad=base.skip_bad, seed=base.split_seed)
+        return prepare_with_features(data_root, base, cache_dir, device)[0], None
+    return prepare_data(data_root, base.image_size, cache_dir, skip_bad=base.skip_bad, seed=base.split_seed), None
 
 
 def checkpoints_size(search: ArchSearch, data: PreparedData, trials: int) -> int:

@@ -19,8 +19,10 @@ from PIL import Image
 from data.layouts import load_corpus
 from trainables.checkpoint import load_checkpoint, read_payload
 from trainables.config import split_seed_of
-from trainables.inference import caption_images, evaluate_split
-from trainables.logged_model import load_captioner, log_captioner
+from trainables.evaluation import evaluate_split
+from trainables.inference import caption_images
+from trainables.logged_model import log_captioner
+from trainables.model_source import load_captioner
 
 # matplotlib is imported where a figure is drawn, after its Agg backend is chosen.
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.cache import default_cache_dir
+from infra.storage import is_uri
 from search.space import SearchSpace, SweepSettings, load_spaces
 from trainables.catalog import ARCHS
 from trainables.config import ConfigError, TrainConfig, compose, preset_layers, replace
@@ -70,10 +71,18 @@ class SearchJob:
     concurrent: int  # this search's share of the slots (all of them, when it runs alone)
     slots: int  # trial slots shared by the sweep's searches (search.slots); 0: `concurrent` is fixed
     restore: bool  # Tune's experiment state exists: resume it
+    feature_set: str | None = None  # the manifest of shared features the trials read (trainables.feature_job)
 
     @property
     def experiment(self) -> str:
         return f"{self.req.name}-{self.search.arch}"
+
+    def trial_base(self) -> dict:
+        """The TrainConfig values every trial (and rerun) of this search starts from: with shared
+        features, their folder is the cache the trials read."""
+        local = self.feature_set and not is_uri(self.feature_set)  # (from object storage: fetched per node)
+        shared = {"cache_dir": str(Path(self.feature_set).parent)} if local else {}
+        return {**self.search.base.to_dict(), **shared}
 
     @property
     def path(self) -> str:

@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 from mlflow import MlflowClient
 
-from data.prepare import prepare_data
+from data.prepare import PreparedData, prepare_data
 from infra.mlflow_logging import EpochLogger, metric_entities, param_entities
 from infra.mlflow_names import ERROR_TAG
 from search.reruns import RerunJob
 from trainables.checkpoint import FILENAME, load_checkpoint
 from trainables.config import TrainConfig, split_seed_of
-from trainables.inference import caption_split
-from trainables.logged_model import load_captioner
+from trainables.feature_job import load_feature_set
+from trainables.evaluation import caption_split
+from trainables.model_source import load_captioner
 from trainables.loop import WorkerContext, train
 from trainables.metrics import bleu, bleu_statistics
 
@@ -57,11 +58,12 @@ def rerun(job: RerunJob) -> dict:
             ctx = WorkerContext(device=device, report=report)
             if not job.echo_epochs:
                 ctx.echo = lambda line: None
+            data = load_feature_set(job.feature_set, cfg.cache_path()) if job.feature_set else None
             with contextlib.redirect_stdout(sys.stderr):  # progress, not output: `compare --json` stays JSON
-                last = train(cfg, job.data_root, ctx)
+                last = train(cfg, job.data_root, ctx, data=data)
             out = {"run_id": run_id, "val": {"best_bleu4": last["best_bleu4"], "best_epoch": last["best_epoch"]},
-                   **_test(load_checkpoint(best), job, device)}
-        out.update(_also_scored(job, device))
+                   **_test(load_checkpoint(best), job, device, data)}
+        out.update(_also_scored(job, device, data))
         client.log_batch(run_id, metrics=metric_entities({f"test_{k}": v for k, v in out["test"].items()}))
         client.log_dict(run_id, {"captions": out.pop("captions")}, CAPTIONS_ARTIFACT)
         client.set_terminated(run_id, "FINISHED")
@@ -72,17 +74,19 @@ def rerun(job: RerunJob) -> dict:
         raise
 
 
-def _also_scored(job: RerunJob, device: torch.device) -> dict:
+def _also_scored(job: RerunJob, device: torch.device, data: PreparedData | None = None) -> dict:
     """`also_score`'s test scores and statistics on the same images ({} when there is none)."""
     if not job.also_score:
         return {}
-    other = _test(load_captioner(job.also_score, job.tracking_uri), job, device)
+    other = _test(load_captioner(job.also_score, job.tracking_uri), job, device, data)
     return {"other_test": other["test"], "other_statistics": other["statistics"]}
 
 
-def _test(loaded, job: RerunJob, device: torch.device) -> dict:
+def _test(loaded, job: RerunJob, device: torch.device, data: PreparedData | None = None) -> dict:
     skip_bad = bool(loaded.payload.get("train_config", {}).get("skip_bad", False))
-    captions, refs = caption_split(loaded, job.data_root, "test", (1,), skip_bad=skip_bad, device=device)
+    cache_dir = TrainConfig(**job.config).cache_path() if job.feature_set else None
+    captions, refs = caption_split(loaded, job.data_root, "test", (1,), cache_dir=cache_dir, skip_bad=skip_bad,
+                                   device=device, data=data)
     return {"test": bleu(captions[1], refs), "statistics": bleu_statistics(captions[1], refs).tolist(),
             "captions": captions[1]}
 
@@ -96,10 +100,11 @@ def saved_result(client, run_id: str, job: RerunJob) -> dict:
         local = client.download_artifacts(run_id, CAPTIONS_ARTIFACT, folder)
         captions = json.loads(Path(local).read_text())["captions"]
     cfg = TrainConfig(**job.config)
-    data = prepare_data(job.data_root, cfg.image_size, cfg.cache_path(), skip_bad=cfg.skip_bad,
-                        seed=split_seed_of(job.config), progress=False)
+    data = load_feature_set(job.feature_set, cfg.cache_path()) if job.feature_set else prepare_data(
+        job.data_root, cfg.image_size, cfg.cache_path(), skip_bad=cfg.skip_bad, seed=split_seed_of(job.config),
+        progress=False)
     out = {"run_id": run_id, "val": {"best_bleu4": m.get("best_bleu4"), "best_epoch": m.get("best_epoch")},
            "test": {f"bleu{n}": m[f"test_bleu{n}"] for n in range(1, 5)},
            "statistics": bleu_statistics(captions, data.captions("test")).tolist()}
     device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
-    return {**out, **_also_scored(job, device)}
+    return {**out, **_also_scored(job, device, data)}

@@ -25,6 +25,7 @@ class RerunJob:
     use_gpu: bool = False
     threads: int = 1
     echo_epochs: bool = True  # a line per epoch (a sweep's controls keep quiet unless --verbose)
+    feature_set: str | None = None  # a manifest of shared features (trainables.feature_job): no image read
 
     def tags(self) -> dict[str, str]:
         return {SWEEP_TAG: self.sweep, KIND_TAG: self.kind, ARCH_TAG: self.config["arch"],

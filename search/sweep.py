@@ -32,6 +32,7 @@ from search.search_task import run_search
 from search.slots import create_pool
 from search.space import SweepSettings
 from trainables.config import ConfigError
+from trainables.feature_job import shared_feature_folder
 
 
 def run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]] | None = None) -> list[ArchOutcome]:
@@ -73,10 +74,12 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     slots = 0 if settings.max_concurrent else max(len(searches), sizing.concurrent_trials(
         req.address, req.workers_per_trial, req.gpus_per_worker, cpus))
     concurrent = settings.max_concurrent or slots // len(searches)
-    space_needed = []
+    space_needed, feature_sets = [], {}
+    shared = shared_feature_folder()
     for search in searches:  # every architecture's data checked before any run is recorded
-        data = prepare(req.data_root, search.base,
-                        features=not _attached(req) and not (FEATURE_KEYS & set(search.space.searched)))
+        fixed = not (FEATURE_KEYS & set(search.space.searched))
+        data, feature_sets[search.arch] = prepare(req.data_root, search.base, features=fixed and (
+            shared is not None or not _attached(req)), shared=shared)
         check_vocabulary(data, search, req.config_file)
         space_needed.append(checkpoints_size(search, data, settings.trials))
     if "://" not in root:  # last of the checks: it creates the folder
@@ -87,8 +90,10 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     jobs = []
     for search in searches:  # with --resume, a search that never started starts now
         parent_id = _parent_run(client, experiment_id, req, settings, search, root)
+        features = feature_sets[search.arch]
         jobs.append(SearchJob(req, settings, search, uri, experiment_id, parent_id, root, cpus,
-                              min(settings.trials, concurrent), slots, restorable[search.arch]))
+                              min(settings.trials, concurrent), slots, restorable[search.arch],
+                              str(features.manifest) if features else None))
     if not all(job.restore for job in jobs):  # create the study database once, before the searches share it
         RDBStorage(optuna_url(root, req.name))
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

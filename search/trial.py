@@ -44,6 +44,7 @@ class TrialSetup:
     tracking_uri: str | None = None  # where the driver records the trial runs: each trial adds its
     experiment_id: str | None = None  # machine's system metrics to its own (found by these tags)
     run_tags: tuple[tuple[str, str], ...] = ()
+    feature_set: str | None = None  # a manifest of shared features: trials then read no image
 
     def system_metrics(self) -> dict | None:
         """infra.mlflow_logging.system_metrics's arguments for this trial's run, if runs are recorded."""
@@ -94,7 +95,8 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
     ctx = WorkerContext(device=device, report=report)
     if not setup.echo_epochs:
         ctx.echo = lambda line: None
-    data = _prepared(setup.data_root, cfg.image_size, cfg.cache_path(), cfg.skip_bad, cfg.split_seed)
+    data = _from_feature_set(setup.feature_set, cfg.cache_path()) if setup.feature_set else \
+        _prepared(setup.data_root, cfg.image_size, cfg.cache_path(), cfg.skip_bad, cfg.split_seed)
     try:
         train_resuming(cfg, setup.data_root, ctx, tune.get_checkpoint(), data=data)
     except Diverged as e:
@@ -117,6 +119,13 @@ def _prepared(root: str, image_size: int, cache_dir: Path, skip_bad: bool, split
     return prepare_data(root, image_size, cache_dir, skip_bad=skip_bad, seed=split_seed, progress=False)
 
 
+@functools.lru_cache(maxsize=2)
+def _from_feature_set(manifest: str, cache_dir: Path) -> PreparedData:
+    from trainables.feature_job import load_feature_set
+
+    return load_feature_set(manifest, cache_dir)
+
+
 def _train_ddp(cfg: TrainConfig, setup: TrialSetup) -> None:
     # The Train run is named after the trial, so a restarted trial finds its own checkpoints.
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -128,7 +137,7 @@ def _train_ddp(cfg: TrainConfig, setup: TrialSetup) -> None:
                            gpus_per_worker=setup.gpus_per_worker, cpus=setup.cpus_per_worker,
                            name=f"trial-{trial_id}", storage_path=setup.train_storage, keep="best",
                            callbacks=[TuneReportCallback()], echo=setup.echo_epochs,
-                           system_metrics=setup.system_metrics())
+                           system_metrics=setup.system_metrics(), feature_set=setup.feature_set)
     trainer.fit()
 
 

@@ -35,13 +35,20 @@ def original(root: Path, captions: dict[str, list[str]], splits: dict[str, list[
     return root
 
 
-def karpathy(root: Path, captions: dict[str, list[str]], split_of: dict[str, str]) -> Path:
-    write_images(root / "Images", list(captions))
-    doc = {"dataset": "flickr8k", "images": [
-        {"filename": im, "imgid": i, "split": split_of[im],
-         "sentences": [{"raw": c, "tokens": c.lower().split()} for c in caps]}
-        for i, (im, caps) in enumerate(captions.items())]}
-    (root / "dataset_flickr8k.json").write_text(json.dumps(doc))
+def karpathy(root: Path, captions: dict[str, list[str]], split_of: dict[str, str],
+             dataset: str = "flickr8k", image_dir: str = "Images") -> Path:
+    """Karpathy's split file for `dataset`; for "coco", each image in the subfolder its split has
+    there (train2014 for train, val2014 for the others), under `image_dir` ("." = the root)."""
+    entries = []
+    for i, (im, caps) in enumerate(captions.items()):
+        entry = {"filename": im, "imgid": i, "split": split_of[im],
+                 "sentences": [{"raw": c, "tokens": c.lower().split()} for c in caps]}
+        if dataset == "coco":
+            entry["filepath"] = "train2014" if split_of[im] == "train" else "val2014"
+        entries.append(entry)
+    for folder in {e.get("filepath", ".") for e in entries}:
+        write_images(root / image_dir / folder, [e["filename"] for e in entries if e.get("filepath", ".") == folder])
+    (root / f"dataset_{dataset}.json").write_text(json.dumps({"dataset": dataset, "images": entries}))
     return root
 
 

@@ -13,7 +13,7 @@ from tests import datasets
 from tests.conftest import tiny_overrides
 from tests.test_images import bomb_png
 from trainables.checkpoint import load_checkpoint, read_payload
-from trainables.inference import evaluate_beams, evaluate_split
+from trainables.evaluation import evaluate_beams, evaluate_split
 
 CAPTUNE = [sys.executable, "-m", "captune.cli"]
 

@@ -1,5 +1,5 @@
-"""cluster.yaml against Ray's own offline validation, and a sweep on a real two-node Ray cluster
-(two raylets on this machine, started and stopped here) attached with --address."""
+"""cluster.yaml against Ray's own offline validation, and shared features then a sweep on a real
+two-node Ray cluster (two raylets on this machine, started and stopped here) attached with --address."""
 import json
 import os
 import re
@@ -99,15 +99,39 @@ def two_node_cluster(monkeypatch):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_sweep_on_two_node_cluster(two_node_cluster, synth_dir, tmp_path, tracking_uri):
-    # 2 CPUs per trial on an attached cluster, 2 per node: the two trials run at once, one per node
+@pytest.fixture()
+def node_cache(tmp_path, monkeypatch) -> Path:
+    """The cache folder of every process of a cluster started after this fixture (theirs only)."""
+    folder = tmp_path / "node-cache"
+    monkeypatch.setenv("CAPTUNE_CACHE_DIR", str(folder))
+    return folder
+
+
+def test_features_built_once_and_a_sweep_on_two_nodes_reads_them(node_cache, two_node_cluster, synth_dir,
+                                                                  tmp_path, tracking_uri):
+    # The storage is a folder both nodes see, as a shared mount would be. `captune features`
+    # builds the frozen encoder's features there once, a Ray Data job on both nodes; the sweep
+    # finds them, and its trials (2 CPUs each on an attached cluster, 2 per node: one per node)
+    # read them and decode no image.
+    shared = tmp_path / "shared-storage"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "CAPTUNE_STORAGE": str(shared)}
+    captune = [sys.executable, "-m", "captune.cli"]
+    built = subprocess.run([*captune, "features", "--data", str(synth_dir), "--encoder", "resnet18", "--image-size",
+                            "32", "--set", "pretrained=false", "--address", two_node_cluster],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    assert "features of 60 images (resnet18, 32px, 512 values each): built" in built.stdout
+    [entry] = (shared / "features").glob("features-resnet18-*.npy")
+    written = entry.stat().st_mtime_ns
+
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=2, epochs=2, grace_period=2)
-    shared = tmp_path / "shared-storage"  # a folder both nodes see, as a shared mount would be
+    doc = yaml.safe_load(config.read_text())
+    doc["resnet-gru"]["fine_tune"] = False  # a frozen encoder: its features are shared
+    config.write_text(yaml.safe_dump(doc))
     done = subprocess.run(
-        [sys.executable, "-m", "captune.cli", "sweep", "--data", str(synth_dir), "--name", "two-node",
-         "--arch", "resnet-gru", "--config", str(config), "--storage", str(shared), "--tracking-uri", tracking_uri,
-         "--address", two_node_cluster],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        [*captune, "sweep", "--data", str(synth_dir), "--name", "two-node", "--arch", "resnet-gru",
+         "--config", str(config), "--tracking-uri", tracking_uri, "--address", two_node_cluster],
+        capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     nodes = json.loads(subprocess.run(
         [sys.executable, "-c", "import sys, json, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
@@ -118,4 +142,7 @@ def test_sweep_on_two_node_cluster(two_node_cluster, synth_dir, tmp_path, tracki
     print("trial placement:", json.dumps(placement, indent=1))
     assert len(runs) == 2 and all(r.data.tags["captune.end_state"] in ("finished", "early-stopped") for r in runs)
     assert set(placement.values()) == set(nodes) and len(nodes) == 2  # trials ran on both nodes
-    assert len({p.name for p in (shared / "two-node-resnet-gru").iterdir() if p.is_dir()}) == 2
+    assert {r.data.params["cache_dir"] for r in runs} == {str(shared / "features")}  # where they read features
+    assert entry.stat().st_mtime_ns == written and len(list((shared / "features").glob("*.npy"))) == 1  # built once
+    assert not list(node_cache.glob("pixels*")), list(node_cache.iterdir())  # no process decoded the images
+    assert len({p.name for p in (shared / "sweeps" / "two-node-resnet-gru").iterdir() if p.is_dir()}) == 2

@@ -49,6 +49,27 @@ def test_karpathy_layout(tmp_path):
     assert {s: len(v) for s, v in corpus.splits.items()} == {"train": 3, "val": 1, "test": 2}
 
 
+def test_karpathy_files_of_flickr30k_and_coco(tmp_path):
+    caps = datasets.sample_captions(6)
+    split_of = dict(zip(caps, ["train", "restval", "train", "val", "test", "test"]))
+    flickr30k = load_corpus(datasets.karpathy(tmp_path / "f30k", caps, split_of, "flickr30k", "flickr30k-images"))
+    assert flickr30k.caption_file.name == "dataset_flickr30k.json" and not flickr30k.problems
+    assert flickr30k.image_dir.name == "flickr30k-images" and len(flickr30k.splits["train"]) == 3
+    # COCO: images keyed by their subfolder, under images/ or the root, restval counted as train
+    for image_dir in ("images", "."):
+        root = datasets.karpathy(tmp_path / f"coco-{image_dir}", caps, split_of, "coco", image_dir)
+        coco = load_corpus(root)
+        assert not coco.problems, coco.problems
+        assert coco.splits["train"] == ["train2014/img000.jpg", "val2014/img001.jpg", "train2014/img002.jpg"]
+        assert coco.image_path("val2014/img003.jpg").is_file()
+    (root / "val2014" / "img003.jpg").unlink()
+    (root / "val2014" / "img004.jpg").write_bytes(b"not a jpeg")
+    report = check_dataset(root)
+    assert {(p["kind"], p["image"]) for p in report["problems"]} == {
+        ("missing_image", "val2014/img003.jpg"), ("corrupt_image", "val2014/img004.jpg")}
+    assert report["splits"] == {"train": 3, "val": 1, "test": 2}
+
+
 def test_crlf_and_bom_are_accepted(tmp_path):
     root = datasets.kaggle(tmp_path, datasets.sample_captions(10))
     text = (root / "captions.txt").read_text()

@@ -16,7 +16,7 @@ from infra.mlflow_names import champion_record
 from mlflow import MlflowClient
 from search.slots import pool_name
 from tests.conftest import attached, tiny_overrides
-from trainables.logged_model import load_captioner
+from trainables.model_source import load_captioner
 
 # The built-in dataset's preset (lr 0.002, hidden 256, threshold 2) is the default point: inside.
 SEARCHED = {"lr": {"loguniform": [0.001, 0.01]}, "hidden_size": {"choice": [32, 256]},

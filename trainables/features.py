@@ -29,7 +29,7 @@ class EarlyFeatures:
     1.2 GB of 224 px Flickr8k pixels back to encode them."""
 
     def __init__(self, encoder: ImageEncoder, device: torch.device):
-        self.encoder, self.device = _ready(encoder, device), device
+        self.encoder, self.device = for_inference(encoder, device), device
         self.rows: list[np.ndarray] = []
         self.parts: list[torch.Tensor] = []  # kept where they were computed: one copy to the host at the end
         self.failed: Exception | None = None
@@ -65,13 +65,16 @@ def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: Prepa
     n = len(data.images)
 
     def build(out: np.ndarray) -> dict:
+        if data.pixels is None:  # a dataset read from a feature set's manifest: its features must be there
+            raise FileNotFoundError(f"no valid {name} features in {cache_dir} for the images this dataset was "
+                                    f"prepared with; build them again with `captune features`")
         todo = np.ones(n, dtype=bool)
         if early is not None:
             rows, feats = early
             out[rows] = feats
             todo[rows] = False
         todo = np.flatnonzero(todo)  # images not seen early: all of them on a pixel-cache hit
-        batches = encoded_rows(_ready(encoder, device), data.pixels, todo, device)
+        batches = encoded_rows(for_inference(encoder, device), data.pixels, todo, device)
         for rows, feats in tqdm(batches, total=-(-len(todo) // ENCODE_BATCH), desc=f"encoding images with {name}",
                                 disable=None if progress and len(todo) else True, leave=False):
             out[rows] = feats
@@ -109,7 +112,7 @@ def frozen_encoder(cfg: TrainConfig, device: torch.device) -> ImageEncoder:
     return build_encoder(cfg.encoder, cfg.pretrained, cfg.seed).requires_grad_(False).to(device)
 
 
-def _ready(encoder: ImageEncoder, device: torch.device) -> ImageEncoder:
+def for_inference(encoder: ImageEncoder, device: torch.device) -> ImageEncoder:
     # channels_last lets cuDNN use tensor-core convolutions under bf16, and oneDNN's CPU
     # convolutions are faster on it too (benchmarks/RESULTS.md, section 1)
     return encoder.eval().to(device, memory_format=torch.channels_last)

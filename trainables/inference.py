@@ -1,4 +1,5 @@
-"""Captioning with a trained model: validation captions, evaluation on a split, new images."""
+"""Captioning with a trained model: validation captions and new images (evaluation on a dataset's
+split is in trainables.evaluation)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,14 +8,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.cache import default_cache_dir
 from data.images import read_image
-from data.prepare import prepare_data
 from data.vocab import Vocabulary
 from trainables.checkpoint import Loaded
-from trainables.config import split_seed_of
-from trainables.features import encoded_rows
-from trainables.metrics import bleu
 from trainables.models import Captioner
 
 
@@ -66,36 +62,3 @@ def caption_pixels(loaded: Loaded, pixels: np.ndarray, beam: int = 1, max_len: i
     model = loaded.model.to(device)
     return generate_captions(model, pixels, np.arange(len(pixels)), loaded.vocab,
                              max_len or max_len_of(loaded), beam, encode=True, device=device)
-
-
-def evaluate_split(loaded: Loaded, data_root: str | Path, split: str = "test", beam: int = 1,
-                   cache_dir: Path | None = None, skip_bad: bool = False,
-                   device: torch.device | None = None) -> dict:
-    """Corpus BLEU-1..4 of the model's captions on a split of a dataset, against all references."""
-    return evaluate_beams(loaded, data_root, split, (beam,), cache_dir, skip_bad, device)[beam]
-
-
-def evaluate_beams(loaded: Loaded, data_root: str | Path, split: str = "test", beams: tuple[int, ...] = (1, 3),
-                   cache_dir: Path | None = None, skip_bad: bool = False,
-                   device: torch.device | None = None) -> dict[int, dict]:
-    """evaluate_split for each beam width, {beam: scores}; the images are encoded once for all."""
-    captions, refs = caption_split(loaded, data_root, split, beams, cache_dir, skip_bad, device)
-    return {beam: {"split": split, "beam": beam, "images": len(refs), **bleu(hyps, refs)}
-            for beam, hyps in captions.items()}
-
-
-def caption_split(loaded: Loaded, data_root: str | Path, split: str = "test", beams: tuple[int, ...] = (1,),
-                  cache_dir: Path | None = None, skip_bad: bool = False,
-                  device: torch.device | None = None) -> tuple[dict[int, list[str]], list[list[str]]]:
-    """The model's captions of a split's images for each beam width, and their references, in the
-    split's order: ({beam: captions}, references)."""
-    device = device or torch.device("cpu")
-    data = prepare_data(data_root, image_size_of(loaded), cache_dir or default_cache_dir(), skip_bad=skip_bad,
-                        seed=split_seed_of(loaded.payload.get("train_config", {})), progress=False)
-    rows, refs = data.rows(split), data.captions(split)
-    model = loaded.model.to(device).eval()
-    feats = np.concatenate([f for _, f in encoded_rows(model.encoder, data.pixels, rows, device)])  # (R, F)
-    captions = {beam: generate_captions(model, feats, np.arange(len(rows)), loaded.vocab,
-                                        max_len_of(loaded), beam, encode=False, device=device)
-                for beam in beams}
-    return captions, refs

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -14,9 +12,9 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from infra.mlflow_store import PROJECT_ROOT, configure
+from infra.mlflow_store import PROJECT_ROOT
 from trainables.catalog import CAPTION_BEAM
-from trainables.checkpoint import FILENAME, Loaded, load_checkpoint, read_payload, without_optimizer
+from trainables.checkpoint import FILENAME, read_payload, without_optimizer
 from trainables.serving import example_image
 
 MODEL_NAME = "model"  # the logged model's name inside a run
@@ -61,34 +59,3 @@ def _requirements() -> list[str]:
     # mlflow-skinny serves as well as mlflow to load the model (a GPU image may carry only that)
     return [pinned("torch"), pinned("torchvision"), pinned("mlflow", "mlflow-skinny"), pinned("nltk"),
             pinned("pillow"), pinned("pandas")]
-
-
-def load_captioner(model: str, tracking_uri: str | None = None, arch: str | None = None) -> Loaded:
-    """The captioner MODEL names: a checkpoint path (file, or folder with model.pt) or an MLflow
-    model URI such as runs:/<id>/model or models:/<name>@<alias>."""
-    with local_checkpoint(model, tracking_uri) as path:
-        return load_checkpoint(path, arch)
-
-
-@contextmanager
-def local_checkpoint(model: str, tracking_uri: str | None = None) -> Iterator[Path]:
-    """A local checkpoint file for MODEL (see `load_captioner`). An MLflow model is downloaded into
-    a folder removed on exit: MLflow's own download folder would stay in /tmp, 40-140 MB a call."""
-    if "://" not in model and not model.startswith(("runs:/", "models:/")):
-        path = Path(model)
-        if not path.exists():
-            raise FileNotFoundError(f"{model}: no such checkpoint file or folder "
-                                    "(or give an MLflow URI: runs:/<run_id>/model, models:/<name>@<alias>)")
-        yield path
-        return
-    configure(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="captune-model-") as folder:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=folder))
-        except Exception as e:
-            raise FileNotFoundError(f"{model}: cannot fetch this model from MLflow at "
-                                    f"{mlflow.get_tracking_uri()} ({type(e).__name__}: {e})") from None
-        found = sorted(local.rglob("model.pt"))
-        if not found:
-            raise FileNotFoundError(f"{model}: the MLflow model holds no captune checkpoint (model.pt)")
-        yield found[0]

@@ -16,6 +16,7 @@ from ray.train.torch import TorchTrainer
 from infra.mlflow_logging import EpochLogger, system_metrics
 from trainables.checkpoint import FILENAME, read_payload
 from trainables.config import TrainConfig
+from trainables.feature_job import load_feature_set
 from trainables.loop import WorkerContext, train
 
 
@@ -54,8 +55,9 @@ def train_loop_per_worker(config: dict) -> None:
         ctx.echo = lambda line: None
     try:
         with _system_metrics(config.get("system_metrics"), context):
+            data = load_feature_set(config["feature_set"], cfg.cache_path()) if config.get("feature_set") else None
             metrics = train_resuming(cfg, config["data_root"], ctx, _latest(ray.train.get_checkpoint(),
-                                                                            config.get("resume_from")))
+                                                                            config.get("resume_from")), data=data)
     finally:
         if logger is not None:
             logger.close(timeout=1)  # what is still unwritten, the driver writes from the history
@@ -135,12 +137,13 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
                  callbacks: list | None = None, tracking_uri: str | None = None,
                  mlflow_run_id: str | None = None, stop_signal: str | None = None,
                  resume_from: str | None = None, echo: bool = True,
-                 system_metrics: dict | None = None) -> TorchTrainer:
+                 system_metrics: dict | None = None, feature_set: str | None = None) -> TorchTrainer:
     """keep="best": the two best checkpoints by validation bleu4, and the latest (which a restart
     goes on from); keep="last": only the latest. `stop_signal`: the name of a StopSignal actor the
     workers watch. `resume_from`: a checkpoint folder to go on from, if newer than Ray's. `echo`:
     rank 0 prints a line per epoch. `system_metrics`: infra.mlflow_logging.system_metrics's arguments,
-    for one worker per machine."""
+    for one worker per machine. `feature_set`: a manifest of shared features (trainables.feature_job):
+    the workers then read no image."""
     # The controller sees the workers' end (or a stop) at its next health check: every 0.5 s, not 2.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     resources = {"CPU": cpus}
@@ -151,7 +154,7 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
         train_loop_config={"train": cfg.to_dict(), "data_root": str(Path(data_root).resolve()),
                            "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
                            "stop_signal": stop_signal, "resume_from": resume_from, "echo": echo,
-                           "system_metrics": system_metrics},
+                           "system_metrics": system_metrics, "feature_set": feature_set},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path,

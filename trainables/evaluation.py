@@ -1,0 +1,57 @@
+"""A trained model on a dataset's split: its captions of every image, and their corpus BLEU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.cache import default_cache_dir
+from data.prepare import PreparedData, prepare_data
+from trainables.checkpoint import Loaded
+from trainables.config import split_seed_of
+from trainables.features import encoded_rows, encoder_features, weights_id
+from trainables.inference import generate_captions, image_size_of, max_len_of
+from trainables.metrics import bleu
+
+
+def evaluate_split(loaded: Loaded, data_root: str | Path, split: str = "test", beam: int = 1,
+                   cache_dir: Path | None = None, skip_bad: bool = False,
+                   device: torch.device | None = None) -> dict:
+    """Corpus BLEU-1..4 of the model's captions on a split of a dataset, against all references."""
+    return evaluate_beams(loaded, data_root, split, (beam,), cache_dir, skip_bad, device)[beam]
+
+
+def evaluate_beams(loaded: Loaded, data_root: str | Path, split: str = "test", beams: tuple[int, ...] = (1, 3),
+                   cache_dir: Path | None = None, skip_bad: bool = False,
+                   device: torch.device | None = None) -> dict[int, dict]:
+    """evaluate_split for each beam width, {beam: scores}; the images are encoded once for all."""
+    captions, refs = caption_split(loaded, data_root, split, beams, cache_dir, skip_bad, device)
+    return {beam: {"split": split, "beam": beam, "images": len(refs), **bleu(hyps, refs)}
+            for beam, hyps in captions.items()}
+
+
+def caption_split(loaded: Loaded, data_root: str | Path, split: str = "test", beams: tuple[int, ...] = (1,),
+                  cache_dir: Path | None = None, skip_bad: bool = False, device: torch.device | None = None,
+                  data: PreparedData | None = None) -> tuple[dict[int, list[str]], list[list[str]]]:
+    """The model's captions of a split's images for each beam width, and their references, in the
+    split's order: ({beam: captions}, references). `data`: the split already prepared; from a
+    feature set's manifest (no pixels), the frozen encoder's features are read from `cache_dir`."""
+    device = device or torch.device("cpu")
+    cache_dir = cache_dir or default_cache_dir()
+    if data is None:
+        data = prepare_data(data_root, image_size_of(loaded), cache_dir, skip_bad=skip_bad,
+                            seed=split_seed_of(loaded.payload.get("train_config", {})), progress=False)
+    rows, refs = data.rows(split), data.captions(split)
+    model = loaded.model.to(device).eval()
+    if data.pixels is None:
+        cfg = loaded.payload["train_config"]
+        cached = encoder_features(model.encoder, cfg["encoder"], weights_id(cfg["encoder"], cfg["pretrained"],
+                                                                            cfg["seed"]), data, cache_dir, device)
+        feats = np.asarray(cached[rows])  # (R, F)
+    else:
+        feats = np.concatenate([f for _, f in encoded_rows(model.encoder, data.pixels, rows, device)])  # (R, F)
+    captions = {beam: generate_captions(model, feats, np.arange(len(rows)), loaded.vocab,
+                                        max_len_of(loaded), beam, encode=False, device=device)
+                for beam in beams}
+    return captions, refs
