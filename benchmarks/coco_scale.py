@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -118,8 +117,11 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peak_mb(pid: int | str = "self") -> float:
+    """The process's peak RSS: VmHWM, which starts afresh at exec (getrusage's ru_maxrss would
+    carry the forking parent's peak into a child)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 MEASURES = {"load": load_and_vocabulary, "prep": preparation, "epoch": epoch}
@@ -136,14 +138,23 @@ def run(measure: str, *args: str) -> dict:
 def data_check(root: Path) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of `captune data check ROOT --json`."""
     t0 = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "captune.cli", "data", "check",
-                          str(root), "--json"], capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t0
-    report = json.loads(out.stdout)
+    with tempfile.TemporaryFile("w+") as stdout:
+        child = subprocess.Popen([sys.executable, "-m", "captune.cli", "data", "check", str(root), "--json"],
+                                 stdout=stdout, stderr=subprocess.DEVNULL, cwd=ROOT)
+        peak = 0.0
+        while child.poll() is None:
+            try:
+                peak = _peak_mb(child.pid)  # a high-water mark: the last reading before the end holds it
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        stdout.seek(0)
+        report = json.loads(stdout.read())
     errors = [p for p in report["problems"] if p["severity"] == "error"]
     if errors and root.name != "flickr8k":  # Flickr8k's token file names one image it lacks
         raise SystemExit(f"{root}: {errors[:3]}")
-    return wall, int(out.stderr.strip().splitlines()[-1]) / 1024
+    return wall, peak
 
 
 def main() -> None:

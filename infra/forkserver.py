@@ -46,7 +46,7 @@ PACKAGES = ("captune", "data", "infra", "search", "trainables")  # the project's
 # searches' trials given one placement group). Each worker loads Ray itself (about 94 MB of private
 # memory); the libraries Ray needs are preloaded.
 PRELOAD = ("torch", "torchvision", "nltk", "pandas", "pyarrow", "requests", "pydantic", "google.protobuf",
-           "jsonschema", "fsspec", "click", "msgpack", "trainables.loop")
+           "jsonschema", "fsspec", "click", "msgpack", "mlflow", "trainables.loop")
 MESSAGE_BYTES = 1 << 20
 
 

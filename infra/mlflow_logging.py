@@ -107,19 +107,21 @@ def system_metrics(tracking_uri: str, experiment_id: str, run_tags: dict[str, st
     up until found. MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides `every_s`.
     Auxiliary: a store that refuses is named once; during an outage the lookup is tried again, a
     started monitor stops (MLflow's behaviour), and training goes on either way."""
-    from mlflow import MlflowClient
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
     # MLflow's monitor logs INFO lines at start and stop ("Skip logging GPU metrics" on a CPU),
     # and a warning as it stops for good when the store does not answer: noise in the sweep's
     # console, where a trial's output arrives (the sweep says once that MLflow is unreachable).
     logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
     query = tags_filter(run_tags)
     done = threading.Event()
-    monitors: list[SystemMetricsMonitor] = []
+    monitors: list = []  # of MLflow's SystemMetricsMonitor
     refused: list[Exception] = []
 
-    def monitor_of_run() -> SystemMetricsMonitor | None:
+    def monitor_of_run():
+        # Imported here, in the finder's thread: a new trial process would otherwise wait for
+        # MLflow's import (about a second) before its first training step.
+        from mlflow import MlflowClient
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
         try:
             found = MlflowClient(tracking_uri).search_runs([experiment_id], filter_string=query, max_results=1)
         except Exception as e:
