@@ -194,7 +194,7 @@ def main() -> None:
         sizes = ", ".join(f"{k} {v:.0f} MB" for k, v in sorted(prep["cache_mb"].items()))
         trained = run("epoch", str(root), str(cache))
         captions = 5 * SMALL_SPLITS["train"] if name != "flickr8k" else 30_000
-        figures[name].update(prep_per_10k_s=(prep["resnet18_s"] + prep["vgg-small_s"]) * per10k,
+        figures.setdefault(name, {}).update(prep_per_10k_s=(prep["resnet18_s"] + prep["vgg-small_s"]) * per10k,
                              epoch_per_100k_s=trained["epoch_s"] * 100_000 / captions)
         print(f"{name:9s} preparation per 10,000 images: {prep['resnet18_s'] * per10k:.1f} s (pixels + resnet18) "
               f"+ {prep['vgg-small_s'] * per10k:.1f} s (vgg-small); caches for {prep['images']:,} images: {sizes}; "

@@ -1,7 +1,6 @@
 """`captune data check`: what a dataset folder holds and everything wrong with it."""
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
@@ -9,7 +8,7 @@ from tqdm import tqdm
 from data.corpus import SPLITS, Problem
 from data.images import read_images
 from data.layouts import load_corpus
-from data.text import tokenize
+from data.text import word_counts
 from data.vocab import Vocabulary
 
 THRESHOLDS = (1, 3, 5, 10)
@@ -29,7 +28,7 @@ def check_dataset(root: str | Path, seed: int = 0, decode_images: bool = True, p
             _, errors = read_images([corpus.image_path(n) for n in names], CHECK_SIZE, progress=bar)
         problems += [Problem("corrupt_image", str(corpus.image_path(names[i])), None, msg, names[i])
                      for i, msg in sorted(errors.items())]
-    counts = Counter(w for im in corpus.splits["train"] for c in corpus.captions[im] for w in tokenize(c))
+    counts = word_counts(c for im in corpus.splits["train"] for c in corpus.captions[im])
     vocab = {}
     for t in THRESHOLDS:
         try:

@@ -13,7 +13,7 @@ from data.cache import cached_array
 from data.corpus import SPLITS, Corpus, Problem
 from data.images import OnBatch, default_decoder, read_images
 from data.layouts import load_corpus
-from data.text import tokenize
+from data.text import word_counts
 from data.vocab import Vocabulary
 from infra.errors import UserError
 from infra.fingerprint import files_fingerprint
@@ -71,7 +71,7 @@ class PreparedData:
     @cached_property
     def train_word_counts(self) -> Counter:
         # Counted once: a sweep's driver asks for several thresholds (600k captions on COCO).
-        return Counter(w for caps in self.captions("train") for c in caps for w in tokenize(c))
+        return word_counts(c for caps in self.captions("train") for c in caps)
 
 
 def prepare_data(root: str | Path, image_size: int, cache_dir: Path, *, skip_bad: bool = False,

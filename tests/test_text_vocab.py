@@ -28,3 +28,12 @@ def test_words_to_ids_and_back_with_unknown_words():
     assert v.to_text([v.index["a"], v.end_id, v.index["red"]]) == "a"
     assert v.to_ids(["a"] * 50, max_len=5) == [v.start_id] + [v.index["a"]] * 5 + [v.end_id]
     assert Vocabulary.from_dict(v.to_dict()).words == v.words
+
+
+def test_word_counts_equal_counting_each_captions_tokens():
+    from collections import Counter
+
+    from data.text import tokenize, word_counts
+
+    captions = ["A man's dog, running!", "two-tone cats", "", "...", "42 red 42"] * 4001  # over one chunk
+    assert word_counts(captions) == Counter(w for c in captions for w in tokenize(c))
