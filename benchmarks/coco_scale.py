@@ -67,14 +67,14 @@ def build_coco(flickr: Path, out: Path, scenes: list[Path], splits: dict[str, in
 
 def load_and_vocabulary(root: str) -> dict:
     from data.layouts import load_corpus
-    from data.text import tokenize
+    from data.text import word_counts
     from data.vocab import Vocabulary
 
     base = _rss_mb()
     t0 = time.perf_counter()
     corpus = load_corpus(root)
     t1 = time.perf_counter()
-    vocab = Vocabulary.build((tokenize(c) for im in corpus.splits["train"] for c in corpus.captions[im]), 5)
+    vocab = Vocabulary.from_counts(word_counts(c for im in corpus.splits["train"] for c in corpus.captions[im]), 5)
     t2 = time.perf_counter()
     return {"load_s": t1 - t0, "vocab_s": t2 - t1, "vocab": len(vocab), "captions": corpus.num_captions(),
             "images": len(corpus.captions), "errors": len(corpus.errors),

@@ -11,12 +11,16 @@ import tempfile
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
+import torch
 import yaml
 
 from mlflow import MlflowClient
 from tests.test_sweep import sweep_yaml, trial_runs
+from trainables.config import TrainConfig
+from trainables.features import prepare_with_features
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -145,4 +149,8 @@ def test_features_built_once_and_a_sweep_on_two_nodes_reads_them(node_cache, two
     assert {r.data.params["cache_dir"] for r in runs} == {str(shared / "features")}  # where they read features
     assert entry.stat().st_mtime_ns == written and len(list((shared / "features").glob("*.npy"))) == 1  # built once
     assert not list(node_cache.glob("pixels*")), list(node_cache.iterdir())  # no process decoded the images
+    # The same features as the local one-pass path computes here.
+    cfg = TrainConfig(arch="resnet-gru", encoder="resnet18", image_size=32, pretrained=False)
+    _, local = prepare_with_features(synth_dir, cfg, tmp_path / "local-cache", torch.device("cpu"), progress=False)
+    np.testing.assert_allclose(np.load(entry), local, atol=1e-5)
     assert len({p.name for p in (shared / "sweeps" / "two-node-resnet-gru").iterdir() if p.is_dir()}) == 2
