@@ -24,7 +24,7 @@ from search.mlflow_trials import MlflowTrials, rank_trial_runs
 from search.mlflow_view import run_path
 from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
 from search.progress import ProgressEvents, held_back, quiet_libraries
-from search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command, storage_root
+from search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command
 from search.searcher import ResumableOptunaSearch
 from search.slots import SharedSlots, pool_name
 from search.trial import TrialSetup, trial_trainable
@@ -45,7 +45,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
     req, settings, search = job.req, job.settings, job.search
     if not req.verbose:
         quiet_libraries()
-    arch, base = search.arch, search.base
+    arch = search.arch
     configure(job.tracking_uri)  # this process's mlflow library (registration uses it)
     client = mlflow.MlflowClient(job.tracking_uri)
     use_gpu = req.gpus_per_worker > 0
@@ -93,7 +93,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=EPOCH_METRIC,
                                                         checkpoint_score_order=MODE),
                 callbacks=[MlflowTrials(job.tracking_uri, job.experiment_id, job.parent_run_id, req.name, arch,
-                                        base.to_dict(), settings.max_epochs, setup.data_root,
+                                        setup.base, settings.max_epochs, setup.data_root,
                                         optuna_study=(optuna_url(job.root, req.name), job.experiment)), progress],
                 verbose=None if req.verbose else 0,  # the driver shows progress (search.progress)
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures, fail_fast=False)),
@@ -103,7 +103,8 @@ def run_search(job: SearchJob) -> ArchOutcome:
     finally:  # ended or failed: its slots go to the other searches
         ray.get_actor(pool_name(req.name)).satisfied.remote(arch)
     try:
-        outcome = _finish(client, grid, search, job.parent_run_id, req, job.experiment, settings.grace_period)
+        outcome = _finish(client, grid, search, job.parent_run_id, req, job.experiment, settings.grace_period,
+                          optuna_url(job.root, req.name))
         if req.control and outcome.champion:
             from search.control import run_control  # (its scoring loads nltk: only when there is a champion)
 
@@ -120,7 +121,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
 
 
 def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest, study_name: str,
-            grace_period: int) -> ArchOutcome:
+            grace_period: int, study_url: str) -> ArchOutcome:
     # registration reads the checkpoint with torch: loaded here, as the search ends, not at the task's start
     from search.registry import promote
 
@@ -153,7 +154,8 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
     client.set_tag(parent_id, FAILED_TRIALS_TAG, str(errors))
     rank_trial_runs(client, experiment_id, req.name, search.arch, (outcome.best or {}).get("run_id"))
     client.set_tag(parent_id, NOTE_TAG, _search_note(outcome, experiment_id, req.name))
-    log_search_analysis(client, parent_id, optuna_url(storage_root(req.storage), req.name), study_name,
+    # (the study's URL as the driver worked it out: this task may run where CAPTUNE_STORAGE is not set)
+    log_search_analysis(client, parent_id, study_url, study_name,
                         list(search.space.searched), at_epoch=grace_period)
     return outcome
 

@@ -132,10 +132,11 @@ def test_features_built_once_and_a_sweep_on_two_nodes_reads_them(node_cache, two
     doc = yaml.safe_load(config.read_text())
     doc["resnet-gru"]["fine_tune"] = False  # a frozen encoder: its features are shared
     config.write_text(yaml.safe_dump(doc))
+    # The driver's own cache apart: it holds the dataset, and its test-split comparison reads it.
     done = subprocess.run(
         [*captune, "sweep", "--data", str(synth_dir), "--name", "two-node", "--arch", "resnet-gru",
          "--config", str(config), "--tracking-uri", tracking_uri, "--address", two_node_cluster],
-        capture_output=True, text=True, timeout=600, env=env)
+        capture_output=True, text=True, timeout=600, env={**env, "CAPTUNE_CACHE_DIR": str(tmp_path / "driver")})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     nodes = json.loads(subprocess.run(
         [sys.executable, "-c", "import sys, json, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
@@ -148,7 +149,7 @@ def test_features_built_once_and_a_sweep_on_two_nodes_reads_them(node_cache, two
     assert set(placement.values()) == set(nodes) and len(nodes) == 2  # trials ran on both nodes
     assert {r.data.params["cache_dir"] for r in runs} == {str(shared / "features")}  # where they read features
     assert entry.stat().st_mtime_ns == written and len(list((shared / "features").glob("*.npy"))) == 1  # built once
-    assert not list(node_cache.glob("pixels*")), list(node_cache.iterdir())  # no process decoded the images
+    assert not list(node_cache.glob("pixels*")), list(node_cache.iterdir())  # no trial or control decoded images
     # The same features as the local one-pass path computes here.
     cfg = TrainConfig(arch="resnet-gru", encoder="resnet18", image_size=32, pretrained=False)
     _, local = prepare_with_features(synth_dir, cfg, tmp_path / "local-cache", torch.device("cpu"), progress=False)
