@@ -22,13 +22,14 @@ from infra.fingerprint import files_fingerprint
 class DataProblems(UserError, ValueError):
     """The dataset has problems that stop training (unless bad items are skipped explicitly)."""
 
-    def __init__(self, root: Path, problems: list[Problem]):
+    def __init__(self, root: Path, problems: list[Problem], outcome: str = "nothing was trained",
+                 skip: str = "--skip-bad"):
         self.problems = problems
-        lines = [f"{root}: {len(problems)} problem(s) in the dataset; nothing was trained:"]
+        lines = [f"{root}: {len(problems)} problem(s) in the dataset; {outcome}:"]
         lines += [f"  {p}" for p in problems[:20]]
         if len(problems) > 20:
             lines.append(f"  ... and {len(problems) - 20} more (`captune data check {root}` lists all)")
-        lines.append("Fix them, or pass --skip-bad to leave the bad items out (they are counted).")
+        lines.append(f"Fix them, or pass {skip} to leave the bad items out (they are counted).")
         super().__init__("\n".join(lines))
 
 

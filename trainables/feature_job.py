@@ -15,6 +15,7 @@ faster: no Ray Data start-up and no pixels passed between processes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -29,7 +30,7 @@ from filelock import FileLock
 
 from data.cache import cached_array, entry_name
 from data.images import ImageError, read_image, read_image_bytes
-from data.prepare import PreparedData, checked_data, listed_images, pixels_key
+from data.prepare import DataProblems, PreparedData, checked_data, listed_images, pixels_key
 from infra.errors import UserError
 from infra.storage import download, exists, is_uri, join, read_bytes, upload
 from trainables.config import TrainConfig
@@ -108,7 +109,11 @@ def build_features(data_root: str | Path, cfg: TrainConfig, folder: str, echo: C
             upload(local / f"{name}.npy", join(folder, f"{name}.npy"))
             upload(local / f"{name}.json", join(folder, f"{name}.json"))
     seconds = time.perf_counter() - t0
-    data = checked_data(root, corpus, images, None, key_pixels, meta["info"]["errors"], cfg.skip_bad)
+    try:
+        data = checked_data(root, corpus, images, None, key_pixels, meta["info"]["errors"], cfg.skip_bad)
+    except DataProblems as e:  # in this command's words
+        raise DataProblems(root, e.problems, "the features of the other images are kept",
+                           "--set skip_bad=true") from None
     manifest = join(folder, f"{name}.skip{int(cfg.skip_bad)}.data.json")
     _write_manifest(manifest, data)
     return FeatureSet(data, tuple(meta["shape"]), folder, manifest, built, seconds)
@@ -168,16 +173,19 @@ def _encode_on_cluster(paths: list[str], images: list[str], cfg: TrainConfig, ou
     import ray
     import ray.data
 
+    # This command prints its own progress (images/s, below): Ray Data's bars stay (on a terminal),
+    # its status block, logged every few seconds where there is none, goes.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     items = [{"row": i, "path": p} for i, p in enumerate(paths)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // DECODE_BATCH, 4 * cpus)))
     ds = ds.map_batches(_decode_batch, fn_kwargs={"size": cfg.image_size}, batch_size=DECODE_BATCH,
                         batch_format="numpy", num_cpus=1)
-    encoders = (1, gpus) if gpus else (1, max(1, cpus // 2))  # an autoscaling pool of actors
+    encoders = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus or max(1, cpus // 2))  # autoscaling
     ds = ds.map_batches(_Encode, fn_constructor_kwargs={"config": cfg.to_dict()}, batch_size=ENCODE_BATCH,
                         batch_format="numpy", num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-                        concurrency=encoders)
+                        compute=encoders)
     # Ray Data runs a task again, and restarts an actor, whose worker or node was lost (its defaults:
     # no limit); an exception of ours (a node that does not see the images) fails the job at once.
     errors: dict[str, str] = {}
