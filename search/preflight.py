@@ -1,6 +1,7 @@
 """The sweep driver's look at the data before any trial starts: every image read once (a bad
-dataset stops the sweep here), a frozen encoder's features built once on a local cluster, the
-vocabulary at the highest threshold a trial may draw, and the disk the checkpoints will take."""
+dataset stops the sweep here), a frozen encoder's features built once (here, or by a Ray Data job
+into shared storage), the vocabulary at the highest threshold a trial may draw, and the disk the
+checkpoints will take."""
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,8 @@ def prepare(data_root: str, base: TrainConfig, features: bool, shared: str | Non
             ) -> tuple[PreparedData, FeatureSet | None]:
     """Decode every image once, here: a bad dataset stops the sweep before any trial starts. A
     frozen encoder's features too (when the space leaves them fixed): with `shared` storage (a
-    folder every node mounts), by a Ray Data job across the cluster into it, and the trials read
-    them there, holding no image; else on a local cluster in one pass here, so the first trials
+    folder every node mounts, or object storage), found there or built into it by a Ray Data job
+    across the cluster, and the trials read them from there, holding no image; else on a local cluster in one pass here, so the first trials
     start training at once instead of one encoding while the others wait on its lock. (On a
     cluster without shared storage each node builds its own copy, in a trial.)"""
     if features and not base.fine_tune and shared is not None:

@@ -93,7 +93,7 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
         features = feature_sets[search.arch]
         jobs.append(SearchJob(req, settings, search, uri, experiment_id, parent_id, root, cpus,
                               min(settings.trials, concurrent), slots, restorable[search.arch],
-                              str(features.manifest) if features else None))
+                              features.manifest if features else None))
     if not all(job.restore for job in jobs):  # create the study database once, before the searches share it
         RDBStorage(optuna_url(root, req.name))
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
