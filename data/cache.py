@@ -74,7 +74,7 @@ def cached_array(cache_dir: Path, kind: str, key: dict, shape: tuple[int, ...], 
             raise
         del out
         os.replace(partial, path)
-        _write_json(sidecar, {"key": key, "shape": list(shape), "dtype": dtype,
+        write_json(sidecar, {"key": key, "shape": list(shape), "dtype": dtype,
                               "bytes": path.stat().st_size, "info": info})
     return np.load(path, mmap_mode="r"), info
 
@@ -97,7 +97,8 @@ def _open_valid(path: Path, sidecar: Path, key: dict, shape, dtype) -> tuple[np.
     return arr, meta["info"]
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
+    """`obj` as JSON at `path`, whole or not at all (written aside, then renamed into place)."""
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
     tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)

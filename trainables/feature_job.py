@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from data.cache import cached_array, entry_name
+from data.cache import cached_array, entry_name, write_json
 from data.images import ImageError, read_image, read_image_bytes
 from data.prepare import DataProblems, PreparedData, checked_data, listed_images, pixels_key
 from infra.errors import UserError
 from infra.storage import download, exists, is_uri, join, read_bytes, upload
 from trainables.config import TrainConfig
-from trainables.features import encode_pixels, for_inference, frozen_encoder, weights_id
+from trainables.features import encode_pixels, features_key, for_inference, frozen_encoder, weights_id
 
 DECODE_BATCH = 64  # images per decoding task's batch
 ENCODE_BATCH = 256  # images per encoder call in an actor
@@ -86,7 +86,7 @@ def build_features(data_root: str | Path, cfg: TrainConfig, folder: str, echo: C
     t0 = time.perf_counter()
     corpus, images, paths = listed_images(root, cfg.split_seed)
     key_pixels = pixels_key(paths, cfg.image_size, DECODER)
-    key = {"encoder": cfg.encoder, "weights": weights_id(cfg.encoder, cfg.pretrained, cfg.seed), "pixels": key_pixels}
+    key = features_key(cfg.encoder, weights_id(cfg.encoder, cfg.pretrained, cfg.seed), key_pixels)
     name = entry_name(f"features-{cfg.encoder}", key)
     remote = is_uri(folder)
     built = False
@@ -149,17 +149,12 @@ def _valid_meta(folder: str, name: str, key: dict) -> dict | None:
 
 
 def _write_manifest(location: str, data: PreparedData) -> None:
-    text = json.dumps(data.manifest())
-    if is_uri(location):
-        with tempfile.TemporaryDirectory(prefix="captune-manifest-") as tmp:
-            (Path(tmp) / "m.json").write_text(text)
-            upload(Path(tmp) / "m.json", location)
+    if not is_uri(location):
+        write_json(Path(location), data.manifest())
         return
-    path = Path(location)
-    with FileLock(str(path) + ".lock"):
-        tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    with tempfile.TemporaryDirectory(prefix="captune-manifest-") as tmp:
+        write_json(Path(tmp) / "m.json", data.manifest())
+        upload(Path(tmp) / "m.json", location)
 
 
 # --- the Ray Data job -------------------------------------------------------------------------------

@@ -55,13 +55,19 @@ class EarlyFeatures:
         return np.concatenate(self.rows), torch.cat(self.parts).cpu().numpy()
 
 
+def features_key(encoder: str, weights: str, pixels_key: dict) -> dict:
+    """What a frozen encoder's features depend on: the cache key of this path and of the Ray Data
+    job's shared features alike (trainables.feature_job), so that a trial finds either."""
+    return {"encoder": encoder, "weights": weights, "pixels": pixels_key}
+
+
 def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: PreparedData,
                      cache_dir: Path, device: torch.device, progress: bool = True,
                      early: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(N, F) float32 features of every image in `data`, memory-mapped from the shared cache.
     When the cache is built here, rows in `early` (EarlyFeatures.result) are taken from it and
     only the others are encoded from the pixel cache."""
-    key = {"encoder": name, "weights": weights, "pixels": data.pixels_key}
+    key = features_key(name, weights, data.pixels_key)
     n = len(data.images)
 
     def build(out: np.ndarray) -> dict:
