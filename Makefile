@@ -20,14 +20,16 @@ $(DATA)/captions.txt: | $(VENV)/.installed
 	$(BIN)/captune data synth --out $(DATA)
 
 # Main job: a sweep on the built-in dataset: both architectures, Ray Tune + Optuna + ASHA on
-# validation BLEU-4, every trial in MLflow (mlflow/mlflow.db), champions registered, each against
-# its image-blind control; then the champions compared over SEEDS new seeds each.
+# validation BLEU-4 (METRIC=cider: CIDEr-D), every trial in MLflow (mlflow/mlflow.db), champions
+# registered, each against its image-blind control; then the champions compared over SEEDS new
+# seeds each.
 SWEEP ?= demo-$(shell date +%Y%m%d-%H%M%S)
 SWEEP_FILE ?= search/demo.yaml
 SEEDS ?= 2
+METRIC ?= bleu4
 demo: $(VENV)/.installed $(DATA)/captions.txt
 	$(BIN)/captune data check $(DATA)
-	$(BIN)/captune sweep --data $(DATA) --name $(SWEEP) --config $(SWEEP_FILE) --seeds $(SEEDS)
+	$(BIN)/captune sweep --data $(DATA) --name $(SWEEP) --config $(SWEEP_FILE) --seeds $(SEEDS) --metric $(METRIC)
 
 test: $(VENV)/.installed
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q

@@ -3,12 +3,14 @@ vocabulary) with generated stand-in images under the real names.
 
     python benchmarks/flickr8k_scale.py [--flickr ../shared/data/flickr8k] [--only trial|sweep]
 
-Per architecture (the built-in preset's frozen encoders at 64 px, one thread as a trial has
-here): seconds per training epoch, BLEU evaluation time on the 1,000 validation images (greedy
-and beam 3) and the trial's peak memory. Then the whole sweep's memory (proportional set size of
-every process of the driver and its local Ray cluster, sampled) with 2 and then 4 concurrent
-trials, the caches already built, each run --repeats times; the last line is what each extra
-trial adds to the mean peak.
+Per architecture (the built-in preset's frozen encoders at 64 px, one thread as a trial has here):
+seconds per training epoch, evaluation time on the 1,000 validation images (greedy and beam 3) and
+the trial's peak memory; then what the per-epoch validation pass costs with BLEU only and with
+every score (BLEU-1..4, CIDEr-D, ROUGE-L, references prepared once per run, as the training loop
+scores them), and the share the two new metrics add to the pass. Then the whole sweep's memory
+(proportional set size of every process of the driver and its local Ray cluster, sampled) with 2
+and then 4 concurrent trials, the caches already built, each run --repeats times; the last line is
+what each extra trial adds to the mean peak.
 """
 from __future__ import annotations
 
@@ -76,7 +78,52 @@ def one_trial(arch: str, root: str) -> None:
         evaluate_split(loaded, root, "val", beam=beam, skip_bad=True)
         timings[f"eval_beam{beam}"] = time.perf_counter() - t0
     print(json.dumps({"epoch_seconds": metrics["epoch_seconds"], "vocab_size": metrics["vocab_size"],
+                      "val_seconds": metrics["val_seconds"], **validation_pass(loaded, root),
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **timings}))
+
+
+def validation_pass(loaded, root: str, repeats: int = 5) -> dict:
+    """The training loop's validation pass, timed in its parts (the fastest of `repeats` each):
+    greedy captions of the validation images from cached features, then BLEU alone (`bleu`, as
+    the loop scored before CIDEr-D) or every score (`CaptionScorer.scores`, its references
+    prepared once per run, which is timed apart)."""
+    import numpy as np
+    import torch
+
+    from data.cache import default_cache_dir
+    from data.prepare import prepare_data
+    from trainables.evaluation import caption_split
+    from trainables.features import encoder_features, weights_id
+    from trainables.inference import generate_captions, max_len_of
+    from trainables.metrics import CaptionScorer, bleu
+
+    captions, refs = caption_split(loaded, root, "val", (1,), skip_bad=True)  # (and the cached features, warm)
+    cfg, cache = loaded.payload["train_config"], default_cache_dir()
+    data = prepare_data(root, cfg["image_size"], cache, skip_bad=True, progress=False)
+    model = loaded.model.eval()
+    cpu = torch.device("cpu")
+    feats = np.asarray(encoder_features(model.encoder, cfg["encoder"], weights_id(cfg["encoder"], cfg["pretrained"],
+                                                                                    cfg["seed"]), data, cache, cpu)
+                       [data.rows("val")])
+
+    def fastest(step) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    hyps = generate_captions(model, feats, np.arange(len(refs)), loaded.vocab, max_len_of(loaded), 1, encode=False,
+                             device=cpu)
+    assert hyps == captions[1]
+    t0 = time.perf_counter()
+    scorer = CaptionScorer(refs)
+    setup = time.perf_counter() - t0
+    return {"val_images": len(refs), "setup_s": setup,
+            "captions_s": fastest(lambda: generate_captions(model, feats, np.arange(len(refs)), loaded.vocab,
+                                                            max_len_of(loaded), 1, encode=False, device=cpu)),
+            "bleu_s": fastest(lambda: bleu(hyps, refs)), "all_s": fastest(lambda: scorer.scores(hyps))}
 
 
 def warm_caches(root: Path) -> None:
@@ -171,8 +218,14 @@ def measure(args, root: Path, work: Path) -> None:
             raise SystemExit(out.stderr[-3000:])
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{arch:10s} ({ENCODER[arch]}, vocab {r['vocab_size']}): epoch {r['epoch_seconds']:.1f} s, "
-              f"val BLEU greedy {r['eval_beam1']:.1f} s, beam 3 {r['eval_beam3']:.1f} s, "
+              f"val scores greedy {r['eval_beam1']:.1f} s, beam 3 {r['eval_beam3']:.1f} s, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB  (process total {time.perf_counter() - t0:.0f} s, caches included)")
+        before, after = r["captions_s"] + r["bleu_s"], r["captions_s"] + r["all_s"]
+        print(f"{'':10s} validation pass, {r['val_images']:,} images greedy (fastest of 5): captions "
+              f"{r['captions_s']:.2f} s + BLEU only {r['bleu_s']:.2f} s = {before:.2f} s; + every score "
+              f"{r['all_s']:.2f} s = {after:.2f} s (the loop's own, epoch 1: {r['val_seconds']:.2f} s); references "
+              f"prepared once per run {r['setup_s']:.2f} s")
+        print(f"metrics_added_to_validation_{arch}: {100 * (after - before) / before:+.1f} %")
     if args.only == "trial":
         return
     warm_caches(root)

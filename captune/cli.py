@@ -11,7 +11,7 @@ from captune.commands import (cmd_caption, cmd_check, cmd_compare, cmd_evaluate,
                               cmd_record, cmd_sweep, cmd_synth, cmd_train)
 from infra.errors import UserError
 from infra.raycluster import signal_name, stop_on_signals
-from trainables.catalog import ARCHS, CAPTION_BEAM, MAX_BEAM, RESNET_ENCODERS, VGG_ENCODERS
+from trainables.catalog import ARCHS, CAPTION_BEAM, MAX_BEAM, OBJECTIVES, RESNET_ENCODERS, VGG_ENCODERS
 
 
 def entry() -> None:
@@ -119,11 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     f.set_defaults(run=cmd_features)
 
-    w = sub.add_parser("sweep", help="Ray Tune + Optuna search per architecture, on validation bleu4")
+    w = sub.add_parser("sweep", help="Ray Tune + Optuna search per architecture, on validation BLEU-4 or CIDEr-D")
     w.add_argument("--data", required=True, help="dataset folder (any Flickr8k layout)")
     w.add_argument("--arch", default=",".join(ARCHS), help="comma-separated architectures (default: both)")
     w.add_argument("--trials", type=_positive, help="trials per architecture (default: the config's)")
     w.add_argument("--epochs", type=_positive, help="maximum epochs per trial (default: the config's)")
+    w.add_argument("--metric", choices=OBJECTIVES,
+                   help="validation score to maximise: bleu4 or cider (CIDEr-D) (default: the config's, bleu4)")
     w.add_argument("--name", default="captune-sweep", help="sweep name: MLflow experiment and Tune folder")
     w.add_argument("--config", help="sweep YAML (default: search/spaces.yaml)")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a setting for all trials")
@@ -137,14 +139,14 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--seeds", type=_non_negative, default=0,
                    help="end with `captune compare --seeds K`: each champion retrained with K new seeds (default 0)")
     w.add_argument("--no-control", action="store_true",
-                   help="skip the image-blind control run of each champion (the floor its BLEU-4 must clear)")
+                   help="skip the image-blind control run of each champion (the floor its score must clear)")
     _tracking_args(w)
     w.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     w.add_argument("--verbose", action="store_true",
                    help="Ray Tune's own status output and every trial's epoch lines, instead of the sweep's view")
     w.set_defaults(run=cmd_sweep)
 
-    lb = sub.add_parser("leaderboard", help="a sweep's trials by best validation BLEU-4, its controls and "
+    lb = sub.add_parser("leaderboard", help="a sweep's trials by their best validation score, its controls and "
                                             "importances, from MLflow")
     lb.add_argument("name")
     lb.add_argument("--json", action="store_true")
@@ -167,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     _tracking_args(cp)
     cp.set_defaults(run=cmd_compare)
 
-    e = sub.add_parser("evaluate", help="BLEU-1..4 of a model on a dataset split")
+    e = sub.add_parser("evaluate", help="BLEU-1..4, CIDEr-D and ROUGE-L of a model on a dataset split")
     e.add_argument("model", help="checkpoint path, or MLflow URI (runs:/ID/model, models:/NAME@ALIAS)")
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test", choices=("train", "val", "test"))

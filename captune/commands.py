@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from trainables.catalog import SCORE_LABELS, SCORES
+
 
 def cmd_synth(args) -> int:
     from data.synth import write_synthetic
@@ -100,10 +102,11 @@ def cmd_train(args) -> int:
         print(f"stopped ({outcome.stopped}) after {time.perf_counter() - t0:.0f}s, in epoch {final['epoch'] + 1} of "
               f"{cfg.epochs}; epochs 1-{final['epoch']} are kept. To go on from there: {again}")
     else:
-        print(f"done in {time.perf_counter() - t0:.0f}s. validation BLEU-1..4 at the last epoch ({final['epoch']}): " +
-              " ".join(f"{final[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")))
-    print(f"saved the best epoch ({best['epoch']}, bleu4 {best['bleu4']:.4f}) to {outcome.checkpoint}, "
-          f"metrics in {outcome.out_dir / 'metrics.json'}")
+        print(f"done in {time.perf_counter() - t0:.0f}s. validation scores at the last epoch ({final['epoch']}): " +
+              _scores_text(final))
+    metric = outcome.metrics.get("metric", "bleu4")
+    print(f"saved the best epoch by {SCORE_LABELS[metric]} ({best['epoch']}: {_scores_text(best)}) to "
+          f"{outcome.checkpoint}, metrics in {outcome.out_dir / 'metrics.json'}")
     if outcome.recorded:
         print(f"MLflow run {outcome.run_id}: captune caption runs:/{outcome.run_id}/model IMAGE")
     return 130 if outcome.stopped else 0 if outcome.recorded else 1
@@ -128,9 +131,13 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(scores))
     else:
-        print(f"{args.split} split, {scores['images']:,} images, beam {args.beam}: " +
-              "  ".join(f"BLEU-{n} {scores[f'bleu{n}']:.4f}" for n in range(1, 5)))
+        print(f"{args.split} split, {scores['images']:,} images, beam {args.beam}: {_scores_text(scores)}")
     return 0
+
+
+def _scores_text(scores: dict) -> str:
+    """"BLEU-1 0.6123  BLEU-2 ...  CIDEr-D 0.4567  ROUGE-L 0.5012", for the scores present."""
+    return "  ".join(f"{SCORE_LABELS[k]} {scores[k]:.4f}" for k in SCORES if k in scores)
 
 
 def cmd_caption(args) -> int:
@@ -171,7 +178,7 @@ def cmd_sweep(args) -> int:
     from trainables.config import parse_overrides
 
     req = SweepRequest(name=args.name, data_root=args.data, archs=[a.strip() for a in args.arch.split(",") if a.strip()],
-                       trials=args.trials, epochs=args.epochs, config_file=args.config,
+                       trials=args.trials, epochs=args.epochs, metric=args.metric, config_file=args.config,
                        overrides=parse_overrides(args.set), workers_per_trial=args.workers_per_trial,
                        gpus_per_worker=args.gpus_per_worker, storage=args.storage, resume=args.resume,
                        control=not args.no_control, tracking_uri=args.tracking_uri, address=args.address,
@@ -186,15 +193,17 @@ def cmd_sweep(args) -> int:
         if o.best is None:
             print(f"[{o.arch}] no trial finished an epoch ({o.errors} of {o.trials} failed)")
             continue
-        c = o.champion or {}
+        c, label = o.champion or {}, SCORE_LABELS[o.best["metric"]]
         verdict = ("now champion" if c.get("promoted") else
-                   f"champion stays v{c['previous']['version']} (bleu4 {c['previous']['bleu4']:.4f})") if c else ""
-        print(f"[{o.arch}] best trial {o.best['trial_id']}: best validation BLEU-4 {o.best['bleu4']:.4f} "
-              f"(epoch {o.best['epoch']}); registered {c.get('name')} v{c.get('version')}, {verdict}; "
+                   f"champion stays v{c['previous']['version']} ({label} {c['previous']['score']:.4f})") if c else ""
+        others = ", ".join(f"{SCORE_LABELS[k]} {v:.4f}" for k, v in o.best["scores"].items()
+                           if k in ("bleu4", "cider", "rouge_l") and k != o.best["metric"])
+        print(f"[{o.arch}] best trial {o.best['trial_id']}: best validation {label} {o.best['score']:.4f} "
+              f"(epoch {o.best['epoch']}; {others}); registered {c.get('name')} v{c.get('version')}, {verdict}; "
               f"{o.errors} of {o.trials} trials failed")
         if o.control:
-            print(f"[{o.arch}] image-blind control: best validation BLEU-4 {o.control['control_bleu4']:.4f}; "
-                  f"{o.control['verdict']['text']}")
+            print(f"[{o.arch}] image-blind control: best validation {label} "
+                  f"{o.control['scores'][o.best['metric']]['control']:.4f}; {o.control['verdict']['text']}")
     try:
         print("\nleaderboard:")
         print(format_leaderboard(leaderboard(args.name, args.tracking_uri), top=20))

@@ -186,7 +186,7 @@ def _write_record(out: Path, state: dict) -> None:
                     {k: v for k, v in epoch.items() if isinstance(v, (int, float)) and k != "epoch"}, epoch["epoch"]))
         best = metrics["best"]
         client.log_batch(run_id, metrics=metric_entities(
-            {f"best_{k}": v for k, v in best.items() if k.startswith("bleu")} | {"best_epoch": best["epoch"]}))
+            {f"best_{k}": v for k, v in best.items() if k != "epoch"} | {"best_epoch": best["epoch"]}))
         client.log_artifact(run_id, str(metrics_file))
         if client.get_run(run_id).data.tags.get(MODEL_EPOCH_TAG) != str(best["epoch"]):
             with mlflow.start_run(run_id=run_id):

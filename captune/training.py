@@ -24,6 +24,7 @@ from infra.errors import UserError
 from infra.mlflow_store import require_answering_store, require_free_space, require_writable_store, writable_folder
 from infra.raycluster import Interrupted, init_ray, require_resources, root_cause, signal_name
 from infra.sizing import cpus_per_worker_alone
+from trainables.catalog import SCORES
 from trainables.checkpoint import FILENAME, CheckpointError, read_payload
 from trainables.config import TrainConfig
 from trainables.loop import best_so_far, checkpoint_size
@@ -102,7 +103,7 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
 
 
 STOP_GRACE_S = 2.0
-KEPT_CHECKPOINTS = 3  # the two best by bleu4 and the latest (trainables.ray_train.make_trainer)
+KEPT_CHECKPOINTS = 3  # the two best by the validation metric and the latest (trainables.ray_train.make_trainer)
 
 
 def _require_space(out: Path, cfg: TrainConfig, vocab_size: int) -> None:
@@ -161,18 +162,19 @@ def _fit_until_stopped(trainer, stop) -> tuple[BaseException | None, str | None,
 
 
 def keep_results(out: Path, checkpoints: Path) -> dict | None:
-    """From the checkpoints Ray kept (the best two by validation bleu4 and the latest), write
+    """From the checkpoints Ray kept (the best two by the validation metric and the latest), write
     `model.pt` (the best finished epoch's) and `metrics.json` (every finished epoch) into `out`.
     Returns what metrics.json holds; None when no epoch finished."""
     saved = _complete_checkpoints(checkpoints)
     if not saved:
         return None
-    history = read_payload(saved[max(saved)] / FILENAME)["history"]  # the latest holds every epoch
-    best = best_so_far(history)["best_epoch"]
+    latest = read_payload(saved[max(saved)] / FILENAME)  # the latest holds every epoch
+    history, metric = latest["history"], latest["train_config"].get("metric", "bleu4")
+    best = best_so_far(history, metric)["best_epoch"]
     if best not in saved:
         raise CheckpointError(f"{checkpoints}: the checkpoint of the best epoch ({best}) was not kept")
     replace_file(out / FILENAME, lambda tmp: shutil.copyfile(saved[best] / FILENAME, tmp))
-    metrics = summarize(history, best)
+    metrics = summarize(history, best, metric)
     replace_file(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     return metrics
 
@@ -188,20 +190,20 @@ def _complete_checkpoints(checkpoints: Path) -> dict[int, Path]:
     return saved
 
 
-def summarize(history: list[dict], checkpoint_epoch: int) -> dict:
-    """metrics.json: every epoch, the final one, and the saved checkpoint's (best bleu4)."""
-    keys = ("bleu1", "bleu2", "bleu3", "bleu4")
+def summarize(history: list[dict], checkpoint_epoch: int, metric: str = "bleu4") -> dict:
+    """metrics.json: every epoch, the final one, and the saved checkpoint's (the best by `metric`)."""
     saved = history[checkpoint_epoch - 1]
     return {
+        "metric": metric,
         "epochs": history,
-        "final": {"epoch": history[-1]["epoch"], **{k: history[-1][k] for k in keys}},
-        "best": {"epoch": saved["epoch"], **{k: saved[k] for k in keys}},
+        "final": {"epoch": history[-1]["epoch"], **{k: history[-1][k] for k in SCORES if k in history[-1]}},
+        "best": {"epoch": saved["epoch"], **{k: saved[k] for k in SCORES if k in saved}},
     }
 
 
 def _kept_line(out: Path, metrics: dict) -> str:
-    best, last = metrics["best"], metrics["final"]["epoch"]
-    return (f"kept epochs 1-{last}; the best, epoch {best['epoch']} (bleu4 {best['bleu4']:.4f}), is "
+    best, last, metric = metrics["best"], metrics["final"]["epoch"], metrics.get("metric", "bleu4")
+    return (f"kept epochs 1-{last}; the best, epoch {best['epoch']} ({metric} {best[metric]:.4f}), is "
             f"{out / FILENAME}")
 
 

@@ -1,4 +1,4 @@
-"""Caption text: the one tokenizer used for training targets and BLEU references."""
+"""Caption text: the one tokenizer used for training targets and for scoring (BLEU, CIDEr-D, ROUGE-L)."""
 from __future__ import annotations
 
 import re

@@ -27,12 +27,13 @@ CONTROL_ERROR_TAG = "captune.control_error"  # on a search's parent: why its con
 IMPORTANCE_NOTE_TAG = "captune.importance_note"  # on a search's parent: why no importance was logged
 IMPORTANCE_BASIS_TAG = "captune.importance_basis"  # on a search's parent: what the importances explain
 IMPORTANCE_PREFIX = "importance_"  # a search parent's metric per searched parameter
-CONTROL_METRICS = ("control_bleu4", "control_test_bleu4", "test_bleu4", "control_gap", "control_gap_low",
-                   "control_gap_high")  # on a search's parent (search.control)
+CONTROLLED = ("bleu4", "cider")  # the scores a search parent's control metrics are kept in (search.control)
+CONTROL_FIELDS = ("control", "control_test", "test", "gap", "gap_low", "gap_high")
 CHAMPION_TAG = "captune.champion"  # on a search's parent: its registered best trial, models:/<name>/<version>
 CHAMPION_PROMOTED_TAG = "captune.champion_promoted"  # "true": it took the champion alias; "false": it did not
 PREVIOUS_CHAMPION_TAG = "captune.previous_champion"  # when it did not: the champion that stayed (models:/...)
-PREVIOUS_CHAMPION_BLEU4_TAG = "captune.previous_champion_bleu4"  # ... and its validation BLEU-4
+PREVIOUS_CHAMPION_SCORE_TAG = "captune.previous_champion_score"  # ... and its validation score in the sweep's metric
+PREVIOUS_CHAMPION_BLEU4_TAG = "captune.previous_champion_bleu4"  # (what sweeps recorded before the metric was chosen)
 CHAMPION_TRIAL_TAG = "captune.is_champion"  # "true" on the trial whose best epoch is its search's champion
 NOTE_TAG = "mlflow.note.content"  # MLflow's description of an experiment or run (shown in the UI)
 
@@ -65,28 +66,51 @@ def champion_tags(record: dict) -> dict[str, str]:
             CHAMPION_PROMOTED_TAG: str(record["promoted"]).lower()}
     if record["previous"]:
         tags[PREVIOUS_CHAMPION_TAG] = f"models:/{record['name']}/{record['previous']['version']}"
-        tags[PREVIOUS_CHAMPION_BLEU4_TAG] = f"{record['previous']['bleu4']:.6f}"
+        tags[PREVIOUS_CHAMPION_SCORE_TAG] = f"{record['previous']['score']:.6f}"
     return tags
 
 
-def champion_record(tags: dict[str, str], bleu4: float) -> dict | None:
-    """claim_alias's record back from a parent's tags (None if it registered none); `bleu4`: the
-    parent's best validation BLEU-4."""
+def champion_record(tags: dict[str, str], score: float, metric: str = "bleu4") -> dict | None:
+    """claim_alias's record back from a parent's tags (None if it registered none); `score`: the
+    parent's best validation score in the sweep's `metric`."""
     if CHAMPION_TAG not in tags:
         return None
     if tags[CHAMPION_TAG].startswith("{"):  # a sweep recorded before 2026-12-03 kept the record as JSON
-        return json.loads(tags[CHAMPION_TAG])
+        old = json.loads(tags[CHAMPION_TAG])
+        previous = old["previous"] and {"version": old["previous"]["version"], "score": old["previous"]["bleu4"]}
+        return {"name": old["name"], "version": old["version"], "metric": "bleu4", "score": old["bleu4"],
+                "previous": previous, "promoted": old["promoted"]}
     name, version = tags[CHAMPION_TAG].removeprefix("models:/").rsplit("/", 1)
+    previous_score = tags.get(PREVIOUS_CHAMPION_SCORE_TAG, tags.get(PREVIOUS_CHAMPION_BLEU4_TAG))
     previous = ({"version": tags[PREVIOUS_CHAMPION_TAG].rsplit("/", 1)[1],
-                 "bleu4": float(tags[PREVIOUS_CHAMPION_BLEU4_TAG])} if PREVIOUS_CHAMPION_TAG in tags else None)
-    return {"name": name, "version": version, "bleu4": bleu4, "previous": previous,
+                 "score": float(previous_score)} if PREVIOUS_CHAMPION_TAG in tags else None)
+    return {"name": name, "version": version, "metric": metric, "score": score, "previous": previous,
             "promoted": tags[CHAMPION_PROMOTED_TAG] == "true"}
 
 
-def control_verdict(tags: dict[str, str], metrics: dict[str, float]) -> dict:
-    """A search parent's verdict on its image-blind control: {"clear": the champion's gap over it
-    is above zero at the 95% level, "text": the verdict in words}."""
+def control_metrics(score: str) -> tuple[str, ...]:
+    """A search parent's metrics from its image-blind control, in one score (CONTROL_FIELDS in
+    order): the control's best validation score, its test score, the champion's test score, and
+    the champion's test gap over the control with its 95% interval. BLEU-4's keep the names they
+    had before CIDEr-D: control_bleu4, control_test_bleu4, test_bleu4, control_gap, ..._low, ..._high."""
+    gap = "control_gap" if score == "bleu4" else f"control_{score}_gap"
+    return f"control_{score}", f"control_test_{score}", f"test_{score}", gap, f"{gap}_low", f"{gap}_high"
+
+
+def control_record(tags: dict[str, str], metrics: dict[str, float], metric: str) -> dict | None:
+    """A search parent's control as recorded: {"metric": the sweep's, "scores": {score: {field:
+    value}} for each score recorded, "verdict"}; None when none was (or not in `metric`)."""
+    scores = {s: dict(zip(CONTROL_FIELDS, (metrics[k] for k in control_metrics(s)))) for s in CONTROLLED
+              if all(k in metrics for k in control_metrics(s))}
+    if metric not in scores:
+        return None
+    return {"metric": metric, "scores": scores, "verdict": control_verdict(tags, metrics, metric)}
+
+
+def control_verdict(tags: dict[str, str], metrics: dict[str, float], metric: str = "bleu4") -> dict:
+    """A search parent's verdict on its image-blind control, in the sweep's `metric`: {"clear": the
+    champion's gap over it is above zero at the 95% level, "text": the verdict in words}."""
     text = tags.get(CONTROL_VERDICT_TAG, "")
     if text.startswith("{"):  # a sweep recorded before 2026-12-03 kept it as JSON
         return json.loads(text)
-    return {"clear": metrics.get("control_gap_low", 0.0) > 0, "text": text}
+    return {"clear": metrics.get(control_metrics(metric)[4], 0.0) > 0, "text": text}

@@ -2,11 +2,12 @@
 parent run: `importance_<param>` metrics (Optuna's fANOVA importances, seeded) and three charts
 under `search_analysis/` (importances, optimization history, parallel coordinates).
 
-What they explain: each trial's best validation BLEU-4 by the grace period's epoch, which ASHA
-lets every trial reach. Finished trials alone would be few (ASHA stops about half) and chosen by
-how they began; a stopped trial's final value is a truncated score. At one epoch for all, every
-trial counts and each counts alike. With fewer than MIN_TRIALS such trials an importance says
-nothing: none is logged, and the tag `captune.importance_note` says how many it needs.
+What they explain: each trial's objective (its best validation score in the sweep's metric) by the
+grace period's epoch, which ASHA lets every trial reach. Finished trials alone would be few (ASHA
+stops about half) and chosen by how they began; a stopped trial's final value is a truncated
+score. At one epoch for all, every trial counts and each counts alike. With fewer than MIN_TRIALS
+such trials an importance says nothing: none is logged, and the tag `captune.importance_note` says
+how many it needs.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from optuna.trial import TrialState
 
 from infra.mlflow_logging import metric_entities
 from infra.mlflow_names import IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX
+from search.objective import DEFAULT_METRIC
+from trainables.catalog import SCORE_LABELS
 
 # matplotlib is imported where a figure is drawn, after its Agg backend is chosen.
 
@@ -29,11 +32,11 @@ MIN_TRIALS = 5
 
 
 def log_search_analysis(client, parent_id: str, storage_url: str, study_name: str, params: list[str],
-                        at_epoch: int) -> dict:
+                        at_epoch: int, metric: str = DEFAULT_METRIC) -> dict:
     """The importances logged (none when too few trials reached `at_epoch`), as {param: importance}."""
     study = optuna.load_study(study_name=study_name, storage=storage_url)
     at = at_epoch_study(study, at_epoch)
-    target = f"best validation BLEU-4 by epoch {at_epoch}"
+    target = f"best validation {SCORE_LABELS[metric]} by epoch {at_epoch}"
     importances: dict = {}
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="captune-analysis-") as tmp:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -64,7 +67,7 @@ def log_search_analysis(client, parent_id: str, storage_url: str, study_name: st
 
 def at_epoch_study(study: optuna.Study, epoch: int) -> optuna.Study:
     """An in-memory study holding each trial of `study` that reached `epoch` (finished or stopped
-    by ASHA later), valued by its intermediate value there: its best BLEU-4 by that epoch."""
+    by ASHA later), valued by its intermediate value there: its objective by that epoch."""
     at = optuna.create_study(direction=study.direction)
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         if epoch in t.intermediate_values:

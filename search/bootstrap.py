@@ -1,11 +1,14 @@
-"""Paired bootstrap over test images: is one captioner's corpus BLEU-4 really higher than another's?
+"""Paired bootstrap over test images: is one captioner's corpus BLEU-4 (or CIDEr-D) really higher
+than another's?
 
 Both systems caption the same images. Each resample draws the images with replacement (seeded),
-and both corpus BLEU-4 scores are recomputed on that same draw; the spread of their difference
-over the resamples gives a 95 % interval (percentiles), and the share of draws each one wins.
-Scores come from nltk's per-caption n-gram counts (trainables.metrics.bleu_statistics), summed
-over the drawn images: exactly corpus BLEU on that draw, at the cost of a sum. Several runs of one
-system (seed replicates) are pooled by adding their counts image by image.
+and both corpus scores are recomputed on that same draw; the spread of their difference over the
+resamples gives a 95 % interval (percentiles), and the share of draws each one wins. Scores come
+from per-image statistics (trainables.metrics.CaptionScorer.statistics) summed over the drawn
+images: for BLEU nltk's n-gram counts, exactly corpus BLEU on that draw; for CIDEr-D the images'
+scores, whose mean is the corpus score (its document frequencies stay those of the whole test
+set: a draw holds the same images, some twice). Several runs of one system (seed replicates)
+are pooled by adding their statistics image by image.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from trainables.metrics import bleu_from_statistics
+from trainables.catalog import SCORE_LABELS
+from trainables.metrics import scores_from_statistics
 
 RESAMPLES, LEVEL = 1000, 0.95
 
@@ -25,9 +29,10 @@ class PairedBootstrap:
     images: int
     resamples: int
     seed: int
-    bleu4_a: float
-    bleu4_b: float
-    difference: float  # bleu4_a - bleu4_b on all the images
+    metric: str  # a trainables.metrics score: "bleu4", "cider"
+    score_a: float
+    score_b: float
+    difference: float  # score_a - score_b on all the images
     low: float  # the LEVEL interval of the difference
     high: float
     a_wins: float  # share of resamples in which a scores higher
@@ -40,15 +45,16 @@ class PairedBootstrap:
         return self.low > 0 or self.high < 0
 
     def verdict(self) -> str:
+        label = SCORE_LABELS[self.metric]
         if not self.clear:
             return (f"no clear difference between {self.a} and {self.b} on {self.images:,} test images "
-                    f"({self.level:.0%} interval of {self.a} - {self.b} BLEU-4 [{self.low:+.4f}, {self.high:+.4f}] "
+                    f"({self.level:.0%} interval of {self.a} - {self.b} {label} [{self.low:+.4f}, {self.high:+.4f}] "
                     f"contains 0)")
         a_better = self.difference > 0
         better, worse = (self.a, self.b) if a_better else (self.b, self.a)
         low, high = (self.low, self.high) if a_better else (-self.high, -self.low)
         wins = self.a_wins if a_better else self.b_wins
-        return (f"{better} beats {worse} by {abs(self.difference):.4f} BLEU-4 on {self.images:,} test images "
+        return (f"{better} beats {worse} by {abs(self.difference):.4f} {label} on {self.images:,} test images "
                 f"({self.level:.0%} interval [{low:+.4f}, {high:+.4f}]; wins {wins:.1%} of {self.resamples:,} "
                 f"resamples)")
 
@@ -57,9 +63,11 @@ class PairedBootstrap:
 
 
 def paired_bootstrap(stats_a: np.ndarray, stats_b: np.ndarray, names: tuple[str, str] = ("a", "b"),
-                     resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> PairedBootstrap:
-    """stats_*: (images, columns) bleu_statistics of each system's captions of the same images, in
-    the same order (for replicates, their statistics added image by image)."""
+                     resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL,
+                     metric: str = "bleu4") -> PairedBootstrap:
+    """stats_*: (images, columns) CaptionScorer.statistics of each system's captions of the same
+    images, in the same order (for replicates, their statistics added image by image); `metric`:
+    the score compared."""
     stats_a, stats_b = np.asarray(stats_a), np.asarray(stats_b)
     if stats_a.shape != stats_b.shape or not len(stats_a):
         raise ValueError(f"paired bootstrap needs both systems' statistics on the same images, got "
@@ -69,11 +77,12 @@ def paired_bootstrap(stats_a: np.ndarray, stats_b: np.ndarray, names: tuple[str,
     n = len(stats_a)
     rng = np.random.default_rng(seed)
     draws = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)])  # (R, n)
-    score_a = bleu_from_statistics(draws @ stats_a)  # (R,)
-    score_b = bleu_from_statistics(draws @ stats_b)
+    score_a = scores_from_statistics(draws @ stats_a)[metric]  # (R,)
+    score_b = scores_from_statistics(draws @ stats_b)[metric]
     diff = score_a - score_b
     tail = (1 - level) / 2
     low, high = np.quantile(diff, [tail, 1 - tail])
-    full_a, full_b = float(bleu_from_statistics(stats_a.sum(0))), float(bleu_from_statistics(stats_b.sum(0)))
-    return PairedBootstrap(names[0], names[1], n, resamples, seed, full_a, full_b, full_a - full_b, float(low),
-                           float(high), float((diff > 0).mean()), float((diff < 0).mean()), level)
+    full_a = float(scores_from_statistics(stats_a.sum(0))[metric])
+    full_b = float(scores_from_statistics(stats_b.sum(0))[metric])
+    return PairedBootstrap(names[0], names[1], n, resamples, seed, metric, full_a, full_b, full_a - full_b,
+                           float(low), float(high), float((diff > 0).mean()), float((diff < 0).mean()), level)

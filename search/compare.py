@@ -1,7 +1,9 @@
-"""`captune compare`: a sweep's champions on the test split, greedy and beam 3, each against its
-image-blind control, and against each other with a paired bootstrap over the test images; with
-`seeds`, each champion's configuration retrained with new seeds (the variation a seed alone
-makes) and the bootstrap over the pooled replicates. Recorded in the sweep's `comparison` run."""
+"""`captune compare`: a sweep's champions on the test split, greedy and beam 3, in every score
+(BLEU-1..4, CIDEr-D, ROUGE-L), each against its image-blind control, and against each other with
+a paired bootstrap over the test images in BLEU-4 and in CIDEr-D; with `seeds`, each champion's
+configuration retrained with new seeds (the variation a seed alone makes) and the bootstraps
+over the pooled replicates. The verdict is the sweep's metric's. Recorded in the sweep's
+`comparison` run."""
 from __future__ import annotations
 
 import hashlib
@@ -16,22 +18,23 @@ from mlflow import MlflowClient
 
 from infra import sizing
 from infra.mlflow_logging import metric_entities, param_entities
-from infra.mlflow_names import (ARCH_TAG, COMPARE_KEY_TAG, CONTROL_METRICS, KIND_TAG, NOTE_TAG, SWEEP_TAG,
-                                champion_record, control_verdict)
+from infra.mlflow_names import (ARCH_TAG, COMPARE_KEY_TAG, CONTROLLED, KIND_TAG, NOTE_TAG, SWEEP_TAG, champion_record,
+                                control_record)
 from infra.mlflow_store import configure
 from infra.raycluster import init_ray
 from search.bootstrap import RESAMPLES, paired_bootstrap
 from search.mlflow_trials import find_or_create_run
-from search.objective import METRIC
+from search.objective import DEFAULT_METRIC, metric_of, objective
 from search.reruns import RerunJob, run_reruns
+from trainables.catalog import SCORE_LABELS, SCORES
 from trainables.config import ConfigError, split_seed_of
 from trainables.evaluation import caption_split
+from trainables.metrics import CaptionScorer, scores_from_statistics
 from trainables.model_source import load_captioner
-from trainables.metrics import bleu, bleu_statistics
 
 # matplotlib is imported where a figure is drawn, after its Agg backend is chosen.
 
-KEYS = ("bleu1", "bleu2", "bleu3", "bleu4")
+BOOTSTRAPPED = CONTROLLED  # the scores compared by paired bootstrap: BLEU-4 and CIDEr-D
 
 
 def compare(name: str, data_root: str | None = None, tracking_uri: str | None = None,
@@ -45,11 +48,14 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         raise ConfigError(f"no sweep named {name!r} in the MLflow store {uri}")
-    results: dict = {"sweep": name, "split": split, "models": {}, "bootstrap": None, "replicates": None}
-    statistics, references, champions = {}, {}, {}
-    for parent in _parents(client, experiment.experiment_id, name):
+    parents = _parents(client, experiment.experiment_id, name)
+    metric = metric_of(parents[0].data.params) if parents else DEFAULT_METRIC
+    results: dict = {"sweep": name, "split": split, "metric": metric, "models": {}, "bootstrap": None,
+                     "replicates": None}
+    statistics, references, champions, scorers = {}, {}, {}, {}
+    for parent in parents:
         arch, tags = parent.data.tags[ARCH_TAG], parent.data.tags
-        champion = champion_record(tags, parent.data.metrics.get(METRIC, 0.0))
+        champion = champion_record(tags, parent.data.metrics.get(objective(metric), 0.0), metric)
         if champion is None:
             continue
         model_uri = f"models:/{champion['name']}/{champion['version']}"
@@ -60,13 +66,16 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
         skip = skip_bad or bool(loaded.payload.get("train_config", {}).get("skip_bad", False))
         captions, refs = caption_split(loaded, root, split, beams, skip_bad=skip)
         champions[arch] = (parent, loaded, root)
-        statistics[arch], references[arch] = bleu_statistics(captions[1], refs), refs
+        key = json.dumps(refs)  # the two champions are scored against one scorer when their images agree
+        scorer = scorers.setdefault(key, CaptionScorer(refs))
+        stats = {beam: scorer.statistics(captions[beam]) for beam in beams}
+        statistics[arch], references[arch] = stats[1], refs
         m = parent.data.metrics
         results["models"][arch] = {
             "version": champion["version"], "model": model_uri, "data": str(root), "images": len(refs),
-            "val_bleu4": m.get(METRIC), **{f"beam{k}": bleu(captions[k], refs) for k in beams},
-            "control": ({**{k: m[k] for k in CONTROL_METRICS}, "verdict": control_verdict(tags, m)}
-                        if all(k in m for k in CONTROL_METRICS) else None)}
+            "val": {k: m[f"best_{k}"] for k in SCORES if f"best_{k}" in m},  # the search's best epoch
+            **{f"beam{k}": _scores(stats[k]) for k in beams},
+            "control": control_record(tags, m, metric)}
     if not results["models"]:
         raise ConfigError(f"sweep {name!r} has no registered champion yet: let its sweep finish (or --resume it)")
     archs = list(results["models"])
@@ -74,14 +83,24 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
         if references[archs[0]] != references[archs[1]]:
             raise ConfigError(f"sweep {name!r}: the champions were tested on different images (their data or split "
                               f"differ); pass --data to test both on one dataset")
-        results["bootstrap"] = paired_bootstrap(statistics[archs[0]], statistics[archs[1]], (archs[0], archs[1]),
-                                                resamples, bootstrap_seed).to_dict()
+        results["bootstrap"] = _bootstraps(statistics[archs[0]], statistics[archs[1]], (archs[0], archs[1]),
+                                           resamples, bootstrap_seed)
     if seeds:
         results["replicates"] = _replicates(client, experiment.experiment_id, name, champions, seeds, uri, address,
                                             resamples, bootstrap_seed)
     results["verdict"] = _verdict(results)
     _log(client, experiment.experiment_id, name, results, beams, resamples, bootstrap_seed, seeds)
     return results
+
+
+def _scores(statistics: np.ndarray) -> dict[str, float]:
+    return {k: float(v) for k, v in scores_from_statistics(statistics.sum(0)).items()}
+
+
+def _bootstraps(stats_a, stats_b, names: tuple[str, str], resamples: int, seed: int) -> dict[str, dict]:
+    """The paired bootstrap of a against b in each of BOOTSTRAPPED, on the same resamples."""
+    return {score: paired_bootstrap(stats_a, stats_b, names, resamples, seed, metric=score).to_dict()
+            for score in BOOTSTRAPPED}
 
 
 def _parents(client, experiment_id: str, name: str) -> list:
@@ -94,8 +113,9 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
                 resamples: int, bootstrap_seed: int) -> dict:
     """Each champion's configuration trained with `seeds` new seeds (the champion's seed + 1 ..
     + seeds: its own score is picked as the best of a search, so it is left out), all on the
-    cluster's trial slots at once; per architecture the test BLEU mean and standard deviation,
-    and the paired bootstrap of the pooled replicates (their counts added image by image)."""
+    cluster's trial slots at once; per architecture each test score's mean and standard
+    deviation, and the paired bootstraps of the pooled replicates (their statistics added image
+    by image)."""
     init_ray(address)
     gpus = max(float(parent.data.params.get("gpus_per_worker", 0)) for parent, _, _ in champions.values())
     cpus = sizing.cpus_per_worker(address, gpus)
@@ -116,68 +136,74 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
     pooled = {}
     for arch in champions:
         mine = [(job, r) for job, r in zip(jobs, done) if job.config["arch"] == arch]
-        test = np.array([[r["test"][k] for k in KEYS] for _, r in mine])  # (seeds, 4)
+        test = np.array([[r["test"][k] for k in SCORES] for _, r in mine])  # (seeds, scores)
         out["architectures"][arch] = {
             "seeds": [job.config["seed"] for job, _ in mine], "runs": [r["run_id"] for _, r in mine],
-            "val_bleu4": [r["val"]["best_bleu4"] for _, r in mine],
+            "val": [r["val"] for _, r in mine],
             **{f"test_{k}": {"mean": float(test[:, i].mean()), "std": float(test[:, i].std(ddof=1)) if seeds > 1 else 0.0,
-                             "values": test[:, i].tolist()} for i, k in enumerate(KEYS)}}
+                             "values": test[:, i].tolist()} for i, k in enumerate(SCORES)}}
         pooled[arch] = np.sum([np.asarray(r["statistics"]) for _, r in mine], axis=0)
     if len(pooled) == 2:
         a, b = pooled
-        out["bootstrap"] = paired_bootstrap(pooled[a], pooled[b], (a, b), resamples, bootstrap_seed).to_dict()
+        out["bootstrap"] = _bootstraps(pooled[a], pooled[b], (a, b), resamples, bootstrap_seed)
     return out
 
 
 def _verdict(results: dict) -> str:
+    """In the sweep's metric: the pooled replicates' bootstrap when there is one, else the champions'."""
     boot = (results["replicates"] or {}).get("bootstrap") or results["bootstrap"]
     if boot is None:
         return "one architecture only: nothing to compare"
     basis = (f"over {results['replicates']['seeds']} seed replicates each" if results["replicates"] else
              "champions only; --seeds K adds the variation of training seeds")
-    return f"{boot['verdict']}; {basis}"
+    return f"{boot[results['metric']]['verdict']}; {basis}"
 
 
 def format_comparison(results: dict) -> str:
-    models = results["models"]
+    models, metric = results["models"], results.get("metric", DEFAULT_METRIC)
     archs = list(models)
     col = lambda values: "".join(f"{v:>14}" for v in values)  # noqa: E731
+    val = lambda a: models[a]["val"].get(metric)  # noqa: E731
     lines = [f"champions of sweep {results['sweep']} on the {results['split']} split "
-             f"({models[archs[0]]['images']:,} images): " +
-             ", ".join(f"{a} v{models[a]['version']} (validation best BLEU-4 {models[a]['val_bleu4']:.4f})" for a in archs),
-             f"{'':<16}" + col(archs)]
+             f"({models[archs[0]]['images']:,} images), chosen by validation {SCORE_LABELS[metric]}: " +
+             ", ".join(f"{a} v{models[a]['version']} (validation best {val(a):.4f})" if val(a) is not None else
+                       f"{a} v{models[a]['version']}" for a in archs),
+             f"{'':<18}" + col(archs)]
     for beam in [k for k in models[archs[0]] if k.startswith("beam")]:
-        for n in range(1, 5):
-            label = f"BLEU-{n} {'greedy' if beam == 'beam1' else beam.replace('beam', 'beam ')}"
-            lines.append(f"{label:<16}" + col(f"{models[a][beam][f'bleu{n}']:.4f}" for a in archs))
+        for k in SCORES:
+            label = f"{SCORE_LABELS[k]} {'greedy' if beam == 'beam1' else beam.replace('beam', 'beam ')}"
+            lines.append(f"{label:<18}" + col(f"{models[a][beam][k]:.4f}" for a in archs))
     controls = {a: models[a]["control"] for a in archs}
     if any(controls.values()):
-        lines.append(f"{'control BLEU-4':<16}" + col(f"{c['control_test_bleu4']:.4f}" if c else "-" for c in controls.values()))
-        lines.append(f"{'champ - control':<16}" + col(f"{c['control_gap']:+.4f}" if c else "-" for c in controls.values()))
-        lines.append(f"{'  95% interval':<16}" + col(f"{c['control_gap_low']:+.3f},{c['control_gap_high']:+.3f}"
-                                                       if c else "-" for c in controls.values()))
+        for score in CONTROLLED:
+            c = {a: (r or {}).get("scores", {}).get(score) for a, r in controls.items()}
+            lines.append(f"{f'control {SCORE_LABELS[score]}':<18}" + col(f"{x['control_test']:.4f}" if x else "-"
+                                                                          for x in c.values()))
+            lines.append(f"{'  champ - control':<18}" + col(f"{x['gap']:+.4f}" if x else "-" for x in c.values()))
+            lines.append(f"{'  95% interval':<18}" + col(f"{x['gap_low']:+.3f},{x['gap_high']:+.3f}" if x else "-"
+                                                          for x in c.values()))
         for a, c in controls.items():
             if c and not c["verdict"].get("clear"):
                 lines.append(f"WARNING: {c['verdict']['text']}: the {a} champion does not clearly beat a model "
                              f"that never saw its images")
-    if results["bootstrap"]:
-        lines.append(_bootstrap_line("paired bootstrap, champions (greedy)", results["bootstrap"]))
+    for score, boot in (results["bootstrap"] or {}).items():
+        lines.append(_bootstrap_line("paired bootstrap, champions (greedy)", boot))
     reps = results["replicates"]
     if reps:
         lines.append(f"seed replicates ({reps['seeds']} new seeds per champion), test split, greedy: mean ± sd")
-        for n in range(1, 5):
-            lines.append(f"{f'BLEU-{n}':<16}" + col(
-                f"{reps['architectures'][a][f'test_bleu{n}']['mean']:.4f}±{reps['architectures'][a][f'test_bleu{n}']['std']:.4f}"
+        for k in SCORES:
+            lines.append(f"{SCORE_LABELS[k]:<18}" + col(
+                f"{reps['architectures'][a][f'test_{k}']['mean']:.4f}±{reps['architectures'][a][f'test_{k}']['std']:.4f}"
                 for a in archs))
-        if reps.get("bootstrap"):
-            lines.append(_bootstrap_line("paired bootstrap, pooled replicates", reps["bootstrap"]))
-    lines.append(f"verdict: {results['verdict']}")
+        for boot in (reps.get("bootstrap") or {}).values():
+            lines.append(_bootstrap_line("paired bootstrap, pooled replicates", boot))
+    lines.append(f"verdict ({SCORE_LABELS[metric]}, the sweep's metric): {results['verdict']}")
     return "\n".join(lines)
 
 
 def _bootstrap_line(what: str, b: dict) -> str:
-    return (f"{what}: {b['a']} - {b['b']} BLEU-4 {b['difference']:+.4f}, {b['level']:.0%} interval "
-            f"[{b['low']:+.4f}, {b['high']:+.4f}] over {b['resamples']:,} resamples (seed {b['seed']}); "
+    return (f"{what}: {b['a']} - {b['b']} {SCORE_LABELS[b['metric']]} {b['difference']:+.4f}, {b['level']:.0%} "
+            f"interval [{b['low']:+.4f}, {b['high']:+.4f}] over {b['resamples']:,} resamples (seed {b['seed']}); "
             f"wins {b['a']} {b['a_wins']:.1%}, {b['b']} {b['b_wins']:.1%}")
 
 
@@ -195,15 +221,16 @@ def _log(client, experiment_id: str, name: str, results: dict, beams, resamples:
                                          run_name=f"comparison-seeds{seeds}" if seeds else "comparison")
     if created:
         client.log_batch(run_id, params=param_entities(params))
-    metrics = {f"{a}.beam{k}.{key}": m[f"beam{k}"][key] for a, m in models.items() for k in beams for key in KEYS}
+    metrics = {f"{a}.beam{k}.{score}": m[f"beam{k}"][score] for a, m in models.items() for k in beams for score in SCORES}
     # validation beside test: the split the search ranked by, and the one it never saw
-    metrics.update({f"{a}.val_best_bleu4": m["val_bleu4"] for a, m in models.items() if m.get("val_bleu4") is not None})
-    for prefix, boot in (("", results["bootstrap"]), ("replicates.", (results["replicates"] or {}).get("bootstrap"))):
-        if boot:
-            metrics.update({f"{prefix}bleu4_difference": boot["difference"], f"{prefix}bleu4_difference_low": boot["low"],
-                            f"{prefix}bleu4_difference_high": boot["high"]})
+    metrics.update({f"{a}.val_best_{score}": v for a, m in models.items() for score, v in m["val"].items()})
+    for prefix, boots in (("", results["bootstrap"]), ("replicates.", (results["replicates"] or {}).get("bootstrap"))):
+        for score, boot in (boots or {}).items():
+            metrics.update({f"{prefix}{score}_difference": boot["difference"],
+                            f"{prefix}{score}_difference_low": boot["low"],
+                            f"{prefix}{score}_difference_high": boot["high"]})
     for a, rep in ((results["replicates"] or {}).get("architectures") or {}).items():
-        metrics.update({f"{a}.replicates.test_{k}.{s}": rep[f"test_{k}"][s] for k in KEYS for s in ("mean", "std")})
+        metrics.update({f"{a}.replicates.test_{k}.{s}": rep[f"test_{k}"][s] for k in SCORES for s in ("mean", "std")})
     client.log_batch(run_id, metrics=metric_entities(metrics))
     with tempfile.TemporaryDirectory(prefix="captune-compare-") as tmp:
         (Path(tmp) / "comparison.json").write_text(json.dumps(results, indent=2))
@@ -214,9 +241,10 @@ def _log(client, experiment_id: str, name: str, results: dict, beams, resamples:
 
 
 def _chart(results: dict, name: str, path: Path) -> None:
-    """Test BLEU-1..4 per architecture (one colour each): the champion (greedy), the seed
-    replicates' mean with their standard deviation as error bars, and the image-blind control's
-    BLEU-4 as a dashed floor over that architecture's BLEU-4 bars; the verdict below."""
+    """Test scores per architecture (one colour each): BLEU-1..4 and ROUGE-L on the left, CIDEr-D
+    (another scale) on the right; the champion (greedy), the seed replicates' mean with their
+    standard deviation as error bars, and the image-blind control's BLEU-4 and CIDEr-D as dashed
+    floors over that architecture's bars; the verdict below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,27 +253,32 @@ def _chart(results: dict, name: str, path: Path) -> None:
     models, reps = results["models"], (results["replicates"] or {}).get("architectures") or {}
     bars = [(a, what) for a in models for what in ("champion", "replicates") if what == "champion" or a in reps]
     width = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for i, (arch, what) in enumerate(bars):
-        colour = f"C{list(models).index(arch)}"
-        x = [n + i * width for n in range(4)]
-        if what == "champion":
-            ax.bar(x, [models[arch]["beam1"][k] for k in KEYS], width, color=colour, label=f"{arch} champion")
-        else:
-            ax.bar(x, [reps[arch][f"test_{k}"]["mean"] for k in KEYS], width, color=colour, alpha=0.5, hatch="//",
-                   capsize=3, yerr=[reps[arch][f"test_{k}"]["std"] for k in KEYS],
-                   label=f"{arch}, {len(reps[arch]['seeds'])} new seeds (mean ± sd)")
-    for arch, m in models.items():
-        if m.get("control"):
-            mine = [i for i, (a, _) in enumerate(bars) if a == arch]
-            ax.hlines(m["control"]["control_test_bleu4"], 3 + mine[0] * width - width / 2,
-                      3 + mine[-1] * width + width / 2, colors=f"C{list(models).index(arch)}", linestyles="dashed",
-                      linewidth=2, zorder=3, label=f"{arch} image-blind control (BLEU-4)")
-    ax.set_xticks([n + (len(bars) - 1) * width / 2 for n in range(4)], [f"BLEU-{n}" for n in range(1, 5)])
-    ax.set(ylim=(0, 1.22), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0], ylabel=f"{results['split']} split, greedy search",
-           title=f"sweep {name}: champions compared")
-    ax.legend(fontsize=8, loc="upper left", ncol=3)
-    fig.text(0.01, 0.01, textwrap.fill(f"verdict: {results['verdict']}", 140), fontsize=7.5, va="bottom")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5), gridspec_kw={"width_ratios": [5, 1.4]})
+    for ax, keys in ((left, ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l")), (right, ("cider",))):
+        for i, (arch, what) in enumerate(bars):
+            colour = f"C{list(models).index(arch)}"
+            x = [n + i * width for n in range(len(keys))]
+            if what == "champion":
+                ax.bar(x, [models[arch]["beam1"][k] for k in keys], width, color=colour, label=f"{arch} champion")
+            else:
+                ax.bar(x, [reps[arch][f"test_{k}"]["mean"] for k in keys], width, color=colour, alpha=0.5,
+                       hatch="//", capsize=3, yerr=[reps[arch][f"test_{k}"]["std"] for k in keys],
+                       label=f"{arch}, {len(reps[arch]['seeds'])} new seeds (mean ± sd)")
+        for arch, m in models.items():
+            for score in CONTROLLED:
+                floor = ((m.get("control") or {}).get("scores") or {}).get(score)
+                if floor and score in keys:
+                    mine = [i for i, (a, _) in enumerate(bars) if a == arch]
+                    at = keys.index(score)
+                    ax.hlines(floor["control_test"], at + mine[0] * width - width / 2, at + mine[-1] * width + width / 2,
+                              colors=f"C{list(models).index(arch)}", linestyles="dashed", linewidth=2, zorder=3,
+                              label=f"{arch} image-blind control" if score == "bleu4" else None)
+        ax.set_xticks([n + (len(bars) - 1) * width / 2 for n in range(len(keys))], [SCORE_LABELS[k] for k in keys])
+    left.set(ylim=(0, 1.22), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0], ylabel=f"{results['split']} split, greedy search",
+             title=f"sweep {name}: champions compared")
+    right.set(ylim=(0, max(1.0, 1.25 * max(models[a]["beam1"]["cider"] for a in models))), title="CIDEr-D")
+    left.legend(fontsize=8, loc="upper left", ncol=3)
+    fig.text(0.01, 0.01, textwrap.fill(f"verdict: {results['verdict']}", 150), fontsize=7.5, va="bottom")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -3,30 +3,35 @@ shuffled against their captions (`image_blind`), for as many epochs. What the co
 a model scores without reading the image; a champion is worth its margin over it.
 
 Runs in the architecture's search task, once the search has ended, on one of the sweep's trial
-slots. Recorded as a run tagged `captune.kind=control` under the search's parent run, which gets
-`control_bleu4` (its best validation BLEU-4, the trials' objective), `control_test_bleu4`,
-`test_bleu4` (the champion's, greedy, on the same test images) and the paired bootstrap of the
-champion's test BLEU-4 minus the control's (`control_gap`, `control_gap_low`, `control_gap_high`).
-A champion whose interval does not lie above 0 does not clearly beat its control.
+slots. Recorded as a run tagged `captune.kind=control` under the search's parent run, which gets,
+in BLEU-4 and in CIDEr-D (infra.mlflow_names.control_metrics): the control's best validation score
+(`control_bleu4`), its test score (`control_test_bleu4`), the champion's (`test_bleu4`, greedy, on
+the same test images) and the paired bootstrap of the champion's test score minus the control's
+(`control_gap`, `control_gap_low`, `control_gap_high`; `control_cider_gap`, ...). The control
+trains as the trials did, its best epoch picked by the sweep's metric; a champion whose interval
+in that metric does not lie above 0 does not clearly beat its control.
 """
 from __future__ import annotations
 
 from infra.mlflow_logging import metric_entities
-from infra.mlflow_names import CONTROL_ERROR_TAG, CONTROL_METRICS, CONTROL_VERDICT_TAG, control_verdict
+from infra.mlflow_names import (CONTROL_ERROR_TAG, CONTROL_FIELDS, CONTROL_VERDICT_TAG, CONTROLLED, control_metrics,
+                                control_record)
 from infra.raycluster import root_cause
 from search.bootstrap import paired_bootstrap
 from search.progress import note
 from search.reruns import RerunJob, run_reruns
 from search.slots import held_slot
+from trainables.catalog import SCORE_LABELS
 
 
 def run_control(client, job, outcome) -> dict | None:
     """`job`: the search's SearchJob; `outcome`: its ArchOutcome, with a registered champion. None
     when the control failed (its run says why)."""
-    arch, parent = job.search.arch, job.parent_run_id
+    arch, parent, metric = job.search.arch, job.parent_run_id, job.settings.metric
     done = client.get_run(parent).data
-    if all(k in done.metrics for k in CONTROL_METRICS):  # a resumed sweep: the control ran before
-        return {**{k: done.metrics[k] for k in CONTROL_METRICS}, "verdict": control_verdict(done.tags, done.metrics)}
+    before = control_record(done.tags, done.metrics, metric)
+    if before and set(before["scores"]) == set(CONTROLLED):  # a resumed sweep: the control ran before
+        return before
     champion = outcome.champion
     config = {**job.trial_base(), **outcome.best["config"], "image_blind": True}
     rerun = RerunJob(kind="control", config=config, data_root=job.req.data_root, feature_set=job.feature_set,
@@ -44,15 +49,19 @@ def run_control(client, job, outcome) -> dict | None:
         note(job.req.name, arch, f"WARNING: the image-blind control failed ({reason}); the champion has no floor. "
                                  f"`captune sweep --resume` tries it again.")
         return None
-    gap = paired_bootstrap(result["other_statistics"], result["statistics"],
-                           names=(f"the {arch} champion", "its image-blind control"))
-    control = {"control_bleu4": result["val"]["best_bleu4"], "control_test_bleu4": result["test"]["bleu4"],
-               "test_bleu4": result["other_test"]["bleu4"], "control_gap": gap.difference,
-               "control_gap_low": gap.low, "control_gap_high": gap.high}
-    verdict = {"clear": gap.low > 0, "text": gap.verdict()}
-    client.log_batch(parent, metrics=metric_entities(control))
+    scores, gaps = {}, {}
+    for score in CONTROLLED:
+        gaps[score] = paired_bootstrap(result["other_statistics"], result["statistics"], metric=score,
+                                       names=(f"the {arch} champion", "its image-blind control"))
+        values = (result["val"].get(f"best_{score}", float("nan")),  # (nan: a rerun recorded before CIDEr-D)
+                  result["test"][score], result["other_test"][score],
+                  gaps[score].difference, gaps[score].low, gaps[score].high)
+        scores[score] = dict(zip(CONTROL_FIELDS, values))
+    verdict = {"clear": gaps[metric].low > 0, "text": gaps[metric].verdict()}
+    client.log_batch(parent, metrics=metric_entities({name: scores[s][field] for s in CONTROLLED for field, name
+                                                      in zip(CONTROL_FIELDS, control_metrics(s))}))
     client.set_tag(parent, CONTROL_VERDICT_TAG, verdict["text"])
-    note(job.req.name, arch, f"control: validation BLEU-4 {control['control_bleu4']:.4f} (champion "
-                             f"{outcome.best['bleu4']:.4f}); {verdict['text']}")
-    return {**control, "verdict": verdict}
+    note(job.req.name, arch, f"control: validation {SCORE_LABELS[metric]} {scores[metric]['control']:.4f} (champion "
+                             f"{outcome.best['score']:.4f}); {verdict['text']}")
+    return {"metric": metric, "scores": scores, "verdict": verdict}
 

@@ -1,52 +1,54 @@
 """The leaderboard of a sweep, read back from MLflow: per architecture, its trials by their
-objective (best validation BLEU-4, MLflow's own ordering by `metrics.best_bleu4`), the floor its
-image-blind control sets, and which hyperparameters mattered."""
+objective (the best validation score in the sweep's metric, MLflow's own ordering by
+`metrics.best_bleu4` or `metrics.best_cider`) with their best epoch's BLEU-4, CIDEr-D and
+ROUGE-L, the floor its image-blind control sets, and which hyperparameters mattered."""
 from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, CONTROL_METRICS, EPOCHS_RUN_TAG, ERROR_TAG,
+from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, EPOCHS_RUN_TAG, ERROR_TAG,
                                 IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG, STATE_TAG,
-                                SWEEP_TAG, TRIAL_TAG, control_verdict)
+                                SWEEP_TAG, TRIAL_TAG, control_record)
 from infra.mlflow_store import configure
-from search.objective import METRIC
+from search.objective import DEFAULT_METRIC, metric_of, objective
+from trainables.catalog import SCORE_LABELS
 from trainables.config import ConfigError
 
 PARAM_COLUMNS = ("lr", "hidden_size", "vocab_threshold", "embed_size", "dropout", "batch_size")
+SHOWN = ("bleu4", "cider", "rouge_l")  # each trial's best epoch's scores in the table, the sweep's metric first
 
 
 def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -> dict:
-    """{"sweep", "trials": every trial, best first (trials with no score last), "searches": per
-    architecture its best, control and importances}."""
+    """{"sweep", "metric": what it maximises, "trials": every trial, best first by it (trials with no
+    score last), "searches": per architecture its best, control and importances}."""
     uri = configure(tracking_uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         raise ConfigError(f"no sweep named {name!r} in the MLflow store {uri}")
+    parents = client.search_runs([experiment.experiment_id],
+                                 filter_string=f"tags.`{KIND_TAG}` = 'search' and tags.`{SWEEP_TAG}` = '{name}'")
+    metric = metric_of(parents[0].data.params) if parents else DEFAULT_METRIC
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'trial'",
-                              order_by=[f"metrics.{METRIC} DESC"], max_results=limit)
+                              order_by=[f"metrics.{objective(metric)} DESC"], max_results=limit)
     rows = []
     for run in runs:
         m, p, t = run.data.metrics, run.data.params, run.data.tags
         rows.append({
             "rank": len(rows) + 1, "run_id": run.info.run_id, "trial_id": t.get(TRIAL_TAG), "arch": p.get("arch"),
-            METRIC: m.get(METRIC), "best_epoch": _int(m.get("best_epoch")), "last_bleu4": m.get("bleu4"),
+            **{objective(k): m.get(objective(k)) for k in SHOWN}, "best_epoch": _int(m.get("best_epoch")),
             **{k: _number(p.get(k)) for k in PARAM_COLUMNS},
             "epochs": int(t.get(EPOCHS_RUN_TAG, 0)) or None, "end_state": t.get(STATE_TAG),
             "error": t.get(ERROR_TAG),
         })
-    parents = client.search_runs([experiment.experiment_id],
-                                 filter_string=f"tags.`{KIND_TAG}` = 'search' and tags.`{SWEEP_TAG}` = '{name}'")
-    return {"sweep": name, "trials": rows, "searches": {r.data.tags[ARCH_TAG]: _search(r) for r in parents}}
+    return {"sweep": name, "metric": metric, "trials": rows,
+            "searches": {r.data.tags[ARCH_TAG]: _search(r, metric) for r in parents}}
 
 
-def _search(run) -> dict:
+def _search(run, metric: str) -> dict:
     m, t = run.data.metrics, run.data.tags
-    control = None
-    if "control_bleu4" in m:
-        control = {k: m.get(k) for k in CONTROL_METRICS}
-        control["verdict"] = control_verdict(t, m)
-    return {"run_id": run.info.run_id, METRIC: m.get(METRIC), "best_trial": t.get(BEST_TRIAL_TAG),
+    control = control_record(t, m, metric)
+    return {"run_id": run.info.run_id, objective(metric): m.get(objective(metric)), "best_trial": t.get(BEST_TRIAL_TAG),
             "control": control, "control_error": None if control else t.get(CONTROL_ERROR_TAG),
             "importances": dict(sorted(((k.removeprefix(IMPORTANCE_PREFIX), v) for k, v in m.items() if k.startswith(IMPORTANCE_PREFIX)),
                                        key=lambda kv: -kv[1])),
@@ -54,15 +56,19 @@ def _search(run) -> dict:
 
 
 def format_leaderboard(board: dict, top: int | None = None) -> str:
-    head = f"{'#':>3} {'best bleu4':>10} {'@ep':>3} {'epochs':>6} {'lr':>9} {'hidden':>6} {'vthr':>4} {'emb':>4} " \
-           f"{'drop':>5} {'batch':>5}  {'state':<13} trial"
+    metric = board.get("metric", DEFAULT_METRIC)
+    shown = [metric] + [k for k in SHOWN if k != metric]
+    head = (f"{'#':>3} " + " ".join(f"{SCORE_LABELS[k]:>8}" for k in shown) +
+            f" {'@ep':>3} {'epochs':>6} {'lr':>9} {'hidden':>6} {'vthr':>4} {'emb':>4} {'drop':>5} {'batch':>5}  "
+            f"{'state':<13} trial")
     lines = []
     archs = sorted({r["arch"] for r in board["trials"] if r["arch"]} | set(board["searches"]))
     for arch in archs:
         rows = [r for r in board["trials"] if r["arch"] == arch][:top]
-        lines += [f"{arch}: trials by best validation BLEU-4", head]
+        lines += [f"{arch}: trials by best validation {SCORE_LABELS[metric]} (the other scores: that epoch's)", head]
         for i, r in enumerate(rows, 1):
-            lines.append(f"{i:>3} {_fmt(r[METRIC], '.4f'):>10} {_fmt(r['best_epoch']):>3} {_fmt(r['epochs']):>6} "
+            lines.append(f"{i:>3} " + " ".join(f"{_fmt(r[objective(k)], '.4f'):>8}" for k in shown) +
+                         f" {_fmt(r['best_epoch']):>3} {_fmt(r['epochs']):>6} "
                          f"{_fmt(r['lr'], '.2e'):>9} {_fmt(r['hidden_size']):>6} {_fmt(r['vocab_threshold']):>4} "
                          f"{_fmt(r['embed_size']):>4} {_fmt(r['dropout'], '.2f'):>5} {_fmt(r['batch_size']):>5}  "
                          f"{r['end_state'] or '-':<13} {r['trial_id']}")
@@ -70,20 +76,22 @@ def format_leaderboard(board: dict, top: int | None = None) -> str:
                 lines.append(f"      error: {r['error'][:150]}")
         search = board["searches"].get(arch)
         if search:
-            lines += _floor_lines(search) + _importance_lines(search)
+            lines += _floor_lines(search, metric) + _importance_lines(search)
         lines.append("")
     return "\n".join(lines).rstrip()
 
 
-def _floor_lines(search: dict) -> list[str]:
+def _floor_lines(search: dict, metric: str) -> list[str]:
     c = search["control"]
     if c is None and search["control_error"]:
         return [f"    floor: WARNING: the image-blind control failed ({search['control_error'][:150]})"]
     if c is None:
         return ["    floor: no image-blind control was run (--no-control, or the search has no champion yet)"]
-    lines = [f"    floor (image-blind control, same configuration): {c['control_bleu4']:.4f} validation, "
-             f"{c['control_test_bleu4']:.4f} test; champion {c['test_bleu4']:.4f} test, gap {c['control_gap']:+.4f} "
-             f"[{c['control_gap_low']:+.4f}, {c['control_gap_high']:+.4f}]"]
+    lines = ["    floor (image-blind control, same configuration):"]
+    for score in [metric] + [s for s in c["scores"] if s != metric]:
+        x = c["scores"][score]
+        lines.append(f"      {SCORE_LABELS[score]:<8} {x['control']:.4f} validation, {x['control_test']:.4f} test; "
+                     f"champion {x['test']:.4f} test, gap {x['gap']:+.4f} [{x['gap_low']:+.4f}, {x['gap_high']:+.4f}]")
     if not c["verdict"].get("clear"):
         lines.append(f"    WARNING: {c['verdict'].get('text')}: the champion does not clearly beat a model that "
                      f"never saw its images")

@@ -23,10 +23,11 @@ from infra.mlflow_names import (ARCH_TAG, CHAMPION_TRIAL_TAG, EPOCHS_RUN_TAG, ER
                                 TRIAL_TAG, tags_filter, trial_run_name)
 from infra.mlflow_store import dataset_input
 from infra.raycluster import root_cause
-from search.objective import DIVERGED, FAILED, end_state
+from search.objective import DIVERGED, FAILED, end_state, objective
 from search.searcher import TRIAL_ATTR
+from trainables.catalog import SCORE_LABELS, SCORES
 
-LOGGED = ("loss", "bleu1", "bleu2", "bleu3", "bleu4", "best_bleu4", "best_epoch", "epoch_seconds", "val_seconds")
+LOGGED = ("loss", *SCORES, *(f"best_{k}" for k in SCORES), "best_epoch", "epoch_seconds", "val_seconds")
 ONCE = ("setup_seconds", "vocab_size")  # a trial's constants: logged with its first epoch only
 RETRY_EVERY_S = 5.0
 
@@ -253,10 +254,12 @@ def _error_text(trial) -> str:
     return str(trial.get_error() or "unknown error")
 
 
-def rank_trial_runs(client: MlflowClient, experiment_id: str, sweep: str, arch: str, champion_run_id: str | None) -> None:
-    """After a search: each trial run renamed with its rank by best BLEU-4 and, if it did not
+def rank_trial_runs(client: MlflowClient, experiment_id: str, sweep: str, arch: str, champion_run_id: str | None,
+                    metric: str) -> None:
+    """After a search: each trial run renamed with its rank by its objective and, if it did not
     finish, its end state (trial_run_name); its champion tagged as such."""
-    runs = client.search_runs([experiment_id], max_results=10000, order_by=["metrics.best_bleu4 DESC"],
+    target = objective(metric)
+    runs = client.search_runs([experiment_id], max_results=10000, order_by=[f"metrics.{target} DESC"],
                               filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ARCH_TAG}` = '{arch}' and "
                                             f"tags.`{KIND_TAG}` = 'trial'")
     for rank, run in enumerate(runs, 1):
@@ -267,8 +270,8 @@ def rank_trial_runs(client: MlflowClient, experiment_id: str, sweep: str, arch: 
         if run.info.run_id == champion_run_id:
             client.set_tag(run.info.run_id, CHAMPION_TRIAL_TAG, "true")
             client.set_tag(run.info.run_id, NOTE_TAG, (
-                f"The champion trial of the **{arch}** search of sweep `{sweep}`: best validation BLEU-4 "
-                f"{run.data.metrics.get('best_bleu4', float('nan')):.4f} at epoch "
+                f"The champion trial of the **{arch}** search of sweep `{sweep}`: best validation "
+                f"{SCORE_LABELS[metric]} {run.data.metrics.get(target, float('nan')):.4f} at epoch "
                 f"{int(run.data.metrics.get('best_epoch', 0))}. That epoch's model is registered (Registered "
                 f"models) and, with its vocabulary, configuration, learning curves and validation examples, "
                 f"in Artifacts › champion."))

@@ -14,6 +14,8 @@ import time
 import uuid
 
 from infra.mlflow_names import KIND_TAG, STATE_TAG
+from search.objective import DEFAULT_METRIC, objective
+from trainables.catalog import SCORE_LABELS
 
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 VIEW_NAME = "captune leaderboard"
@@ -28,24 +30,28 @@ def column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"
 
 
-COLUMNS = [column("params", "arch"), column("metrics", "best_bleu4"), column("metrics", "best_epoch"),
-           column("params", "lr"), column("params", "hidden_size"), column("params", "vocab_threshold"),
-           column("tags", STATE_TAG), column("attributes", "Models"), column("attributes", "Dataset")]
+def columns(metric: str) -> list[str]:
+    """The leaderboard's columns: the objective first, then the best epoch's other headline scores."""
+    scores = [metric] + [k for k in ("bleu4", "cider", "rouge_l") if k != metric]
+    return [column("params", "arch"), *(column("metrics", objective(k)) for k in scores),
+            column("metrics", "best_epoch"), column("params", "lr"), column("params", "hidden_size"),
+            column("params", "vocab_threshold"), column("tags", STATE_TAG), column("attributes", "Models"),
+            column("attributes", "Dataset")]
 
 
-def leaderboard_state() -> dict:
-    """Trials only, best BLEU-4 first, the leaderboard's columns (and the dataset), every run shown, and three
-    charts in a section of their own: best BLEU-4 per trial (bar), parallel coordinates of the
-    searched parameters against it, and the BLEU-4 curves per epoch."""
-    section = _id("section")
+def leaderboard_state(metric: str = DEFAULT_METRIC) -> dict:
+    """Trials only, best first by the sweep's `metric`, the leaderboard's columns (and the dataset), every run
+    shown, and three charts in a section of their own: the best score per trial (bar), parallel
+    coordinates of the searched parameters against it, and its curves per epoch."""
+    section, target, label = _id("section"), objective(metric), SCORE_LABELS[metric]
     charts = [
-        {**_card("BAR", "bar", section), "metricKey": "best_bleu4", "displayName": "best BLEU-4 per trial",
+        {**_card("BAR", "bar", section), "metricKey": target, "displayName": f"best {label} per trial",
          "selectedMetricKeys": None, "datasetName": None, "dataAccessKey": None, "runsCountToCompare": 100},
         {**_card("PARALLEL", "parallel", section), "selectedParams": ["lr", "hidden_size", "vocab_threshold"],
-         "selectedMetrics": ["best_bleu4"], "showAllRuns": True, "displayName": "searched parameters",
+         "selectedMetrics": [target], "showAllRuns": True, "displayName": "searched parameters",
          "runsCountToCompare": 100},
-        {**_card("LINE", "curves", section), "metricKey": "bleu4", "displayName": "validation BLEU-4 per epoch",
-         "selectedMetricKeys": ["bleu4"], "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear",
+        {**_card("LINE", "curves", section), "metricKey": metric, "displayName": f"validation {label} per epoch",
+         "selectedMetricKeys": [metric], "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear",
          "range": {}, "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [],
          "ignoreOutliers": False, "useGlobalXaxisKey": False, "useGlobalLineSmoothing": False,
          "runsCountToCompare": 100},
@@ -55,10 +61,10 @@ def leaderboard_state() -> dict:
                 *({"uuid": _id(name), "name": name, "display": False, "isReordered": False, "deleted": False,
                    "isGenerated": True} for name in (MODEL_SECTION, SYSTEM_SECTION))]
     return {
-        "searchFilter": f"tags.`{KIND_TAG}` = 'trial'", "orderByKey": column("metrics", "best_bleu4"),
+        "searchFilter": f"tags.`{KIND_TAG}` = 'trial'", "orderByKey": column("metrics", target),
         "orderByAsc": False, "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
         "modelVersionFilter": "All Runs",
-        "selectedColumns": COLUMNS, "columnOrder": [], "columnWidths": {}, "runsHiddenMode": "SHOW_ALL",
+        "selectedColumns": columns(metric), "columnOrder": [], "columnWidths": {}, "runsHiddenMode": "SHOW_ALL",
         "compareRunCharts": charts, "compareRunSections": sections, "viewMaximized": False, "runListHidden": False,
         "isAccordionReordered": True, "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None,
         "groupsExpanded": {}, "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0,
@@ -74,10 +80,10 @@ def _id(name: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"captune/leaderboard-view/{name}"))
 
 
-def save_leaderboard_view(client, experiment_id: str) -> str:
+def save_leaderboard_view(client, experiment_id: str, metric: str = DEFAULT_METRIC) -> str:
     """Write the view on the experiment (again: the same key, the current definition); returns its key."""
     now = int(time.time() * 1000)
-    envelope = {"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(leaderboard_state())}
+    envelope = {"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(leaderboard_state(metric))}
     client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, json.dumps(envelope))
     return VIEW_KEY
 

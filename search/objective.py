@@ -1,9 +1,11 @@
 """What a sweep optimises and how a trial ended, stated once for Tune, ASHA, Optuna, MLflow, the
 leaderboard and the registry.
 
-A trial's value is its best validation BLEU-4 over the epochs it ran (`best_bleu4`, reported every
-epoch by the training loop with `best_epoch`), and the checkpoint registered for a champion is
-that epoch's. A trial ends in one of four states:
+A sweep optimises one validation score, its metric: BLEU-4 (`bleu4`, the default) or CIDEr-D
+(`cider`), chosen by `captune sweep --metric` or the sweep file's `sweep: metric:`. A trial's
+value is its best validation score of that metric over the epochs it ran (`best_<metric>`,
+reported every epoch by the training loop with `best_epoch` and that epoch's other scores), and
+the checkpoint registered for a champion is that epoch's. A trial ends in one of four states:
 
 | state           | when                                           | Optuna   | MLflow status |
 |-----------------|------------------------------------------------|----------|---------------|
@@ -16,8 +18,20 @@ from __future__ import annotations
 
 import hashlib
 
-METRIC, MODE = "best_bleu4", "max"
-EPOCH_METRIC = "bleu4"  # one epoch's validation BLEU-4, of which METRIC is the running best
+DEFAULT_METRIC, MODE = "bleu4", "max"
+
+
+def metric_of(params: dict[str, str]) -> str:
+    """The metric a sweep's search run records as its parameter `metric` (a sweep recorded
+    before the metric could be chosen maximised BLEU-4)."""
+    return params.get("metric", DEFAULT_METRIC)
+
+
+def objective(metric: str) -> str:
+    """What Tune, ASHA and Optuna see of a trial, and what ranks trials: the running best of one
+    epoch's validation `metric` ("best_bleu4", "best_cider")."""
+    return f"best_{metric}"
+
 
 FINISHED, EARLY_STOPPED, DIVERGED, FAILED = "finished", "early-stopped", "diverged", "failed"
 

@@ -2,7 +2,7 @@
 
 The searches run in Ray tasks; a Tune callback in each (`ProgressEvents`) sends the trials'
 events to a queue the driver reads between its waits. The driver's `SweepView` prints one line
-per trial event (started, with its configuration; ended, with its state, epochs and best BLEU-4)
+per trial event (started, with its configuration; ended, with its state, epochs and best score)
 and keeps, per architecture, trials done / running / pending, the best so far, the time spent and
 an estimate of what is left: bars redrawn in place on a terminal (tqdm), plain lines (no escape
 codes) otherwise, a summary line after each trial ends.
@@ -25,7 +25,8 @@ import ray
 from ray.tune import Callback
 from tqdm import tqdm
 
-from search.objective import METRIC, end_state
+from search.objective import DEFAULT_METRIC, end_state, objective
+from trainables.catalog import SCORE_LABELS
 
 
 @ray.remote(num_cpus=0)
@@ -64,9 +65,10 @@ def config_text(config: dict, keys: list[str]) -> str:
 class ProgressEvents(Callback):
     """Tune callback, in a search task: each trial's start and end, put on the driver's queue."""
 
-    def __init__(self, sweep: str, arch: str, searched: list[str], max_epochs: int):
+    def __init__(self, sweep: str, arch: str, searched: list[str], max_epochs: int, metric: str = DEFAULT_METRIC):
         self.sweep, self.arch, self.searched, self.max_epochs = sweep, arch, searched, max_epochs
-        self.best: dict[str, tuple[float, int]] = {}  # trial_id -> (best bleu4, its epoch)
+        self.target = objective(metric)
+        self.best: dict[str, tuple[float, int]] = {}  # trial_id -> (its objective, the epoch)
         self._queue = None
 
     def __getstate__(self) -> dict:  # pickled with Tune's experiment state: no actor handle
@@ -79,8 +81,8 @@ class ProgressEvents(Callback):
         self._put("start", trial, config=config_text(trial.config, self.searched))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if METRIC in result:
-            self.best[trial.trial_id] = (float(result[METRIC]), int(result.get("best_epoch", 0)))
+        if self.target in result:
+            self.best[trial.trial_id] = (float(result[self.target]), int(result.get("best_epoch", 0)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
@@ -112,7 +114,7 @@ class ArchState:
     done: set[str] = field(default_factory=set)
     durations: list[float] = field(default_factory=list)  # of ended trials, seconds
     started: dict[str, float] = field(default_factory=dict)
-    best: tuple[float, str, int] | None = None  # (bleu4, trial id, epoch)
+    best: tuple[float, str, int] | None = None  # (the objective, trial id, epoch)
 
     def label(self, trial_id: str) -> str:
         """"trial 3 (a1b2c3d4)": numbered in order of start, with Tune's id (the leaderboard's)."""
@@ -145,8 +147,9 @@ class SweepView:
     is a terminal."""
 
     def __init__(self, name: str, trials: dict[str, int], concurrent: dict[str, int], out: IO[str] | None = None,
-                 tty: bool | None = None, clock=time.time):
+                 tty: bool | None = None, clock=time.time, metric: str = DEFAULT_METRIC):
         self.name, self.out, self.clock = name, out or sys.stdout, clock
+        self.score_label = SCORE_LABELS[metric]
         self.tty = self.out.isatty() if tty is None else tty
         self.archs = {arch: ArchState(n, concurrent=concurrent.get(arch, 1)) for arch, n in trials.items()}
         self.began = clock()
@@ -183,7 +186,7 @@ class SweepView:
             state.durations.append(event["time"] - state.started.get(trial, event["time"]))
             best = event.get("best")
             state.ended(trial, best, event.get("best_epoch", 0))
-            score = f", best BLEU-4 {best:.4f} (epoch {event.get('best_epoch')})" if best is not None else ""
+            score = f", best {self.score_label} {best:.4f} (epoch {event.get('best_epoch')})" if best is not None else ""
             self._line(f"[{arch}] {state.label(trial)} {event['state']} after {event['epochs']} epoch(s){score}")
             if not self.tty:
                 self._line(self.summary())

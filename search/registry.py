@@ -1,5 +1,7 @@
 """Champions: the best trial of each architecture registered as `captune-<arch>`, with the alias
-`champion` moved only when the new model beats the current champion on the same validation split."""
+`champion` moved only when the new model beats the current champion on the same validation split,
+in the sweep's metric (BLEU-4 or CIDEr-D). Each version is tagged with its best epoch's validation
+scores (`bleu1`..`bleu4`, `cider`, `rouge_l`), the `metric` that picked it, `epoch`, `val_key`."""
 from __future__ import annotations
 
 import hashlib
@@ -17,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from data.layouts import load_corpus
+from trainables.catalog import SCORE_LABELS, SCORES
 from trainables.checkpoint import load_checkpoint, read_payload
 from trainables.config import split_seed_of
 from trainables.evaluation import evaluate_split
@@ -35,7 +38,7 @@ def model_name(arch: str) -> str:
 
 
 def validation_key(data_root: str | Path, train_config: dict) -> str:
-    """Identifies what a validation bleu4 was measured on: the images and captions of the
+    """Identifies what a validation score was measured on: the images and captions of the
     validation split and the caption generation settings."""
     corpus = load_corpus(data_root, seed=split_seed_of(train_config))
     h = hashlib.sha256()
@@ -46,7 +49,8 @@ def validation_key(data_root: str | Path, train_config: dict) -> str:
 
 
 def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
-    """Log the best trial's model in its run, register it, and move the champion alias if it wins."""
+    """Log the best trial's model in its run, register it, and move the champion alias if it wins.
+    `best`: search.request.ArchOutcome.best, with the "checkpoint" of its best epoch."""
     name, checkpoint = model_name(arch), Path(best["checkpoint"])
     payload = read_payload(checkpoint)
     if payload["model_config"]["arch"] != arch:  # never register one architecture under the other's name
@@ -56,33 +60,36 @@ def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
                            f"{best['trial_id']}'s best epoch {best['epoch']}")
     key = validation_key(data_root, payload["train_config"])
     with tempfile.TemporaryDirectory() as tmp:
-        write_champion_artifacts(checkpoint, data_root, Path(tmp))
+        write_champion_artifacts(checkpoint, data_root, Path(tmp), best["metric"])
         client.log_artifacts(best["run_id"], tmp, "champion")
     with mlflow.start_run(run_id=best["run_id"]):
         info = log_captioner(checkpoint, registered_name=name)
     version = str(info.registered_model_version)
-    for tag, value in {"bleu4": best["bleu4"], "epoch": payload["epoch"], "val_key": key,
+    for tag, value in {**best["scores"], "metric": best["metric"], "epoch": payload["epoch"], "val_key": key,
                        "trial_id": best["trial_id"]}.items():
         client.set_model_version_tag(name, version, tag, str(value))
     with promotion_lock(client, name):
-        return claim_alias(client, name, version, best["bleu4"], key, data_root, payload["train_config"])
+        return claim_alias(client, name, version, best["score"], key, data_root, payload["train_config"],
+                           best["metric"])
 
 
-def claim_alias(client, name: str, version: str, score: float, key: str, data_root, train_config: dict) -> dict:
-    """Move the champion alias to `version` if it beats the current champion (compared on the same
-    validation split). Call it holding the promotion lock: it reads, compares, then writes."""
+def claim_alias(client, name: str, version: str, score: float, key: str, data_root, train_config: dict,
+                metric: str = "bleu4") -> dict:
+    """Move the champion alias to `version` if it beats the current champion in `metric` (compared
+    on the same validation split). Call it holding the promotion lock: it reads, compares, then writes."""
     try:
         current = client.get_model_version_by_alias(name, ALIAS)
     except MlflowException:
         current = None
-    result = {"name": name, "version": version, "bleu4": score, "previous": None, "promoted": False}
+    result = {"name": name, "version": version, "metric": metric, "score": score, "previous": None,
+              "promoted": False}
     if current is None:
         result["promoted"] = True
     else:
-        mine, theirs = score, _champion_score(current, key, data_root, train_config)
+        mine, theirs = score, _champion_score(current, key, data_root, train_config, metric)
         if current.tags.get("val_key") != key:  # measured on other data: score both here, alike
-            mine = _score(f"models:/{name}/{version}", data_root, train_config)
-        result["previous"] = {"version": current.version, "bleu4": theirs}
+            mine = _score(f"models:/{name}/{version}", data_root, train_config, metric)
+        result["previous"] = {"version": current.version, "score": theirs}
         result["promoted"] = mine > theirs
     if result["promoted"]:
         client.set_registered_model_alias(name, ALIAS, version)
@@ -119,20 +126,24 @@ def promotion_lock(client, name: str, timeout_s: float | None = None):
         client.delete_registered_model(lock)
 
 
-def _champion_score(current, key: str, data_root, train_config: dict) -> float:
-    if current.tags.get("val_key") == key and "bleu4" in current.tags:
-        return float(current.tags["bleu4"])
-    return _score(f"models:/{current.name}/{current.version}", data_root, train_config)
+def _champion_score(current, key: str, data_root, train_config: dict, metric: str) -> float:
+    """The current champion's validation score in `metric`: from its tags when measured on the same
+    split (a version registered before CIDEr-D has only bleu4), else scored here."""
+    if current.tags.get("val_key") == key and metric in current.tags:
+        return float(current.tags[metric])
+    return _score(f"models:/{current.name}/{current.version}", data_root, train_config, metric)
 
 
-def _score(uri: str, data_root, train_config: dict) -> float:
+def _score(uri: str, data_root, train_config: dict, metric: str) -> float:
     loaded = load_captioner(uri)
-    return evaluate_split(loaded, data_root, split="val", beam=int(train_config.get("val_beam", 1)))["bleu4"]
+    return evaluate_split(loaded, data_root, split="val", beam=int(train_config.get("val_beam", 1)))[metric]
 
 
-def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path, images: int = 8) -> None:
-    """vocab.json, config.json, learning_curves.png and val_examples.png (validation images with
-    the generated caption above the references)."""
+def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path, metric: str = "bleu4",
+                             images: int = 8) -> None:
+    """vocab.json, config.json, val_scores.json (the epoch's validation scores, and the metric
+    that picked it), learning_curves.png (loss; BLEU-1..4 and ROUGE-L; CIDEr-D) and
+    val_examples.png (validation images with the generated caption above the references)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,14 +155,23 @@ def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path,
     (out / "config.json").write_text(json.dumps({"model": payload["model_config"],
                                                  "train": payload["train_config"]}, indent=2))
     history = payload["history"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    epoch = history[int(payload["epoch"]) - 1]
+    (out / "val_scores.json").write_text(json.dumps({"epoch": payload["epoch"], "metric": metric,
+                                                     **{k: epoch[k] for k in SCORES if k in epoch}}, indent=2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.5))
     epochs = [h["epoch"] for h in history]
     ax1.plot(epochs, [h["loss"] for h in history], marker="o")
     ax1.set(xlabel="epoch", ylabel="training loss (cross-entropy per token)")
-    for n in range(1, 5):
-        ax2.plot(epochs, [h[f"bleu{n}"] for h in history], marker="o", label=f"BLEU-{n}")
-    ax2.set(xlabel="epoch", ylabel="validation BLEU", ylim=(0, 1))
-    ax2.legend()
+    for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l"):
+        ax2.plot(epochs, [h.get(k, float("nan")) for h in history], marker="o", label=SCORE_LABELS[k],
+                 linestyle="--" if k == "rouge_l" else "-")
+    ax2.set(xlabel="epoch", ylabel="validation score", ylim=(0, 1))
+    ax2.legend(fontsize=8)
+    ax3.plot(epochs, [h.get("cider", float("nan")) for h in history], marker="o", color="C5")
+    ax3.set(xlabel="epoch", ylabel="validation CIDEr-D", ylim=(0, None))
+    for ax in (ax2, ax3):  # the epoch whose model this is
+        ax.axvline(int(payload["epoch"]), color="0.6", linestyle=":", linewidth=1)
+    fig.suptitle(f"best epoch {payload['epoch']} by validation {SCORE_LABELS[metric]} (dotted)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=100)
     plt.close(fig)

@@ -11,7 +11,7 @@ from pathlib import Path
 from data.cache import default_cache_dir
 from infra.storage import is_uri
 from search.space import SearchSpace, SweepSettings, load_spaces
-from trainables.catalog import ARCHS
+from trainables.catalog import ARCHS, OBJECTIVES
 from trainables.config import ConfigError, TrainConfig, compose, preset_layers, replace
 
 
@@ -25,6 +25,7 @@ class SweepRequest:
     data_root: str
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
     trials: int | None = None  # None: the config file's
+    metric: str | None = None  # the objective, bleu4 or cider; None: the config file's (search.objective)
     epochs: int | None = None
     config_file: str | None = None
     overrides: dict = field(default_factory=dict)  # --set, applied to every trial
@@ -50,7 +51,8 @@ class ArchSearch:
 class ArchOutcome:
     arch: str
     parent_run_id: str
-    best: dict | None  # {"trial_id", "run_id", "bleu4" (its best_bleu4), "epoch" (that epoch), "config"}
+    best: dict | None  # {"trial_id", "run_id", "metric", "score" (its best_<metric>), "epoch" (that epoch),
+    #                     "scores" (that epoch's, every score), "config"}
     trials: int
     errors: int
     champion: dict | None = None  # from search.registry.promote
@@ -100,6 +102,10 @@ def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
         settings.trials = req.trials
     if req.epochs is not None:
         settings.max_epochs = req.epochs
+    if req.metric is not None:
+        if req.metric not in OBJECTIVES:
+            raise ConfigError(f"--metric {req.metric!r}: choose one of {', '.join(OBJECTIVES)}")
+        settings.metric = req.metric
     settings.grace_period = min(settings.grace_period, settings.max_epochs)
     source = str(req.config_file or "search/spaces.yaml")
     searches = []
@@ -109,6 +115,10 @@ def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
             raise ConfigError(f"{source} [{arch}]: nothing to search: no key has a range or choices "
                               f"({{loguniform: [low, high]}}, {{choice: [...]}}, ...); give one a range, or train the "
                               f"single configuration with `captune train`")
+        if "metric" in req.overrides or "metric" in space.fixed or "metric" in space.searched:
+            raise ConfigError(f"{'--set' if 'metric' in req.overrides else f'{source} [{arch}]'}: metric is the "
+                              f"sweep's objective, the same for every trial: choose it with --metric or in the "
+                              f"file's `sweep:` section")
         fixed_by_set = sorted(set(req.overrides) & set(space.searched))
         if fixed_by_set:  # a trial's drawn value would silently win over --set
             raise ConfigError(f"--set {', '.join(fixed_by_set)}: {source} searches {' and '.join(fixed_by_set)} for "
@@ -116,7 +126,7 @@ def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
                               f"with --config")
         base = compose(arch, preset_layers(req.data_root, arch) + [(f"{source} [{arch}]", space.fixed),
                                                                    ("--set", req.overrides)])
-        base = replace(base, epochs=settings.max_epochs)
+        base = replace(base, epochs=settings.max_epochs, metric=settings.metric)
         for key in space.searched:  # each bound of the space must make a valid configuration
             kind, args = space.searched[key]
             for value in (args if kind == "choice" else args[:2]):
@@ -155,7 +165,8 @@ def resume_command(req: SweepRequest) -> str:
         words += ["--config", q(req.config_file)]
     if sorted(req.archs) != sorted(ARCHS):
         words += ["--arch", q(",".join(req.archs))]
-    for flag, value in (("--trials", req.trials), ("--epochs", req.epochs), ("--storage", req.storage),
+    for flag, value in (("--trials", req.trials), ("--epochs", req.epochs), ("--metric", req.metric),
+                        ("--storage", req.storage),
                         ("--tracking-uri", req.tracking_uri), ("--address", req.address)):
         if value is not None:
             words += [flag, q(str(value))]

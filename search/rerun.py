@@ -2,10 +2,11 @@
 image-blind control of a champion, or one seed replicate of it), its best epoch scored on the
 test split, all recorded as an MLflow run under the architecture's search run.
 
-The run keeps the best validation epoch, as a trial and `captune train` do, and scores that epoch
-on the test split with greedy search. It returns the test captions' BLEU statistics, for the
-paired bootstrap, and logs the captions (`test_captions.json`) so that a resumed sweep or compare
-reuses a finished rerun instead of training it again.
+The run keeps the best validation epoch (by its configuration's metric), as a trial and `captune
+train` do, and scores that epoch on the test split with greedy search. It returns the test
+captions' per-image statistics (trainables.metrics), for the paired bootstrap, and logs the
+captions (`test_captions.json`) so that a resumed sweep or compare reuses a finished rerun
+instead of training it again.
 """
 from __future__ import annotations
 
@@ -23,21 +24,23 @@ from data.prepare import PreparedData, prepare_data
 from infra.mlflow_logging import EpochLogger, metric_entities, param_entities
 from infra.mlflow_names import ERROR_TAG
 from search.reruns import RerunJob
+from trainables.catalog import SCORES
 from trainables.checkpoint import FILENAME, load_checkpoint
 from trainables.config import TrainConfig, split_seed_of
-from trainables.feature_job import load_feature_set
 from trainables.evaluation import caption_split
-from trainables.model_source import load_captioner
+from trainables.feature_job import load_feature_set
 from trainables.loop import WorkerContext, train
-from trainables.metrics import bleu, bleu_statistics
+from trainables.metrics import CaptionScorer, scores_from_statistics
+from trainables.model_source import load_captioner
 
 CAPTIONS_ARTIFACT = "test_captions.json"
 
 
 def rerun(job: RerunJob) -> dict:
     """Train, score the best epoch on the test split, record. Returns {"run_id", "val": best
-    epoch's validation scores, "test": its test BLEU-1..4, "statistics": per test image, and for
-    `also_score` "other_test" and "other_statistics"}."""
+    epoch's validation scores ("best_epoch", "best_bleu4", ...), "test": its test scores (every
+    one of SCORES), "statistics": per test image, and for `also_score` "other_test" and
+    "other_statistics"}."""
     torch.set_num_threads(job.threads)
     device = torch.device("cuda" if job.use_gpu else "cpu")
     cfg = TrainConfig(**job.config).validate(f"{job.kind} run of {job.config['arch']}")
@@ -61,8 +64,7 @@ def rerun(job: RerunJob) -> dict:
             data = load_feature_set(job.feature_set, cfg.cache_path()) if job.feature_set else None
             with contextlib.redirect_stdout(sys.stderr):  # progress, not output: `compare --json` stays JSON
                 last = train(cfg, job.data_root, ctx, data=data)
-            out = {"run_id": run_id, "val": {"best_bleu4": last["best_bleu4"], "best_epoch": last["best_epoch"]},
-                   **_test(load_checkpoint(best), job, device, data)}
+            out = {"run_id": run_id, "val": _best(last), **_test(load_checkpoint(best), job, device, data)}
         out.update(_also_scored(job, device, data))
         client.log_batch(run_id, metrics=metric_entities({f"test_{k}": v for k, v in out["test"].items()}))
         client.log_dict(run_id, {"captions": out.pop("captions")}, CAPTIONS_ARTIFACT)
@@ -87,14 +89,24 @@ def _test(loaded, job: RerunJob, device: torch.device, data: PreparedData | None
     cache_dir = TrainConfig(**job.config).cache_path() if job.feature_set else None
     captions, refs = caption_split(loaded, job.data_root, "test", (1,), cache_dir=cache_dir, skip_bad=skip_bad,
                                    device=device, data=data)
-    return {"test": bleu(captions[1], refs), "statistics": bleu_statistics(captions[1], refs).tolist(),
-            "captions": captions[1]}
+    return {**_scored(captions[1], refs), "captions": captions[1]}
+
+
+def _scored(captions: list[str], refs: list[list[str]]) -> dict:
+    statistics = CaptionScorer(refs).statistics(captions)
+    return {"test": {k: float(v) for k, v in scores_from_statistics(statistics.sum(0)).items()},
+            "statistics": statistics.tolist()}
+
+
+def _best(metrics: dict) -> dict:
+    """The best epoch's validation scores, as the training loop reports them."""
+    return {k: metrics[k] for k in ("best_epoch", *(f"best_{s}" for s in SCORES)) if k in metrics}
 
 
 def saved_result(client, run_id: str, job: RerunJob) -> dict:
     """A finished rerun's result, read back from its run: its logged test captions are scored
-    again against the references (statistics are not stored, captions are); `also_score` is
-    scored afresh."""
+    again against the references (statistics are not stored, captions are: a run recorded before
+    CIDEr-D gets it so); `also_score` is scored afresh."""
     m = client.get_run(run_id).data.metrics
     with tempfile.TemporaryDirectory(prefix="captune-rerun-") as folder:
         local = client.download_artifacts(run_id, CAPTIONS_ARTIFACT, folder)
@@ -103,8 +115,6 @@ def saved_result(client, run_id: str, job: RerunJob) -> dict:
     data = load_feature_set(job.feature_set, cfg.cache_path()) if job.feature_set else prepare_data(
         job.data_root, cfg.image_size, cfg.cache_path(), skip_bad=cfg.skip_bad, seed=split_seed_of(job.config),
         progress=False)
-    out = {"run_id": run_id, "val": {"best_bleu4": m.get("best_bleu4"), "best_epoch": m.get("best_epoch")},
-           "test": {f"bleu{n}": m[f"test_bleu{n}"] for n in range(1, 5)},
-           "statistics": bleu_statistics(captions, data.captions("test")).tolist()}
+    out = {"run_id": run_id, "val": _best(m), **_scored(captions, data.captions("test"))}
     device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
     return {**out, **_also_scored(job, device, data)}

@@ -14,7 +14,7 @@ from ray import tune
 from ray.tune import Checkpoint
 from ray.tune.schedulers import ASHAScheduler
 
-from infra.mlflow_logging import unavailable
+from infra.mlflow_logging import metric_entities, unavailable
 from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CONCURRENT_TAG,
                                 FAILED_TRIALS_TAG, NOTE_TAG, SLOTS_TAG, SWEEP_TAG, TRIAL_TAG, TRIALS_TAG,
                                 champion_record, champion_tags)
@@ -22,12 +22,14 @@ from infra.mlflow_store import TrackingUnavailable, configure
 from search.analysis import log_search_analysis
 from search.mlflow_trials import MlflowTrials, rank_trial_runs
 from search.mlflow_view import run_path
-from search.objective import EPOCH_METRIC, METRIC, MODE, sampler_seed
+from search.objective import MODE, objective, sampler_seed
 from search.progress import ProgressEvents, held_back, quiet_libraries
 from search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command
 from search.searcher import ResumableOptunaSearch
 from search.slots import SharedSlots, pool_name
+from search.space import SweepSettings
 from search.trial import TrialSetup, trial_trainable
+from trainables.catalog import SCORE_LABELS, SCORES
 
 
 def run_search(job: SearchJob) -> ArchOutcome:
@@ -55,13 +57,14 @@ def run_search(job: SearchJob) -> ArchOutcome:
                        echo_epochs=req.verbose, tracking_uri=job.tracking_uri, experiment_id=job.experiment_id,
                        run_tags=((SWEEP_TAG, req.name), (ARCH_TAG, arch)), feature_set=job.feature_set)
     trainable = trial_trainable(setup)
-    progress = ProgressEvents(req.name, arch, list(search.space.searched), settings.max_epochs)
+    progress = ProgressEvents(req.name, arch, list(search.space.searched), settings.max_epochs, settings.metric)
     if job.restore:
         progress.note(f"resuming {job.path}")
         tuner = tune.Tuner.restore(job.path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    param_space=search.space.to_tune())
     else:
-        searcher = ResumableOptunaSearch(max_epochs=settings.max_epochs, points_to_evaluate=[search.default_point],
+        searcher = ResumableOptunaSearch(max_epochs=settings.max_epochs, score=settings.metric,
+                                         points_to_evaluate=[search.default_point],
                                          seed=sampler_seed(settings.seed, arch),
                                          storage=RDBStorage(optuna_url(job.root, req.name)),
                                          study_name=job.experiment)
@@ -79,7 +82,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
                       f"results in {job.path}")
         tuner = tune.Tuner(
             trainable, param_space=search.space.to_tune(),
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+            tune_config=tune.TuneConfig(metric=objective(settings.metric), mode=MODE, search_alg=searcher, scheduler=scheduler,
                                         num_samples=settings.trials, max_concurrent_trials=limit,
                                         # a reused actor (in-process trials) starts a trial in well
                                         # under a second; a DDP trial's actor is still tearing its
@@ -90,7 +93,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
                 # a trial resumes from its last epoch and is registered by its best: Tune keeps
                 # those two (the latest always); others are only disk (a fine-tuned ResNet-18's is
                 # 138 MB with Adam's moments)
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=EPOCH_METRIC,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=settings.metric,
                                                         checkpoint_score_order=MODE),
                 callbacks=[MlflowTrials(job.tracking_uri, job.experiment_id, job.parent_run_id, req.name, arch,
                                         setup.base, settings.max_epochs, setup.data_root,
@@ -103,7 +106,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
     finally:  # ended or failed: its slots go to the other searches
         ray.get_actor(pool_name(req.name)).satisfied.remote(arch)
     try:
-        outcome = _finish(client, grid, search, job.parent_run_id, req, job.experiment, settings.grace_period,
+        outcome = _finish(client, grid, search, job.parent_run_id, req, job.experiment, settings,
                           optuna_url(job.root, req.name))
         if req.control and outcome.champion:
             from search.control import run_control  # (its scoring loads nltk: only when there is a champion)
@@ -121,42 +124,45 @@ def run_search(job: SearchJob) -> ArchOutcome:
 
 
 def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest, study_name: str,
-            grace_period: int, study_url: str) -> ArchOutcome:
+            settings: SweepSettings, study_url: str) -> ArchOutcome:
     # registration reads the checkpoint with torch: loaded here, as the search ends, not at the task's start
     from search.registry import promote
 
-    scored = [r for r in grid if r.error is None and r.metrics and METRIC in r.metrics and not _diverged(r)]
+    metric, target = settings.metric, objective(settings.metric)
+    scored = [r for r in grid if r.error is None and r.metrics and target in r.metrics and not _diverged(r)]
     errors = sum(r.error is not None or _diverged(r) for r in grid)
     outcome = ArchOutcome(search.arch, parent_id, None, len(grid), errors)
     parent = client.get_run(parent_id)
     experiment_id = parent.info.experiment_id
     if scored:
-        top = max(scored, key=lambda r: r.metrics[METRIC])
+        top = max(scored, key=lambda r: r.metrics[target])
         trial_id = top.metrics["trial_id"]
         runs = client.search_runs([experiment_id],
                                   filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
         outcome.best = {"trial_id": trial_id, "run_id": runs[0].info.run_id if runs else None,
-                        "bleu4": float(top.metrics[METRIC]), "epoch": int(top.metrics["best_epoch"]),
+                        "metric": metric, "score": float(top.metrics[target]), "epoch": int(top.metrics["best_epoch"]),
+                        "scores": {k: float(top.metrics[f"best_{k}"]) for k in SCORES if f"best_{k}" in top.metrics},
                         "config": top.config}
         tags = parent.data.tags
         if tags.get(BEST_TRIAL_TAG) == trial_id and CHAMPION_TAG in tags:
             # a resumed sweep whose search had already ended: registered before, not again
-            outcome.champion = champion_record(tags, outcome.best["bleu4"])
+            outcome.champion = champion_record(tags, outcome.best["score"], metric)
         elif outcome.best["run_id"]:
             with _best_checkpoint(top).as_directory() as folder, held_back(not req.verbose):
                 # (the checkpoint is downloaded when the storage is remote)
                 outcome.champion = promote(client, search.arch, {**outcome.best, "checkpoint": Path(folder) / "model.pt"},
                                            req.data_root)
             client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in champion_tags(outcome.champion).items()])
-        client.log_metric(parent_id, METRIC, outcome.best["bleu4"])
+        # the best trial's best epoch, every score (the objective among them), on the search's run
+        client.log_batch(parent_id, metrics=metric_entities({f"best_{k}": v for k, v in outcome.best["scores"].items()}))
         client.set_tag(parent_id, BEST_TRIAL_TAG, trial_id)
     client.set_tag(parent_id, TRIALS_TAG, str(len(grid)))
     client.set_tag(parent_id, FAILED_TRIALS_TAG, str(errors))
-    rank_trial_runs(client, experiment_id, req.name, search.arch, (outcome.best or {}).get("run_id"))
+    rank_trial_runs(client, experiment_id, req.name, search.arch, (outcome.best or {}).get("run_id"), metric)
     client.set_tag(parent_id, NOTE_TAG, _search_note(outcome, experiment_id, req.name))
     # (the study's URL as the driver worked it out: this task may run where CAPTUNE_STORAGE is not set)
     log_search_analysis(client, parent_id, study_url, study_name,
-                        list(search.space.searched), at_epoch=grace_period)
+                        list(search.space.searched), at_epoch=settings.grace_period, metric=metric)
     return outcome
 
 
@@ -169,7 +175,8 @@ def _search_note(outcome: ArchOutcome, experiment_id: str, sweep: str) -> str:
     registered = (f" Registered as `{champion['name']}` version {champion['version']}"
                   + (", now the champion." if champion.get("promoted") else ", not the champion (the current one "
                      "scores higher on the same validation split).")) if champion else ""
-    return (f"{head}\n\nBest: trial `{best['trial_id']}`, best validation BLEU-4 **{best['bleu4']:.4f}** at epoch "
+    return (f"{head}\n\nBest: trial `{best['trial_id']}`, best validation {SCORE_LABELS[best['metric']]} "
+            f"**{best['score']:.4f}** at epoch "
             f"{best['epoch']} ([its run]({run_path(experiment_id, best['run_id'])}), tagged "
             f"`{CHAMPION_TRIAL_TAG}`; the model and its figures are in that run's artifacts).{registered}\n\n"
             f"The leaderboard: this experiment's saved view \"captune leaderboard\" (the views menu at the top of "
@@ -177,13 +184,13 @@ def _search_note(outcome: ArchOutcome, experiment_id: str, sweep: str) -> str:
 
 
 def _diverged(result) -> bool:
-    """A trial that diverged reports bleu4 0 with the reason (search.trial): not a candidate."""
+    """A trial that diverged reports scores of 0 with the reason (search.trial): not a candidate."""
     return bool((result.metrics or {}).get("diverged_reason"))
 
 
 def _best_checkpoint(result):
     """The checkpoint of a trial's best epoch (`best_epoch`): for an in-process trial, one Tune
-    kept by its bleu4 (beside the latest); for a DDP trial, the Train run's, whose path
+    kept by its validation metric (beside the latest); for a DDP trial, the Train run's, whose path
     TuneReportCallback reported with that epoch (on the same filesystem as Tune's storage)."""
     epoch = int(result.metrics["best_epoch"])
     for checkpoint, metrics in result.best_checkpoints or []:

@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from search.objective import DIVERGED, EARLY_STOPPED, EPOCH_METRIC, FAILED, FINISHED, METRIC, end_state
+from search.objective import DIVERGED, EARLY_STOPPED, FAILED, FINISHED, end_state, objective
 
 OPTUNA_STATE = {FINISHED: TrialState.COMPLETE, EARLY_STOPPED: TrialState.PRUNED, DIVERGED: TrialState.FAIL,
                 FAILED: TrialState.FAIL}
@@ -33,9 +33,16 @@ TRIAL_ATTR = "tune_trial_id"  # user attribute linking an Optuna trial to its Tu
 
 
 class ResumableOptunaSearch(OptunaSearch):
-    def __init__(self, *, max_epochs: int, **kwargs):
+    score = "bleu4"  # (a searcher pickled before the metric could be chosen searched BLEU-4)
+
+    def __init__(self, *, max_epochs: int, score: str, **kwargs):
+        """`score`: the sweep's metric ("bleu4", "cider"); Tune's metric is its objective, `target`."""
         super().__init__(**kwargs)
-        self.max_epochs = max_epochs
+        self.max_epochs, self.score = max_epochs, score
+
+    @property
+    def target(self) -> str:
+        return objective(self.score)
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         # On `--resume` Tune sets the search properties again, and OptunaSearch would enqueue the
@@ -46,7 +53,7 @@ class ResumableOptunaSearch(OptunaSearch):
         if done and self._ot_study is not None:
             with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and still in 5.0
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                self._ot_study.set_metric_names([METRIC])  # Optuna Dashboard says best_bleu4, not "Objective 0"
+                self._ot_study.set_metric_names([self.target])  # Optuna Dashboard says best_bleu4, not "Objective 0"
         return done
 
     def _study_exists(self) -> bool:
@@ -74,13 +81,13 @@ class ResumableOptunaSearch(OptunaSearch):
     def _report(self, trial_id: str, result: dict) -> None:
         """The objective so far as the intermediate value of its epoch (Tune's training_iteration
         restarts its count when a trial is restored, the epoch does not), once per epoch."""
-        if METRIC not in result or "epoch" not in result:
+        if self.target not in result or "epoch" not in result:
             return
         epoch = int(result["epoch"])
         if epoch in self._frozen(trial_id).intermediate_values:
             return
-        self._ot_trials[trial_id].report(float(result[METRIC]), epoch)
-        self._ot_trials[trial_id].set_user_attr(f"{EPOCH_METRIC}_epoch{epoch}", float(result[EPOCH_METRIC]))
+        self._ot_trials[trial_id].report(float(result[self.target]), epoch)
+        self._ot_trials[trial_id].set_user_attr(f"{self.score}_epoch{epoch}", float(result[self.score]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
@@ -93,7 +100,7 @@ class ResumableOptunaSearch(OptunaSearch):
             self._report(trial_id, result)
         ot_state = OPTUNA_STATE[state]
         self._ot_trials[trial_id].set_user_attr("end_state", state)
-        value = float(result[METRIC]) if ot_state == TrialState.COMPLETE else None
+        value = float(result[self.target]) if ot_state == TrialState.COMPLETE else None
         self._ot_study.tell(self._ot_trials[trial_id], value, state=ot_state)
 
     def restore(self, checkpoint_path: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ray import tune
 
-from trainables.catalog import ARCHS
+from trainables.catalog import ARCHS, OBJECTIVES
 from trainables.config import KEYS, ConfigError, TrainConfig, read_yaml_mapping
 
 DEFAULT_FILE = Path(__file__).with_name("spaces.yaml")
@@ -25,6 +25,7 @@ class SweepSettings:
     seed: int = 0
     max_concurrent: int = 0  # 0: as many trials as the cluster's CPUs (or GPUs) hold
     max_failures: int = 2  # restarts of a trial whose process died, from its last checkpoint
+    metric: str = "bleu4"  # the validation score the search optimises (search.objective): bleu4 or cider
 
 
 @dataclass
@@ -76,6 +77,11 @@ def _settings(section: dict, source: str) -> SweepSettings:
     for key, value in section.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        if key == "metric":
+            if value not in OBJECTIVES:
+                raise ConfigError(f"{source}: metric={value!r} must be one of {', '.join(OBJECTIVES)}")
+            values[key] = value
+            continue
         lowest = 0 if key in ("seed", "max_concurrent", "max_failures") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
             raise ConfigError(f"{source}: {key}={value!r} must be an integer >= {lowest}")

@@ -23,7 +23,7 @@ from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking
 from infra.raycluster import init_ray, signal_name, wait_one
 from search.mlflow_trials import find_or_create_run
 from search.mlflow_view import save_leaderboard_view
-from search.objective import sampler_seed
+from search.objective import metric_of, objective, sampler_seed
 from search.preflight import FEATURE_KEYS, check_vocabulary, checkpoints_size, prepare
 from search.progress import EventQueue, SweepView, queue_name, quiet_libraries
 from search.request import (ArchOutcome, ArchSearch, SearchJob, SweepExists, SweepRequest, optuna_url, plan,
@@ -62,10 +62,10 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     require_answering_store(req.tracking_uri)
     uri = configure(req.tracking_uri)
     client = mlflow.MlflowClient(uri)
-    restorable = _check_name(client, uri, req, root, [search.arch for search in searches])
+    restorable = _check_name(client, uri, req, root, [search.arch for search in searches], settings.metric)
     experiment_id = get_or_create_experiment(req.name, uri)
-    save_leaderboard_view(client, experiment_id)
-    client.set_experiment_tag(experiment_id, NOTE_TAG, _experiment_note(req.name))
+    save_leaderboard_view(client, experiment_id, settings.metric)
+    client.set_experiment_tag(experiment_id, NOTE_TAG, _experiment_note(req.name, settings.metric))
     init_ray(req.address)
     if req.gpus_per_worker > 0:
         _wait_for_gpus(req)
@@ -100,8 +100,8 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     pool = _slot_pool(req.name, slots, [search.arch for search in searches])  # always: a resumed search may use it
     events = EventQueue.options(name=queue_name(req.name)).remote()
     view = SweepView(req.name, {job.search.arch: settings.trials for job in jobs},
-                     {job.search.arch: job.concurrent for job in jobs})
-    _show_finished_trials(view, client, experiment_id, req.name)
+                     {job.search.arch: job.concurrent for job in jobs}, metric=settings.metric)
+    _show_finished_trials(view, client, experiment_id, req.name, settings.metric)
 
     def show_events() -> None:
         for event in ray.get(events.take.remote()):
@@ -152,9 +152,9 @@ def _stop(client, experiment_id: str, req: SweepRequest, searches: list, reason:
           f"{resume_command(req)}", file=sys.stderr, flush=True)
 
 
-def _check_name(client, uri: str, req: SweepRequest, root: str, archs: list[str]) -> dict[str, bool]:
-    """A sweep name means one sweep: its Tune results in one storage and its runs in one MLflow
-    experiment. Returns, per architecture, whether Tune's state is there to resume."""
+def _check_name(client, uri: str, req: SweepRequest, root: str, archs: list[str], metric: str) -> dict[str, bool]:
+    """A sweep name means one sweep: its Tune results in one storage, its runs in one MLflow
+    experiment, one metric. Returns, per architecture, whether Tune's state is there to resume."""
     restorable = {arch: _can_restore(f"{root}/{req.name}-{arch}") for arch in archs}
     experiment = client.get_experiment_by_name(req.name)
     parents = [] if experiment is None else client.search_runs(
@@ -168,6 +168,10 @@ def _check_name(client, uri: str, req: SweepRequest, root: str, archs: list[str]
         where = ", ".join(f"{root}/{req.name}-{a}" for a, found in restorable.items() if found) or f"MLflow at {uri}"
         raise SweepExists(f"sweep {req.name!r} already has results ({where}): continue it with --resume, or choose "
                           f"another --name")
+    searched = sorted({metric_of(p.data.params) for p in parents} - {metric})
+    if searched:
+        raise SweepExists(f"sweep {req.name!r} maximises {searched[0]}, not {metric}: resume it with --metric "
+                          f"{searched[0]} (or the config file it started with), or start a sweep of another --name")
     if req.resume and not any(restorable.values()) and not parents:
         raise SweepExists(f"--resume: there is no sweep {req.name!r} to resume (nothing under {root}, nothing in "
                           f"MLflow at {uri}); leave out --resume to start it")
@@ -204,21 +208,22 @@ def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSe
     return parent_id
 
 
-def _show_finished_trials(view: SweepView, client, experiment_id: str, sweep: str) -> None:
+def _show_finished_trials(view: SweepView, client, experiment_id: str, sweep: str, metric: str) -> None:
     """A resumed sweep's view starts from the trials that ended before (from MLflow)."""
     ended = client.search_runs([experiment_id], max_results=10000, order_by=["attributes.start_time ASC"],
                                filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{KIND_TAG}` = 'trial' and "
                                              f"attributes.status != 'RUNNING' and tags.`{STATE_TAG}` != 'interrupted'")
     for run in ended:
         if run.data.tags.get(ARCH_TAG) in view.archs:
-            view.ended_before(run.data.tags[ARCH_TAG], run.data.tags[TRIAL_TAG], run.data.metrics.get("best_bleu4"),
+            view.ended_before(run.data.tags[ARCH_TAG], run.data.tags[TRIAL_TAG], run.data.metrics.get(objective(metric)),
                               int(run.data.metrics.get("best_epoch", 0)))
 
 
-def _experiment_note(sweep: str) -> str:
+def _experiment_note(sweep: str, metric: str) -> str:
     return (f"captune sweep `{sweep}`: per architecture a parent run (`captune.kind` = search) with a child run per "
-            "trial (validation BLEU-4 per epoch; `best_bleu4` at `best_epoch` is what the search ranks and what the "
-            "champion keeps), the champion's image-blind control, and the comparison on the test split.\n\n"
+            f"trial (validation BLEU-1..4, CIDEr-D and ROUGE-L per epoch; `{objective(metric)}` at `best_epoch` is "
+            f"what the search ranks and what the champion keeps, the other `best_` scores are that epoch's), the "
+            f"champion's image-blind control, and the comparison on the test split.\n\n"
             "The leaderboard is the saved view \"captune leaderboard\" (the views menu at the top of the runs page): "
             "trials only, best first, with the searched parameters and charts. `captune leaderboard "
             f"{sweep}` prints it in a terminal.")

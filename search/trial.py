@@ -21,6 +21,7 @@ from ray import tune
 
 from infra.mlflow_logging import system_metrics
 from infra.mlflow_names import TRIAL_TAG
+from trainables.catalog import SCORES
 from trainables.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -100,10 +101,10 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
     try:
         train_resuming(cfg, setup.data_root, ctx, tune.get_checkpoint(), data=data)
     except Diverged as e:
-        # Not an error to retry (it would diverge again) but a result: worthless (bleu4 0) to ASHA
-        # and Optuna, recorded in MLflow as diverged with the reason.
-        tune.report({"epoch": e.epoch, "bleu4": 0.0, "best_bleu4": 0.0, "diverged_reason": str(e),
-                     "node_id": node})
+        # Not an error to retry (it would diverge again) but a result: worthless (every score 0) to
+        # ASHA and Optuna, recorded in MLflow as diverged with the reason.
+        tune.report({"epoch": e.epoch, **{k: 0.0 for k in SCORES}, **{f"best_{k}": 0.0 for k in SCORES},
+                     "diverged_reason": str(e), "node_id": node})
 
 
 def _system_metrics(spec: dict | None):

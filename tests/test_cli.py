@@ -72,6 +72,7 @@ def test_bad_items_are_named_without_traceback(bad_dataset):
     (["--set", "lr=inf"], "lr=inf must be a finite number"),  # inf passed `lr > 0`
     (["--set", "weight_decay=inf"], "weight_decay=inf must be a finite number"),
     (["--set", "val_beam=50"], "val_beam=50 must be at most 20"),
+    (["--set", "metric=meteor"], "metric='meteor' is not one of bleu4, cider"),
 ])
 def test_bad_settings_are_refused_naming_the_key(synth_dir, args, needle):
     result = run_cli("train", "--arch", "cnn-lstm", "--data", str(synth_dir), *args)
@@ -136,10 +137,15 @@ def test_train_evaluate_caption_and_mlflow(ray_cluster, synth_dir, tmp_path, tra
     out = tmp_path / "run"
     sets = [f"--set={k}={v}" for k, v in tiny_overrides("resnet-gru", epochs=2).items() if k != "epochs"]
     assert main(["train", "--arch", "resnet-gru", "--data", str(synth_dir), "--epochs", "2", "--out", str(out),
-                 "--tracking-uri", tracking_uri, *sets]) == 0
+                 "--tracking-uri", tracking_uri, "--set", "metric=cider", *sets]) == 0
+    printed = capsys.readouterr().out
+    assert "saved the best epoch by CIDEr-D" in printed and "ROUGE-L" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
-    assert set(metrics["final"]) == {"epoch", "bleu1", "bleu2", "bleu3", "bleu4"}
+    assert set(metrics["final"]) == {"epoch", "bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l"}
+    # the epoch kept is the best by the chosen metric (the later one on a tie)
+    ciders = [e["cider"] for e in metrics["epochs"]]
+    assert metrics["metric"] == "cider" and metrics["best"]["epoch"] == 2 - ciders[::-1].index(max(ciders))
     assert (out / "model.pt").is_file()
 
     client = MlflowClient(tracking_uri)
@@ -149,6 +155,7 @@ def test_train_evaluate_caption_and_mlflow(ray_cluster, synth_dir, tmp_path, tra
     assert run.data.params["arch"] == "resnet-gru" and run.data.params["hidden_size"] == "32"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")] == [1, 2]
     assert run.data.metrics["bleu4"] == pytest.approx(metrics["final"]["bleu4"])
+    assert run.data.metrics["best_cider"] == pytest.approx(metrics["best"]["cider"])
 
     capsys.readouterr()
     assert main(["evaluate", str(out / "model.pt"), "--data", str(synth_dir), "--split", "val", "--json"]) == 0
@@ -157,6 +164,7 @@ def test_train_evaluate_caption_and_mlflow(ray_cluster, synth_dir, tmp_path, tra
     saved = read_payload(out / "model.pt")["epoch"]
     trained = next(e for e in metrics["epochs"] if e["epoch"] == saved)
     assert scores["images"] == 6 and scores["bleu4"] == pytest.approx(trained["bleu4"])
+    assert scores["cider"] == pytest.approx(trained["cider"]) and scores["rouge_l"] == pytest.approx(trained["rouge_l"])
     # `compare` scores every beam over one encoding: the same as one beam at a time
     loaded = load_checkpoint(out / "model.pt")
     both = evaluate_beams(loaded, synth_dir, "val", beams=(1, 3))

@@ -58,3 +58,129 @@ def test_statistics_sum_to_corpus_bleu():
     resampled = bleu([hyps[i] for i in idx], [refs[i] for i in idx])
     weights = np.bincount(idx, minlength=200)
     assert float(bleu_from_statistics(weights @ stats, 2)) == pytest.approx(resampled["bleu2"], rel=1e-12)
+
+
+def _coco_scores(hyps: list[str], refs: list[list[str]]) -> tuple[float, float, list, list]:
+    """pycocoevalcap's own CIDEr-D and ROUGE-L, run directly on the project's tokens."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    from data.text import tokenize
+
+    res = {i: [" ".join(tokenize(h))] for i, h in enumerate(hyps)}
+    gts = {i: [" ".join(tokenize(r)) for r in rs] for i, rs in enumerate(refs)}
+    cider, cider_each = Cider().compute_score(gts, res)
+    rouge, rouge_each = Rouge().compute_score(gts, res)
+    return cider, rouge, list(cider_each), list(rouge_each)
+
+
+KNOWN_HYPS = ["A dog runs on the grass .", "two men sit on a bench", "a child in a pink dress",
+              "a man rides a bike on a dirt path", ""]
+KNOWN_REFS = [["a dog is running on the grass", "a brown dog runs on grass", "A dog plays outside ."],
+              ["two men are sitting on a bench", "men sit on a park bench", "two people sit"],
+              ["a little girl in a pink dress climbs stairs", "a girl in pink", "a child goes up the stairs"],
+              ["a cyclist rides along a dirt trail", "a man on a mountain bike", "someone bikes on a path"],
+              ["a black dog and a white dog", "two dogs play", "dogs in the snow"]]
+
+
+def test_cider_and_rouge_equal_pycocoevalcap_on_known_inputs():
+    from trainables.metrics import CaptionScorer, caption_scores
+
+    cider, rouge, cider_each, rouge_each = _coco_scores(KNOWN_HYPS, KNOWN_REFS)
+    scores = caption_scores(KNOWN_HYPS, KNOWN_REFS)
+    assert scores["cider"] == cider and scores["rouge_l"] == rouge  # the same floats, not approximately
+    assert scores["cider"] > 0.5 and 0 < scores["rouge_l"] < 1
+    stats = CaptionScorer(KNOWN_REFS).statistics(KNOWN_HYPS)
+    assert list(stats[:, -3]) == cider_each and list(stats[:, -2]) == rouge_each
+    assert stats[4, -3] == 0 and stats[4, -2] == 0  # an empty caption scores 0, as pycocoevalcap scores it
+    assert {k: scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")} == bleu(KNOWN_HYPS, KNOWN_REFS)
+
+
+def test_cider_equals_pycocoevalcap():
+    """trainables.cider repeats pycocoevalcap's compute_cider with the references' side kept: the
+    same floats on a random corpus, and the kept side scores a second set of hypotheses as well."""
+    import random
+
+    from trainables.metrics import CaptionScorer
+
+    rng = random.Random(3)
+    words = "a dog cat runs red big small blue the on in grass water man woman child ball".split()
+    refs = [[" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(rng.randint(1, 5))]
+            for _ in range(300)]
+    scorer = CaptionScorer(refs)
+    for _ in range(2):
+        hyps = [" ".join(rng.choices(words, k=rng.randint(0, 12))) for _ in range(300)]
+        cider, rouge, cider_each, rouge_each = _coco_scores(hyps, refs)
+        stats = scorer.statistics(hyps)
+        assert list(stats[:, -3]) == cider_each and list(stats[:, -2]) == rouge_each
+        assert scorer.scores(hyps)["cider"] == pytest.approx(cider, rel=1e-15)  # (a sum, then a division)
+
+
+def test_hand_computable_scores():
+    from trainables.metrics import caption_scores
+
+    same = caption_scores(["a dog runs on the grass", "two cats sleep on a red sofa"],
+                          [["a dog runs on the grass"] * 2, ["two cats sleep on a red sofa"] * 2])
+    # identical: every BLEU 1, ROUGE-L 1, CIDEr-D 10 (cosine 1 per order, times 10, no length penalty)
+    assert same == pytest.approx({"bleu1": 1, "bleu2": 1, "bleu3": 1, "bleu4": 1, "cider": 10, "rouge_l": 1})
+    disjoint = caption_scores(["x y z w"], [["a b c d", "e f g h"]])
+    assert disjoint == {"bleu1": 0.0, "bleu2": 0.0, "bleu3": 0.0, "bleu4": 0.0, "cider": 0.0, "rouge_l": 0.0}
+    # ROUGE-L by hand: LCS 3 of a 4-word caption and a 6-word reference; P 3/4, R 3/6, beta 1.2
+    p, r, b = 3 / 4, 3 / 6, 1.2
+    assert caption_scores(["a dog runs fast"], [["a big dog runs on grass"]])["rouge_l"] == pytest.approx(
+        (1 + b ** 2) * p * r / (r + b ** 2 * p))
+
+
+def test_statistics_resample_and_pool_like_corpora():
+    import numpy as np
+
+    from trainables.metrics import CaptionScorer, caption_scores, scores_from_statistics
+
+    scorer = CaptionScorer(KNOWN_REFS)
+    stats = scorer.statistics(KNOWN_HYPS)
+    idx = np.array([0, 0, 1, 3, 3])
+    weights = np.bincount(idx, minlength=len(KNOWN_HYPS))
+    resampled = scores_from_statistics(weights @ stats)
+    # BLEU and ROUGE-L of a resample are its corpus scores; CIDEr-D keeps the full set's document
+    # frequencies (a resample's images are the same images, drawn again)
+    direct = caption_scores([KNOWN_HYPS[i] for i in idx], [KNOWN_REFS[i] for i in idx])
+    for k in ("bleu1", "bleu4", "rouge_l"):
+        assert float(resampled[k]) == pytest.approx(direct[k], rel=1e-12)
+    assert float(resampled["cider"]) == pytest.approx(stats[idx, -3].mean(), rel=1e-12)
+    pooled = scores_from_statistics(stats.sum(0) + stats.sum(0))  # two replicates with the same captions
+    assert {k: float(v) for k, v in pooled.items()} == pytest.approx(scorer.scores(KNOWN_HYPS), rel=1e-12)
+
+
+def test_caption_scores_reject_bad_inputs():
+    from trainables.metrics import caption_scores
+
+    with pytest.raises(ValueError, match="2 hypotheses but 1"):
+        caption_scores(["a", "b"], [["a"]])
+    with pytest.raises(ValueError, match="image 1 has no reference"):
+        caption_scores(["a", "b"], [["a"], []])
+    with pytest.raises(ValueError, match="empty corpus"):
+        caption_scores([], [])
+
+
+def test_scores_on_real_flickr8k_equal_pycocoevalcap():
+    """The real Flickr8k test split (caption #0 of each image against its other four), where the
+    shared data is present: every score equals the COCO evaluation code's."""
+    from pathlib import Path
+
+    from trainables.metrics import caption_scores
+
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
+    if not (folder / "Flickr8k.token.txt").exists():
+        pytest.skip(f"no real Flickr8k caption files at {folder}")
+    test = set((folder / "Flickr_8k.testImages.txt").read_text().split())
+    captions: dict[str, list[str]] = {}
+    for line in (folder / "Flickr8k.token.txt").read_text().splitlines():
+        key, caption = line.split("\t", 1)
+        if key.split("#")[0] in test:
+            captions.setdefault(key.split("#")[0], []).append(caption)
+    hyps = [c[0] for c in captions.values()]
+    refs = [c[1:] for c in captions.values()]
+    cider, rouge, _, _ = _coco_scores(hyps, refs)
+    scores = caption_scores(hyps, refs)
+    assert scores["cider"] == pytest.approx(cider, rel=1e-15) and scores["rouge_l"] == pytest.approx(rouge, rel=1e-15)
+    print(f"real Flickr8k test split, caption #0 vs the others: {scores}")

@@ -17,7 +17,8 @@ def test_the_view_is_an_experiment_tag_in_the_ui_s_saved_view_form(tmp_path):
     state = json.loads(envelope["state"])  # the UI reads `state` as JSON text
     assert state["searchFilter"] == "tags.`captune.kind` = 'trial'"
     assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`best_bleu4`", False)
-    assert state["selectedColumns"] == ["params.`arch`", "metrics.`best_bleu4`", "metrics.`best_epoch`",
+    assert state["selectedColumns"] == ["params.`arch`", "metrics.`best_bleu4`", "metrics.`best_cider`",
+                                        "metrics.`best_rouge_l`", "metrics.`best_epoch`",
                                         "params.`lr`", "params.`hidden_size`", "params.`vocab_threshold`",
                                         "tags.`captune.end_state`", "attributes.`Models`",
                                         "attributes.`Dataset`"]
@@ -27,6 +28,14 @@ def test_the_view_is_an_experiment_tag_in_the_ui_s_saved_view_form(tmp_path):
     assert charts["PARALLEL"]["selectedParams"] == ["lr", "hidden_size", "vocab_threshold"]
     sections = {s["uuid"]: s for s in state["compareRunSections"]}
     assert all(sections[c["metricSectionId"]]["name"] == "Leaderboard" for c in state["compareRunCharts"])
+    # a sweep maximising CIDEr-D: ordered, first column and charts by it
+    save_leaderboard_view(client, experiment_id, "cider")
+    state = json.loads(json.loads(client.get_experiment(experiment_id).tags[VIEW_TAG_PREFIX + VIEW_KEY])["state"])
+    assert state["orderByKey"] == "metrics.`best_cider`" and state["selectedColumns"][1:4] == [
+        "metrics.`best_cider`", "metrics.`best_bleu4`", "metrics.`best_rouge_l`"]
+    charts = {c["type"]: c for c in state["compareRunCharts"]}
+    assert charts["BAR"]["metricKey"] == "best_cider" and charts["LINE"]["selectedMetricKeys"] == ["cider"]
+    assert charts["BAR"]["displayName"] == "best CIDEr-D per trial"
     # the printed address opens the runs table (not the GenAI pages) with the view
     assert leaderboard_url("http://127.0.0.1:5000", experiment_id) == (
         f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"

@@ -86,17 +86,26 @@ def test_racing_promoters_leave_the_alias_on_the_stronger_model(tmp_path):
 def test_champion_record_round_trips_through_short_readable_tags():
     from infra.mlflow_names import champion_record, champion_tags
 
-    kept = {"name": "captune-cnn-lstm", "version": "4", "bleu4": 0.21, "promoted": False,
-            "previous": {"version": "2", "bleu4": 0.234567}}
+    kept = {"name": "captune-cnn-lstm", "version": "4", "metric": "cider", "score": 0.81, "promoted": False,
+            "previous": {"version": "2", "score": 0.834567}}
     tags = champion_tags(kept)
     assert tags == {"captune.champion": "models:/captune-cnn-lstm/4", "captune.champion_promoted": "false",
                     "captune.previous_champion": "models:/captune-cnn-lstm/2",
-                    "captune.previous_champion_bleu4": "0.234567"}
-    assert champion_record(tags, 0.21) == kept
-    first = {"name": "captune-resnet-gru", "version": "1", "bleu4": 0.3, "promoted": True, "previous": None}
+                    "captune.previous_champion_score": "0.834567"}
+    assert champion_record(tags, 0.81, "cider") == kept
+    first = {"name": "captune-resnet-gru", "version": "1", "metric": "bleu4", "score": 0.3, "promoted": True,
+             "previous": None}
     assert champion_record(champion_tags(first), 0.3) == first
     assert champion_record({}, 0.3) is None
-    assert champion_record({"captune.champion": json.dumps(first)}, 0.0) == first  # as sweeps recorded it before
+    # as sweeps recorded it before the metric could be chosen: a JSON record, then BLEU-4 tags
+    old = {"name": "captune-resnet-gru", "version": "3", "bleu4": 0.3, "promoted": False,
+           "previous": {"version": "1", "bleu4": 0.4}}
+    assert champion_record({"captune.champion": json.dumps(old)}, 0.0) == {
+        "name": "captune-resnet-gru", "version": "3", "metric": "bleu4", "score": 0.3, "promoted": False,
+        "previous": {"version": "1", "score": 0.4}}
+    before = {"captune.champion": "models:/captune-cnn-lstm/4", "captune.champion_promoted": "false",
+              "captune.previous_champion": "models:/captune-cnn-lstm/2", "captune.previous_champion_bleu4": "0.25"}
+    assert champion_record(before, 0.2)["previous"] == {"version": "2", "score": 0.25}
 
 
 def test_control_verdict_is_words_in_its_tag_and_clear_from_the_gap():
@@ -107,3 +116,21 @@ def test_control_verdict_is_words_in_its_tag_and_clear_from_the_gap():
     assert not control_verdict({"captune.control_verdict": text}, {"control_gap_low": -0.01})["clear"]
     old = {"clear": False, "text": "no clear difference"}
     assert control_verdict({"captune.control_verdict": json.dumps(old)}, {}) == old  # as sweeps recorded it before
+    # a CIDEr-D sweep's verdict is clear from its CIDEr-D gap
+    assert control_verdict({"captune.control_verdict": text}, {"control_gap_low": -0.1, "control_cider_gap_low": 0.2},
+                           "cider")["clear"]
+
+
+def test_control_record_reads_both_scores_back():
+    from infra.mlflow_names import CONTROL_FIELDS, control_metrics, control_record
+
+    values = {"bleu4": (0.1, 0.11, 0.5, 0.39, 0.35, 0.43), "cider": (0.2, 0.21, 1.5, 1.29, 1.1, 1.4)}
+    metrics = {name: v for score, vs in values.items() for name, v in zip(control_metrics(score), vs)}
+    assert control_metrics("bleu4") == ("control_bleu4", "control_test_bleu4", "test_bleu4", "control_gap",
+                                        "control_gap_low", "control_gap_high")
+    record = control_record({"captune.control_verdict": "beats"}, metrics, "cider")
+    assert record["scores"] == {s: dict(zip(CONTROL_FIELDS, v)) for s, v in values.items()}
+    assert record["verdict"] == {"clear": True, "text": "beats"} and record["metric"] == "cider"
+    bleu_only = {k: v for k, v in metrics.items() if "cider" not in k}  # a sweep recorded before CIDEr-D
+    assert control_record({}, bleu_only, "bleu4")["scores"].keys() == {"bleu4"}
+    assert control_record({}, bleu_only, "cider") is None

@@ -242,6 +242,8 @@ def test_duplicate_listing_and_skip_bad_counts(ray_cluster, tmp_path, capsys):
     ({"lr": 0.002}, [], "nothing to search: no key has a range or choices"),  # Ray: "no search space"
     (None, ["--set", "lr=0.001"], "--set lr: "),  # the drawn lr would silently win
     ({"hidden_size": {"choice": [32, 0]}}, [], "hidden_size value 0 is invalid"),
+    (None, ["--set", "metric=cider"], "--set: metric is the sweep's objective, the same for every trial: choose it "
+                                      "with --metric"),
 ])
 def test_sweep_settings_are_refused_before_any_trial(ray_cluster, synth_dir, tmp_path, capsys, space, setting,
                                                     needle):
@@ -250,6 +252,19 @@ def test_sweep_settings_are_refused_before_any_trial(ray_cluster, synth_dir, tmp
                  str(tmp_path / "tune"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", *setting]) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "tune").exists()  # refused before Tune started anything
+
+
+def test_a_sweep_file_s_metric_is_checked(tmp_path, capsys):
+    from search.request import SweepRequest, plan
+
+    config = sweep_yaml(tmp_path / "s.yaml", 2, 1, metric="rouge_l")
+    assert main(["sweep", "--data", str(tmp_path), "--name", "m", "--config", str(config)]) == 2
+    assert f"{config} [sweep]: metric='rouge_l' must be one of bleu4, cider" in capsys.readouterr().err
+    settings, searches = plan(SweepRequest("m", str(tmp_path), config_file=str(sweep_yaml(tmp_path / "c.yaml", 2, 1,
+                                                                                            metric="cider"))))
+    assert settings.metric == "cider" and all(s.base.metric == "cider" for s in searches)  # every trial's too
+    settings, _ = plan(SweepRequest("m", str(tmp_path), metric="bleu4", config_file=str(tmp_path / "c.yaml")))
+    assert settings.metric == "bleu4"  # --metric wins over the file
 
 
 def test_gpus_requested_where_there_are_none(ray_cluster, synth_dir, tmp_path, capsys):

@@ -42,9 +42,10 @@ END_TO_OPTUNA = {"finished": "COMPLETE", "early-stopped": "PRUNED", "diverged": 
                  "interrupted": "FAIL"}
 
 
-def assert_study_matches_mlflow(client, name: str, arch: str, tune_root: Path) -> list:
+def assert_study_matches_mlflow(client, name: str, arch: str, tune_root: Path, metric: str = "bleu4") -> list:
     """Trial by trial, the Optuna study holds what Tune and MLflow say happened: each trial once, in
-    the state of its end, valued by its best validation BLEU-4 (a pruned one, by its best so far)."""
+    the state of its end, valued by its best validation score in the sweep's metric (a pruned one,
+    by its best so far)."""
     study = optuna.load_study(study_name=f"{name}-{arch}", storage=f"sqlite:///{tune_root / f'{name}-optuna.db'}")
     runs = {r.data.tags["captune.trial_id"]: r for r in trial_runs(client, name) if r.data.params["arch"] == arch}
     linked = [t for t in study.trials if "tune_trial_id" in t.user_attrs]
@@ -57,10 +58,10 @@ def assert_study_matches_mlflow(client, name: str, arch: str, tune_root: Path) -
         run = runs[t.user_attrs["tune_trial_id"]]
         end = run.data.tags["captune.end_state"]
         assert t.state.name == END_TO_OPTUNA[end], (t.number, t.state, end)
-        per_epoch = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "bleu4")}
+        per_epoch = {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
         if end in ("finished", "early-stopped"):
             best = max(per_epoch.values())
-            assert t.value == pytest.approx(best) and run.data.metrics["best_bleu4"] == pytest.approx(best)
+            assert t.value == pytest.approx(best) and run.data.metrics[f"best_{metric}"] == pytest.approx(best)
             assert sorted(t.intermediate_values) == sorted(per_epoch)  # one intermediate value per epoch
             assert max(t.intermediate_values.values()) == pytest.approx(best)
     return study.trials
@@ -69,7 +70,8 @@ def assert_study_matches_mlflow(client, name: str, arch: str, tune_root: Path) -
 def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth_dir, capsys):
     tmp_path, tracking_uri, config, out = (finished_sweep.folder, finished_sweep.tracking_uri, finished_sweep.config,
                                            finished_sweep.out)
-    assert "leaderboard" in out and "BLEU-4 beam 3" in out and "MLflow UI" in out
+    assert "leaderboard" in out and "BLEU-4 beam 3" in out and "CIDEr-D beam 3" in out and "MLflow UI" in out
+    assert "trials by best validation CIDEr-D" in out and "best validation CIDEr-D" in out
     # the sweep's view: its lines, then the address of its leaderboard in the MLflow UI
     assert "[cnn-lstm] trial 1 (" in out and "sweep s1: cnn-lstm 3/3 done" in out
     assert "viewStateShareKey=" in out.strip().splitlines()[-1]
@@ -87,14 +89,22 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
         assert {"lr", "hidden_size", "vocab_threshold", "embed_size"} <= set(run.data.params)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")]
         assert steps == list(range(1, len(steps) + 1)) and steps
+        for score in ("cider", "rouge_l", "bleu1"):  # every score, every epoch
+            assert [m.step for m in client.get_metric_history(run.info.run_id, score)] == steps
+        # the best epoch by CIDEr-D, and that epoch's other scores
+        cider = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "cider")}
+        bleu4 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "bleu4")}
+        best_epoch = int(run.data.metrics["best_epoch"])
+        assert cider[best_epoch] == max(cider.values()) == run.data.metrics["best_cider"]
+        assert run.data.metrics["best_bleu4"] == bleu4[best_epoch]
     # runs say what they are: ranked names, the champion trial tagged, constants logged once, descriptions
     for arch in by_parent.values():
         mine = sorted((r for r in trials if r.data.params["arch"] == arch), key=lambda r: r.info.run_name)
-        assert [r.info.run_name.split()[0] for r in mine] == ["#1", "#2", "#3"]  # ranked by best BLEU-4
-        scores = [r.data.metrics["best_bleu4"] for r in mine]
+        assert [r.info.run_name.split()[0] for r in mine] == ["#1", "#2", "#3"]  # ranked by best CIDEr-D
+        scores = [r.data.metrics["best_cider"] for r in mine]
         assert scores == sorted(scores, reverse=True) and f"#1 {arch} lr=" in mine[0].info.run_name
         champions = [r for r in mine if r.data.tags.get("captune.is_champion") == "true"]
-        assert len(champions) == 1 and champions[0].data.metrics["best_bleu4"] == scores[0]
+        assert len(champions) == 1 and champions[0].data.metrics["best_cider"] == scores[0]
         assert "champion trial" in champions[0].data.tags["mlflow.note.content"]
         # early-stopped trials say so right after their rank, where a narrow name column still shows it
         for run in mine:
@@ -125,7 +135,7 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
                    == (0.002, "256", "2") for r in trials if r.data.params["arch"] == arch), arch
 
     for arch in by_parent.values():
-        study_trials = assert_study_matches_mlflow(client, "s1", arch, tmp_path / "tune")
+        study_trials = assert_study_matches_mlflow(client, "s1", arch, tmp_path / "tune", "cider")
         # each Optuna trial names its MLflow run (Optuna Dashboard shows these), and the run its number
         runs = {r.info.run_id: r for r in trials}
         for t in study_trials:
@@ -141,14 +151,15 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
     assert drawn["cnn-lstm"] != drawn["resnet-gru"]
     assert len({p.data.params["sampler_seed"] for p in parents}) == 2
 
-    # the leaderboard is MLflow's own ordering by the objective, metrics.best_bleu4
+    # the leaderboard is MLflow's own ordering by the objective, metrics.best_cider
     capsys.readouterr()
     assert main(["leaderboard", "s1", "--json", "--tracking-uri", tracking_uri]) == 0
     board = json.loads(capsys.readouterr().out)
     ordered = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'trial'",
-                                 order_by=["metrics.best_bleu4 DESC"])
-    assert [r["run_id"] for r in board["trials"]] == [r.info.run_id for r in ordered]
-    assert board["trials"][0]["best_bleu4"] >= board["trials"][-1]["best_bleu4"]
+                                 order_by=["metrics.best_cider DESC"])
+    assert board["metric"] == "cider" and [r["run_id"] for r in board["trials"]] == [r.info.run_id for r in ordered]
+    assert board["trials"][0]["best_cider"] >= board["trials"][-1]["best_cider"]
+    assert all(r["best_bleu4"] is not None and r["best_rouge_l"] is not None for r in board["trials"])
 
     # a floor beside each search: its champion's configuration trained image-blind, under its parent
     controls = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'control'")
@@ -156,12 +167,14 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
     for run in controls:
         assert run.info.status == "FINISHED" and run.data.params["image_blind"] == "True"
         parent = client.get_run(run.data.tags["mlflow.parentRunId"])
-        assert parent.data.metrics["control_bleu4"] == pytest.approx(run.data.metrics["best_bleu4"])
-        assert parent.data.metrics["control_test_bleu4"] == pytest.approx(run.data.metrics["test_bleu4"])
-        low, high = parent.data.metrics["control_gap_low"], parent.data.metrics["control_gap_high"]
-        assert low <= parent.data.metrics["control_gap"] <= high
-        assert f"the {parent.data.tags['arch']} champion" in parent.data.tags["captune.control_verdict"]  # in words
-        champion = champion_record(parent.data.tags, parent.data.metrics["best_bleu4"])
+        for score, gap in (("bleu4", "control_gap"), ("cider", "control_cider_gap")):  # in both, as recorded
+            assert parent.data.metrics[f"control_{score}"] == pytest.approx(run.data.metrics[f"best_{score}"])
+            assert parent.data.metrics[f"control_test_{score}"] == pytest.approx(run.data.metrics[f"test_{score}"])
+            low, high = parent.data.metrics[f"{gap}_low"], parent.data.metrics[f"{gap}_high"]
+            assert low <= parent.data.metrics[gap] <= high
+        verdict = parent.data.tags["captune.control_verdict"]
+        assert f"the {parent.data.tags['arch']} champion" in verdict and "CIDEr-D" in verdict  # in words, its metric
+        champion = champion_record(parent.data.tags, parent.data.metrics["best_cider"], "cider")
         assert parent.data.tags["captune.champion"] == f"models:/captune-{parent.data.tags['arch']}/{champion['version']}"
         best_trial = [r for r in trials if r.data.tags["captune.trial_id"] == parent.data.tags["captune.best_trial"]][0]
         assert {k: v for k, v in run.data.params.items() if k not in ("image_blind", "data")} == \
@@ -170,21 +183,23 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
     assert main(["leaderboard", "s1", "--tracking-uri", tracking_uri]) == 0
     text = capsys.readouterr().out
     assert text.count("floor (image-blind control") == 2 and "importance:" in text
+    assert text.count("trials by best validation CIDEr-D") == 2
 
     # both champions are registered, load by name and caption an image
     image = next((synth_dir / "Images").iterdir())
     for arch in ("cnn-lstm", "resnet-gru"):
         version = client.get_model_version_by_alias(f"captune-{arch}", "champion")
         mine = [r for r in trials if r.data.params["arch"] == arch]
-        assert float(version.tags["bleu4"]) == max(r.data.metrics["best_bleu4"] for r in mine)
+        assert float(version.tags["cider"]) == max(r.data.metrics["best_cider"] for r in mine)
+        assert version.tags["metric"] == "cider" and {"bleu4", "rouge_l"} <= set(version.tags)
         # the registered checkpoint is its trial's best epoch's
         best = [r for r in mine if r.data.tags["captune.trial_id"] == version.tags["trial_id"]][0]
         assert int(version.tags["epoch"]) == int(best.data.metrics["best_epoch"])
         assert load_captioner(f"models:/captune-{arch}/{version.version}", tracking_uri).payload["epoch"] == \
                int(best.data.metrics["best_epoch"])
         arts = {a.path for a in client.list_artifacts(version.run_id, "champion")}
-        assert {"champion/vocab.json", "champion/config.json", "champion/learning_curves.png",
-                "champion/val_examples.png"} <= arts
+        assert {"champion/vocab.json", "champion/config.json", "champion/val_scores.json",
+                "champion/learning_curves.png", "champion/val_examples.png"} <= arts
         champion = load_captioner(f"models:/captune-{arch}@champion", tracking_uri)
         assert champion.model.cfg.arch == arch  # the searches ran side by side, each its own architecture
         assert main(["caption", f"models:/captune-{arch}@champion", str(image), "--tracking-uri", tracking_uri]) == 0
@@ -200,16 +215,21 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
     for arch in ("cnn-lstm", "resnet-gru"):
         values = sorted(r.data.metrics["test_bleu4"] for r in replicates if r.data.params["arch"] == arch)
         assert sorted(reps[arch]["test_bleu4"]["values"]) == pytest.approx(values)
-        assert first["models"][arch]["control"]["control_test_bleu4"] is not None
-    for boot in (first["bootstrap"], first["replicates"]["bootstrap"]):
-        assert boot["resamples"] == 200 and boot["low"] <= boot["difference"] <= boot["high"]
-    assert first["verdict"]
+        assert set(first["models"][arch]["control"]["scores"]) == {"bleu4", "cider"}
+        assert set(first["models"][arch]["beam1"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l"}
+    for boots in (first["bootstrap"], first["replicates"]["bootstrap"]):
+        assert set(boots) == {"bleu4", "cider"}
+        for boot in boots.values():
+            assert boot["resamples"] == 200 and boot["low"] <= boot["difference"] <= boot["high"]
+    assert first["metric"] == "cider" and "CIDEr-D" in first["verdict"]
     comparison = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'compare' and "
                                                                          "params.seeds = '2'")[0]
     assert {"comparison.json", "comparison.png"} <= {a.path for a in client.list_artifacts(comparison.info.run_id)}
     assert comparison.data.params["seeds"] == "2" and "cnn-lstm.model" in comparison.data.params
-    assert "replicates.bleu4_difference_low" in comparison.data.metrics
-    assert {"cnn-lstm.val_best_bleu4", "resnet-gru.val_best_bleu4", "cnn-lstm.beam3.bleu4"} <= set(comparison.data.metrics)
+    assert {"replicates.bleu4_difference_low", "replicates.cider_difference_low", "cider_difference"} <= \
+           set(comparison.data.metrics)
+    assert {"cnn-lstm.val_best_cider", "resnet-gru.val_best_bleu4", "cnn-lstm.beam3.bleu4", "cnn-lstm.beam3.cider",
+            "resnet-gru.beam1.rouge_l"} <= set(comparison.data.metrics)
     assert main(["compare", "s1", "--seeds", "2", "--resamples", "200", "--json", "--tracking-uri", tracking_uri]) == 0
     again = json.loads(capsys.readouterr().out)
     assert len(client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'replicate'")) == 4
@@ -222,6 +242,10 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
     assert main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config),
                  "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]) == 2
     assert "continue it with --resume" in capsys.readouterr().err
+    # a resume goes on maximising what the sweep maximised: another metric is refused before anything runs
+    assert main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config), "--storage",
+                 str(tmp_path / "tune"), "--tracking-uri", tracking_uri, "--resume"]) == 2
+    assert "sweep 's1' maximises cider, not bleu4: resume it with --metric cider" in capsys.readouterr().err
     # a name means one sweep: not the same name in another storage, not --resume of one that never ran
     for extra in ([], ["--resume"]):
         assert main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config), "--storage",

@@ -12,7 +12,7 @@ import yaml
 
 from data.cache import default_cache_dir
 from infra.errors import UserError
-from trainables.catalog import ARCHS, MAX_BEAM, RESNET_ENCODERS, VGG_ENCODERS
+from trainables.catalog import ARCHS, MAX_BEAM, OBJECTIVES, RESNET_ENCODERS, VGG_ENCODERS
 
 PRESET_FILE = "captune.yaml"  # a dataset folder's own preset, e.g. the built-in dataset's
 
@@ -41,6 +41,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     val_beam: int = 1  # beam width of validation captions (1 = greedy)
     val_images: int = 0  # validate on the first N validation images (0 = all)
+    metric: str = "bleu4"  # the validation score that picks the best epoch (and a sweep's champion): bleu4 or cider
     seed: int = 0  # initial weights (a random-init encoder's too), batch order, dropout
     split_seed: int = 0  # the train/val/test draw, for layouts without their own split (Kaggle)
     image_blind: bool = False  # control run: images shuffled against their captions in training
@@ -83,6 +84,8 @@ class TrainConfig:
         for key in ("lr", "grad_clip"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be greater than 0")
+        if self.metric not in OBJECTIVES:
+            raise bad("metric", f"is not one of {', '.join(OBJECTIVES)}")
         if self.val_beam > MAX_BEAM:
             raise bad("val_beam", f"must be at most {MAX_BEAM}")
         if not 0 <= self.dropout < 1:

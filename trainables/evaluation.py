@@ -1,4 +1,4 @@
-"""A trained model on a dataset's split: its captions of every image, and their corpus BLEU."""
+"""A trained model on a dataset's split: its captions of every image, and their scores."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,13 +12,14 @@ from trainables.checkpoint import Loaded
 from trainables.config import split_seed_of
 from trainables.features import encoded_rows, encoder_features, weights_id
 from trainables.inference import generate_captions, image_size_of, max_len_of
-from trainables.metrics import bleu
+from trainables.metrics import CaptionScorer
 
 
 def evaluate_split(loaded: Loaded, data_root: str | Path, split: str = "test", beam: int = 1,
                    cache_dir: Path | None = None, skip_bad: bool = False,
                    device: torch.device | None = None) -> dict:
-    """Corpus BLEU-1..4 of the model's captions on a split of a dataset, against all references."""
+    """BLEU-1..4, CIDEr-D and ROUGE-L (trainables.metrics) of the model's captions on a split of a
+    dataset, against all references."""
     return evaluate_beams(loaded, data_root, split, (beam,), cache_dir, skip_bad, device)[beam]
 
 
@@ -27,7 +28,8 @@ def evaluate_beams(loaded: Loaded, data_root: str | Path, split: str = "test", b
                    device: torch.device | None = None) -> dict[int, dict]:
     """evaluate_split for each beam width, {beam: scores}; the images are encoded once for all."""
     captions, refs = caption_split(loaded, data_root, split, beams, cache_dir, skip_bad, device)
-    return {beam: {"split": split, "beam": beam, "images": len(refs), **bleu(hyps, refs)}
+    scorer = CaptionScorer(refs)
+    return {beam: {"split": split, "beam": beam, "images": len(refs), **scorer.scores(hyps)}
             for beam, hyps in captions.items()}
 
 

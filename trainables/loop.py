@@ -21,13 +21,14 @@ from torch import nn
 from data.batches import CaptionTable, ImageBatches
 from data.cache import DiskFullError
 from data.prepare import PreparedData, prepare_data
+from trainables.catalog import SCORES
 from trainables.checkpoint import FILENAME, CheckpointError, checkpoint_bytes, load_checkpoint, save_checkpoint
 from trainables.config import TrainConfig
 from trainables.encoders import weights_digest
 from trainables.features import encoder_features, weights_id
 from trainables.inference import generate_captions
 from trainables.loss import linear_cross_entropy
-from trainables.metrics import bleu
+from trainables.metrics import CaptionScorer
 from trainables.models import Captioner, ModelConfig, build_model, packed
 
 
@@ -81,7 +82,7 @@ class TeacherForcing(nn.Module):
 
 
 def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: PreparedData | None = None) -> dict:
-    """Train for cfg.epochs, reporting validation BLEU after each epoch; returns the last metrics.
+    """Train for cfg.epochs, reporting validation scores after each epoch; returns the last metrics.
     `data`: the dataset already prepared at cfg.image_size (a reused trial process keeps it)."""
     lead = ctx.rank == 0
     cache_dir = cfg.cache_path()
@@ -116,6 +117,7 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
     val_rows, val_refs = data.rows("val"), data.captions("val")
     if cfg.val_images:
         val_rows, val_refs = val_rows[:cfg.val_images], val_refs[:cfg.val_images]
+    scorer = CaptionScorer(val_refs)  # the references' side of every score, once for all epochs
 
     metrics: dict = history[-1] if history else {}
     setup_seconds = time.perf_counter() - ctx.created_at  # from context to first step: data, model, cache
@@ -131,15 +133,15 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
         hyps = generate_captions(model, inputs, val_rows, vocab, cfg.max_len, cfg.val_beam,
                                  encode=cfg.fine_tune, device=ctx.device, rank=ctx.rank,
                                  world_size=ctx.world_size)
-        metrics = {"epoch": epoch + 1, "loss": loss, **bleu(hyps, val_refs),
+        metrics = {"epoch": epoch + 1, "loss": loss, **scorer.scores(hyps),
                    "epoch_seconds": t1 - t0, "val_seconds": time.perf_counter() - t1,
                    "setup_seconds": setup_seconds,
                    "vocab_size": len(vocab), "skipped_items": len(data.skipped)}
         history.append(metrics)
-        metrics.update(best_so_far(history))
+        metrics.update(best_so_far(history, cfg.metric))
         if lead:
             ctx.echo(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  " +
-                     "  ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")) +
+                     "  ".join(f"{k} {metrics[k]:.4f}" for k in SCORES) +
                      f"  ({metrics['epoch_seconds']:.1f}s train, {metrics['val_seconds']:.1f}s val)")
             with tempfile.TemporaryDirectory(prefix="captune-checkpoint-") as tmp:
                 with _disk_full_named(f"epoch {epoch + 1}'s checkpoint", f"the temporary folder {tmp}"):
@@ -163,11 +165,14 @@ def checkpoint_size(cfg: TrainConfig, vocab_size: int) -> int:
     return checkpoint_bytes(model_config(cfg, vocab_size), encoder_trained=cfg.fine_tune)
 
 
-def best_so_far(history: list[dict]) -> dict:
-    """The run's objective after these epochs: its best validation BLEU-4 and that epoch. On a tie
-    the later epoch, as Ray's checkpoint managers keep the later of two equal checkpoints."""
-    best = max(reversed(history), key=lambda h: h["bleu4"])
-    return {"best_bleu4": best["bleu4"], "best_epoch": best["epoch"]}
+def best_so_far(history: list[dict], metric: str = "bleu4") -> dict:
+    """The run's best epoch after these epochs, by validation `metric` (its objective), and that
+    epoch's scores: {"best_epoch", "best_bleu1", ..., "best_cider", "best_rouge_l"}; so
+    `best_<metric>` is the running maximum the search optimises, and the other `best_` scores
+    those of the same checkpoint. On a tie the later epoch, as Ray's checkpoint managers keep the
+    later of two equal checkpoints. (An epoch saved before CIDEr-D was scored lacks it: 0.)"""
+    best = max(reversed(history), key=lambda h: h.get(metric, 0.0))
+    return {"best_epoch": best["epoch"], **{f"best_{k}": best[k] for k in SCORES if k in best}}
 
 
 @contextmanager

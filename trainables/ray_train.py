@@ -138,7 +138,7 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
                  mlflow_run_id: str | None = None, stop_signal: str | None = None,
                  resume_from: str | None = None, echo: bool = True,
                  system_metrics: dict | None = None, feature_set: str | None = None) -> TorchTrainer:
-    """keep="best": the two best checkpoints by validation bleu4, and the latest (which a restart
+    """keep="best": the two best checkpoints by validation `cfg.metric`, and the latest (which a restart
     goes on from); keep="last": only the latest. `stop_signal`: the name of a StopSignal actor the
     workers watch. `resume_from`: a checkpoint folder to go on from, if newer than Ray's. `echo`:
     rank 0 prints a line per epoch. `system_metrics`: infra.mlflow_logging.system_metrics's arguments,
@@ -158,7 +158,7 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path,
-            checkpoint_config=(CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="bleu4",
+            checkpoint_config=(CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=cfg.metric,
                                                 checkpoint_score_order="max") if keep == "best"
                                else CheckpointConfig(num_to_keep=1)),
             callbacks=callbacks,
