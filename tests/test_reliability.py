@@ -254,16 +254,16 @@ def test_sweep_settings_are_refused_before_any_trial(ray_cluster, synth_dir, tmp
     assert not (tmp_path / "tune").exists()  # refused before Tune started anything
 
 
-def test_a_sweep_file_s_metric_is_checked(tmp_path, capsys):
+def test_a_sweep_file_s_metric_is_checked(synth_dir, tmp_path, capsys):
     from search.request import SweepRequest, plan
 
     config = sweep_yaml(tmp_path / "s.yaml", 2, 1, metric="rouge_l")
     assert main(["sweep", "--data", str(tmp_path), "--name", "m", "--config", str(config)]) == 2
     assert f"{config} [sweep]: metric='rouge_l' must be one of bleu4, cider" in capsys.readouterr().err
-    settings, searches = plan(SweepRequest("m", str(tmp_path), config_file=str(sweep_yaml(tmp_path / "c.yaml", 2, 1,
-                                                                                            metric="cider"))))
+    settings, searches = plan(SweepRequest("m", str(synth_dir), config_file=str(sweep_yaml(tmp_path / "c.yaml", 2, 1,
+                                                                                             metric="cider"))))
     assert settings.metric == "cider" and all(s.base.metric == "cider" for s in searches)  # every trial's too
-    settings, _ = plan(SweepRequest("m", str(tmp_path), metric="bleu4", config_file=str(tmp_path / "c.yaml")))
+    settings, _ = plan(SweepRequest("m", str(synth_dir), metric="bleu4", config_file=str(tmp_path / "c.yaml")))
     assert settings.metric == "bleu4"  # --metric wins over the file
 
 
