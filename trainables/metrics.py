@@ -1,6 +1,7 @@
 """The captioning field's scores of generated captions against references, on captions tokenized
 as for training: corpus BLEU-1..4 (nltk's n-gram counts), CIDEr-D and ROUGE-L (the COCO caption
-evaluation code's scorers, pycocoevalcap), so that they equal published numbers on the same tokens.
+evaluation code's computation, pycocoevalcap: trainables.coco_scores), so that they equal
+published numbers on the same tokens.
 
 Every score is also kept image by image (`CaptionScorer.statistics`): what a corpus score adds up
 over its images, so that a resampled or pooled corpus is scored by a sum (search.bootstrap).
@@ -9,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 from nltk.translate.bleu_score import closest_ref_length, modified_precision
-from pycocoevalcap.rouge.rouge import Rouge
 
 from data.text import tokenize
-from trainables.cider import CiderD
+from trainables.coco_scores import CiderD, RougeL
 
 MAX_N = 4
 BLEU_COLUMNS = 2 * MAX_N + 2  # per caption: matches and n-grams per order, its length, the closest reference's
@@ -35,9 +35,8 @@ class CaptionScorer:
         if not all(references):
             raise ValueError(f"image {next(i for i, r in enumerate(references) if not r)} has no reference")
         self.references = [[tokenize(r) for r in refs] for refs in references]
-        self._joined = [[" ".join(r) for r in refs] for refs in self.references]  # pycocoevalcap's form
-        self._cider = CiderD(self._joined)
-        self._rouge = Rouge()
+        joined = [[" ".join(r) for r in refs] for refs in self.references]  # pycocoevalcap's form
+        self._cider, self._rouge = CiderD(joined), RougeL(joined)
 
     def __len__(self) -> int:
         return len(self.references)
@@ -55,7 +54,7 @@ class CaptionScorer:
         out[:, :BLEU_COLUMNS] = [_bleu_row(h, rs) for h, rs in zip(tokens, self.references)]
         joined = [" ".join(h) for h in tokens]
         out[:, CIDER] = self._cider.scores(joined)
-        out[:, ROUGE_L] = [self._rouge.calc_score([h], refs) for h, refs in zip(joined, self._joined)]
+        out[:, ROUGE_L] = self._rouge.scores(joined)
         out[:, IMAGES] = 1
         return out
 
