@@ -276,7 +276,7 @@ def _chart(results: dict, name: str, path: Path) -> None:
         ax.set_xticks([n + (len(bars) - 1) * width / 2 for n in range(len(keys))], [SCORE_LABELS[k] for k in keys])
     left.set(ylim=(0, 1.22), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0], ylabel=f"{results['split']} split, greedy search",
              title=f"sweep {name}: champions compared")
-    right.set(ylim=(0, max(1.0, 1.25 * max(models[a]["beam1"]["cider"] for a in models))), title="CIDEr-D")
+    right.set(ylim=(0, max(1.0, 1.25 * max(models[a]["beam1"]["cider"] for a in models))), title="on its own scale")
     left.legend(fontsize=8, loc="upper left", ncol=3)
     fig.text(0.01, 0.01, textwrap.fill(f"verdict: {results['verdict']}", 150), fontsize=7.5, va="bottom")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
