@@ -66,8 +66,10 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
         skip = skip_bad or bool(loaded.payload.get("train_config", {}).get("skip_bad", False))
         captions, refs = caption_split(loaded, root, split, beams, skip_bad=skip)
         champions[arch] = (parent, loaded, root)
-        key = json.dumps(refs)  # the two champions are scored against one scorer when their images agree
-        scorer = scorers.setdefault(key, CaptionScorer(refs))
+        key = json.dumps(refs)  # the two champions are scored by one scorer when their images agree
+        if key not in scorers:
+            scorers[key] = CaptionScorer(refs)
+        scorer = scorers[key]
         stats = {beam: scorer.statistics(captions[beam]) for beam in beams}
         statistics[arch], references[arch] = stats[1], refs
         m = parent.data.metrics
@@ -186,7 +188,7 @@ def format_comparison(results: dict) -> str:
             if c and not c["verdict"].get("clear"):
                 lines.append(f"WARNING: {c['verdict']['text']}: the {a} champion does not clearly beat a model "
                              f"that never saw its images")
-    for score, boot in (results["bootstrap"] or {}).items():
+    for boot in (results["bootstrap"] or {}).values():
         lines.append(_bootstrap_line("paired bootstrap, champions (greedy)", boot))
     reps = results["replicates"]
     if reps:
