@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainables.catalog import SCORE_LABELS, SCORES
+from trainables.catalog import HEADLINE, SCORE_LABELS, SCORES
 
 
 def cmd_synth(args) -> int:
@@ -197,7 +197,7 @@ def cmd_sweep(args) -> int:
         verdict = ("now champion" if c.get("promoted") else
                    f"champion stays v{c['previous']['version']} ({label} {c['previous']['score']:.4f})") if c else ""
         others = ", ".join(f"{SCORE_LABELS[k]} {v:.4f}" for k, v in o.best["scores"].items()
-                           if k in ("bleu4", "cider", "rouge_l") and k != o.best["metric"])
+                           if k in HEADLINE and k != o.best["metric"])
         print(f"[{o.arch}] best trial {o.best['trial_id']}: best validation {label} {o.best['score']:.4f} "
               f"(epoch {o.best['epoch']}; {others}); registered {c.get('name')} v{c.get('version')}, {verdict}; "
               f"{o.errors} of {o.trials} trials failed")

@@ -29,7 +29,7 @@ from search.reruns import RerunJob, run_reruns
 from trainables.catalog import SCORE_LABELS, SCORES
 from trainables.config import ConfigError, split_seed_of
 from trainables.evaluation import caption_split
-from trainables.metrics import CaptionScorer, scores_from_statistics
+from trainables.metrics import CaptionScorer, corpus_scores
 from trainables.model_source import load_captioner
 
 # matplotlib is imported where a figure is drawn, after its Agg backend is chosen.
@@ -76,7 +76,7 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
         results["models"][arch] = {
             "version": champion["version"], "model": model_uri, "data": str(root), "images": len(refs),
             "val": {k: m[f"best_{k}"] for k in SCORES if f"best_{k}" in m},  # the search's best epoch
-            **{f"beam{k}": _scores(stats[k]) for k in beams},
+            **{f"beam{k}": corpus_scores(stats[k]) for k in beams},
             "control": control_record(tags, m, metric)}
     if not results["models"]:
         raise ConfigError(f"sweep {name!r} has no registered champion yet: let its sweep finish (or --resume it)")
@@ -93,10 +93,6 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
     results["verdict"] = _verdict(results)
     _log(client, experiment.experiment_id, name, results, beams, resamples, bootstrap_seed, seeds)
     return results
-
-
-def _scores(statistics: np.ndarray) -> dict[str, float]:
-    return {k: float(v) for k, v in scores_from_statistics(statistics.sum(0)).items()}
 
 
 def _bootstraps(stats_a, stats_b, names: tuple[str, str], resamples: int, seed: int) -> dict[str, dict]:

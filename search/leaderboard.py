@@ -11,11 +11,10 @@ from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, EPO
                                 SWEEP_TAG, TRIAL_TAG, control_record)
 from infra.mlflow_store import configure
 from search.objective import DEFAULT_METRIC, metric_of, objective
-from trainables.catalog import SCORE_LABELS
+from trainables.catalog import HEADLINE, SCORE_LABELS
 from trainables.config import ConfigError
 
 PARAM_COLUMNS = ("lr", "hidden_size", "vocab_threshold", "embed_size", "dropout", "batch_size")
-SHOWN = ("bleu4", "cider", "rouge_l")  # each trial's best epoch's scores in the table, the sweep's metric first
 
 
 def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -> dict:
@@ -36,7 +35,7 @@ def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -
         m, p, t = run.data.metrics, run.data.params, run.data.tags
         rows.append({
             "rank": len(rows) + 1, "run_id": run.info.run_id, "trial_id": t.get(TRIAL_TAG), "arch": p.get("arch"),
-            **{objective(k): m.get(objective(k)) for k in SHOWN}, "best_epoch": _int(m.get("best_epoch")),
+            **{objective(k): m.get(objective(k)) for k in HEADLINE}, "best_epoch": _int(m.get("best_epoch")),
             **{k: _number(p.get(k)) for k in PARAM_COLUMNS},
             "epochs": int(t.get(EPOCHS_RUN_TAG, 0)) or None, "end_state": t.get(STATE_TAG),
             "error": t.get(ERROR_TAG),
@@ -57,7 +56,7 @@ def _search(run, metric: str) -> dict:
 
 def format_leaderboard(board: dict, top: int | None = None) -> str:
     metric = board.get("metric", DEFAULT_METRIC)
-    shown = [metric] + [k for k in SHOWN if k != metric]
+    shown = [metric] + [k for k in HEADLINE if k != metric]
     head = (f"{'#':>3} " + " ".join(f"{SCORE_LABELS[k]:>8}" for k in shown) +
             f" {'@ep':>3} {'epochs':>6} {'lr':>9} {'hidden':>6} {'vthr':>4} {'emb':>4} {'drop':>5} {'batch':>5}  "
             f"{'state':<13} trial")

@@ -15,7 +15,7 @@ import uuid
 
 from infra.mlflow_names import KIND_TAG, STATE_TAG
 from search.objective import DEFAULT_METRIC, objective
-from trainables.catalog import SCORE_LABELS
+from trainables.catalog import HEADLINE, SCORE_LABELS
 
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 VIEW_NAME = "captune leaderboard"
@@ -32,7 +32,7 @@ def column(kind: str, key: str) -> str:
 
 def columns(metric: str) -> list[str]:
     """The leaderboard's columns: the objective first, then the best epoch's other headline scores."""
-    scores = [metric] + [k for k in ("bleu4", "cider", "rouge_l") if k != metric]
+    scores = [metric] + [k for k in HEADLINE if k != metric]
     return [column("params", "arch"), *(column("metrics", objective(k)) for k in scores),
             column("metrics", "best_epoch"), column("params", "lr"), column("params", "hidden_size"),
             column("params", "vocab_threshold"), column("tags", STATE_TAG), column("attributes", "Models"),

@@ -30,7 +30,7 @@ from trainables.config import TrainConfig, split_seed_of
 from trainables.evaluation import caption_split
 from trainables.feature_job import load_feature_set
 from trainables.loop import WorkerContext, train
-from trainables.metrics import CaptionScorer, scores_from_statistics
+from trainables.metrics import CaptionScorer, corpus_scores
 from trainables.model_source import load_captioner
 
 CAPTIONS_ARTIFACT = "test_captions.json"
@@ -94,8 +94,7 @@ def _test(loaded, job: RerunJob, device: torch.device, data: PreparedData | None
 
 def _scored(captions: list[str], refs: list[list[str]]) -> dict:
     statistics = CaptionScorer(refs).statistics(captions)
-    return {"test": {k: float(v) for k, v in scores_from_statistics(statistics.sum(0)).items()},
-            "statistics": statistics.tolist()}
+    return {"test": corpus_scores(statistics), "statistics": statistics.tolist()}
 
 
 def _best(metrics: dict) -> dict:

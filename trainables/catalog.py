@@ -13,6 +13,7 @@ CAPTION_BEAM = 3  # captioning new images (`captune caption`, a served model) un
 
 # The scores of generated captions (trainables.metrics), and their names in the literature.
 SCORES = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l")
+HEADLINE = ("bleu4", "cider", "rouge_l")  # the scores a table of runs shows, beside their objective
 SCORE_LABELS = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "cider": "CIDEr-D",
                 "rouge_l": "ROUGE-L"}
 

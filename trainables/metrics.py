@@ -42,7 +42,7 @@ class CaptionScorer:
         return len(self.references)
 
     def scores(self, hypotheses: list[str]) -> dict[str, float]:
-        return {k: float(v) for k, v in scores_from_statistics(self.statistics(hypotheses).sum(axis=0)).items()}
+        return corpus_scores(self.statistics(hypotheses))
 
     def statistics(self, hypotheses: list[str]) -> np.ndarray:
         """(images, IMAGES + 1) per hypothesis: its BLEU counts (as `bleu_statistics`), CIDEr-D,
@@ -57,6 +57,11 @@ class CaptionScorer:
         out[:, ROUGE_L] = self._rouge.scores(joined)
         out[:, IMAGES] = 1
         return out
+
+
+def corpus_scores(statistics: np.ndarray) -> dict[str, float]:
+    """The corpus scores of `CaptionScorer.statistics` rows (images, or images of pooled runs)."""
+    return {k: float(v) for k, v in scores_from_statistics(np.asarray(statistics).sum(axis=0)).items()}
 
 
 def scores_from_statistics(totals: np.ndarray) -> dict[str, np.ndarray]:
