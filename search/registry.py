@@ -60,7 +60,7 @@ def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
                            f"{best['trial_id']}'s best epoch {best['epoch']}")
     key = validation_key(data_root, payload["train_config"])
     with tempfile.TemporaryDirectory() as tmp:
-        write_champion_artifacts(checkpoint, data_root, Path(tmp), best["metric"])
+        write_champion_artifacts(checkpoint, data_root, Path(tmp))
         client.log_artifacts(best["run_id"], tmp, "champion")
     with mlflow.start_run(run_id=best["run_id"]):
         info = log_captioner(checkpoint, registered_name=name)
@@ -139,8 +139,7 @@ def _score(uri: str, data_root, train_config: dict, metric: str) -> float:
     return evaluate_split(loaded, data_root, split="val", beam=int(train_config.get("val_beam", 1)))[metric]
 
 
-def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path, metric: str = "bleu4",
-                             images: int = 8) -> None:
+def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path, images: int = 8) -> None:
     """vocab.json, config.json, val_scores.json (the epoch's validation scores, and the metric
     that picked it), learning_curves.png (loss; BLEU-1..4 and ROUGE-L; CIDEr-D) and
     val_examples.png (validation images with the generated caption above the references)."""
@@ -155,7 +154,7 @@ def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path,
     (out / "config.json").write_text(json.dumps({"model": payload["model_config"],
                                                  "train": payload["train_config"]}, indent=2))
     history = payload["history"]
-    epoch = history[int(payload["epoch"]) - 1]
+    epoch, metric = history[int(payload["epoch"]) - 1], payload["train_config"].get("metric", "bleu4")
     (out / "val_scores.json").write_text(json.dumps({"epoch": payload["epoch"], "metric": metric,
                                                      **{k: epoch[k] for k in SCORES if k in epoch}}, indent=2))
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.5))

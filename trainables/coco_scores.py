@@ -4,8 +4,8 @@ everything that depends on the references alone computed once per set of referen
 A training run scores the same validation references every epoch. pycocoevalcap recomputes the
 references' side on every call: CIDEr-D's document frequencies and each reference's tf-idf
 vector, and for ROUGE-L a dynamic-programming table per caption and reference; at 1,000
-validation images its two scorers took 0.35 s a pass against 0.65 s for the captions
-themselves. Here the references' side is kept, and the scores are the same floats:
+validation images its two scorers took 0.56 s a pass (CIDEr-D 0.42 s, ROUGE-L 0.14 s), as long
+as generating the captions. Here the references' side is kept, and the scores are the same floats:
 
 - CIDEr-D uses pycocoevalcap's n-gram counting (`precook`) and document frequencies
   (`CiderScorer.cook_append`, `compute_doc_freq`, `document_frequency`), and repeats its
@@ -54,9 +54,6 @@ class CiderD:
         self._idf = [float(ref_len - np.log(max(1.0, df))) for df in scorer.document_frequency.values()]
         self._unseen = float(ref_len - np.log(1.0))
         self._images = [self._image(crefs) for crefs in scorer.crefs]
-
-    def __len__(self) -> int:
-        return len(self._images)
 
     def scores(self, hypotheses: list[str]) -> np.ndarray:
         """(images,) CIDEr-D of each hypothesis; their mean is pycocoevalcap's corpus score."""

@@ -26,8 +26,9 @@ def caption_scores(hypotheses: list[str], references: list[list[str]]) -> dict[s
 
 
 class CaptionScorer:
-    """Scores captions of a fixed set of images: the references are tokenized, and CIDEr-D's
-    reference side computed, once (a training run scores the same validation images every epoch)."""
+    """Scores captions of a fixed set of images: the references are tokenized, and CIDEr-D's and
+    ROUGE-L's reference side computed, once (a training run scores the same validation images
+    every epoch)."""
 
     def __init__(self, references: list[list[str]]):
         if not references:
@@ -37,9 +38,6 @@ class CaptionScorer:
         self.references = [[tokenize(r) for r in refs] for refs in references]
         joined = [[" ".join(r) for r in refs] for refs in self.references]  # pycocoevalcap's form
         self._cider, self._rouge = CiderD(joined), RougeL(joined)
-
-    def __len__(self) -> int:
-        return len(self.references)
 
     def scores(self, hypotheses: list[str]) -> dict[str, float]:
         return corpus_scores(self.statistics(hypotheses))
