@@ -11,6 +11,7 @@ from pathlib import Path
 from infra.errors import UserError
 from infra.fingerprint import files_fingerprint
 from infra.mlflow_logging import unavailable
+from infra.sqlite_store import ready_sqlite_store
 
 # mlflow is imported inside the functions: infra is imported by every layer (the CLI among them,
 # which answers `--help` and refuses bad options before MLflow loads).
@@ -33,12 +34,14 @@ def default_tracking_uri() -> str:
 
 
 def configure(tracking_uri: str | None = None) -> str:
-    """Point the mlflow library at the store and return its URI."""
+    """Point the mlflow library at the store, ready to use (a new SQLite store created), and
+    return its URI."""
     import mlflow
 
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        ready_sqlite_store(uri)  # a new store: created by one process at a time
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -122,6 +125,7 @@ def get_or_create_experiment(name: str, tracking_uri: str) -> str:
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
+        require_not_deleted(client, tracking_uri, experiment=found)  # its runs could not be written
         return found.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///"):
@@ -135,6 +139,22 @@ def get_or_create_experiment(name: str, tracking_uri: str) -> str:
         return found.experiment_id
 
 
+def record_dataset(client, run_id: str, data_root: str | Path) -> None:
+    """The dataset as an input of the run, once. Safe when another process records the same
+    dataset into the experiment at the same moment (two searches' first trials): MLflow inserts
+    an experiment's dataset row on first use, and the slower of two writers fails on its unique
+    key; the dataset is then there, and the second try only links it."""
+    runs_input = dataset_input(data_root)
+    for attempt in (1, 2):
+        try:
+            client.log_inputs(run_id, datasets=[runs_input])
+            return
+        except Exception as e:  # (through a tracking server, the same clash comes back as its text)
+            clash = any(c.__name__ == "IntegrityError" for c in type(e).__mro__) or "UNIQUE constraint" in str(e)
+            if attempt == 2 or not clash:
+                raise
+
+
 def dataset_input(data_root: str | Path):
     """The dataset as an MLflow run input (what the runs table's Dataset column shows): its
     folder's name, a digest of its caption and split files (names, sizes, times; no reading) and
@@ -146,3 +166,33 @@ def dataset_input(data_root: str | Path):
     dataset = Dataset(name=root.name, digest=files_fingerprint(files)[:12], source_type="local",
                       source=json.dumps({"uri": str(root)}))
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+
+
+class DeletedInStore(UserError, LookupError):
+    """An MLflow experiment or run a command needs was deleted (it is in the store's trash, from
+    which MLflow's own commands restore it)."""
+
+
+def require_not_deleted(client, uri: str, *, experiment=None, run_id: str | None = None, what: str = "",
+                        hint: str = "") -> None:
+    """Refuse, naming it, the store and MLflow's command that restores it, an `experiment` (an
+    Experiment, or None) or the run `run_id` (or its experiment) that was deleted: MLflow reads a
+    deleted experiment as empty and refuses writes to a deleted run only deep inside the work.
+    `what`: the command's words for it, first; `hint`: the message's end (what to do after, or
+    instead)."""
+    import shlex
+
+    run = client.get_run(run_id) if run_id else None
+    if run is not None:
+        experiment = client.get_experiment(run.info.experiment_id)
+    restore = f"MLFLOW_TRACKING_URI={shlex.quote(uri)} mlflow"
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        gone = (f"MLflow experiment {experiment.name!r} (id {experiment.experiment_id}) was deleted in the store "
+                f"{uri}; restore it, with its runs: `{restore} experiments restore --experiment-id "
+                f"{experiment.experiment_id}`")
+    elif run is not None and run.info.lifecycle_stage == "deleted":
+        gone = (f"MLflow run {run_id} (experiment {experiment.name!r}) was deleted in the store {uri}; restore it: "
+                f"`{restore} runs restore --run-id {run_id}`")
+    else:
+        return
+    raise DeletedInStore(f"{what + ': ' if what else ''}{gone}; nothing was written{hint}")

@@ -21,7 +21,7 @@ from infra.mlflow_logging import unavailable
 from infra.mlflow_names import (ARCH_TAG, CHAMPION_TRIAL_TAG, EPOCHS_RUN_TAG, ERROR_TAG, KIND_TAG, LAST_RESTART_TAG,
                                 NODE_TAG, NOTE_TAG, OPTUNA_TRIAL_TAG, RESTARTS_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG,
                                 TRIAL_TAG, tags_filter, trial_run_name)
-from infra.mlflow_store import dataset_input
+from infra.mlflow_store import record_dataset
 from infra.raycluster import root_cause
 from search.objective import DIVERGED, FAILED, end_state, objective
 from search.searcher import TRIAL_ATTR
@@ -199,7 +199,7 @@ class MlflowTrials(Callback):
                 params = {**self.base, **config, "arch": self.arch}
                 self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
             if self.data_root and (created or not run.inputs.dataset_inputs):
-                self.client.log_inputs(run_id, datasets=[dataset_input(self.data_root)])
+                record_dataset(self.client, run_id, self.data_root)
             if created or OPTUNA_TRIAL_TAG not in run.data.tags:
                 self._link_optuna_trial(trial_id, run_id, trial_run_name(self.arch, config))
             if not created:  # epochs logged before are not logged twice

@@ -19,7 +19,8 @@ from infra import sizing
 from infra.mlflow_logging import param_entities, unavailable
 from infra.mlflow_names import ARCH_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
 from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
-                                require_answering_store, require_free_space, require_writable_store, writable_folder)
+                                record_dataset, require_answering_store, require_free_space, require_not_deleted,
+                                require_writable_store, writable_folder)
 from infra.raycluster import init_ray, signal_name, wait_one
 from search.mlflow_trials import find_or_create_run
 from search.mlflow_view import save_leaderboard_view
@@ -27,7 +28,7 @@ from search.objective import metric_of, objective, sampler_seed
 from search.preflight import FEATURE_KEYS, check_vocabulary, checkpoints_size, prepare
 from search.progress import EventQueue, SweepView, queue_name, quiet_libraries
 from search.request import (ArchOutcome, ArchSearch, SearchJob, SweepExists, SweepRequest, optuna_url, plan,
-                            resume_command, storage_root)
+                            resume_command, storage_root, sweep_seeds)
 from search.search_task import run_search
 from search.slots import create_pool
 from search.space import SweepSettings
@@ -63,9 +64,6 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     uri = configure(req.tracking_uri)
     client = mlflow.MlflowClient(uri)
     restorable = _check_name(client, uri, req, root, [search.arch for search in searches], settings.metric)
-    experiment_id = get_or_create_experiment(req.name, uri)
-    save_leaderboard_view(client, experiment_id, settings.metric)
-    client.set_experiment_tag(experiment_id, NOTE_TAG, _experiment_note(req.name, settings.metric))
     init_ray(req.address)
     if req.gpus_per_worker > 0:
         _wait_for_gpus(req)
@@ -87,11 +85,11 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
         require_free_space([(Path(root), sum(space_needed), f"--storage (each trial keeps its best and its "
                                                                      f"latest checkpoint, {settings.trials} trials "
                                                                      f"per architecture, at the default sizes)")])
+    experiment_id, parents = open_sweep_records(req, settings, searches, root)
     jobs = []
-    for search in searches:  # with --resume, a search that never started starts now
-        parent_id = _parent_run(client, experiment_id, req, settings, search, root)
+    for search in searches:
         features = feature_sets[search.arch]
-        jobs.append(SearchJob(req, settings, search, uri, experiment_id, parent_id, root, cpus,
+        jobs.append(SearchJob(req, settings, search, uri, experiment_id, parents[search.arch], root, cpus,
                               min(settings.trials, concurrent), slots, restorable[search.arch],
                               features.manifest if features else None))
     if not all(job.restore for job in jobs):  # create the study database once, before the searches share it
@@ -133,6 +131,22 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     return [outcomes[job.search.arch] for job in jobs]
 
 
+def open_sweep_records(req: SweepRequest, settings: SweepSettings, searches: list[ArchSearch],
+                       root: str) -> tuple[str, dict[str, str]]:
+    """What the sweep shares in MLflow, written here before its searches start, each once: the
+    experiment, its saved view and description, the request's seeds, and per architecture its
+    parent run with the dataset as its input (with --resume, a search that never started gets its
+    parent now). Returns (experiment id, {arch: parent run id})."""
+    uri = configure(req.tracking_uri)
+    client = mlflow.MlflowClient(uri)
+    experiment_id = get_or_create_experiment(req.name, uri)
+    sweep_seeds(client, experiment_id, req)  # remembered as the sweep starts; --resume without --seeds reads them
+    save_leaderboard_view(client, experiment_id, settings.metric)
+    client.set_experiment_tag(experiment_id, NOTE_TAG, _experiment_note(req.name, settings.metric))
+    return experiment_id, {search.arch: _parent_run(client, experiment_id, req, settings, search, root)
+                           for search in searches}
+
+
 def _stop(client, experiment_id: str, req: SweepRequest, searches: list, reason: str) -> None:
     """Ctrl-C or SIGTERM: end the searches now (their trials resume from their last epoch), then
     mark what the sweep left RUNNING in MLflow as KILLED with the reason; --resume reopens it."""
@@ -157,6 +171,8 @@ def _check_name(client, uri: str, req: SweepRequest, root: str, archs: list[str]
     experiment, one metric. Returns, per architecture, whether Tune's state is there to resume."""
     restorable = {arch: _can_restore(f"{root}/{req.name}-{arch}") for arch in archs}
     experiment = client.get_experiment_by_name(req.name)
+    require_not_deleted(client, uri, experiment=experiment, what=f"sweep {req.name!r}",
+                        hint=", or choose another --name (MLflow keeps a deleted experiment's name)")
     parents = [] if experiment is None else client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{req.name}' and tags.`{KIND_TAG}` = 'search'")
     elsewhere = sorted({p.data.params["storage"] for p in parents if p.data.params.get("storage", root) != root})
@@ -203,8 +219,13 @@ def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSe
             "gpus_per_worker": req.gpus_per_worker, "sampler_seed": sampler_seed(settings.seed, arch),
             "storage": root}))
     client.update_run(parent_id, status="RUNNING")
-    if STOP_TAG in client.get_run(parent_id).data.tags:  # stopped before: it goes on now
+    parent = client.get_run(parent_id)
+    if STOP_TAG in parent.data.tags:  # stopped before: it goes on now
         client.delete_tag(parent_id, STOP_TAG)
+    if not parent.inputs.dataset_inputs:
+        # Here, before the searches start: MLflow adds the dataset to the experiment on its first
+        # use, and two searches' first trials doing it at once clashed (a search failed).
+        record_dataset(client, parent_id, req.data_root)
     return parent_id
 
 
