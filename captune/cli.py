@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (UserError, FileNotFoundError) as e:
         print(f"captune: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 2: a usage error; a few say otherwise (a sweep that failed: 1)
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -60,6 +60,19 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+# search.bootstrap.min_resamples() for its 95 % interval, here as a number: the parser answers before
+# numpy loads (tests/test_refusals.py checks the two agree)
+MIN_RESAMPLES = 200
+
+
+def _resamples(text: str) -> int:
+    value = int(text)
+    if value < MIN_RESAMPLES:
+        raise argparse.ArgumentTypeError(f"a 95% bootstrap interval needs at least {MIN_RESAMPLES} resamples (at least "
+                                         f"5 beyond each end of it), got {value}")
     return value
 
 
@@ -126,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--epochs", type=_positive, help="maximum epochs per trial (default: the config's)")
     w.add_argument("--metric", choices=OBJECTIVES,
                    help="validation score to maximise: bleu4 or cider (CIDEr-D) (default: the config's, bleu4)")
-    w.add_argument("--name", default="captune-sweep", help="sweep name: MLflow experiment and Tune folder")
+    w.add_argument("--name", default="captune-sweep", help="sweep name: MLflow experiment and Tune folder; letters, "
+                   "digits, '.', '_' and '-', starting with a letter or a digit, at most 100 characters, no '..'")
     w.add_argument("--config", help="sweep YAML (default: search/spaces.yaml)")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a setting for all trials")
     w.add_argument("--workers-per-trial", type=_positive, default=1, help="DDP workers per trial")
@@ -136,8 +150,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="Tune results: a folder, s3://..., or a shared mount (default: $CAPTUNE_STORAGE/sweeps "
                         "when CAPTUNE_STORAGE is set, as on a cluster.yaml cluster, else runs/sweeps)")
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this --name")
-    w.add_argument("--seeds", type=_non_negative, default=0,
-                   help="end with `captune compare --seeds K`: each champion retrained with K new seeds (default 0)")
+    w.add_argument("--seeds", type=_non_negative,
+                   help="end with `captune compare --seeds K`: each champion retrained with K new seeds (default 0; "
+                        "with --resume, what the sweep started with)")
     w.add_argument("--no-control", action="store_true",
                    help="skip the image-blind control run of each champion (the floor its score must clear)")
     _tracking_args(w)
@@ -163,8 +178,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="leave out bad items (implied for a champion that trained with --skip-bad)")
     cp.add_argument("--seeds", type=_non_negative, default=0,
                     help="retrain each champion's configuration with K new seeds (default 0: none)")
-    cp.add_argument("--resamples", type=_positive, default=1000, help="bootstrap resamples (default 1000)")
-    cp.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap's resampling")
+    cp.add_argument("--resamples", type=_resamples, default=1000,
+                    help=f"bootstrap resamples, at least {MIN_RESAMPLES} (default 1000)")
+    cp.add_argument("--bootstrap-seed", type=_non_negative, default=0, help="seed of the bootstrap's resampling")
     cp.add_argument("--address", help="Ray cluster address for --seeds (default: RAY_ADDRESS, else a local cluster)")
     _tracking_args(cp)
     cp.set_defaults(run=cmd_compare)

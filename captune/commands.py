@@ -45,8 +45,10 @@ def cmd_features(args) -> int:
     from trainables.feature_job import build_features, feature_folder
 
     folder = feature_folder(args.storage)
-    init_ray(args.address)
-    done = build_features(args.data, cfg, folder, images_from=args.images_from)
+    # Ray starts only if something is to be built: features already there are read from a
+    # read-only store, and a store that cannot take new ones is refused before Ray starts.
+    done = build_features(args.data, cfg, folder, images_from=args.images_from,
+                          connect=lambda: init_ray(args.address))
     verb = "built" if done.built else "already there"
     print(f"features of {done.shape[0]:,} images ({cfg.encoder}, {cfg.image_size}px, "
           f"{done.shape[1]} values each): {verb}, {done.seconds:.1f} s"
@@ -147,14 +149,14 @@ def cmd_caption(args) -> int:
     images = find_images(args.paths)  # a wrong path fails before the model or torch loads
     if not images:
         raise FileNotFoundError(f"no .jpg, .jpeg or .png images in {', '.join(args.paths)}")
-    out = CaptionFile(args.out)
-    loaded = load_captioner(args.model, args.tracking_uri)
-    import torch
-
-    from captune.caption_files import caption_files
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = CaptionFile(args.out)  # its folder probed, the file locked and read: all before the model loads
     try:
+        loaded = load_captioner(args.model, args.tracking_uri)
+        import torch
+
+        from captune.caption_files import caption_files
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         summary = caption_files(loaded, images, out, args.beam, args.batch_size, device)
     except KeyboardInterrupt:
         if args.out:
@@ -162,7 +164,7 @@ def cmd_caption(args) -> int:
                   "the rest", file=sys.stderr)
         raise
     finally:
-        out.close()
+        out.close()  # the lock with it: a failed model load must not hold the file in this process
     where = f" in {args.out}" if args.out else ""
     print(f"captioned {summary.captioned:,} images{where}" +
           (f" ({summary.already:,} already there)" if summary.already else "") +
@@ -181,8 +183,8 @@ def cmd_sweep(args) -> int:
                        trials=args.trials, epochs=args.epochs, metric=args.metric, config_file=args.config,
                        overrides=parse_overrides(args.set), workers_per_trial=args.workers_per_trial,
                        gpus_per_worker=args.gpus_per_worker, storage=args.storage, resume=args.resume,
-                       control=not args.no_control, tracking_uri=args.tracking_uri, address=args.address,
-                       verbose=args.verbose)
+                       seeds=args.seeds, control=not args.no_control, tracking_uri=args.tracking_uri,
+                       address=args.address, verbose=args.verbose)
     t0 = time.perf_counter()
     planned = plan(req)  # settings and spaces refused in a second, before Ray, MLflow and torch load
     from search.sweep import run_sweep
@@ -191,7 +193,7 @@ def cmd_sweep(args) -> int:
     print(f"\nsweep {args.name} done in {time.perf_counter() - t0:.0f}s")
     for o in outcomes:
         if o.best is None:
-            print(f"[{o.arch}] no trial finished an epoch ({o.errors} of {o.trials} failed)")
+            print(f"[{o.arch}] {o.no_model_text()}")
             continue
         c, label = o.champion or {}, SCORE_LABELS[o.best["metric"]]
         verdict = ("now champion" if c.get("promoted") else
@@ -208,8 +210,11 @@ def cmd_sweep(args) -> int:
         print("\nleaderboard:")
         print(format_leaderboard(leaderboard(args.name, args.tracking_uri), top=20))
         print()
-        print(format_comparison(compare(args.name, args.data, args.tracking_uri, seeds=args.seeds,
-                                        address=args.address)))
+        if any(o.champion for o in outcomes):
+            print(format_comparison(compare(args.name, args.data, args.tracking_uri, seeds=req.seeds,
+                                            address=args.address)))
+        else:  # (the sweep did finish: nothing was registered to compare)
+            print("no comparison: no search registered a model (each one's reason is above)")
     except Exception as e:
         from infra.mlflow_logging import unavailable
         from infra.mlflow_store import TrackingUnavailable
@@ -219,12 +224,12 @@ def cmd_sweep(args) -> int:
         raise TrackingUnavailable(f"MLflow did not answer after the sweep ended ({type(e).__name__}). The sweep is "
                                   f"done and recorded; once the store answers, `captune leaderboard {args.name}` "
                                   f"and `captune compare {args.name} --data {args.data}"
-                                  f"{f' --seeds {args.seeds}' if args.seeds else ''}` finish the report (a "
+                                  f"{f' --seeds {req.seeds}' if req.seeds else ''}` finish the report (a "
                                   f"replicate already trained is reused)") from None
     print(f"\nMLflow UI: {_ui_command(args.tracking_uri)}\nOptuna Dashboard (pip install -e '.[dashboard]'): "
           f"optuna-dashboard {optuna_url(storage_root(args.storage), args.name)} --host 127.0.0.1"
           f"\nleaderboard: {_leaderboard_url(args.name, args.tracking_uri)}")
-    return 0
+    return 0 if any(o.champion for o in outcomes) else 1
 
 
 def cmd_leaderboard(args) -> int:

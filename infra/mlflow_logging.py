@@ -49,6 +49,23 @@ def param_entities(values: dict) -> list:
     return [Param(k, str(v)[:6000]) for k, v in values.items()]
 
 
+@contextmanager
+def optional_step(what: str, client, run_id: str, note_tag: str) -> Iterator[None]:
+    """An optional step (an analysis, a chart, a figure): whatever it raises is recorded on the
+    run as `note_tag` ("<what> not made: <why>") and printed, and the caller goes on. No optional
+    step may cost a sweep its results. Ctrl-C and SIGTERM still stop it."""
+    try:
+        yield
+    except Exception as e:
+        text = str(e).strip()
+        why = f"{what} not made: {type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+        print(f"WARNING: {why}", flush=True)
+        try:
+            client.set_tag(run_id, note_tag, why[:5000])
+        except Exception as again:  # the store itself failing: the line above is what is left
+            print(f"WARNING: ... and MLflow did not take that note ({type(again).__name__})", flush=True)
+
+
 class EpochLogger:
     """Logs each epoch's numeric metrics to an existing run (rank 0 of a training job), from a
     thread of its own: a tracking store that is slow, locked or down never holds training up or

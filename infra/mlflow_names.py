@@ -27,6 +27,8 @@ CONTROL_ERROR_TAG = "captune.control_error"  # on a search's parent: why its con
 IMPORTANCE_NOTE_TAG = "captune.importance_note"  # on a search's parent: why no importance was logged
 IMPORTANCE_BASIS_TAG = "captune.importance_basis"  # on a search's parent: what the importances explain
 IMPORTANCE_PREFIX = "importance_"  # a search parent's metric per searched parameter
+FIGURES_NOTE_TAG = "captune.figures_note"  # on a champion trial's run: why its figures were not made
+CHART_NOTE_PREFIX = "captune.chart_note."  # + a chart's file name: why that chart was not made
 CONTROLLED = ("bleu4", "cider")  # the scores a search parent's control metrics are kept in (search.control)
 CONTROL_FIELDS = ("control", "control_test", "test", "gap", "gap_low", "gap_high")
 CHAMPION_TAG = "captune.champion"  # on a search's parent: its registered best trial, models:/<name>/<version>
@@ -114,3 +116,7 @@ def control_verdict(tags: dict[str, str], metrics: dict[str, float], metric: str
     if text.startswith("{"):  # a sweep recorded before 2026-12-03 kept it as JSON
         return json.loads(text)
     return {"clear": metrics.get(control_metrics(metric)[4], 0.0) > 0, "text": text}
+
+
+SEEDS_TAG = "captune.seeds"  # on a sweep's experiment: its --seeds (what `--resume` without --seeds compares with)
+EPOCHS_TAG = "captune.epochs"  # a `captune train` run's epochs asked for: a tag, not a param, as --resume may raise it

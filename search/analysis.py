@@ -19,8 +19,8 @@ import matplotlib
 import optuna
 from optuna.trial import TrialState
 
-from infra.mlflow_logging import metric_entities
-from infra.mlflow_names import IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX
+from infra.mlflow_logging import metric_entities, optional_step
+from infra.mlflow_names import CHART_NOTE_PREFIX, IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX
 from search.objective import DEFAULT_METRIC
 from trainables.catalog import SCORE_LABELS
 
@@ -33,10 +33,20 @@ MIN_TRIALS = 5
 
 def log_search_analysis(client, parent_id: str, storage_url: str, study_name: str, params: list[str],
                         at_epoch: int, metric: str = DEFAULT_METRIC) -> dict:
-    """The importances logged (none when too few trials reached `at_epoch`), as {param: importance}."""
+    """The importances logged (none when too few trials reached `at_epoch` or they all scored
+    alike), as {param: importance}. Optional: whatever fails here is recorded on the parent as
+    `captune.importance_note` and the search's end goes on."""
+    with optional_step("the search's analysis", client, parent_id, IMPORTANCE_NOTE_TAG):
+        return _analyse(client, parent_id, storage_url, study_name, params, at_epoch, metric)
+    return {}
+
+
+def _analyse(client, parent_id: str, storage_url: str, study_name: str, params: list[str], at_epoch: int,
+             metric: str) -> dict:
     study = optuna.load_study(study_name=study_name, storage=storage_url)
     at = at_epoch_study(study, at_epoch)
     target = f"best validation {SCORE_LABELS[metric]} by epoch {at_epoch}"
+    values = {t.value for t in at.trials}
     importances: dict = {}
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="captune-analysis-") as tmp:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -47,20 +57,27 @@ def log_search_analysis(client, parent_id: str, storage_url: str, study_name: st
         if len(at.trials) >= 2 and params:
             charts.append(("parallel_coordinates.png", lambda: optuna.visualization.matplotlib.plot_parallel_coordinate(
                 at, params=params, target_name=target)))
-        if len(at.trials) >= MIN_TRIALS and params:
-            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-            importances = optuna.importance.get_param_importances(at, evaluator=evaluator, params=params)
-            charts.append(("importances.png", lambda: optuna.visualization.matplotlib.plot_param_importances(
-                at, evaluator=evaluator, params=params, target_name=target)))
-            logged = {f"{IMPORTANCE_PREFIX}{k}": v for k, v in importances.items()}
-            client.log_batch(parent_id, metrics=metric_entities(logged))
-            client.set_tag(parent_id, IMPORTANCE_BASIS_TAG, f"fANOVA over {len(at.trials)} trials, explaining the {target}")
-        else:
+        if len(at.trials) < MIN_TRIALS or not params:
             client.set_tag(parent_id, IMPORTANCE_NOTE_TAG, f"needs at least {MIN_TRIALS} trials that reached epoch "
                                                            f"{at_epoch}; this search has {len(at.trials)}")
-        for name, draw in charts:
-            _save(draw(), Path(tmp) / name, f"search {study_name}, {len(at.trials)} trials")
-        if charts:
+        elif len(values) == 1:  # fANOVA cannot split a constant (it raises): nothing to explain
+            client.set_tag(parent_id, IMPORTANCE_NOTE_TAG, f"all {len(at.trials)} trials that reached epoch {at_epoch} "
+                                                           f"scored the same ({values.pop():.4f}): no parameter made a "
+                                                           f"difference to explain")
+        else:
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+            with optional_step("the importances", client, parent_id, IMPORTANCE_NOTE_TAG):
+                importances = optuna.importance.get_param_importances(at, evaluator=evaluator, params=params)
+                logged = {f"{IMPORTANCE_PREFIX}{k}": v for k, v in importances.items()}
+                client.log_batch(parent_id, metrics=metric_entities(logged))
+                client.set_tag(parent_id, IMPORTANCE_BASIS_TAG,
+                               f"fANOVA over {len(at.trials)} trials, explaining the {target}")
+                charts.append(("importances.png", lambda: optuna.visualization.matplotlib.plot_param_importances(
+                    at, evaluator=evaluator, params=params, target_name=target)))
+        for name, draw in charts:  # each chart on its own: one that cannot be drawn leaves the others
+            with optional_step(f"the chart {name}", client, parent_id, f"{CHART_NOTE_PREFIX}{name}"):
+                _save(draw(), Path(tmp) / name, f"search {study_name}, {len(at.trials)} trials")
+        if any(Path(tmp).iterdir()):
             client.log_artifacts(parent_id, tmp, "search_analysis")
     return importances
 

@@ -1,7 +1,7 @@
 """The leaderboard of a sweep, read back from MLflow: per architecture, its trials by their
-objective (the best validation score in the sweep's metric, MLflow's own ordering by
-`metrics.best_bleu4` or `metrics.best_cider`) with their best epoch's BLEU-4, CIDEr-D and
-ROUGE-L, the floor its image-blind control sets, and which hyperparameters mattered."""
+objective (the best validation score in the sweep's metric, ties broken as for the champion:
+search.objective.trial_order) with their best epoch's BLEU-4, CIDEr-D and ROUGE-L, the floor its
+image-blind control sets, and which hyperparameters mattered."""
 from __future__ import annotations
 
 from mlflow import MlflowClient
@@ -9,8 +9,9 @@ from mlflow import MlflowClient
 from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, EPOCHS_RUN_TAG, ERROR_TAG,
                                 IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG, STATE_TAG,
                                 SWEEP_TAG, TRIAL_TAG, control_record)
-from infra.mlflow_store import configure
-from search.objective import DEFAULT_METRIC, metric_of, objective
+from infra.mlflow_store import configure, require_not_deleted
+from search.objective import DEFAULT_METRIC, metric_of, objective, trial_order
+from search.request import name_fault
 from trainables.catalog import HEADLINE, SCORE_LABELS
 from trainables.config import ConfigError
 
@@ -22,14 +23,13 @@ def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -
     score last), "searches": per architecture its best, control and importances}."""
     uri = configure(tracking_uri)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        raise ConfigError(f"no sweep named {name!r} in the MLflow store {uri}")
+    experiment = find_sweep(client, uri, name)
     parents = client.search_runs([experiment.experiment_id],
                                  filter_string=f"tags.`{KIND_TAG}` = 'search' and tags.`{SWEEP_TAG}` = '{name}'")
     metric = metric_of(parents[0].data.params) if parents else DEFAULT_METRIC
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'trial'",
-                              order_by=[f"metrics.{objective(metric)} DESC"], max_results=limit)
+                              max_results=max(limit, 10000))
+    runs = sorted(runs, key=lambda run: trial_order(run, metric))[:limit]  # the champion's order, ties included
     rows = []
     for run in runs:
         m, p, t = run.data.metrics, run.data.params, run.data.tags
@@ -42,6 +42,17 @@ def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -
         })
     return {"sweep": name, "metric": metric, "trials": rows,
             "searches": {r.data.tags[ARCH_TAG]: _search(r, metric) for r in parents}}
+
+
+def find_sweep(client, uri: str, name: str):
+    """The sweep's MLflow experiment; a sweep that is not there (or deleted) is refused, naming the
+    store (and, for a name no sweep can have, the rule for names)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        fault = name_fault(name)
+        raise ConfigError(f"no sweep named {name!r} in the MLflow store {uri}" + (f" ({fault})" if fault else ""))
+    require_not_deleted(client, uri, experiment=experiment, what=f"sweep {name!r}")
+    return experiment
 
 
 def _search(run, metric: str) -> dict:

@@ -23,7 +23,7 @@ from infra.mlflow_names import (ARCH_TAG, CHAMPION_TRIAL_TAG, EPOCHS_RUN_TAG, ER
                                 TRIAL_TAG, tags_filter, trial_run_name)
 from infra.mlflow_store import record_dataset
 from infra.raycluster import root_cause
-from search.objective import DIVERGED, FAILED, end_state, objective
+from search.objective import DIVERGED, FAILED, end_state, objective, trial_order
 from search.searcher import TRIAL_ATTR
 from trainables.catalog import SCORE_LABELS, SCORES
 
@@ -254,14 +254,19 @@ def _error_text(trial) -> str:
     return str(trial.get_error() or "unknown error")
 
 
-def rank_trial_runs(client: MlflowClient, experiment_id: str, sweep: str, arch: str, champion_run_id: str | None,
-                    metric: str) -> None:
-    """After a search: each trial run renamed with its rank by its objective and, if it did not
-    finish, its end state (trial_run_name); its champion tagged as such."""
-    target = objective(metric)
-    runs = client.search_runs([experiment_id], max_results=10000, order_by=[f"metrics.{target} DESC"],
+def ranked_trial_runs(client: MlflowClient, experiment_id: str, sweep: str, arch: str, metric: str) -> list:
+    """A search's trial runs in the sweep's one order (search.objective.trial_order), best first."""
+    runs = client.search_runs([experiment_id], max_results=10000,
                               filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ARCH_TAG}` = '{arch}' and "
                                             f"tags.`{KIND_TAG}` = 'trial'")
+    return sorted(runs, key=lambda run: trial_order(run, metric))
+
+
+def rank_trial_runs(client: MlflowClient, runs: list, arch: str, sweep: str, champion_run_id: str | None,
+                    metric: str) -> None:
+    """After a search: each trial run of `runs` (ranked_trial_runs) renamed with its rank and, if
+    it did not finish, its end state (trial_run_name); its champion tagged as such."""
+    target = objective(metric)
     for rank, run in enumerate(runs, 1):
         name = trial_run_name(arch, {k: _number(v) for k, v in run.data.params.items()}, rank,
                               run.data.tags.get(STATE_TAG))

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 
+from infra.mlflow_names import OPTUNA_TRIAL_TAG, STATE_TAG
+
 DEFAULT_METRIC, MODE = "bleu4", "max"
 
 
@@ -50,3 +52,16 @@ def sampler_seed(sweep_seed: int, arch: str) -> int:
     """Each architecture's search draws its own configurations: a seed derived from the sweep's
     seed and the architecture, the same on every run and independent of which architectures run."""
     return int.from_bytes(hashlib.sha256(f"{sweep_seed}/{arch}".encode()).digest()[:4], "big")
+
+
+def trial_order(run, metric: str) -> tuple:
+    """The one order of a sweep's trial runs (MLflow runs), used by the leaderboard, the ranks in
+    the runs' names and the champion: usable trials (finished or early-stopped) first, best
+    objective first; a tie goes to the trial that reached its score in fewer epochs, then to the
+    earlier trial (its Optuna number, else when its run started)."""
+    metrics, tags = run.data.metrics, run.data.tags
+    score = metrics.get(objective(metric))
+    usable = tags.get(STATE_TAG) in (FINISHED, EARLY_STOPPED) and score is not None
+    number = tags.get(OPTUNA_TRIAL_TAG)
+    return (not usable, -(score if score is not None else float("-inf")), metrics.get("best_epoch", float("inf")),
+            int(number) if number is not None and number.isdigit() else float("inf"), run.info.start_time or 0)

@@ -19,6 +19,8 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from data.layouts import load_corpus
+from infra.mlflow_logging import optional_step
+from infra.mlflow_names import FIGURES_NOTE_TAG
 from trainables.catalog import SCORE_LABELS, SCORES
 from trainables.checkpoint import load_checkpoint, read_payload
 from trainables.config import split_seed_of
@@ -60,7 +62,9 @@ def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
                            f"{best['trial_id']}'s best epoch {best['epoch']}")
     key = validation_key(data_root, payload["train_config"])
     with tempfile.TemporaryDirectory() as tmp:
-        write_champion_artifacts(checkpoint, data_root, Path(tmp))
+        loaded = write_champion_files(checkpoint, Path(tmp))
+        with optional_step("the champion's figures", client, best["run_id"], FIGURES_NOTE_TAG):
+            draw_champion_figures(loaded, data_root, Path(tmp))
         client.log_artifacts(best["run_id"], tmp, "champion")
     with mlflow.start_run(run_id=best["run_id"]):
         info = log_captioner(checkpoint, registered_name=name)
@@ -139,24 +143,30 @@ def _score(uri: str, data_root, train_config: dict, metric: str) -> float:
     return evaluate_split(loaded, data_root, split="val", beam=int(train_config.get("val_beam", 1)))[metric]
 
 
-def write_champion_artifacts(checkpoint: Path, data_root: str | Path, out: Path, images: int = 8) -> None:
-    """vocab.json, config.json, val_scores.json (the epoch's validation scores, and the metric
-    that picked it), learning_curves.png (loss; BLEU-1..4 and ROUGE-L; CIDEr-D) and
-    val_examples.png (validation images with the generated caption above the references)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def write_champion_files(checkpoint: Path, out: Path):
+    """vocab.json, config.json and val_scores.json (the epoch's validation scores, and the metric
+    that picked it). Returns the loaded checkpoint."""
     loaded = load_checkpoint(checkpoint)
     payload = loaded.payload
     (out / "vocab.json").write_text(json.dumps(payload["vocab"], indent=1))
     (out / "config.json").write_text(json.dumps({"model": payload["model_config"],
                                                  "train": payload["train_config"]}, indent=2))
-    history = payload["history"]
-    epoch, metric = history[int(payload["epoch"]) - 1], payload["train_config"].get("metric", "bleu4")
+    epoch, metric = payload["history"][int(payload["epoch"]) - 1], payload["train_config"].get("metric", "bleu4")
     (out / "val_scores.json").write_text(json.dumps({"epoch": payload["epoch"], "metric": metric,
                                                      **{k: epoch[k] for k in SCORES if k in epoch}}, indent=2))
+    return loaded
+
+
+def draw_champion_figures(loaded, data_root: str | Path, out: Path, images: int = 8) -> None:
+    """learning_curves.png (loss; BLEU-1..4 and ROUGE-L; CIDEr-D) and val_examples.png
+    (validation images with the generated caption above the references)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    payload = loaded.payload
+    history, metric = payload["history"], payload["train_config"].get("metric", "bleu4")
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.5))
     epochs = [h["epoch"] for h in history]
     ax1.plot(epochs, [h["loss"] for h in history], marker="o")

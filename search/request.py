@@ -4,11 +4,13 @@ search task is handed. Light: the driver and the search tasks both import it."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.cache import default_cache_dir
+from infra.mlflow_names import SEEDS_TAG
 from infra.storage import is_uri
 from search.space import SearchSpace, SweepSettings, load_spaces
 from trainables.catalog import ARCHS, OBJECTIVES
@@ -17,6 +19,26 @@ from trainables.config import ConfigError, TrainConfig, compose, preset_layers, 
 
 class SweepExists(ConfigError):
     """A sweep of that name exists and --resume was not given (or the reverse)."""
+
+
+# A sweep's name becomes folder and file names (its Tune results, its Optuna study), a Ray actor's
+# name and an MLflow filter's quoted value: one rule keeps it all of those at once.
+NAME_RULE = ("letters, digits, '.', '_' and '-', starting with a letter or a digit, at most 100 characters, "
+             "no '..'")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def name_fault(name: str) -> str | None:
+    """Why `name` cannot name a sweep (NAME_RULE), or None when it can."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        return f"{name!r} cannot name a sweep: a sweep name is {NAME_RULE}"
+    return None
+
+
+def check_name(name: str, option: str = "--name") -> None:
+    fault = name_fault(name)
+    if fault:
+        raise ConfigError(f"{option} {fault}")
 
 
 @dataclass
@@ -33,6 +55,7 @@ class SweepRequest:
     gpus_per_worker: float = 0.0  # 0: CPU trials
     storage: str | None = None  # None: default_storage()
     resume: bool = False
+    seeds: int | None = None  # seed replicates of the comparison at the end; None: as the sweep started (sweep_seeds)
     control: bool = True  # after each search, train its champion's configuration image-blind
     tracking_uri: str | None = None
     address: str | None = None
@@ -57,6 +80,20 @@ class ArchOutcome:
     errors: int
     champion: dict | None = None  # from search.registry.promote
     control: dict | None = None  # from search.control.run_control
+    states: dict = field(default_factory=dict)  # {end state: trials} (search.objective)
+    first_error: str | None = None  # why the first trial that failed or diverged did
+
+    def no_model_text(self) -> str:
+        """Why the search has no model to register, and what to change."""
+        diverged, failed = self.states.get("diverged", 0), self.states.get("failed", 0)
+        said = [f"{n} {state}" for state, n in sorted(self.states.items())]
+        text = f"no usable model: of {self.trials} trial(s), {', '.join(said) or 'none ran'}"
+        if diverged:
+            text += (" (the training loss became NaN or infinite: lower the learning rate, the `lr` range of the "
+                     "sweep file, or set `grad_clip`)")
+        if failed or self.first_error:
+            text += f"; the first error: {self.first_error}"
+        return text
 
 
 @dataclass
@@ -94,6 +131,7 @@ class SearchJob:
 def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
     """Everything checked before any trial starts: settings, spaces, every architecture's base
     configuration and that its defaults lie inside its space."""
+    check_name(req.name)  # first: the name makes paths, and a bad one should not wait for anything else
     for arch in req.archs:
         if arch not in ARCHS:
             raise ConfigError(f"--arch: unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
@@ -175,6 +213,20 @@ def resume_command(req: SweepRequest) -> str:
         words += ["--workers-per-trial", str(req.workers_per_trial)]
     if req.gpus_per_worker:
         words += ["--gpus-per-worker", f"{req.gpus_per_worker:g}"]
+    if req.seeds:
+        words += ["--seeds", str(req.seeds)]
     if not req.control:
         words.append("--no-control")
     return " ".join(words)
+
+
+def sweep_seeds(client, experiment_id: str, req: SweepRequest) -> int:
+    """The sweep's seed replicates, remembered in its experiment (SEEDS_TAG) as it starts, so that
+    `--resume` without `--seeds` compares as the sweep was started to; `--seeds` given wins and is
+    remembered. Sets req.seeds and returns it."""
+    if req.seeds is None and req.resume:
+        req.seeds = int(client.get_experiment(experiment_id).tags.get(SEEDS_TAG, 0))  # (0: a sweep from before)
+    else:
+        req.seeds = req.seeds or 0
+        client.set_experiment_tag(experiment_id, SEEDS_TAG, str(req.seeds))
+    return req.seeds

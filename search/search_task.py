@@ -19,10 +19,11 @@ from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION
                                 FAILED_TRIALS_TAG, NOTE_TAG, SLOTS_TAG, SWEEP_TAG, TRIAL_TAG, TRIALS_TAG,
                                 champion_record, champion_tags)
 from infra.mlflow_store import TrackingUnavailable, configure
+from infra.raycluster import root_cause
 from search.analysis import log_search_analysis
-from search.mlflow_trials import MlflowTrials, rank_trial_runs
+from search.mlflow_trials import MlflowTrials, rank_trial_runs, ranked_trial_runs
 from search.mlflow_view import run_path
-from search.objective import MODE, objective, sampler_seed
+from search.objective import MODE, end_state, objective, sampler_seed
 from search.progress import ProgressEvents, held_back, quiet_libraries
 from search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command
 from search.searcher import ResumableOptunaSearch
@@ -129,21 +130,29 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
     from search.registry import promote
 
     metric, target = settings.metric, objective(settings.metric)
-    scored = [r for r in grid if r.error is None and r.metrics and target in r.metrics and not _diverged(r)]
+    scored = {r.metrics["trial_id"]: r for r in grid
+              if r.error is None and r.metrics and target in r.metrics and not _diverged(r)}
     errors = sum(r.error is not None or _diverged(r) for r in grid)
-    outcome = ArchOutcome(search.arch, parent_id, None, len(grid), errors)
+    why = [r.metrics.get("diverged_reason") if _diverged(r) else root_cause(r.error) for r in grid
+           if r.error is not None or _diverged(r)]
+    outcome = ArchOutcome(search.arch, parent_id, None, len(grid), errors, states=_states(grid, settings.max_epochs),
+                          first_error=why[0] if why else None)
     parent = client.get_run(parent_id)
-    experiment_id = parent.info.experiment_id
-    if scored:
-        top = max(scored, key=lambda r: r.metrics[target])
-        trial_id = top.metrics["trial_id"]
-        runs = client.search_runs([experiment_id],
-                                  filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
-        outcome.best = {"trial_id": trial_id, "run_id": runs[0].info.run_id if runs else None,
+    experiment_id, tags = parent.info.experiment_id, parent.data.tags
+    ranked = ranked_trial_runs(client, experiment_id, req.name, search.arch, metric)
+    candidates = [run for run in ranked if run.data.tags.get(TRIAL_TAG) in scored]  # the leaderboard's order
+    if candidates:
+        champion_run = candidates[0]
+        registered = next((r for r in candidates if r.data.tags[TRIAL_TAG] == tags.get(BEST_TRIAL_TAG)), None)
+        if CHAMPION_TAG in tags and registered is not None and \
+                registered.data.metrics.get(target, 0.0) >= champion_run.data.metrics.get(target, 0.0):
+            champion_run = registered  # registered before (a resumed sweep): nothing better since, nothing new
+        trial_id = champion_run.data.tags[TRIAL_TAG]
+        top = scored[trial_id]
+        outcome.best = {"trial_id": trial_id, "run_id": champion_run.info.run_id,
                         "metric": metric, "score": float(top.metrics[target]), "epoch": int(top.metrics["best_epoch"]),
                         "scores": {k: float(top.metrics[f"best_{k}"]) for k in SCORES if f"best_{k}" in top.metrics},
                         "config": top.config}
-        tags = parent.data.tags
         if tags.get(BEST_TRIAL_TAG) == trial_id and CHAMPION_TAG in tags:
             # a resumed sweep whose search had already ended: registered before, not again
             outcome.champion = champion_record(tags, outcome.best["score"], metric)
@@ -158,7 +167,7 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
         client.set_tag(parent_id, BEST_TRIAL_TAG, trial_id)
     client.set_tag(parent_id, TRIALS_TAG, str(len(grid)))
     client.set_tag(parent_id, FAILED_TRIALS_TAG, str(errors))
-    rank_trial_runs(client, experiment_id, req.name, search.arch, (outcome.best or {}).get("run_id"), metric)
+    rank_trial_runs(client, ranked, search.arch, req.name, (outcome.best or {}).get("run_id"), metric)
     client.set_tag(parent_id, NOTE_TAG, _search_note(outcome, experiment_id, req.name))
     # (the study's URL as the driver worked it out: this task may run where CAPTUNE_STORAGE is not set)
     log_search_analysis(client, parent_id, study_url, study_name,
@@ -170,7 +179,7 @@ def _search_note(outcome: ArchOutcome, experiment_id: str, sweep: str) -> str:
     """The parent run's description in the MLflow UI (markdown)."""
     head = f"**{outcome.arch}** search of sweep `{sweep}`: {outcome.trials} trials, {outcome.errors} failed."
     if not outcome.best:
-        return head + " No trial finished an epoch."
+        return f"{head} {outcome.no_model_text()[0].upper()}{outcome.no_model_text()[1:]}."
     best, champion = outcome.best, outcome.champion or {}
     registered = (f" Registered as `{champion['name']}` version {champion['version']}"
                   + (", now the champion." if champion.get("promoted") else ", not the champion (the current one "
@@ -181,6 +190,15 @@ def _search_note(outcome: ArchOutcome, experiment_id: str, sweep: str) -> str:
             f"`{CHAMPION_TRIAL_TAG}`; the model and its figures are in that run's artifacts).{registered}\n\n"
             f"The leaderboard: this experiment's saved view \"captune leaderboard\" (the views menu at the top of "
             f"the runs page).")
+
+
+def _states(grid, max_epochs: int) -> dict[str, int]:
+    """How the search's trials ended: {end state: count} (search.objective)."""
+    states: dict[str, int] = {}
+    for result in grid:
+        state = end_state(result.metrics, max_epochs, errored=result.error is not None)
+        states[state] = states.get(state, 0) + 1
+    return states
 
 
 def _diverged(result) -> bool:

@@ -16,12 +16,13 @@ from ray.autoscaler.sdk import request_resources
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from infra import sizing
+from infra.errors import UserError
 from infra.mlflow_logging import param_entities, unavailable
-from infra.mlflow_names import ARCH_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
+from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
 from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
                                 record_dataset, require_answering_store, require_free_space, require_not_deleted,
                                 require_writable_store, writable_folder)
-from infra.raycluster import init_ray, signal_name, wait_one
+from infra.raycluster import init_ray, root_cause, signal_name, wait_one
 from search.mlflow_trials import find_or_create_run
 from search.mlflow_view import save_leaderboard_view
 from search.objective import metric_of, objective, sampler_seed
@@ -108,7 +109,7 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
 
     task = ray.remote(num_cpus=0, max_retries=0)(run_search).options(scheduling_strategy=here)
     pending = {task.remote(job): job for job in jobs}
-    outcomes, failures = {}, []
+    outcomes, failures = {}, {}
     try:
         while pending:  # wait for all: one search failing does not cut the other short
             ref = wait_one(list(pending), between=show_events)
@@ -116,7 +117,10 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
             try:
                 outcomes[job.search.arch] = ray.get(ref)
             except Exception as e:
-                failures.append(e)
+                failures[job.search.arch] = e
+                if pending:
+                    view.handle({"arch": job.search.arch, "kind": "note", "time": time.time(),
+                                 "text": f"the search failed ({root_cause(e)}); the others go on"})
         show_events()
     except KeyboardInterrupt as e:
         view.close()
@@ -127,7 +131,7 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
         ray.kill(events)
     view.close()
     if failures:
-        raise failures[0]
+        _search_failed(client, experiment_id, req, failures)
     return [outcomes[job.search.arch] for job in jobs]
 
 
@@ -147,6 +151,45 @@ def open_sweep_records(req: SweepRequest, settings: SweepSettings, searches: lis
                            for search in searches}
 
 
+class SweepFailed(UserError, RuntimeError):
+    """A search of the sweep failed (its traceback was printed): what it finished is kept and
+    `--resume` goes on. Not the user's doing as such, so the command exits 1, not 2."""
+    exit_code = 1
+
+
+def _search_failed(client, experiment_id: str, req: SweepRequest, failures: dict[str, Exception]) -> None:
+    """A search task raised. One the user can act on (the store went away, a setting) is raised
+    as it is; anything else: its traceback printed, the runs it left RUNNING marked FAILED with
+    the reason, and a SweepFailed saying how to go on."""
+    for error in failures.values():
+        if isinstance(error, UserError):
+            raise error
+    for arch, error in failures.items():
+        print(f"\n[{arch}] the search failed:\n{error}", file=sys.stderr, flush=True)
+        _close_running(client, experiment_id, req, ERROR_TAG, f"the {arch} search failed: {root_cause(error)}",
+                       "FAILED", arch)
+    said = "; ".join(f"the {arch} search failed: {root_cause(error)}" for arch, error in failures.items())
+    raise SweepFailed(f"{said} (traceback above). What it finished is kept and its MLflow runs that were running "
+                      f"are marked FAILED; to go on (nothing finished is redone): {resume_command(req)}")
+
+
+def _close_running(client, experiment_id: str, req: SweepRequest, tag: str, reason: str, status: str,
+                   arch: str | None = None) -> int:
+    """Mark the runs of the sweep (of one architecture, if given) left RUNNING as ended with
+    `status`, `tag` saying why; a trial run's end state becomes "interrupted". --resume reopens
+    what goes on."""
+    query = f"tags.`{SWEEP_TAG}` = '{req.name}' and attributes.status = 'RUNNING'"
+    if arch:
+        query += f" and tags.`{ARCH_TAG}` = '{arch}'"
+    running = client.search_runs([experiment_id], max_results=10000, filter_string=query)
+    for run in running:
+        client.set_tag(run.info.run_id, tag, reason)
+        if run.data.tags.get(KIND_TAG) == "trial":
+            client.set_tag(run.info.run_id, STATE_TAG, "interrupted")
+        client.set_terminated(run.info.run_id, status)
+    return len(running)
+
+
 def _stop(client, experiment_id: str, req: SweepRequest, searches: list, reason: str) -> None:
     """Ctrl-C or SIGTERM: end the searches now (their trials resume from their last epoch), then
     mark what the sweep left RUNNING in MLflow as KILLED with the reason; --resume reopens it."""
@@ -155,14 +198,8 @@ def _stop(client, experiment_id: str, req: SweepRequest, searches: list, reason:
     for ref in searches:
         ray.cancel(ref, force=True)  # the trials' actors end with the task that owns them
     ray.wait(searches, num_returns=len(searches), timeout=15)
-    running = client.search_runs([experiment_id], max_results=10000,
-                                 filter_string=f"tags.`{SWEEP_TAG}` = '{req.name}' and attributes.status = 'RUNNING'")
-    for run in running:
-        client.set_tag(run.info.run_id, STOP_TAG, reason)
-        if run.data.tags.get(KIND_TAG) == "trial":
-            client.set_tag(run.info.run_id, STATE_TAG, "interrupted")
-        client.set_terminated(run.info.run_id, "KILLED")
-    print(f"stopped: {len(running)} MLflow run(s) marked KILLED. To go on (nothing finished is redone): "
+    stopped = _close_running(client, experiment_id, req, STOP_TAG, reason, "KILLED")
+    print(f"stopped: {stopped} MLflow run(s) marked KILLED. To go on (nothing finished is redone): "
           f"{resume_command(req)}", file=sys.stderr, flush=True)
 
 
@@ -220,8 +257,9 @@ def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSe
             "storage": root}))
     client.update_run(parent_id, status="RUNNING")
     parent = client.get_run(parent_id)
-    if STOP_TAG in parent.data.tags:  # stopped before: it goes on now
-        client.delete_tag(parent_id, STOP_TAG)
+    for tag in (STOP_TAG, ERROR_TAG):  # stopped or failed before: it goes on now
+        if tag in parent.data.tags:
+            client.delete_tag(parent_id, tag)
     if not parent.inputs.dataset_inputs:
         # Here, before the searches start: MLflow adds the dataset to the experiment on its first
         # use, and two searches' first trials doing it at once clashed (a search failed).

@@ -3,6 +3,7 @@ import math
 import random
 
 import optuna
+import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -65,3 +66,41 @@ def test_too_few_trials_say_how_many_are_needed(tmp_path):
     assert log_search_analysis(client, parent, storage, "s-cnn-lstm", ["lr", "hidden_size"], at_epoch=2) == {}
     note = client.get_run(parent).data.tags["captune.importance_note"]
     assert note == f"needs at least {MIN_TRIALS} trials that reached epoch 2; this search has 2"
+
+
+DEGENERATE = {  # each study an analysis cannot explain, and what the parent run then says
+    "all equal": ([({"lr": 10 ** -(1 + i / 4), "hidden_size": 32 + 40 * i}, {1: 0.25, 2: 0.25}, TrialState.COMPLETE)
+                   for i in range(6)], "all 6 trials that reached epoch 2 scored the same (0.2500): no parameter made a difference to explain"),
+    "one trial": ([({"lr": 0.01, "hidden_size": 64}, {1: 0.1, 2: 0.2}, TrialState.COMPLETE)],
+                  "needs at least 5 trials that reached epoch 2; this search has 1"),
+    "all failed": ([({"lr": 0.05 + i / 100, "hidden_size": 64}, {1: 0.0}, TrialState.FAIL) for i in range(6)],
+                   "needs at least 5 trials that reached epoch 2; this search has 0"),
+    "all pruned at the same value": ([({"lr": 10 ** -(1 + i / 4), "hidden_size": 32 + 40 * i}, {1: 0.0, 2: 0.0},
+                                       TrialState.PRUNED) for i in range(6)],
+                                     "all 6 trials that reached epoch 2 scored the same (0.0000): no parameter made a difference to explain"),
+}
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_a_degenerate_study_is_noted_not_raised(tmp_path, case):
+    # With a grace epoch of 1 on tiny data every trial scored 0 there: fANOVA raised "zero total
+    # variance" and the search ended with neither control nor comparison.
+    trials, note = DEGENERATE[case]
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    study_with(storage, trials)
+    # (a store file of its own per case: MLflow keeps a store open by its URI, and pytest may
+    # give the next case the folder of one that passed)
+    client = MlflowClient(f"sqlite:///{tmp_path / (case.replace(' ', '-') + '.db')}")
+    parent = client.create_run(client.create_experiment("s", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    assert log_search_analysis(client, parent, storage, "s-cnn-lstm", ["lr", "hidden_size"], at_epoch=2) == {}
+    assert client.get_run(parent).data.tags["captune.importance_note"] == note
+
+
+def test_whatever_else_fails_in_the_analysis_is_noted_and_the_caller_goes_on(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    parent = client.create_run(client.create_experiment("s", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    # a study that is not there (its database lost): the analysis cannot be made
+    assert log_search_analysis(client, parent, f"sqlite:///{tmp_path / 'gone.db'}", "s-cnn-lstm", ["lr"],
+                               at_epoch=2) == {}
+    note = client.get_run(parent).data.tags["captune.importance_note"]
+    assert note.startswith("the search's analysis not made: KeyError")
