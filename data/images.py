@@ -24,9 +24,21 @@ class ImageError(UserError, ValueError):
     """An image file that cannot be decoded."""
 
 
+# Part of the pixel cache's key: raised whenever a file already cached would now decode to other
+# pixels, so no cache built before is read. 2: the EXIF orientation is applied.
+DECODING = 2
+
+ORIENTATION = 0x0112  # the EXIF tag: how the stored pixels turn upright (a phone's sideways photo: 6)
+# The EXIF 2.3 table, as PIL's ImageOps.exif_transpose reads it; values outside 1..8 are ignored.
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
 def read_image(path: str | Path, size: int) -> np.ndarray:
-    """RGB pixels (3, size, size) uint8, the whole image squashed to a square (no crop, so
-    nothing at the edges is lost). Raises ImageError naming the file."""
+    """RGB pixels (3, size, size) uint8, the whole image turned upright by its EXIF orientation
+    (a phone's sideways photo) and squashed to a square (no crop, so nothing at the edges is
+    lost). Raises ImageError naming the file."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -49,8 +61,12 @@ def _decode(source: Path | io.BytesIO, name: str | Path, size: int, max_pixels: 
         with Image.open(source) as im:
             if max_pixels and im.width * im.height > max_pixels:
                 raise ImageError(f"{name}: {im.width}x{im.height} pixels, over the {max_pixels / 1e6:g}-megapixel limit")
+            upright = UPRIGHT.get(im.getexif().get(ORIENTATION, 1))
             im.draft("RGB", (size, size))  # JPEG: decode at reduced scale, still reads every byte
-            im = to_rgb8(im, name).resize((size, size), Image.Resampling.BILINEAR)
+            im = to_rgb8(im, name)
+            if upright is not None:
+                im = im.transpose(upright)
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
     except ImageError:
         raise
@@ -177,14 +193,19 @@ def decode_jpegs(paths: list[Path], size: int, out: np.ndarray, device: str, pro
         for start in range(0, len(jpegs), batch):
             chunk = jpegs[start:start + batch]
             try:
-                data = [torch.frombuffer(bytearray(Path(paths[i]).read_bytes()), dtype=torch.uint8) for i in chunk]
+                contents = [Path(paths[i]).read_bytes() for i in chunk]
+                # decode_jpeg's apply_exif_orientation is ignored on CUDA (torchvision 0.29): the
+                # orientation is read here and applied to the decoded tensor, on every device alike.
+                turns = [exif_orientation(content) for content in contents]
+                data = [torch.frombuffer(bytearray(content), dtype=torch.uint8) for content in contents]
                 images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-            except (RuntimeError, OSError, ValueError):
+            except (RuntimeError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 left += chunk
                 continue
-            squares = torch.cat([torch.nn.functional.interpolate(image[None].float(), size=(size, size),
-                                                                 mode="bilinear", antialias=True, align_corners=False)
-                                 for image in images])  # (B, 3, S, S): images differ in size, so one at a time
+            squares = torch.cat([torch.nn.functional.interpolate(upright_tensor(image, turn)[None].float(),
+                                                                 size=(size, size), mode="bilinear", antialias=True,
+                                                                 align_corners=False)
+                                 for image, turn in zip(images, turns)])  # (B, 3, S, S): sizes differ, so one at a time
             squares = squares.round_().clamp_(0, 255).to(torch.uint8)
             stored.append(writer.submit(_store, out, chunk, squares.cpu().numpy()))  # one copy back per batch
             if on_batch is not None:
@@ -196,6 +217,25 @@ def decode_jpegs(paths: list[Path], size: int, out: np.ndarray, device: str, pro
         for done in stored:
             done.result()
     return sorted(left)
+
+
+def exif_orientation(content: bytes) -> int:
+    """The EXIF orientation of an image file's content (1: as stored), read from its header alone."""
+    with Image.open(io.BytesIO(content)) as im:
+        return im.getexif().get(ORIENTATION, 1)
+
+
+# UPRIGHT on a tensor (..., H, W): whether its two axes are swapped, then which ones are flipped.
+TENSOR_UPRIGHT = {2: (False, (-1,)), 3: (False, (-2, -1)), 4: (False, (-2,)), 5: (True, ()), 6: (True, (-1,)),
+                  7: (True, (-2, -1)), 8: (True, (-2,))}
+
+
+def upright_tensor(image: "torch.Tensor", orientation: int) -> "torch.Tensor":
+    """`image` (C, H, W) as stored, turned as its EXIF `orientation` says it is to be seen."""
+    swap, flips = TENSOR_UPRIGHT.get(orientation, (False, ()))
+    if swap:
+        image = image.transpose(-2, -1)
+    return image.flip(flips) if flips else image
 
 
 def _store(out: np.ndarray, rows: list[int], pixels: np.ndarray) -> None:

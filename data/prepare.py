@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from data.cache import cached_array
 from data.corpus import SPLITS, Corpus, Problem
-from data.images import OnBatch, default_decoder, read_images
+from data.images import DECODING, OnBatch, default_decoder, read_images
 from data.layouts import load_corpus
 from data.text import word_counts
 from data.vocab import Vocabulary
@@ -112,8 +112,10 @@ def listed_images(root: Path, seed: int) -> tuple[Corpus, list[str], list[Path]]
 
 
 def pixels_key(paths: list[Path], image_size: int, decoder: str) -> dict:
-    """What decoded pixels (and so any features of them) depend on."""
-    return {"files": files_fingerprint(paths), "count": len(paths), "size": image_size, "decoder": decoder}
+    """What decoded pixels (and so any features of them) depend on, the decoding's version too:
+    the files' names, sizes and times stay the same when the decoding changes."""
+    return {"files": files_fingerprint(paths), "count": len(paths), "size": image_size, "decoder": decoder,
+            "decoding": DECODING}
 
 
 def checked_data(root: Path, corpus: Corpus, images: list[str], pixels: np.ndarray | None, key: dict,

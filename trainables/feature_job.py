@@ -28,13 +28,15 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from data.cache import cached_array, entry_name, write_json
+from data.cache import EntryNotThere, cached_array, entry_name, nonfinite_rows, write_json
 from data.images import ImageError, read_image, read_image_bytes
 from data.prepare import DataProblems, PreparedData, checked_data, listed_images, pixels_key
 from infra.errors import UserError
+from infra.mlflow_store import writable_folder
 from infra.storage import download, exists, is_uri, join, read_bytes, upload
 from trainables.config import TrainConfig
-from trainables.features import encode_pixels, features_key, for_inference, frozen_encoder, weights_id
+from trainables.features import (FeatureError, encode_pixels, features_key, for_inference, frozen_encoder,
+                                 require_finite, weights_id)
 
 DECODE_BATCH = 64  # images per decoding task's batch
 ENCODE_BATCH = 256  # images per encoder call in an actor
@@ -75,13 +77,15 @@ def shared_feature_folder() -> str | None:
 
 
 def build_features(data_root: str | Path, cfg: TrainConfig, folder: str, echo: Callable[[str], None] = print,
-                   images_from: str | None = None) -> FeatureSet:
+                   images_from: str | None = None, connect: Callable[[], None] | None = None) -> FeatureSet:
     """The features of every image of the dataset for cfg's frozen encoder, in `folder`: found
-    there, else built on the Ray cluster this process is connected to (into `folder` when it is a
-    path; into this machine's cache, then uploaded, when it is a URI). Raises DataProblems naming
-    every bad item (as `captune data check` does) unless cfg.skip_bad; the features of the good
-    images are kept either way. `images_from`: a URI holding a copy of the dataset folder (s3://…),
-    where the job's tasks read the images, so that only this machine needs the folder itself."""
+    there (read without writing: the folder may be read-only), else built on the Ray cluster this
+    process is connected to, or that `connect()` connects it to (into `folder` when it is a path,
+    refused first if it cannot be written; into this machine's cache, then uploaded, when it is a
+    URI). Raises DataProblems naming every bad item (as `captune data check` does) unless
+    cfg.skip_bad; the features of the good images are kept either way. `images_from`: a URI holding
+    a copy of the dataset folder (s3://…), where the job's tasks read the images, so that only this
+    machine needs the folder itself."""
     root = Path(data_root)
     t0 = time.perf_counter()
     corpus, images, paths = listed_images(root, cfg.split_seed)
@@ -92,19 +96,20 @@ def build_features(data_root: str | Path, cfg: TrainConfig, folder: str, echo: C
     built = False
     meta = _valid_meta(folder, name, key) if remote else None
     if meta is None:
-        width = frozen_encoder(cfg, torch.device("cpu")).out_features
+        sources = [join(images_from, p.relative_to(root).as_posix()) for p in paths] if images_from \
+            else [str(p) for p in paths]
 
         def build(out: np.ndarray) -> dict:
             nonlocal built
             built = True
-            sources = [join(images_from, p.relative_to(root).as_posix()) for p in paths] if images_from \
-                else [str(p) for p in paths]
-            return {"errors": _encode_on_cluster(sources, images, cfg, out, echo)}
+            errors = _encode_on_cluster(sources, images, cfg, out, echo)
+            require_finite(out, images, cfg.encoder, weights_id(cfg.encoder, cfg.pretrained, cfg.seed))
+            return {"errors": errors}
 
         local = cfg.cache_path() if remote else Path(folder)
-        local.mkdir(parents=True, exist_ok=True)
-        _, info = cached_array(local, f"features-{cfg.encoder}", key, (len(images), width), "float32", build)
-        meta = json.loads((local / f"{name}.json").read_text())
+        width = frozen_encoder(cfg, torch.device("cpu")).out_features
+        meta = _found_or_built(local, f"features-{cfg.encoder}", key, (len(images), width), build,
+                               None if remote else folder, connect)
         if remote:  # the features, then their sidecar: a reader takes the entry as valid only then
             upload(local / f"{name}.npy", join(folder, f"{name}.npy"))
             upload(local / f"{name}.json", join(folder, f"{name}.json"))
@@ -119,24 +124,59 @@ def build_features(data_root: str | Path, cfg: TrainConfig, folder: str, echo: C
     return FeatureSet(data, tuple(meta["shape"]), folder, manifest, built, seconds)
 
 
+def _found_or_built(local: Path, kind: str, key: dict, shape: tuple[int, int], build: Callable[[np.ndarray], dict],
+                    store: str | None, connect: Callable[[], None] | None) -> dict:
+    """The sidecar of the entry in `local`: read if valid, else built, once the `store` folder
+    (None: `local` is this machine's cache) is known to be writable and `connect` has been called."""
+    try:
+        cached_array(local, kind, key, shape, "float32", None)
+    except EntryNotThere:
+        if store is not None:  # before Ray starts: a read-only or immutable store is named, not a traceback
+            writable_folder(Path(store), "shared features (--storage, or CAPTUNE_STORAGE)")
+        if connect is not None:
+            connect()
+        cached_array(local, kind, key, shape, "float32", build)
+    return json.loads((local / f"{entry_name(kind, key)}.json").read_text())
+
+
 def load_feature_set(manifest: str, cache_dir: Path) -> PreparedData:
     """The prepared dataset a feature set was built for. From object storage, its features entry
-    is fetched into `cache_dir` first (once per node: the cache's lock), where `train` reads it
-    by the same key; from a folder, the folder is the cache (give it as `cache_dir`)."""
+    is fetched into `cache_dir` first (once per node: the cache's lock; again if the copy there
+    was damaged), where `train` reads it by the same key; from a folder, the folder is the cache
+    (give it as `cache_dir`), read without writing anything."""
     if is_uri(manifest):
         folder, file = manifest.rsplit("/", 1)
-        name = file.split(".skip")[0]
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(cache_dir / f"{name}.npy") + ".lock"):  # the lock data.cache.cached_array takes
-            sidecar = read_bytes(join(folder, f"{name}.json"))
-            here, npy = cache_dir / f"{name}.json", cache_dir / f"{name}.npy"
-            fetched = here.is_file() and here.read_bytes() == sidecar and npy.is_file() \
-                and npy.stat().st_size == json.loads(sidecar)["bytes"]
-            if not fetched:  # the features, then their sidecar: the entry is valid only then
-                here.unlink(missing_ok=True)
-                download(join(folder, f"{name}.npy"), npy)
-                here.write_bytes(sidecar)
+        _fetch(folder, file.split(".skip")[0], cache_dir)
     return PreparedData.from_manifest(json.loads(read_bytes(manifest)))
+
+
+def _fetch(folder: str, name: str, cache_dir: Path) -> None:
+    """The entry `name` of object storage `folder` into `cache_dir`, unless a whole copy is there."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / f"{name}.npy") + ".lock"):  # the lock data.cache.cached_array takes
+        sidecar = read_bytes(join(folder, f"{name}.json"))
+        here, npy = cache_dir / f"{name}.json", cache_dir / f"{name}.npy"
+        fetched = here.is_file() and here.read_bytes() == sidecar and npy.is_file() \
+            and npy.stat().st_size == json.loads(sidecar)["bytes"] and not _damage(npy)
+        if fetched:
+            return
+        here.unlink(missing_ok=True)  # the features, then their sidecar: the entry is valid only then
+        download(join(folder, f"{name}.npy"), npy)
+        damage = _damage(npy)
+        if damage:
+            npy.unlink()
+            raise FeatureError(f"{join(folder, name)}.npy: {damage} (damaged after it was written): delete it and "
+                               f"its sidecar {name}.json, then build the features again with `captune features`")
+        here.write_bytes(sidecar)
+
+
+def _damage(npy: Path) -> str:
+    """What makes a features file unusable ("" for nothing)."""
+    try:
+        bad = len(nonfinite_rows(np.load(npy, mmap_mode="r")))
+    except (OSError, ValueError) as e:
+        return f"not a NumPy array file ({e})"
+    return f"{bad:,} of its rows hold NaN or infinite values" if bad else ""
 
 
 def _valid_meta(folder: str, name: str, key: dict) -> dict | None:
@@ -150,7 +190,11 @@ def _valid_meta(folder: str, name: str, key: dict) -> dict | None:
 
 def _write_manifest(location: str, data: PreparedData) -> None:
     if not is_uri(location):
-        write_json(Path(location), data.manifest())
+        path = Path(location)
+        if path.is_file() and path.read_text() == json.dumps(data.manifest()):
+            return  # there already: nothing is written, so a read-only store serves it
+        writable_folder(path.parent, "shared features (--storage, or CAPTUNE_STORAGE)")
+        write_json(path, data.manifest())
         return
     with tempfile.TemporaryDirectory(prefix="captune-manifest-") as tmp:
         write_json(Path(tmp) / "m.json", data.manifest())

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.cache import cached_array
+from data.cache import EntryNotThere, cached_array, nonfinite_rows
 from data.prepare import PreparedData, prepare_data
+from infra.errors import UserError
 from trainables.config import TrainConfig
 from trainables.encoders import ImageEncoder, build_encoder, weights_enum
 
@@ -61,6 +62,23 @@ def features_key(encoder: str, weights: str, pixels_key: dict) -> dict:
     return {"encoder": encoder, "weights": weights, "pixels": pixels_key}
 
 
+class FeatureError(UserError, ValueError):
+    """A frozen encoder gave features that are not finite numbers, or a dataset read from a feature
+    set's manifest has no valid features to read."""
+
+
+def require_finite(features: np.ndarray, images: list[str], encoder: str, weights: str) -> None:
+    """Refuse features holding NaN or infinite values, naming the encoder and the images: written
+    to the cache, they would make every trial that reads them diverge, whatever its settings."""
+    bad = nonfinite_rows(features)
+    if len(bad):
+        names = ", ".join(images[i] for i in bad[:5]) + (f" and {len(bad) - 5:,} more" if len(bad) > 5 else "")
+        raise FeatureError(f"the {encoder} encoder ({weights} weights) gave NaN or infinite features for "
+                           f"{len(bad):,} of {len(images):,} images ({names}); nothing was written. Its weights "
+                           f"are damaged (a pretrained file in torch's cache, ~/.cache/torch), or it cannot take "
+                           f"these images")
+
+
 def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: PreparedData,
                      cache_dir: Path, device: torch.device, progress: bool = True,
                      early: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -71,9 +89,6 @@ def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: Prepa
     n = len(data.images)
 
     def build(out: np.ndarray) -> dict:
-        if data.pixels is None:  # a dataset read from a feature set's manifest: its features must be there
-            raise FileNotFoundError(f"no valid {name} features in {cache_dir} for the images this dataset was "
-                                    f"prepared with; build them again with `captune features`")
         todo = np.ones(n, dtype=bool)
         if early is not None:
             rows, feats = early
@@ -84,9 +99,16 @@ def encoder_features(encoder: ImageEncoder, name: str, weights: str, data: Prepa
         for rows, feats in tqdm(batches, total=-(-len(todo) // ENCODE_BATCH), desc=f"encoding images with {name}",
                                 disable=None if progress and len(todo) else True, leave=False):
             out[rows] = feats
+        require_finite(out, data.images, name, weights)
         return {}
 
-    features, _ = cached_array(cache_dir, f"features-{name}", key, (n, encoder.out_features), "float32", build)
+    try:
+        # a dataset read from a feature set's manifest holds no pixels: its features must be there
+        features, _ = cached_array(cache_dir, f"features-{name}", key, (n, encoder.out_features), "float32",
+                                   build if data.pixels is not None else None)
+    except EntryNotThere as e:
+        raise FeatureError(f"no valid {name} features for the images this dataset was prepared with ({e}); "
+                           f"build them again with `captune features`") from None
     return features
 
 
