@@ -14,8 +14,9 @@ import mlflow
 from mlflow import MlflowClient
 
 from infra.mlflow_logging import metric_entities, param_entities, unavailable
-from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, MODEL_EPOCH_TAG, STOP_TAG
-from infra.mlflow_store import TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment
+from infra.mlflow_names import ARCH_TAG, EPOCHS_TAG, ERROR_TAG, KIND_TAG, MODEL_EPOCH_TAG, STOP_TAG
+from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
+                                require_not_deleted)
 from trainables.checkpoint import FILENAME
 from trainables.config import ConfigError, TrainConfig, replace
 from trainables.logged_model import log_captioner
@@ -70,6 +71,11 @@ def resume_settings(out: Path, *, arch: str | None = None, data: str | None = No
     cfg = TrainConfig(**state["config"])
     if epochs is not None:
         cfg = replace(cfg, epochs=epochs)
+    trained = _epochs_kept(out)
+    if trained and cfg.epochs <= trained:  # else run.json would say fewer epochs than the run has
+        asked = f"--epochs {epochs}" if epochs is not None else f"its {cfg.epochs} epochs"
+        raise ConfigError(f"--resume {out}: {asked}, but {trained} epoch(s) are already trained there; give --epochs "
+                          f"above {trained} to train more")
     return cfg.validate(), state["data"], state["workers"], state["gpu"]
 
 
@@ -78,10 +84,16 @@ def _setting(state: dict, key: str):
 
 
 def _epochs_note(out: Path) -> str:
+    kept = _epochs_kept(out)
+    return f", {kept} epoch(s) kept" if kept is not None else ""
+
+
+def _epochs_kept(out: Path) -> int | None:
+    """The finished epochs metrics.json holds (None: none kept, or no readable file)."""
     try:
-        return f", {len(json.loads((out / 'metrics.json').read_text())['epochs'])} epoch(s) kept"
-    except (OSError, ValueError, KeyError):
-        return ""
+        return len(json.loads((out / 'metrics.json').read_text())['epochs'])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _load_state(out: Path) -> dict | None:
@@ -111,12 +123,16 @@ def open_run(state: dict, cfg: TrainConfig) -> str:
             for tag in (STOP_TAG, ERROR_TAG):
                 if tag in client.get_run(state["run_id"]).data.tags:
                     client.delete_tag(state["run_id"], tag)
+            client.set_tag(state["run_id"], EPOCHS_TAG, str(cfg.epochs))  # --epochs may have raised them
             return state["run_id"]
         run = client.create_run(get_or_create_experiment(state["experiment"], uri),
                                 run_name=f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                tags={ARCH_TAG: cfg.arch, KIND_TAG: "train", "image_blind": str(cfg.image_blind)})
+                                tags={ARCH_TAG: cfg.arch, KIND_TAG: "train", "image_blind": str(cfg.image_blind),
+                                      EPOCHS_TAG: str(cfg.epochs)})
+        # epochs is the one setting --resume may change, and a param, once logged, cannot: it is a tag
+        params = {k: v for k, v in cfg.to_dict().items() if k != "epochs"}
         client.log_batch(run.info.run_id, params=param_entities(
-            {**cfg.to_dict(), "data": state["data"], "workers": state["workers"], "gpu": state["gpu"]}))
+            {**params, "data": state["data"], "workers": state["workers"], "gpu": state["gpu"]}))
         return run.info.run_id
     except Exception as e:
         if not unavailable(e):
@@ -124,6 +140,19 @@ def open_run(state: dict, cfg: TrainConfig) -> str:
         raise TrackingUnavailable(f"MLflow store {uri} did not answer ({_first_line(e)}); nothing was trained: "
                                   f"run the command again once it answers (a SQLite store is locked while another "
                                   f"process writes to it; an `mlflow server` must be running)") from None
+
+
+def require_live_record(out: Path, state: dict) -> None:
+    """The job's MLflow run (or, before it has one, its experiment) must not be deleted: its
+    records could not be written, and training first would only fail at its end."""
+    uri = configure(state["tracking_uri"])
+    client = MlflowClient(uri)
+    if state.get("run_id"):
+        require_not_deleted(client, uri, run_id=state["run_id"], what=str(out),
+                            hint=f"; once restored, `captune train --resume {out}` or `captune record {out}` goes on")
+    else:
+        require_not_deleted(client, uri, experiment=client.get_experiment_by_name(state["experiment"]),
+                            what=f"--experiment {state['experiment']}", hint=", or pass another --experiment")
 
 
 def record_run(out: Path, wait_s: float = 0.0) -> bool:
@@ -174,6 +203,7 @@ def record_within(out: Path, seconds: float) -> bool:
 
 
 def _write_record(out: Path, state: dict) -> None:
+    require_live_record(out, state)
     uri = configure(state["tracking_uri"])
     client, run_id = MlflowClient(uri), state["run_id"]
     metrics_file = out / "metrics.json"

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import ray
 
-from captune.train_record import EXPERIMENT, job_state, open_run, record_run, record_within, replace_file, save_state
+from captune.train_record import (EXPERIMENT, job_state, open_run, record_run, record_within, replace_file,
+                                  require_live_record, save_state)
 from data.cache import DiskFullError
 from data.prepare import prepare_data
 from infra.errors import UserError
@@ -55,6 +56,7 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
     cpus = cpus_per_worker_alone(workers)
     require_resources(workers, cpus, 1.0 if use_gpu else 0.0, ray_address)
     require_answering_store(state["tracking_uri"])
+    require_live_record(out, state)  # a deleted run (or experiment): refused before the data or any run
     # Check the data and decode the images once, here, before any worker starts: a bad dataset
     # fails in seconds with the full report, and the workers find the pixel cache ready.
     data = prepare_data(data_root, cfg.image_size, cfg.cache_path(),

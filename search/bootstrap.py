@@ -14,12 +14,35 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import math
+
 import numpy as np
 
+from infra.errors import UserError
 from trainables.catalog import SCORE_LABELS
 from trainables.metrics import scores_from_statistics
 
 RESAMPLES, LEVEL = 1000, 0.95
+BEYOND_EACH_END = 5  # resamples that must fall outside each end of the interval for it to mean anything
+
+
+class TooFewResamples(UserError, ValueError):
+    """Fewer resamples than the interval asked for can be read from."""
+
+
+def min_resamples(level: float = LEVEL) -> int:
+    """The fewest resamples whose `level` interval has BEYOND_EACH_END of them beyond each end
+    (200 for 95 %): with fewer, an end is the most extreme draw or two, and the estimate itself
+    may lie outside its own interval."""
+    return math.ceil(BEYOND_EACH_END / ((1 - level) / 2) - 1e-9)
+
+
+def require_resamples(resamples: int, level: float = LEVEL) -> None:
+    least = min_resamples(level)
+    if resamples < least:
+        raise TooFewResamples(f"--resamples {resamples}: a {level:.0%} bootstrap interval needs at least {least:,} "
+                              f"resamples (at least {BEYOND_EACH_END} beyond each end of it); the default is "
+                              f"{RESAMPLES:,}")
 
 
 @dataclass
@@ -72,8 +95,7 @@ def paired_bootstrap(stats_a: np.ndarray, stats_b: np.ndarray, names: tuple[str,
     if stats_a.shape != stats_b.shape or not len(stats_a):
         raise ValueError(f"paired bootstrap needs both systems' statistics on the same images, got "
                          f"{stats_a.shape} and {stats_b.shape}")
-    if resamples < 1:
-        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    require_resamples(resamples, level)
     n = len(stats_a)
     rng = np.random.default_rng(seed)
     draws = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)])  # (R, n)

@@ -22,7 +22,8 @@ from infra.mlflow_names import (ARCH_TAG, COMPARE_KEY_TAG, CONTROLLED, KIND_TAG,
                                 control_record)
 from infra.mlflow_store import configure
 from infra.raycluster import init_ray
-from search.bootstrap import RESAMPLES, paired_bootstrap
+from search.bootstrap import RESAMPLES, paired_bootstrap, require_resamples
+from search.leaderboard import find_sweep
 from search.mlflow_trials import find_or_create_run
 from search.objective import DEFAULT_METRIC, metric_of, objective
 from search.reruns import RerunJob, run_reruns
@@ -43,11 +44,10 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
     """The champions are the models this sweep registered (not whichever holds the alias now). A
     champion trained with skip_bad (its search's setting) is evaluated with it too: the real
     Flickr8k token file names an image that does not exist."""
+    require_resamples(resamples)  # before any champion loads or replicate trains
     uri = configure(tracking_uri)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        raise ConfigError(f"no sweep named {name!r} in the MLflow store {uri}")
+    experiment = find_sweep(client, uri, name)
     parents = _parents(client, experiment.experiment_id, name)
     metric = metric_of(parents[0].data.params) if parents else DEFAULT_METRIC
     results: dict = {"sweep": name, "split": split, "metric": metric, "models": {}, "bootstrap": None,

@@ -67,11 +67,11 @@ def test_pooled_replicates_add_counts_image_by_image():
     scorer = CaptionScorer(refs)
     runs = [scorer.statistics([r[k] for r in refs]) for k in (0, 1)]
     pooled = np.sum(runs, axis=0)
-    result = paired_bootstrap(pooled, pooled, resamples=10)
+    result = paired_bootstrap(pooled, pooled, resamples=200)
     hyps = [r[0] for r in refs] + [r[1] for r in refs]
     assert result.score_a == pytest.approx(bleu(hyps, refs + refs)["bleu4"])
     # CIDEr-D of pooled replicates: the mean over every caption of every replicate
-    cider = paired_bootstrap(pooled, pooled, resamples=10, metric="cider")
+    cider = paired_bootstrap(pooled, pooled, resamples=200, metric="cider")
     assert cider.score_a == pytest.approx(np.mean([run[:, -3] for run in runs]), rel=1e-12)
 
 
