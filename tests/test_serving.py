@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -96,27 +97,35 @@ def post(port: int, body) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+@contextmanager
+def serving(model_uri: str, tracking_uri: str, folder: Path):
+    """`mlflow models serve` of a registered model, as the README starts it; yields its port."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": tracking_uri}
+    log = (folder / "serve.log").open("w")
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri,
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (folder / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield port
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+
+
 @pytest.fixture()
 def served_champion(finished_sweep, tmp_path):
-    port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": finished_sweep.tracking_uri}
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/captune-resnet-gru@champion",
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
-    yield port
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
-    log.close()
+    with serving("models:/captune-resnet-gru@champion", finished_sweep.tracking_uri, tmp_path) as port:
+        yield port
 
 
 def test_served_champion_captions_base64_images_as_the_cli_does_and_refuses_bad_requests(
@@ -175,13 +184,17 @@ def test_logged_model_carries_its_signature_an_input_example_and_its_code(finish
 
 # --- captioning folders --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
+def tiny_checkpoint(folder: Path) -> Path:
     """An untrained small captioner at 32 px: captions of random words, made in a second."""
     model = tiny("cnn-lstm").eval()
     vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(8)])
-    return save_checkpoint(tmp_path_factory.mktemp("tiny") / "model.pt", model, vocab, encoder_trained=True,
+    return save_checkpoint(folder / "model.pt", model, vocab, encoder_trained=True,
                            train_config={"image_size": 32, "max_len": 6})
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 def photo_folder(synth_dir: Path, folder: Path, copies: int) -> list[str]:

@@ -3,12 +3,14 @@
 Input: a DataFrame with a column `image`, each value a JPEG or PNG file's content in base64 (how
 REST clients send images) or, in-process only, an image file's path. Params: `beam` (1 = greedy)
 and `max_len` (words). Output: one caption per row. A request's fault raises MlflowException
-INVALID_PARAMETER_VALUE, which MLflow's scoring server answers with HTTP 400 and a JSON error;
-the model runs on the GPU where there is one.
+INVALID_PARAMETER_VALUE, which MLflow's scoring server answers with HTTP 400 and a JSON error; a
+body the server cannot read is answered so too (`answer_request_faults_in_json`). The model runs
+on the GPU where there is one.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 import mlflow
@@ -16,12 +18,15 @@ import mlflow.pyfunc
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.pyfunc import PythonModel
+from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel, scoring_server
 
 from trainables.checkpoint import load_checkpoint
 from trainables.inference import caption_pixels, image_size_of, max_len_of
-from trainables.serving import PARAMS, RequestError, checked_params, refuse_unknown, request_pixels
+from trainables.serving import (PARAMS, RequestError, checked_params, refuse_unknown, request_pixels, shortened,
+                                unreadable_body)
+
+_logger = logging.getLogger("mlflow.pyfunc.scoring_server")  # the server's own, printed in its log
 
 
 class CaptionerModel(PythonModel):
@@ -32,6 +37,7 @@ class CaptionerModel(PythonModel):
         refuse_unknown_params()
         if serving():
             quote_requests_briefly()
+            answer_request_faults_in_json()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         try:
@@ -86,6 +92,50 @@ def quote_requests_briefly() -> None:
     defaults = importlib.import_module("numpy._core.printoptions").default_format_options_dict
     defaults["formatter"] = {
         "numpystr": lambda s: repr(str(s) if len(s) <= 40 else str(s)[:37] + "...")}
+
+
+def answer_request_faults_in_json() -> None:
+    """Make every fault of a request to MLflow 3.17's scoring server a 4xx with a short JSON body
+    (`error_code`, `message`), no stack trace. The server reads the body in
+    `scoring_server.invocations(data, content_type, model, input_schema)` before the model is
+    called, and left alone it answers JSON nested past the recursion limit, or a number of over
+    4,300 digits (json.loads raises RecursionError, ValueError), or no Content-Type header, with 500
+    in plain text; a body that is not Parquet or CSV with 400 whose JSON holds the stack trace (the
+    key `stack_trace` of `MlflowException.json_kwargs`); a body that is not JSON with the body
+    quoted whole; an unsupported content type with 415 in plain text (its `InvocationsResponse`).
+    The `/invocations` handler `scoring_server.init` builds looks `invocations` up among the
+    module's globals at each request, so wrapping it there, in this process, reaches every request
+    (the model loads before the first one). Stack traces go to the server's log. Breaks first:
+    tests/test_serving.py::test_scoring_server_internals_the_request_guard_relies_on."""
+    original = scoring_server.invocations
+    if getattr(original, "captune_guard", False):
+        return
+
+    def guarded(data, content_type, model, input_schema):
+        if not content_type:
+            return _json_error(415, "no Content-Type header: send the request as application/json "
+                                    "(or text/csv, application/vnd.apache.parquet)")
+        try:
+            result = original(data, content_type, model, input_schema)
+        except MlflowException as e:
+            if stack := e.json_kwargs.pop("stack_trace", None):
+                _logger.error("%s\n%s", shortened(e.message), stack)
+            e.message = shortened(e.message)
+            raise
+        except Exception as e:  # the model's own errors come as MlflowException: this is the body
+            _logger.exception("unreadable request body")
+            raise MlflowException(unreadable_body(e, content_type), error_code=BAD_REQUEST) from None
+        if result.status >= 400 and result.mimetype != "application/json":
+            return _json_error(result.status, result.response)
+        return result
+
+    guarded.captune_guard = True
+    scoring_server.invocations = guarded
+
+
+def _json_error(status: int, message: str):
+    body = MlflowException(shortened(message), error_code=BAD_REQUEST).serialize_as_json()
+    return scoring_server.InvocationsResponse(response=body, status=status, mimetype="application/json")
 
 
 mlflow.models.set_model(CaptionerModel())

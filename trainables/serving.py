@@ -21,6 +21,7 @@ MAX_IMAGE_BYTES = 10 * 2**20  # one image's file size (base64 text is 4/3 of it)
 MAX_PIXELS = 50_000_000  # one image's width x height (a 10 MB PNG can hold a billion pixels)
 PARAMS = ("beam", "max_len")
 _PATH_CHARS = 4096  # longer values are never taken for a file path
+MAX_MESSAGE = 1500  # characters of an error's message: MLflow's quote the request
 
 
 class RequestError(ValueError):
@@ -91,6 +92,26 @@ def _pixels(value, size: int, name: str, allow_paths: bool) -> np.ndarray:
         raise RequestError(f"{name}: `image` is not base64-encoded image content{where} "
                            f"(starts {value[:24]!r})") from None
     return read_image_bytes(content, size, name, max_pixels=MAX_PIXELS)
+
+
+def shortened(message: str, limit: int = MAX_MESSAGE) -> str:
+    """The message, its middle cut out if it is longer than `limit`: the fault is named at its
+    start (a body that is not JSON) or its end (MLflow's "Failed to predict data '...' Error: ...")."""
+    if len(message) <= limit:
+        return message
+    head, tail = limit * 2 // 3, limit // 3 - 40
+    return f"{message[:head]} [... {len(message) - head - tail:,} characters cut ...] {message[-tail:]}"
+
+
+def unreadable_body(error: Exception, content_type: str) -> str:
+    """The message for a request body the server could not parse (`error` what parsing raised)."""
+    if isinstance(error, RecursionError):
+        why = "it is nested too deeply"
+    elif isinstance(error, ValueError) and "digits" in str(error):  # Python's limit on an int's digits
+        why = str(error).split(";")[0]
+    else:
+        why = f"{type(error).__name__}: {error}"
+    return shortened(f"cannot read the request's body as {content_type}: {why}")
 
 
 def example_image() -> str:
