@@ -22,6 +22,7 @@ from captune.train_record import (EXPERIMENT, job_state, open_run, record_run, r
 from data.cache import DiskFullError
 from data.prepare import prepare_data
 from infra.errors import UserError
+from infra.mlflow_relay import start_relay
 from infra.mlflow_store import require_answering_store, require_free_space, require_writable_store, writable_folder
 from infra.raycluster import Interrupted, init_ray, require_resources, root_cause, signal_name
 from infra.sizing import cpus_per_worker_alone
@@ -71,15 +72,17 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
 
     stop_name = f"captune-stop-{uuid.uuid4().hex[:12]}"
     stop = StopSignal.options(name=stop_name).remote()
+    relay = start_relay(state["tracking_uri"])  # rank 0 may run on another node: its epochs go through here
     saved = _complete_checkpoints(out / "ray" / out.name) if resume else {}
     trainer = make_trainer(cfg, data_root, workers=workers, use_gpu=use_gpu, cpus=cpus, name=out.name,
-                           storage_path=str(out / "ray"), tracking_uri=state["tracking_uri"],
+                           storage_path=str(out / "ray"), relay=relay,
                            mlflow_run_id=state["run_id"], stop_signal=stop_name,
                            resume_from=str(saved[max(saved)]) if saved else None)
     try:
         error, stopped, at_once = _fit_until_stopped(trainer, stop)
     finally:
         ray.kill(stop)
+        ray.kill(relay)
     try:
         kept = keep_results(out, out / "ray" / out.name)
     except OSError as e:

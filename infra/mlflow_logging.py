@@ -2,7 +2,7 @@
 per-epoch metrics written from a thread of their own, and a machine's system metrics."""
 from __future__ import annotations
 
-import logging
+import os
 import queue
 import threading
 import time
@@ -67,13 +67,15 @@ def optional_step(what: str, client, run_id: str, note_tag: str) -> Iterator[Non
 
 
 class EpochLogger:
-    """Logs each epoch's numeric metrics to an existing run (rank 0 of a training job), from a
-    thread of its own: a tracking store that is slow, locked or down never holds training up or
-    ends it. What it could not write by `close` is written by the driver from the checkpoint's
-    history (captune.train_record.record_run), so the record is complete either way."""
+    """Logs each epoch's numeric metrics to an existing run (rank 0 of a training job, a rerun),
+    from a thread of its own: a tracking store that is slow, locked or down never holds training
+    up or ends it. `client`: an MlflowClient, or a worker's infra.mlflow_relay.RelayClient. Epochs
+    up to `logged` are in the run already (a resumed run) and not logged again. What it could not
+    write by `close` is written by the driver from the checkpoint's history
+    (captune.train_record.record_run), so the record is complete either way."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
+    def __init__(self, client, run_id: str, logged: int = 0, where: str = "MLflow"):
+        self.client, self.run_id, self.logged, self.where = client, run_id, logged, where
         self._queue: queue.Queue = queue.Queue()
         self._closed = threading.Event()
         self._warned = False
@@ -81,7 +83,8 @@ class EpochLogger:
         self._thread.start()
 
     def log(self, metrics: dict) -> None:
-        self._queue.put(dict(metrics))
+        if int(metrics.get("epoch", 0)) > self.logged:
+            self._queue.put(dict(metrics))
 
     def close(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for the records in hand, then stop writing."""
@@ -90,16 +93,13 @@ class EpochLogger:
         self._closed.set()
 
     def _write(self) -> None:
-        from mlflow import MlflowClient
-
-        client = None
         while (metrics := self._queue.get()) is not None:
             while not self._closed.is_set():
                 try:
-                    client = client or MlflowClient(self.tracking_uri)
                     step = int(metrics.get("epoch", 0))
-                    client.log_batch(self.run_id, metrics=metric_entities(
+                    self.client.log_batch(self.run_id, metrics=metric_entities(
                         {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}, step))
+                    self.logged = max(self.logged, step)
                     break
                 except Exception as e:
                     # Down or locked: try again. Anything else (a refused write) is the driver's to
@@ -107,7 +107,7 @@ class EpochLogger:
                     retry = unavailable(e)
                     if not self._warned or not retry:
                         self._warned = True
-                        print(f"MLflow ({self.tracking_uri}) did not take epoch {metrics.get('epoch')}'s metrics "
+                        print(f"{self.where} did not take epoch {metrics.get('epoch')}'s metrics "
                               f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); training goes on, "
                               f"and the record is completed when training ends", flush=True)
                     if not retry:
@@ -115,69 +115,55 @@ class EpochLogger:
                     time.sleep(5)
 
 
+def last_logged_epoch(client, run_id: str, key: str = "bleu4") -> int:
+    """The last epoch a run holds (its per-epoch `key`): 0 for a new run."""
+    return max((m.step for m in client.get_metric_history(run_id, key)), default=0)
+
+
 @contextmanager
-def system_metrics(tracking_uri: str, experiment_id: str, run_tags: dict[str, str], node_id: str | None = None,
+def system_metrics(client, experiment_id: str, run_tags: dict[str, str], node_id: str | None = None,
                    every_s: float = 5.0) -> Iterator[None]:
     """While the block runs, this machine's CPU, memory, disk, network (and GPU, where NVML sees
-    one) are logged as `system/*` metrics, by MLflow's own monitor, to the run of `experiment_id`
-    that carries `run_tags`. The sweep driver creates that run as the trial starts, so it is looked
-    up until found. MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides `every_s`.
-    Auxiliary: a store that refuses is named once; during an outage the lookup is tried again, a
-    started monitor stops (MLflow's behaviour), and training goes on either way."""
-    # MLflow's monitor logs INFO lines at start and stop ("Skip logging GPU metrics" on a CPU),
-    # and a warning as it stops for good when the store does not answer: noise in the sweep's
-    # console, where a trial's output arrives (the sweep says once that MLflow is unreachable).
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+    one) are logged as `system/*` metrics (`system/<node_id>/*` when given), every `every_s`
+    seconds, to the run of `experiment_id` that carries `run_tags` (the sweep driver creates it as
+    the trial starts, so it is looked up until found). `client`: an MlflowClient, or a worker's
+    infra.mlflow_relay.RelayClient. The samples are MLflow's own (its metric monitors, the names
+    MLflow's monitor logs); MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides `every_s`.
+    Auxiliary: a store that refuses is named once and sampling stops; during an outage samples
+    are dropped and sampling goes on; training goes on either way."""
+    every_s = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or every_s)
     query = tags_filter(run_tags)
     done = threading.Event()
-    monitors: list = []  # of MLflow's SystemMetricsMonitor
-    refused: list[Exception] = []
+    sampler = _Sampler(client, node_id)
 
-    def monitor_of_run():
-        # Imported here, in the finder's thread: a new trial process would otherwise wait for
-        # MLflow's import (about a second) before its first training step.
-        from mlflow import MlflowClient
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
+    def run_id_of_run() -> str | None:
         try:
-            found = MlflowClient(tracking_uri).search_runs([experiment_id], filter_string=query, max_results=1)
+            found = client.search_runs([experiment_id], filter_string=query, max_results=1)
         except Exception as e:
-            if not unavailable(e) and not refused:
-                refused.append(e)
-                print(f"system metrics not logged: MLflow ({tracking_uri}) refused the run lookup "
-                      f"({type(e).__name__}: {str(e)[:200]})", flush=True)
+            sampler.failed(e, "the run lookup")
             return None
-        # resume_logging: a restarted trial goes on from its run's last system-metrics step.
-        return SystemMetricsMonitor(found[0].info.run_id, sampling_interval=every_s, resume_logging=True,
-                                    node_id=node_id, tracking_uri=tracking_uri) if found else None
+        return found[0].info.run_id if found else None
 
-    def start_once_found() -> None:
-        wait = 0.0
-        while not refused and not done.wait(wait):
-            wait = 1.0
-            if monitor := monitor_of_run():
-                monitor.start()
-                monitors.append(monitor)
-                return
+    def sample() -> None:
+        wait = 0.0  # looked up at once: a worker's first call to the relay also sets up its connection
+        while not sampler.refused and not done.wait(wait):
+            if sampler.run_id is None:
+                sampler.start(run_id_of_run())
+            else:
+                sampler.publish()
+            wait = 1.0 if sampler.run_id is None else every_s
 
     def finish() -> None:
-        finder.join()
-        if not monitors and not refused and (monitor := monitor_of_run()):
-            monitors.append(monitor)  # training ended before its run was found: one sample, below
-        for monitor in monitors:
-            monitor.finish()
-            # MLflow's monitor drops the samples of its last, unfinished interval: they are the
-            # trial's last seconds (all of a trial shorter than one interval), so they are logged.
-            try:
-                monitor.collect_metrics()
-                monitor.publish_metrics(monitor.aggregate_metrics())
-                monitor.mlflow_logger.flush()
-            except Exception as e:  # auxiliary figures never fail the training they describe
-                print(f"system metrics: the last interval was not logged ({type(e).__name__}: {str(e)[:200]})",
-                      flush=True)
+        thread.join()
+        if sampler.run_id is None and not sampler.refused:  # training ended before its run was found
+            sampler.start(run_id_of_run())
+        # The last, unfinished interval is the trial's last seconds (all of a trial shorter than
+        # one interval): it is logged too.
+        if sampler.run_id is not None and not sampler.refused:
+            sampler.publish()
 
-    finder = threading.Thread(target=start_once_found, name="captune-system-metrics", daemon=True)
-    finder.start()
+    thread = threading.Thread(target=sample, name="captune-system-metrics", daemon=True)
+    thread.start()
     try:
         yield
     finally:
@@ -188,3 +174,67 @@ def system_metrics(tracking_uri: str, experiment_id: str, run_tags: dict[str, st
         closer = threading.Thread(target=finish, name="captune-system-metrics-end", daemon=True)
         closer.start()
         closer.join(timeout=1)
+
+
+class _Sampler:
+    """MLflow's metric monitors (mlflow.system_metrics.metrics: what its SystemMetricsMonitor
+    samples, MLflow 3.17), sampled and logged at steps that go on from the run's last one."""
+
+    def __init__(self, client, node_id: str | None):
+        self.client, self.prefix = client, "system/" + (f"{node_id}/" if node_id else "")
+        self.run_id: str | None = None
+        self.step = 0
+        self.refused = False
+        self._monitors: list | None = None
+
+    def start(self, run_id: str | None) -> None:
+        if run_id is None:
+            return
+        try:  # a restarted trial goes on from its run's last system-metrics step
+            self.step = 1 + max((m.step for m in self.client.get_metric_history(
+                run_id, f"{self.prefix}cpu_utilization_percentage")), default=-1)
+        except Exception as e:
+            self.failed(e, "the run's last step")
+            return
+        self.run_id = run_id
+        self.collect()
+
+    def monitors(self) -> list:
+        # Imported here, in the sampler's thread: a new trial process would otherwise wait for
+        # MLflow's import (about a second) before its first training step.
+        if self._monitors is None:
+            from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+            from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+            from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+            self._monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+            try:
+                self._monitors.append(GPUMonitor())  # raises where NVML sees no GPU
+            except Exception:
+                pass
+        return self._monitors
+
+    def collect(self) -> None:
+        for monitor in self.monitors():
+            monitor.collect_metrics()
+
+    def publish(self) -> None:
+        self.collect()
+        values = {}
+        for monitor in self.monitors():
+            values.update(monitor.aggregate_metrics())
+            monitor.clear_metrics()
+        try:
+            self.client.log_batch(self.run_id, metrics=metric_entities(
+                {f"{self.prefix}{k}": v for k, v in values.items()}, self.step))
+            self.step += 1
+        except Exception as e:
+            self.failed(e, "a sample")
+
+    def failed(self, error: Exception, what: str) -> None:
+        """An outage drops this sample (the next is tried); a refusal stops sampling, said once."""
+        if not unavailable(error):
+            self.refused = True
+            print(f"system metrics not logged: MLflow refused {what} ({type(error).__name__}: {str(error)[:200]})",
+                  flush=True)

@@ -3,6 +3,7 @@ file://), through pyarrow's filesystems, which Ray itself uses for the same URIs
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -49,3 +50,26 @@ def download(location: str, local: Path) -> None:
         os.replace(partial, local)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def put_file(local: Path, location: str) -> None:
+    """Copy a local file to `location`, whole or not at all: into a folder, written aside then
+    renamed (a kill mid-copy leaves the old file); to object storage, one upload."""
+    if is_uri(location):
+        upload(local, location)
+        return
+    target = Path(location)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    try:
+        shutil.copyfile(local, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def remove_tree(location: str) -> None:
+    """Remove the folder (or prefix) `location` and all it holds, if it is there."""
+    fs, path = _resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)

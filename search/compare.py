@@ -14,18 +14,21 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import ray
 from mlflow import MlflowClient
 
 from infra import sizing
-from infra.mlflow_logging import metric_entities, param_entities
-from infra.mlflow_names import (ARCH_TAG, COMPARE_KEY_TAG, CONTROLLED, KIND_TAG, NOTE_TAG, SWEEP_TAG, champion_record,
-                                control_record)
+from infra.mlflow_logging import metric_entities, optional_step, param_entities
+from infra.mlflow_names import (ARCH_TAG, CHART_NOTE_PREFIX, COMPARE_KEY_TAG, CONTROLLED, KIND_TAG, NOTE_TAG,
+                                SWEEP_TAG, champion_record, control_record)
+from infra.mlflow_relay import start_relay
 from infra.mlflow_store import configure
 from infra.raycluster import init_ray
 from search.bootstrap import RESAMPLES, paired_bootstrap, require_resamples
 from search.leaderboard import find_sweep
 from search.mlflow_trials import find_or_create_run
 from search.objective import DEFAULT_METRIC, metric_of, objective
+from search.request import storage_root
 from search.reruns import RerunJob, run_reruns
 from trainables.catalog import SCORE_LABELS, SCORES
 from trainables.config import ConfigError, split_seed_of
@@ -115,6 +118,7 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
     deviation, and the paired bootstraps of the pooled replicates (their statistics added image
     by image)."""
     init_ray(address)
+    relay = start_relay(uri)  # the replicates may train on any node: they record through this node
     gpus = max(float(parent.data.params.get("gpus_per_worker", 0)) for parent, _, _ in champions.values())
     cpus = sizing.cpus_per_worker(address, gpus)
     jobs = []
@@ -123,13 +127,17 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
         config["split_seed"] = split_seed_of(config)  # a checkpoint from before split_seed drew it from seed
         for seed in range(int(config["seed"]) + 1, int(config["seed"]) + 1 + seeds):
             jobs.append(RerunJob(kind="replicate", config={**config, "seed": seed}, data_root=str(root),
-                                 tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent.info.run_id,
+                                 relay=relay, storage=parent.data.params.get("storage") or storage_root(None),
+                                 experiment_id=experiment_id, parent_run_id=parent.info.run_id,
                                  sweep=name, run_name=f"{arch}-seed{seed}", use_gpu=gpus > 0, threads=cpus,
                                  echo_epochs=False))  # each run's epochs are in MLflow; the console stays short
     concurrent = sizing.concurrent_trials(address, 1, gpus, cpus)
     print(f"replicates: {len(jobs)} runs ({seeds} new seeds per champion), {concurrent} at a time", file=sys.stderr,
           flush=True)
-    done = run_reruns(client, jobs, concurrent, cpus, gpus)
+    try:
+        done = run_reruns(client, jobs, concurrent, cpus, gpus)
+    finally:
+        ray.kill(relay)
     out: dict = {"seeds": seeds, "architectures": {}}
     pooled = {}
     for arch in champions:
@@ -232,7 +240,8 @@ def _log(client, experiment_id: str, name: str, results: dict, beams, resamples:
     client.log_batch(run_id, metrics=metric_entities(metrics))
     with tempfile.TemporaryDirectory(prefix="captune-compare-") as tmp:
         (Path(tmp) / "comparison.json").write_text(json.dumps(results, indent=2))
-        _chart(results, name, Path(tmp) / "comparison.png")
+        with optional_step("the comparison chart", client, run_id, f"{CHART_NOTE_PREFIX}comparison.png"):
+            _chart(results, name, Path(tmp) / "comparison.png")
         client.log_artifacts(run_id, tmp)
     client.set_tag(run_id, NOTE_TAG, results["verdict"])
     client.set_terminated(run_id, "FINISHED")

@@ -35,7 +35,7 @@ def run_control(client, job, outcome) -> dict | None:
     champion = outcome.champion
     config = {**job.trial_base(), **outcome.best["config"], "image_blind": True}
     rerun = RerunJob(kind="control", config=config, data_root=job.req.data_root, feature_set=job.feature_set,
-                     tracking_uri=job.tracking_uri,
+                     relay=job.relay, storage=job.root,
                      experiment_id=job.experiment_id, parent_run_id=parent, sweep=job.req.name,
                      run_name=f"{arch}-control", also_score=f"models:/{champion['name']}/{champion['version']}",
                      use_gpu=job.req.gpus_per_worker > 0, threads=job.cpus, echo_epochs=job.req.verbose)

@@ -111,6 +111,7 @@ class SearchJob:
     slots: int  # trial slots shared by the sweep's searches (search.slots); 0: `concurrent` is fixed
     restore: bool  # Tune's experiment state exists: resume it
     feature_set: str | None = None  # the manifest of shared features the trials read (trainables.feature_job)
+    relay: object = None  # the driver's MLflow relay (infra.mlflow_relay), for what runs on any node
 
     @property
     def experiment(self) -> str:

@@ -1,86 +1,128 @@
-"""One rerun, in a Ray worker: a fixed configuration trained again outside the search (the
-image-blind control of a champion, or one seed replicate of it), its best epoch scored on the
-test split, all recorded as an MLflow run under the architecture's search run.
+"""One rerun, in a Ray worker on any node: a fixed configuration trained again outside the search
+(the image-blind control of a champion, or one seed replicate of it), its best epoch scored on the
+test split, all recorded in the MLflow run the driver opened for it (search.reruns), through the
+driver's relay (infra.mlflow_relay): the store is the driver's, not this node's.
 
 The run keeps the best validation epoch (by its configuration's metric), as a trial and `captune
-train` do, and scores that epoch on the test split with greedy search. It returns the test
-captions' per-image statistics (trainables.metrics), for the paired bootstrap, and logs the
-captions (`test_captions.json`) so that a resumed sweep or compare reuses a finished rerun
-instead of training it again.
+train` do, and scores that epoch on the test split with greedy search. Its latest and best
+checkpoints stay in the sweep's storage while it trains, so a rerun stopped part-way goes on from
+its last epoch, in the same run. It returns the test captions' per-image statistics
+(trainables.metrics), for the paired bootstrap, and logs the captions (`test_captions.json`) so
+that a resumed sweep or compare reuses a finished rerun instead of training it again.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from mlflow import MlflowClient
 
 from data.prepare import PreparedData, prepare_data
-from infra.mlflow_logging import EpochLogger, metric_entities, param_entities
-from infra.mlflow_names import ERROR_TAG
+from infra import storage
+from infra.mlflow_logging import EpochLogger, last_logged_epoch, metric_entities
+from infra.mlflow_names import ERROR_TAG, RESUMED_TAG
+from infra.mlflow_relay import RelayClient
+from infra.storage import put_file
 from search.reruns import RerunJob
 from trainables.catalog import SCORES
-from trainables.checkpoint import FILENAME, load_checkpoint
+from trainables.checkpoint import FILENAME, load_checkpoint, read_payload
 from trainables.config import TrainConfig, split_seed_of
 from trainables.evaluation import caption_split
 from trainables.feature_job import load_feature_set
 from trainables.loop import WorkerContext, train
 from trainables.metrics import CaptionScorer, corpus_scores
-from trainables.model_source import load_captioner
+from trainables.model_source import local_checkpoint
 
 CAPTIONS_ARTIFACT = "test_captions.json"
 
 
 def rerun(job: RerunJob) -> dict:
-    """Train, score the best epoch on the test split, record. Returns {"run_id", "val": best
+    """Train (going on from the rerun's last checkpoint, if a stop left one), score the best
+    epoch on the test split, record it all in the job's run. Returns {"run_id", "val": best
     epoch's validation scores ("best_epoch", "best_bleu4", ...), "test": its test scores (every
     one of SCORES), "statistics": per test image, and for `also_score` "other_test" and
     "other_statistics"}."""
     torch.set_num_threads(job.threads)
     device = torch.device("cuda" if job.use_gpu else "cpu")
     cfg = TrainConfig(**job.config).validate(f"{job.kind} run of {job.config['arch']}")
-    client = MlflowClient(job.tracking_uri)
-    run = client.create_run(job.experiment_id, run_name=job.run_name, tags=job.tags())
-    run_id = run.info.run_id
+    client, run_id = RelayClient(job.relay), job.run_id
     try:
-        client.log_batch(run_id, params=param_entities({**cfg.to_dict(), "data": job.data_root}))
-        logger = EpochLogger(job.tracking_uri, run_id)
+        logger = EpochLogger(client, run_id, logged=last_logged_epoch(client, run_id), where="MLflow (through the "
+                                                                                            "driver's relay)")
         with tempfile.TemporaryDirectory(prefix="captune-rerun-") as keep:
-            best = Path(keep) / FILENAME
+            kept = KeptCheckpoints(job.checkpoints, Path(keep))
 
             def report(metrics: dict, checkpoint_dir: Path | None) -> None:
                 logger.log(metrics)
-                if checkpoint_dir is not None and metrics["best_epoch"] == metrics["epoch"]:
-                    shutil.copyfile(checkpoint_dir / FILENAME, best)
+                if checkpoint_dir is not None:
+                    kept.save(checkpoint_dir / FILENAME, best=metrics["best_epoch"] == metrics["epoch"])
 
-            ctx = WorkerContext(device=device, report=report)
+            ctx = WorkerContext(device=device, report=report, resume_from=kept.latest())
+            if ctx.resume_from is not None:
+                client.set_tag(run_id, RESUMED_TAG, str(read_payload(ctx.resume_from / FILENAME)["epoch"]))
             if not job.echo_epochs:
                 ctx.echo = lambda line: None
             data = load_feature_set(job.feature_set, cfg.cache_path()) if job.feature_set else None
             with contextlib.redirect_stdout(sys.stderr):  # progress, not output: `compare --json` stays JSON
                 last = train(cfg, job.data_root, ctx, data=data)
-            out = {"run_id": run_id, "val": _best(last), **_test(load_checkpoint(best), job, device, data)}
-        out.update(_also_scored(job, device, data))
+            logger.close(timeout=60)
+            out = {"run_id": run_id, "val": _best(last), **_test(load_checkpoint(kept.best()), job, device, data)}
+        out.update(_also_scored(job, client, device, data))
         client.log_batch(run_id, metrics=metric_entities({f"test_{k}": v for k, v in out["test"].items()}))
         client.log_dict(run_id, {"captions": out.pop("captions")}, CAPTIONS_ARTIFACT)
         client.set_terminated(run_id, "FINISHED")
+        kept.remove()  # the run holds the result now: a rerun that finished is read back, not resumed
         return out
-    except BaseException as e:
-        client.set_tag(run_id, ERROR_TAG, f"{type(e).__name__}: {e}"[:5000])
-        client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+    except BaseException as e:  # (a stop: the driver records it, and the checkpoints stay for --resume)
+        if not isinstance(e, KeyboardInterrupt):
+            client.set_tag(run_id, ERROR_TAG, f"{type(e).__name__}: {e}"[:5000])
+            client.set_terminated(run_id, "FAILED")
         raise
 
 
-def _also_scored(job: RerunJob, device: torch.device, data: PreparedData | None = None) -> dict:
-    """`also_score`'s test scores and statistics on the same images ({} when there is none)."""
+class KeptCheckpoints:
+    """A rerun's latest and best checkpoints, kept in the sweep's storage (a folder every node
+    sees, or object storage) so that a rerun stopped on one node goes on from there on any node.
+    Each is written whole or not at all."""
+
+    def __init__(self, location: str, scratch: Path):
+        self.location, self.scratch = location, scratch
+
+    def save(self, checkpoint: Path, best: bool) -> None:
+        for name in ("latest", *(("best",) if best else ())):
+            put_file(checkpoint, storage.join(self.location, name, FILENAME))
+
+    def latest(self) -> Path | None:
+        return self._fetch("latest")
+
+    def best(self) -> Path:
+        return self._fetch("best") / FILENAME
+
+    def _fetch(self, name: str) -> Path | None:
+        where = storage.join(self.location, name, FILENAME)
+        if not storage.exists(where):
+            return None
+        folder = self.scratch / name
+        folder.mkdir(exist_ok=True)
+        storage.download(where, folder / FILENAME)
+        return folder
+
+    def remove(self) -> None:
+        storage.remove_tree(self.location)
+
+
+def _also_scored(job: RerunJob, client, device: torch.device, data: PreparedData | None = None) -> dict:
+    """`also_score`'s test scores and statistics on the same images ({} when there is none). Its
+    checkpoint comes through `client` (a RelayClient on a worker: the store is the driver's)."""
     if not job.also_score:
         return {}
-    other = _test(load_captioner(job.also_score, job.tracking_uri), job, device, data)
+    with tempfile.TemporaryDirectory(prefix="captune-champion-") as folder:
+        path = Path(folder) / FILENAME
+        path.write_bytes(client.fetch_file(job.also_score, FILENAME))
+        other = _test(load_checkpoint(path), job, device, data)
     return {"other_test": other["test"], "other_statistics": other["statistics"]}
 
 
@@ -116,4 +158,15 @@ def saved_result(client, run_id: str, job: RerunJob) -> dict:
         progress=False)
     out = {"run_id": run_id, "val": _best(m), **_scored(captions, data.captions("test"))}
     device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
-    return {**out, **_also_scored(job, device, data)}
+    return {**out, **_also_scored(job, LocalFiles(client), device, data)}
+
+
+class LocalFiles:
+    """`fetch_file` for the driver's own MlflowClient (infra.mlflow_relay.RelayClient has it for workers)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def fetch_file(self, artifact_uri: str, name: str) -> bytes:
+        with local_checkpoint(artifact_uri, self.client.tracking_uri) as path:  # (the driver's store)
+            return path.read_bytes()

@@ -1,14 +1,29 @@
 """Reruns of a champion's configuration outside its search, as Ray tasks: the image-blind control
-(after each search) and the seed replicates (`captune compare --seeds K`). A rerun that finished
-before (a resumed sweep, a repeated compare) is read back from MLflow, not trained again."""
+(after each search) and the seed replicates (`captune compare --seeds K`).
+
+Each rerun has one MLflow run and one folder of checkpoints in the sweep's storage, both found
+again by the rerun's key (its kind, configuration and seed). A rerun that finished before (a
+resumed sweep, a repeated compare) is read back from MLflow, not trained again; one that was
+stopped (Ctrl-C, SIGTERM, a killed driver) or failed goes on from its last finished epoch, in its
+own run. The runs are opened and closed here, on the driver's node; the training task, which may
+run on any node, writes its epochs and results through the driver's MLflow relay
+(infra.mlflow_relay).
+"""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 
 import ray
 
-from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, SEED_TAG, SWEEP_TAG, tags_filter
+from infra import storage
+from infra.mlflow_logging import param_entities
+from infra.mlflow_names import (ARCH_TAG, ERROR_TAG, KIND_TAG, RERUN_KEY_TAG, SEED_TAG, STOP_TAG, SWEEP_TAG,
+                                tags_filter)
 from infra.raycluster import signal_name, wait_one
+from trainables.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -16,35 +31,49 @@ class RerunJob:
     kind: str  # "control" or "replicate"
     config: dict  # TrainConfig values
     data_root: str
-    tracking_uri: str
     experiment_id: str
     parent_run_id: str
     sweep: str
     run_name: str
+    storage: str  # the sweep's storage (a folder every node sees, or s3://...): the rerun's checkpoints
+    relay: object = None  # the driver's MLflow relay (infra.mlflow_relay): how the task records
     also_score: str | None = None  # a model URI scored on the same test images (the champion)
     use_gpu: bool = False
     threads: int = 1
     echo_epochs: bool = True  # a line per epoch (a sweep's controls keep quiet unless --verbose)
     feature_set: str | None = None  # a manifest of shared features (trainables.feature_job): no image read
+    run_id: str | None = None  # its MLflow run, opened by run_reruns
+
+    @property
+    def key(self) -> str:
+        """The rerun's identity: what it trains, and how."""
+        what = json.dumps({"kind": self.kind, "config": self.config, "data": self.data_root}, sort_keys=True)
+        return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+    @property
+    def checkpoints(self) -> str:
+        """Where its checkpoints are kept while it trains (latest and best), for a resume."""
+        return storage.join(self.storage, f"{self.sweep}-reruns", self.key)
 
     def tags(self) -> dict[str, str]:
         return {SWEEP_TAG: self.sweep, KIND_TAG: self.kind, ARCH_TAG: self.config["arch"],
-                SEED_TAG: str(self.config["seed"]), "mlflow.parentRunId": self.parent_run_id}
+                SEED_TAG: str(self.config["seed"]), RERUN_KEY_TAG: self.key, "mlflow.parentRunId": self.parent_run_id}
 
 
 def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: float = 0.0) -> list[dict]:
     """Each job's result (search.rerun.rerun), at most `concurrent` training at once; finished
-    ones are reused. A failed rerun fails the call, after the others have ended."""
-    results: list[dict | None] = [None] * len(jobs)
+    ones are reused, stopped ones go on. A failed rerun fails the call, after the others have
+    ended."""
+    jobs, results = list(jobs), [None] * len(jobs)
     queue = []
     for i, job in enumerate(jobs):
-        done = _finished_run(client, job)
-        if done is not None:
+        done = _runs(client, job, "attributes.status = 'FINISHED'")
+        if done:
             from search.rerun import saved_result  # torch: only when there is one to read back
 
-            results[i] = saved_result(client, done, job)
+            results[i] = saved_result(client, done[0].info.run_id, job)
         else:
-            _close_stale_runs(client, job)
+            jobs[i] = dataclasses.replace(job, run_id=_open_run(client, job))
             queue.append(i)
     task = ray.remote(_rerun).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     pending, failures = {}, []
@@ -64,8 +93,9 @@ def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: f
         for ref in pending:
             ray.cancel(ref, force=True)
         ray.wait(list(pending), num_returns=len(pending), timeout=15)
-        for i in pending.values():
-            _close_stale_runs(client, jobs[i], f"stopped by {signal_name(e)}; trained again by a later run")
+        for i in [*pending.values(), *queue]:
+            if jobs[i].run_id:
+                _end_run(client, jobs[i].run_id, STOP_TAG, signal_name(e), "KILLED")
         raise
     if failures:
         raise failures[0]
@@ -79,20 +109,29 @@ def _rerun(job: RerunJob) -> dict:
     return rerun(job)
 
 
-def _query(job: RerunJob) -> str:
-    return tags_filter(job.tags())
+def _runs(client, job: RerunJob, condition: str) -> list:
+    return client.search_runs([job.experiment_id], filter_string=f"{tags_filter(job.tags())} and {condition}",
+                              order_by=["attributes.start_time DESC"])
 
 
-def _finished_run(client, job: RerunJob) -> str | None:
-    found = client.search_runs([job.experiment_id], filter_string=f"{_query(job)} and attributes.status = 'FINISHED'",
-                               max_results=1)
-    return found[0].info.run_id if found else None
+def _open_run(client, job: RerunJob) -> str:
+    """The rerun's run: the newest one a stop or a failure left (reopened: its epochs are kept, and
+    the task goes on from its last checkpoint), else a new one. Older leftovers are closed."""
+    left = _runs(client, job, "attributes.status != 'FINISHED'")
+    for run in left[1:]:
+        _end_run(client, run.info.run_id, ERROR_TAG, "superseded by a later run of the same rerun", "KILLED")
+    if left:
+        run_id = left[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        for tag in (STOP_TAG, ERROR_TAG):
+            if tag in left[0].data.tags:
+                client.delete_tag(run_id, tag)
+        return run_id
+    run_id = client.create_run(job.experiment_id, run_name=job.run_name, tags=job.tags()).info.run_id
+    client.log_batch(run_id, params=param_entities({**TrainConfig(**job.config).to_dict(), "data": job.data_root}))
+    return run_id
 
 
-def _close_stale_runs(client, job: RerunJob, why: str = "interrupted; trained again in a later run") -> None:
-    """A rerun of this job left RUNNING (by a killed or stopped process) never goes on: it is
-    trained anew."""
-    for run in client.search_runs([job.experiment_id], filter_string=f"{_query(job)} and attributes.status = 'RUNNING'"):
-        client.set_tag(run.info.run_id, ERROR_TAG, why)
-        client.set_terminated(run.info.run_id, "KILLED")
-
+def _end_run(client, run_id: str, tag: str, why: str, status: str) -> None:
+    client.set_tag(run_id, tag, why)
+    client.set_terminated(run_id, status)

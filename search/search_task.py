@@ -55,7 +55,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
     setup = TrialSetup(base=job.trial_base(), data_root=str(Path(req.data_root).resolve()),
                        train_storage=f"{job.path}-train", workers=req.workers_per_trial, use_gpu=use_gpu,
                        gpus_per_worker=req.gpus_per_worker or 1.0, cpus_per_worker=job.cpus,
-                       echo_epochs=req.verbose, tracking_uri=job.tracking_uri, experiment_id=job.experiment_id,
+                       echo_epochs=req.verbose, relay=job.relay, experiment_id=job.experiment_id,
                        run_tags=((SWEEP_TAG, req.name), (ARCH_TAG, arch)), feature_set=job.feature_set)
     trainable = trial_trainable(setup)
     progress = ProgressEvents(req.name, arch, list(search.space.searched), settings.max_epochs, settings.metric)

@@ -19,6 +19,7 @@ from infra import sizing
 from infra.errors import UserError
 from infra.mlflow_logging import param_entities, unavailable
 from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
+from infra.mlflow_relay import start_relay
 from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
                                 record_dataset, require_answering_store, require_free_space, require_not_deleted,
                                 require_writable_store, writable_folder)
@@ -87,12 +88,15 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
                                                                      f"latest checkpoint, {settings.trials} trials "
                                                                      f"per architecture, at the default sizes)")])
     experiment_id, parents = open_sweep_records(req, settings, searches, root)
+    # Trials, controls and replicates run on any node; MLflow is this node's (a loopback server, a
+    # SQLite file): what they record goes through this relay (infra.mlflow_relay).
+    relay = start_relay(uri)
     jobs = []
     for search in searches:
         features = feature_sets[search.arch]
         jobs.append(SearchJob(req, settings, search, uri, experiment_id, parents[search.arch], root, cpus,
                               min(settings.trials, concurrent), slots, restorable[search.arch],
-                              features.manifest if features else None))
+                              features.manifest if features else None, relay))
     if not all(job.restore for job in jobs):  # create the study database once, before the searches share it
         RDBStorage(optuna_url(root, req.name))
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -129,6 +133,7 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     finally:
         ray.kill(pool)
         ray.kill(events)
+        ray.kill(relay)
     view.close()
     if failures:
         _search_failed(client, experiment_id, req, failures)

@@ -20,6 +20,7 @@ import ray
 from ray import tune
 
 from infra.mlflow_logging import system_metrics
+from infra.mlflow_relay import RelayClient
 from infra.mlflow_names import TRIAL_TAG
 from trainables.catalog import SCORES
 from trainables.config import TrainConfig
@@ -42,17 +43,17 @@ class TrialSetup:
     gpus_per_worker: float = 1.0
     cpus_per_worker: int = 1
     echo_epochs: bool = False  # a line per epoch from each trial (`sweep --verbose`); else the driver's view
-    tracking_uri: str | None = None  # where the driver records the trial runs: each trial adds its
-    experiment_id: str | None = None  # machine's system metrics to its own (found by these tags)
+    relay: object = None  # the driver's MLflow relay (infra.mlflow_relay): each trial adds its
+    experiment_id: str | None = None  # machine's system metrics to its run (found by these tags)
     run_tags: tuple[tuple[str, str], ...] = ()
     feature_set: str | None = None  # a manifest of shared features: trials then read no image
 
     def system_metrics(self) -> dict | None:
         """infra.mlflow_logging.system_metrics's arguments for this trial's run, if runs are recorded."""
-        if not self.tracking_uri:
+        if self.relay is None:
             return None
         tags = {**dict(self.run_tags), TRIAL_TAG: tune.get_context().get_trial_id()}
-        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_tags": tags}
+        return {"client": RelayClient(self.relay), "experiment_id": self.experiment_id, "run_tags": tags}
 
     @property
     def in_process(self) -> bool:

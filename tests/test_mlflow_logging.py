@@ -16,7 +16,7 @@ def test_system_metrics_reach_the_run_created_after_the_block_began(tmp_path):
     # The trial starts training before the driver has created its run: the run is looked up until found.
     later = threading.Timer(1.0, lambda: created.append(client.create_run(experiment, tags=tags).info.run_id))
     later.start()
-    with system_metrics(uri, experiment, tags, every_s=0.5):
+    with system_metrics(client, experiment, tags, every_s=0.5):
         time.sleep(4)
     later.join()
     (run_id,) = created
@@ -30,3 +30,23 @@ def test_system_metrics_reach_the_run_created_after_the_block_began(tmp_path):
     assert len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) == len(cpu)
     others = client.search_runs([experiment], filter_string="tags.`captune.trial_id` = 't0'")
     assert not [k for k in others[0].data.metrics if k.startswith("system/")]
+
+
+def test_contract_mlflow_metric_monitors():
+    # infra.mlflow_logging samples MLflow 3.17's own monitors (what its SystemMetricsMonitor
+    # runs): each collects into itself, aggregates to {name: value}, and clears; the names are
+    # what MLflow logs under system/.
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+    for monitor in (CPUMonitor(), DiskMonitor(), NetworkMonitor()):
+        monitor.collect_metrics()
+        monitor.collect_metrics()
+        values = monitor.aggregate_metrics()
+        assert values and all(isinstance(v, (int, float)) for v in values.values()), type(monitor).__name__
+        monitor.clear_metrics()
+        assert not monitor.aggregate_metrics() or all(v == 0 for v in monitor.aggregate_metrics().values())
+    cpu = CPUMonitor()
+    cpu.collect_metrics()
+    assert {"cpu_utilization_percentage", "system_memory_usage_megabytes"} <= set(cpu.aggregate_metrics())

@@ -14,6 +14,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from infra.mlflow_logging import EpochLogger, system_metrics
+from infra.mlflow_relay import RelayClient
 from trainables.checkpoint import FILENAME, read_payload
 from trainables.config import TrainConfig
 from trainables.feature_job import load_feature_set
@@ -37,7 +38,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = context.get_world_rank()
     logger = None
     if rank == 0 and config.get("mlflow_run_id"):
-        logger = EpochLogger(config["tracking_uri"], config["mlflow_run_id"])
+        logger = EpochLogger(RelayClient(config["relay"]), config["mlflow_run_id"])
 
     node = ray.get_runtime_context().get_node_id()
 
@@ -134,7 +135,7 @@ def train_resuming(cfg: TrainConfig, data_root: str, ctx: WorkerContext, checkpo
 def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, use_gpu: bool = False,
                  gpus_per_worker: float = 1.0, cpus: int = 1, name: str | None = None,
                  storage_path: str | None = None, max_failures: int = 0, keep: str = "best",
-                 callbacks: list | None = None, tracking_uri: str | None = None,
+                 callbacks: list | None = None, relay=None,
                  mlflow_run_id: str | None = None, stop_signal: str | None = None,
                  resume_from: str | None = None, echo: bool = True,
                  system_metrics: dict | None = None, feature_set: str | None = None) -> TorchTrainer:
@@ -152,7 +153,7 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "data_root": str(Path(data_root).resolve()),
-                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
+                           "relay": relay, "mlflow_run_id": mlflow_run_id,
                            "stop_signal": stop_signal, "resume_from": resume_from, "echo": echo,
                            "system_metrics": system_metrics, "feature_set": feature_set},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
