@@ -5,6 +5,8 @@ import logging
 import os
 import signal
 import threading
+import uuid
+from pathlib import Path
 
 from infra.errors import UserError
 from infra.fork_stand_in import worker_command
@@ -118,3 +120,59 @@ def require_resources(workers: int, cpus_per_worker: int, gpus_per_worker: float
     if need_gpus > have.get("GPU", 0) and not (address or os.environ.get("RAY_ADDRESS")):
         raise ClusterTooSmall(f"--workers {workers} --gpu: {workers} worker(s) x {gpus_per_worker:g} GPU need "
                           f"{need_gpus:g} GPUs; the local Ray cluster has {have.get('GPU', 0):g}")
+
+
+class NotShared(UserError, ValueError):
+    """A folder the job's tasks read or write on every node is this machine's alone."""
+
+
+def require_seen_by_every_node(folders: dict[str, Path]) -> None:
+    """Each of `folders` ({what: folder}) must be the same folder on every node of the cluster
+    this process is attached to (a shared mount, or the same copy on each): a task on a node that
+    does not see it would fail there, or write where the driver never looks (a sweep's --storage
+    on the driver's own disk). Checked on each live node by a task pinned to it, before any work:
+    the node must see a marker the driver writes in the folder, or, in a folder the driver may not
+    write (a dataset), the same names."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probes, markers = {}, []
+    try:
+        for what, folder in folders.items():
+            marker = folder / f".captune-seen-{uuid.uuid4().hex[:12]}"
+            try:
+                marker.write_bytes(b"")
+                markers.append(marker)
+                probes[what] = (str(folder), marker.name, None)
+            except OSError:  # not ours to write: the node must see what the driver sees there
+                probes[what] = (str(folder), None, sorted(p.name for p in folder.iterdir())[:200])
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        look = ray.remote(num_cpus=0, max_retries=0)(_unseen)
+        refs = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            probes): n for n in nodes}
+        faults = []
+        for ref, node in refs.items():
+            for what in ray.get(ref, timeout=120):
+                faults.append(f"{what} {probes[what][0]} is not there on node {node['NodeManagerAddress']} "
+                              f"({node['NodeID'][:12]})")
+    finally:
+        for marker in markers:
+            marker.unlink(missing_ok=True)
+    if faults:
+        raise NotShared("; ".join(faults) + ": a folder that tasks on every node use must be the same there (a "
+                                            "shared mount, or the same copy at the same path), or in object "
+                                            "storage (s3://...)")
+
+
+def _unseen(probes: dict[str, tuple[str, str | None, list | None]]) -> list[str]:
+    """On one node: what of `probes` it does not see as the driver does."""
+    unseen = []
+    for what, (folder, marker, names) in probes.items():
+        path = Path(folder)
+        if marker is not None:
+            seen = (path / marker).exists()
+        else:
+            seen = path.is_dir() and sorted(p.name for p in path.iterdir())[:200] == names
+        if not seen:
+            unseen.append(what)
+    return unseen

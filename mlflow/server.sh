@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Start the MLflow tracking server (and UI) over captune's store, bound to 127.0.0.1 only.
+# Start the MLflow tracking server (and UI) over captune's store, bound to 127.0.0.1 only. On a
+# cluster (cluster.yaml) it runs on the head and only the head's processes use it: work on other
+# nodes records through the driver's MLflow relay (infra/mlflow_relay.py), so it need not listen
+# beyond the loopback.
 #   mlflow/server.sh                 # http://127.0.0.1:5000, SQLite store mlflow/mlflow.db
 #   PORT=5001 mlflow/server.sh
 #   BACKEND_URI=postgresql://user@db/mlflow ARTIFACTS=s3://bucket/mlflow mlflow/server.sh   # a team's server

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data.layouts import load_corpus
 from infra.mlflow_logging import optional_step
@@ -206,7 +206,8 @@ def examples_figure(paths: list[Path], hyps: list[str], refs: list[list[str]], p
     for i, (image, hyp, theirs) in enumerate(zip(paths, hyps, refs)):
         row, col = divmod(i, cols)
         picture, words = fig.add_subplot(grid[2 * row, col]), fig.add_subplot(grid[2 * row + 1, col])
-        picture.imshow(Image.open(image).convert("RGB"))
+        with Image.open(image) as shown:  # upright, as the model saw it (its EXIF orientation)
+            picture.imshow(ImageOps.exif_transpose(shown).convert("RGB"))
         picture.set_title(Path(image).name, fontsize=9, color="0.4")
         for ax in (picture, words):
             ax.axis("off")

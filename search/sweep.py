@@ -23,7 +23,7 @@ from infra.mlflow_relay import start_relay
 from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
                                 record_dataset, require_answering_store, require_free_space, require_not_deleted,
                                 require_writable_store, writable_folder)
-from infra.raycluster import init_ray, root_cause, signal_name, wait_one
+from infra.raycluster import init_ray, require_seen_by_every_node, root_cause, signal_name, wait_one
 from search.mlflow_trials import find_or_create_run
 from search.mlflow_view import save_leaderboard_view
 from search.objective import metric_of, objective, sampler_seed
@@ -87,6 +87,11 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
         require_free_space([(Path(root), sum(space_needed), f"--storage (each trial keeps its best and its "
                                                                      f"latest checkpoint, {settings.trials} trials "
                                                                      f"per architecture, at the default sizes)")])
+    if _attached(req):  # the trials, controls and replicates run on any node: so must what they read and write
+        folders = {"--storage": Path(root)} if "://" not in root else {}
+        if not all(feature_sets.values()):  # (trials reading shared features read no image)
+            folders["the dataset"] = Path(req.data_root).resolve()
+        require_seen_by_every_node(folders)
     experiment_id, parents = open_sweep_records(req, settings, searches, root)
     # Trials, controls and replicates run on any node; MLflow is this node's (a loopback server, a
     # SQLite file): what they record goes through this relay (infra.mlflow_relay).
