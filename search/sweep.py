@@ -91,6 +91,9 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
         folders = {"--storage": Path(root)} if "://" not in root else {}
         if not all(feature_sets.values()):  # (trials reading shared features read no image)
             folders["the dataset"] = Path(req.data_root).resolve()
+        for features in filter(None, feature_sets.values()):
+            if "://" not in features.manifest:  # ($CAPTUNE_STORAGE a folder: on this machine only?)
+                folders["the shared features"] = Path(features.manifest).parent
         require_seen_by_every_node(folders)
     experiment_id, parents = open_sweep_records(req, settings, searches, root)
     # Trials, controls and replicates run on any node; MLflow is this node's (a loopback server, a
