@@ -85,9 +85,9 @@ def require_answering_store(tracking_uri: str | None = None) -> None:
     another process holds locked waits 20 s, then refuses)."""
     from mlflow import MlflowClient
 
-    uri = configure(tracking_uri)
+    uri = tracking_uri or default_tracking_uri()
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        MlflowClient(configure(uri)).search_experiments(max_results=1)  # (a new store is made here, if need be)
     except Exception as e:
         if not unavailable(e):
             raise
