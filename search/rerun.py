@@ -56,13 +56,17 @@ def rerun(job: RerunJob) -> dict:
             kept = KeptCheckpoints(job.checkpoints, Path(keep))
 
             def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-                logger.log(metrics)
+                # Kept, then logged: MLflow never shows an epoch that a resume would train again.
                 if checkpoint_dir is not None:
                     kept.save(checkpoint_dir / FILENAME, best=metrics["best_epoch"] == metrics["epoch"])
+                logger.log(metrics)
 
             ctx = WorkerContext(device=device, report=report, resume_from=kept.latest())
             if ctx.resume_from is not None:
-                client.set_tag(run_id, RESUMED_TAG, str(read_payload(ctx.resume_from / FILENAME)["epoch"]))
+                payload = read_payload(ctx.resume_from / FILENAME)
+                client.set_tag(run_id, RESUMED_TAG, str(payload["epoch"]))
+                for metrics in payload["history"]:  # kept, but stopped before its record was written
+                    logger.log(metrics)
             if not job.echo_epochs:
                 ctx.echo = lambda line: None
             data = load_feature_set(job.feature_set, cfg.cache_path()) if job.feature_set else None
@@ -92,7 +96,8 @@ class KeptCheckpoints:
         self.location, self.scratch = location, scratch
 
     def save(self, checkpoint: Path, best: bool) -> None:
-        for name in ("latest", *(("best",) if best else ())):
+        # best first: a stop between the two leaves a latest whose best epoch is in `best`
+        for name in (*(("best",) if best else ()), "latest"):
             put_file(checkpoint, storage.join(self.location, name, FILENAME))
 
     def latest(self) -> Path | None:
