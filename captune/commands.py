@@ -211,8 +211,15 @@ def cmd_sweep(args) -> int:
         print(format_leaderboard(leaderboard(args.name, args.tracking_uri), top=20))
         print()
         if any(o.champion for o in outcomes):
-            print(format_comparison(compare(args.name, args.data, args.tracking_uri, seeds=req.seeds,
-                                            address=args.address)))
+            try:
+                print(format_comparison(compare(args.name, args.data, args.tracking_uri, seeds=req.seeds,
+                                                address=args.address)))
+            except KeyboardInterrupt:  # the searches are done: the resume goes straight to the comparison
+                from search.request import resume_command
+
+                print(f"captune: the searches are done; to finish the comparison (replicates trained are kept, "
+                      f"a stopped one goes on from its last epoch): {resume_command(req)}", file=sys.stderr)
+                raise
         else:  # (the sweep did finish: nothing was registered to compare)
             print("no comparison: no search registered a model (each one's reason is above)")
     except Exception as e:
@@ -243,8 +250,14 @@ def cmd_leaderboard(args) -> int:
 def cmd_compare(args) -> int:
     from search.compare import compare, format_comparison
 
-    results = compare(args.name, args.data, args.tracking_uri, skip_bad=args.skip_bad, seeds=args.seeds,
-                      resamples=args.resamples, bootstrap_seed=args.bootstrap_seed, address=args.address)
+    try:
+        results = compare(args.name, args.data, args.tracking_uri, skip_bad=args.skip_bad, seeds=args.seeds,
+                          resamples=args.resamples, bootstrap_seed=args.bootstrap_seed, address=args.address)
+    except KeyboardInterrupt:
+        if args.seeds:
+            print("captune: replicates trained are kept and a stopped one goes on from its last epoch: run the "
+                  "same command again to finish", file=sys.stderr)
+        raise
     print(json.dumps(results, indent=2) if args.json else format_comparison(results))
     return 0
 

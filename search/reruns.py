@@ -65,19 +65,18 @@ def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: f
     ones are reused, stopped ones go on. A failed rerun fails the call, after the others have
     ended."""
     jobs, results = list(jobs), [None] * len(jobs)
-    queue = []
-    for i, job in enumerate(jobs):
-        done = _runs(client, job, "attributes.status = 'FINISHED'")
-        if done:
-            from search.rerun import saved_result  # torch: only when there is one to read back
-
-            results[i] = saved_result(client, done[0].info.run_id, job)
-        else:
-            jobs[i] = dataclasses.replace(job, run_id=_open_run(client, job))
-            queue.append(i)
     task = ray.remote(_rerun).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
-    pending, failures = {}, []
+    queue, pending, failures = [], {}, []
     try:
+        for i, job in enumerate(jobs):
+            done = _runs(client, job, "attributes.status = 'FINISHED'")
+            if done:
+                from search.rerun import saved_result  # torch: only when there is one to read back
+
+                results[i] = saved_result(client, done[0].info.run_id, job)
+            else:
+                jobs[i] = dataclasses.replace(job, run_id=_open_run(client, job))
+                queue.append(i)
         while queue or pending:
             while queue and len(pending) < concurrent:
                 i = queue.pop(0)
