@@ -1,6 +1,5 @@
 """`captune caption --out`: what a hostile user (or a hand edit, Excel, a second terminal) can do to
 the output file and the images, and what the command does about it."""
-import contextlib
 import csv
 import io
 import json
@@ -15,6 +14,7 @@ from PIL import Image
 
 from captune.caption_files import CaptionFile, OutputFileError
 from captune.cli import main
+from tests.filesystems import immutable, tmpfs
 from tests.test_serving import photo_folder, rows_of, tiny_model  # noqa: F401 (tiny_model: a fixture)
 
 BAD_NAME = os.fsdecode(b"bad\xff name.jpg")  # bytes that are not UTF-8, as a file name may hold
@@ -32,19 +32,6 @@ def caption(model: Path, *args) -> int:
 def images_in_csv(path: Path) -> list[str]:
     return [row[0] for row in rows_of(path)[1:]]
 
-
-@contextlib.contextmanager
-def immutable(path: Path):
-    """`chattr +i` on PATH (even root cannot write it) while the block runs."""
-    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-        pytest.skip("chattr +i is not supported here")
-    try:
-        yield path
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
-
-
-# --- two commands, one file -----------------------------------------------------------------------
 
 def test_a_second_caption_into_a_file_being_written_is_refused_and_each_image_is_written_once(
         tiny_model, synth_dir, tmp_path):
@@ -226,18 +213,6 @@ def test_image_names_that_are_not_utf8_go_to_stdout_as_their_bytes(tiny_model, s
 
 # --- an --out that cannot be written --------------------------------------------------------------
 
-@contextlib.contextmanager
-def read_only_mount(folder: Path):
-    folder.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)]
-    if subprocess.run(mount, capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only file system here")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
 @pytest.mark.parametrize("fault", ["immutable folder", "immutable file", "read-only file system"])
 def test_an_out_file_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys, fault):
     photo = tmp_path / "a.png"
@@ -253,7 +228,8 @@ def test_an_out_file_that_cannot_be_written_is_refused_before_the_model_loads(tm
         folder.mkdir()
         fixed, expected = immutable(folder), f"--out: cannot write in {folder} (Operation not permitted)"
     else:
-        fixed, expected = read_only_mount(folder), f"--out: cannot write in {folder} (Read-only file system)"
+        fixed = tmpfs(folder, size="1m", read_only=True)
+        expected = f"--out: cannot write in {folder} (Read-only file system)"
     with fixed:
         assert caption(no_model, photo, "--out", folder / "c.csv") == 2
         assert expected in capsys.readouterr().err

@@ -2,9 +2,7 @@
 are not finite are never written, nor read as valid (local cache, shared folder, object storage);
 a read-only store serves the features built in it, without a lock file; `captune features` on a
 store it cannot write is refused by name before Ray starts."""
-import contextlib
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from captune.cli import main
 from data.cache import CacheNotWritable, cached_array, entry_name
 from data.prepare import PreparedData, prepare_data
 from data.synth import write_synthetic
+from tests.filesystems import immutable, read_only, tmpfs
 from trainables import feature_job
 from trainables.config import TrainConfig, replace
 from trainables.feature_job import build_features, load_feature_set
@@ -32,35 +31,6 @@ def fill_nan(npy: Path) -> None:
     values[:] = np.nan
     values.flush()
 
-
-@contextlib.contextmanager
-def tmpfs(path: Path):
-    """A small tmpfs mounted at `path` while the block runs (remount it read-only with `read_only`)."""
-    path.mkdir(parents=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def read_only(path: Path) -> None:
-    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
-
-
-@contextlib.contextmanager
-def immutable(path: Path):
-    """`chattr +i` on `path` (even root cannot create files in it) while the block runs."""
-    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-        pytest.skip("chattr +i is not supported here")
-    try:
-        yield path
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
-
-
-# --- the local cache (trainables/features.py, data/cache.py) -----------------------------------
 
 def test_features_that_are_not_finite_are_refused_naming_the_encoder_and_images(tmp_path):
     root = write_synthetic(tmp_path / "data", images=12, seed=6)
