@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from nltk.translate.bleu_score import corpus_bleu
 
-from data.layouts import load_corpus
-from data.text import tokenize
-from search.bootstrap import paired_bootstrap
-from trainables.metrics import CaptionScorer
+from captune.data.layouts import load_corpus
+from captune.data.text import tokenize
+from captune.search.bootstrap import paired_bootstrap
+from captune.trainables.metrics import CaptionScorer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 
@@ -33,7 +33,7 @@ def test_captions(flickr: Path) -> tuple[str, list[list[str]]]:
             (Path(tmp) / "Flicker8k_Dataset").mkdir()
             corpus, where = load_corpus(tmp), f"Flickr8k ({flickr})"
         else:
-            from data.synth import write_synthetic
+            from captune.data.synth import write_synthetic
 
             corpus, where = load_corpus(write_synthetic(Path(tmp) / "synth", images=3000)), "the built-in dataset"
         return where, [corpus.captions[name] for name in corpus.splits["test"]]

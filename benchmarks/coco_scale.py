@@ -39,7 +39,7 @@ SMALL_SPLITS = {"train": 20_000, "val": 1_000, "test": 1_000}
 
 
 def build_coco(flickr: Path, out: Path, scenes: list[Path], splits: dict[str, int], total: int) -> Path:
-    from data.text import tokenize
+    from captune.data.text import tokenize
 
     lines = (flickr / "Flickr8k.token.txt").read_text().splitlines()
     captions = [line.split("\t", 1)[1] for line in lines if "\t" in line]
@@ -66,9 +66,9 @@ def build_coco(flickr: Path, out: Path, scenes: list[Path], splits: dict[str, in
 # --- one measurement per process ------------------------------------------------------------------
 
 def load_and_vocabulary(root: str) -> dict:
-    from data.layouts import load_corpus
-    from data.text import word_counts
-    from data.vocab import Vocabulary
+    from captune.data.layouts import load_corpus
+    from captune.data.text import word_counts
+    from captune.data.vocab import Vocabulary
 
     base = _rss_mb()
     t0 = time.perf_counter()
@@ -84,8 +84,8 @@ def load_and_vocabulary(root: str) -> dict:
 def preparation(root: str, cache: str) -> dict:
     import torch
 
-    from trainables.config import TrainConfig
-    from trainables.features import prepare_with_features
+    from captune.trainables.config import TrainConfig
+    from captune.trainables.features import prepare_with_features
 
     torch.set_num_threads(os.cpu_count())
     out = {}
@@ -103,8 +103,8 @@ def epoch(root: str, cache: str) -> dict:
     import torch
 
     torch.set_num_threads(1)  # as a sweep trial has here
-    from trainables.config import TrainConfig
-    from trainables.loop import WorkerContext, train
+    from captune.trainables.config import TrainConfig
+    from captune.trainables.loop import WorkerContext, train
 
     cfg = TrainConfig(arch="resnet-gru", encoder="resnet18", epochs=1, cache_dir=cache, **PRESET)
     metrics = train(cfg, root, WorkerContext())

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from data.batches import CaptionTable, ImageBatches
-from data.prepare import prepare_data
-from data.synth import write_synthetic
-from trainables.config import TrainConfig
-from trainables.features import encoder_features, weights_id
-from trainables.loop import TeacherForcing, WorkerContext, _train_epoch
-from trainables.models import ModelConfig, build_model
+from captune.data.batches import CaptionTable, ImageBatches
+from captune.data.prepare import prepare_data
+from captune.data.synth import write_synthetic
+from captune.trainables.config import TrainConfig
+from captune.trainables.features import encoder_features, weights_id
+from captune.trainables.loop import TeacherForcing, WorkerContext, _train_epoch
+from captune.trainables.models import ModelConfig, build_model
 
 
 def timed_epoch(model, inputs, encode: bool, data, vocab, cfg: TrainConfig) -> float:

@@ -38,7 +38,7 @@ ENCODER = {"cnn-lstm": "vgg-small", "resnet-gru": "resnet18"}
 def build_dataset(flickr: Path, out: Path) -> Path:
     """The original layout: real text files, 300 distinct generated scenes linked round-robin
     under the 8,091 real image names."""
-    from data.synth import write_synthetic
+    from captune.data.synth import write_synthetic
 
     (out / "Flickr8k_text").mkdir(parents=True)
     for name in TEXT_FILES:
@@ -57,10 +57,10 @@ def one_trial(arch: str, root: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from trainables.checkpoint import load_checkpoint
-    from trainables.config import TrainConfig
-    from trainables.evaluation import evaluate_split
-    from trainables.loop import WorkerContext, train
+    from captune.trainables.checkpoint import load_checkpoint
+    from captune.trainables.config import TrainConfig
+    from captune.trainables.evaluation import evaluate_split
+    from captune.trainables.loop import WorkerContext, train
 
     cfg = TrainConfig(arch=arch, encoder=ENCODER[arch], epochs=1, **PRESET)
     with tempfile.TemporaryDirectory() as folder:
@@ -90,14 +90,14 @@ def validation_pass(loaded, root: str, repeats: int = 5) -> dict:
     import numpy as np
     import torch
 
-    from data.cache import default_cache_dir
-    from data.prepare import prepare_data
-    from trainables.evaluation import caption_split
-    from trainables.features import encoder_features, weights_id
-    from trainables.inference import generate_captions, max_len_of
-    from data.text import tokenize
-    from trainables.coco_scores import CiderD, RougeL
-    from trainables.metrics import CaptionScorer, bleu
+    from captune.data.cache import default_cache_dir
+    from captune.data.prepare import prepare_data
+    from captune.trainables.evaluation import caption_split
+    from captune.trainables.features import encoder_features, weights_id
+    from captune.trainables.inference import generate_captions, max_len_of
+    from captune.data.text import tokenize
+    from captune.trainables.coco_scores import CiderD, RougeL
+    from captune.trainables.metrics import CaptionScorer, bleu
 
     captions, refs = caption_split(loaded, root, "val", (1,), skip_bad=True)  # (and the cached features, warm)
     cfg, cache = loaded.payload["train_config"], default_cache_dir()
@@ -136,8 +136,8 @@ def warm_caches(root: Path) -> None:
     do in a full run: the sweeps' peaks are then their trials', not the driver's one-off cache build."""
     import torch
 
-    from trainables.config import TrainConfig
-    from trainables.features import prepare_with_features
+    from captune.trainables.config import TrainConfig
+    from captune.trainables.features import prepare_with_features
 
     cfg = TrainConfig(arch="resnet-gru", encoder="resnet18", **PRESET)
     prepare_with_features(root, cfg, cfg.cache_path(), torch.device("cpu"), progress=False)
@@ -176,7 +176,7 @@ def _sweep_processes(driver: int, started: float) -> set[psutil.Process]:
     (it leaves the driver's process tree when that worker ends) and the workers forked from it."""
     roots = [psutil.Process(driver)]
     for p in psutil.process_iter(["cmdline", "create_time"]):
-        if "infra.forkserver" in (p.info["cmdline"] or []) and (p.info["create_time"] or 0) >= started - 1:
+        if "captune.infra.forkserver" in (p.info["cmdline"] or []) and (p.info["create_time"] or 0) >= started - 1:
             roots.append(p)
     found = set()
     for root in roots:

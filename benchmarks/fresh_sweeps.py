@@ -29,7 +29,7 @@ def main() -> int:
     args = parser.parse_args()
     from mlflow import MlflowClient
 
-    from data.synth import write_synthetic
+    from captune.data.synth import write_synthetic
 
     with tempfile.TemporaryDirectory(prefix="captune-fresh-") as tmp:
         data = write_synthetic(Path(tmp) / "synth", images=args.images, seed=0)

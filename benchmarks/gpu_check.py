@@ -12,7 +12,7 @@ The real caption and split files, with generated JPEGs at Flickr8k's size (500x3
    (`decode_jpeg` on the GPU, resize, ResNet-50, features to host).
 2. Training: epochs of each architecture at its default size (vgg16 / resnet50 features, embed
    256, hidden 512, the real vocabulary) on the 30,000 training captions, 255 captions a step,
-   through `trainables.loop.train`, against a plain loop with the same model and all data already
+   through `captune.trainables.loop.train`, against a plain loop with the same model and all data already
    on the GPU.
 3. Where a training step's time goes: one 255-caption step of each architecture timed alone (the
    packed path `train` takes, and the padded path of the plain loop, each with and without bf16
@@ -36,16 +36,16 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from data.batches import CaptionTable, ImageBatches
-from data.layouts import SPLIT_FILES, load_corpus
-from data.prepare import prepare_data
-from data.synth import draw, random_scene
-from trainables.config import TrainConfig
-from trainables.encoders import IMAGENET_MEAN, IMAGENET_STD
-from trainables.features import frozen_features, prepare_with_features
-from trainables.loop import WorkerContext, train
-from trainables.loss import linear_cross_entropy
-from trainables.models import ModelConfig, build_model, packed
+from captune.data.batches import CaptionTable, ImageBatches
+from captune.data.layouts import SPLIT_FILES, load_corpus
+from captune.data.prepare import prepare_data
+from captune.data.synth import draw, random_scene
+from captune.trainables.config import TrainConfig
+from captune.trainables.encoders import IMAGENET_MEAN, IMAGENET_STD
+from captune.trainables.features import frozen_features, prepare_with_features
+from captune.trainables.loop import WorkerContext, train
+from captune.trainables.loss import linear_cross_entropy
+from captune.trainables.models import ModelConfig, build_model, packed
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = "Flickr8k.token.txt"
@@ -126,7 +126,7 @@ def our_features(root: Path, cache: Path, device: torch.device) -> float:
 
 
 def our_training(cfg: TrainConfig, root: Path, device: torch.device) -> list[dict]:
-    """Every epoch's metrics from the training core itself (trainables.loop.train)."""
+    """Every epoch's metrics from the training core itself (captune.trainables.loop.train)."""
     history: list[dict] = []
     train(cfg, root, WorkerContext(device=device, report=lambda metrics, ckpt: history.append(metrics)))
     return history

@@ -35,7 +35,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="captune-bench-"))
     os.environ["CAPTUNE_CACHE_DIR"] = str(tmp / "cache")  # nothing cached from earlier runs
     from captune.cli import main as captune
-    from data.synth import write_synthetic
+    from captune.data.synth import write_synthetic
 
     data = args.data or str(write_synthetic(tmp / "synth"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -58,7 +58,7 @@ def report(uri: str, name: str, wall: float) -> None:
     for run in runs:
         if run.data.tags.get("captune.kind") == "search":  # the searches run side by side
             slots += int(run.data.tags["captune.concurrent_trials"])  # a fixed number each
-            shared = int(run.data.tags.get("captune.sweep_slots", 0))  # or a pool of them (search.slots)
+            shared = int(run.data.tags.get("captune.sweep_slots", 0))  # or a pool of them (captune.search.slots)
         if run.data.tags.get("captune.kind") not in ("trial", "control"):
             continue
         history = {k: {m.step: m for m in client.get_metric_history(run.info.run_id, k)}

@@ -76,8 +76,8 @@ def train(arch: str, args) -> Path:
 
 def register(arch: str, checkpoint: Path, uri: str) -> None:
     import mlflow
-    from infra.mlflow_store import get_or_create_experiment
-    from trainables.logged_model import log_captioner
+    from captune.infra.mlflow_store import get_or_create_experiment
+    from captune.trainables.logged_model import log_captioner
 
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(experiment_id=get_or_create_experiment("serve-benchmark", uri)):
@@ -177,7 +177,7 @@ def caption_rate(checkpoint: Path, folder: Path, work: Path) -> dict:
     assert out.read_text().count("\n") == 1001, "one row per image and the header"
     # the steady rate: in this process, the model loaded, over the same folder
     from captune.caption_files import CaptionFile, caption_files, find_images
-    from trainables.checkpoint import load_checkpoint
+    from captune.trainables.checkpoint import load_checkpoint
 
     loaded, again = load_checkpoint(checkpoint), work / "again.csv"
     images = find_images([folder])

@@ -40,9 +40,9 @@ def main() -> int:
               "chromium-headless-shell)")
         return 0
 
-    from infra.mlflow_store import default_tracking_uri
+    from captune.infra.mlflow_store import default_tracking_uri
     from mlflow import MlflowClient
-    from search.mlflow_view import leaderboard_url, run_path
+    from captune.search.mlflow_view import leaderboard_url, run_path
 
     uri = args.tracking_uri or default_tracking_uri()
     client = MlflowClient(uri)

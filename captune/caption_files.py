@@ -23,14 +23,14 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from data.images import ImageError, read_image_bytes
-from infra.errors import UserError
-from infra.mlflow_store import writable_folder
+from captune.data.images import ImageError, read_image_bytes
+from captune.infra.errors import UserError
+from captune.infra.mlflow_store import writable_folder
 
 if TYPE_CHECKING:
     import torch
 
-    from trainables.checkpoint import Loaded
+    from captune.trainables.checkpoint import Loaded
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 FORMATS = (".csv", ".jsonl")
@@ -271,7 +271,7 @@ def caption_files(loaded: Loaded, images: list[str], out: CaptionFile, beam: int
     """Caption `images` not already in `out`, `batch_size` at a time, reading the next batch
     while the model captions this one. Unreadable images are reported and skipped."""
     # torch loads here, not with this module: the CLI checks the paths and --out first, in a second
-    from trainables.inference import caption_pixels, image_size_of
+    from captune.trainables.inference import caption_pixels, image_size_of
 
     todo = [image for image in images if real(image) not in out.done]
     summary = Summary(already=len(images) - len(todo))

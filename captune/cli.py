@@ -9,9 +9,9 @@ from pathlib import Path
 
 from captune.commands import (cmd_caption, cmd_check, cmd_compare, cmd_evaluate, cmd_features, cmd_leaderboard,
                               cmd_record, cmd_sweep, cmd_synth, cmd_train)
-from infra.errors import UserError
-from infra.raycluster import signal_name, stop_on_signals
-from trainables.catalog import ARCHS, CAPTION_BEAM, MAX_BEAM, OBJECTIVES, RESNET_ENCODERS, VGG_ENCODERS
+from captune.infra.errors import UserError
+from captune.infra.raycluster import signal_name, stop_on_signals
+from captune.trainables.catalog import ARCHS, CAPTION_BEAM, MAX_BEAM, OBJECTIVES, RESNET_ENCODERS, VGG_ENCODERS
 
 
 def entry() -> None:
@@ -63,7 +63,7 @@ def _non_negative(text: str) -> int:
     return value
 
 
-# search.bootstrap.min_resamples() for its 95 % interval, here as a number: the parser answers before
+# captune.search.bootstrap.min_resamples() for its 95 % interval, here as a number: the parser answers before
 # numpy loads (tests/test_refusals.py checks the two agree)
 MIN_RESAMPLES = 200
 

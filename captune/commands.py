@@ -7,11 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from trainables.catalog import HEADLINE, SCORE_LABELS, SCORES
+from captune.trainables.catalog import HEADLINE, SCORE_LABELS, SCORES
 
 
 def cmd_synth(args) -> int:
-    from data.synth import write_synthetic
+    from captune.data.synth import write_synthetic
 
     t0 = time.perf_counter()
     out = write_synthetic(args.out, images=args.images, seed=args.seed)
@@ -21,7 +21,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from data.check import check_dataset, format_report
+    from captune.data.check import check_dataset, format_report
 
     report = check_dataset(args.dir, seed=args.seed, decode_images=not args.no_decode, progress=not args.json)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -29,8 +29,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_features(args) -> int:
-    from trainables.catalog import VGG_ENCODERS
-    from trainables.config import ConfigError, compose, parse_overrides, preset_layers
+    from captune.trainables.catalog import VGG_ENCODERS
+    from captune.trainables.config import ConfigError, compose, parse_overrides, preset_layers
 
     arch = "cnn-lstm" if args.encoder in VGG_ENCODERS else "resnet-gru"  # the family the encoder serves
     overrides = parse_overrides(args.set)
@@ -41,8 +41,8 @@ def cmd_features(args) -> int:
     flags = {"encoder": args.encoder, "fine_tune": False,
              **({"image_size": args.image_size} if args.image_size else {})}
     cfg = compose(arch, preset_layers(args.data, arch) + [("command line", flags), ("--set", overrides)])
-    from infra.raycluster import init_ray
-    from trainables.feature_job import build_features, feature_folder
+    from captune.infra.raycluster import init_ray
+    from captune.trainables.feature_job import build_features, feature_folder
 
     folder = feature_folder(args.storage)
     # Ray starts only if something is to be built: features already there are read from a
@@ -60,7 +60,7 @@ def cmd_features(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from trainables.config import ConfigError, compose, parse_overrides, preset_layers, read_config_file
+    from captune.trainables.config import ConfigError, compose, parse_overrides, preset_layers, read_config_file
 
     if args.resume:  # the settings are the folder's; --epochs may add epochs
         from captune.train_record import resume_settings
@@ -124,10 +124,10 @@ def cmd_record(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from trainables.model_source import load_captioner
+    from captune.trainables.model_source import load_captioner
 
     loaded = load_captioner(args.model, args.tracking_uri)  # a wrong path fails before torch loads
-    from trainables.evaluation import evaluate_split
+    from captune.trainables.evaluation import evaluate_split
 
     scores = evaluate_split(loaded, args.data, split=args.split, beam=args.beam, skip_bad=args.skip_bad)
     if args.json:
@@ -144,7 +144,7 @@ def _scores_text(scores: dict) -> str:
 
 def cmd_caption(args) -> int:
     from captune.caption_files import CaptionFile, find_images
-    from trainables.model_source import load_captioner
+    from captune.trainables.model_source import load_captioner
 
     images = find_images(args.paths)  # a wrong path fails before the model or torch loads
     if not images:
@@ -174,10 +174,10 @@ def cmd_caption(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from search.compare import compare, format_comparison
-    from search.leaderboard import format_leaderboard, leaderboard
-    from search.request import SweepRequest, optuna_url, plan, storage_root
-    from trainables.config import parse_overrides
+    from captune.search.compare import compare, format_comparison
+    from captune.search.leaderboard import format_leaderboard, leaderboard
+    from captune.search.request import SweepRequest, optuna_url, plan, storage_root
+    from captune.trainables.config import parse_overrides
 
     req = SweepRequest(name=args.name, data_root=args.data, archs=[a.strip() for a in args.arch.split(",") if a.strip()],
                        trials=args.trials, epochs=args.epochs, metric=args.metric, config_file=args.config,
@@ -187,7 +187,7 @@ def cmd_sweep(args) -> int:
                        address=args.address, verbose=args.verbose)
     t0 = time.perf_counter()
     planned = plan(req)  # settings and spaces refused in a second, before Ray, MLflow and torch load
-    from search.sweep import run_sweep
+    from captune.search.sweep import run_sweep
 
     outcomes = run_sweep(req, planned)
     print(f"\nsweep {args.name} done in {time.perf_counter() - t0:.0f}s")
@@ -215,7 +215,7 @@ def cmd_sweep(args) -> int:
                 print(format_comparison(compare(args.name, args.data, args.tracking_uri, seeds=req.seeds,
                                                 address=args.address)))
             except KeyboardInterrupt:  # the searches are done: the resume goes straight to the comparison
-                from search.request import resume_command
+                from captune.search.request import resume_command
 
                 print(f"captune: the searches are done; to finish the comparison (replicates trained are kept, "
                       f"a stopped one goes on from its last epoch): {resume_command(req)}", file=sys.stderr)
@@ -223,8 +223,8 @@ def cmd_sweep(args) -> int:
         else:  # (the sweep did finish: nothing was registered to compare)
             print("no comparison: no search registered a model (each one's reason is above)")
     except Exception as e:
-        from infra.mlflow_logging import unavailable
-        from infra.mlflow_store import TrackingUnavailable
+        from captune.infra.mlflow_logging import unavailable
+        from captune.infra.mlflow_store import TrackingUnavailable
 
         if not unavailable(e):
             raise
@@ -240,7 +240,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from search.leaderboard import format_leaderboard, leaderboard
+    from captune.search.leaderboard import format_leaderboard, leaderboard
 
     board = leaderboard(args.name, args.tracking_uri)
     print(json.dumps(board, indent=2) if args.json else format_leaderboard(board, top=args.top))
@@ -248,7 +248,7 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from search.compare import compare, format_comparison
+    from captune.search.compare import compare, format_comparison
 
     try:
         results = compare(args.name, args.data, args.tracking_uri, skip_bad=args.skip_bad, seeds=args.seeds,
@@ -263,7 +263,7 @@ def cmd_compare(args) -> int:
 
 
 def _ui_command(tracking_uri: str | None) -> str:
-    from infra.mlflow_store import default_tracking_uri
+    from captune.infra.mlflow_store import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith("http"):
@@ -274,11 +274,11 @@ def _ui_command(tracking_uri: str | None) -> str:
 
 
 def _leaderboard_url(sweep: str, tracking_uri: str | None) -> str:
-    """The address of the sweep's saved leaderboard view in the MLflow UI (search.mlflow_view)."""
+    """The address of the sweep's saved leaderboard view in the MLflow UI (captune.search.mlflow_view)."""
     from mlflow import MlflowClient
 
-    from infra.mlflow_store import default_tracking_uri
-    from search.mlflow_view import leaderboard_url
+    from captune.infra.mlflow_store import default_tracking_uri
+    from captune.search.mlflow_view import leaderboard_url
 
     uri = tracking_uri or default_tracking_uri()
     experiment = MlflowClient(uri).get_experiment_by_name(sweep)
@@ -288,7 +288,7 @@ def _leaderboard_url(sweep: str, tracking_uri: str | None) -> str:
 def _require_gpu() -> None:
     import torch
 
-    from trainables.config import ConfigError
+    from captune.trainables.config import ConfigError
 
     if not torch.cuda.is_available():
         raise ConfigError("--gpu: no CUDA GPU is visible on this machine (train on CPU without --gpu)")

@@ -13,13 +13,13 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from infra.mlflow_logging import metric_entities, param_entities, unavailable
-from infra.mlflow_names import ARCH_TAG, EPOCHS_TAG, ERROR_TAG, KIND_TAG, MODEL_EPOCH_TAG, STOP_TAG
-from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
+from captune.infra.mlflow_logging import metric_entities, param_entities, unavailable
+from captune.infra.mlflow_names import ARCH_TAG, EPOCHS_TAG, ERROR_TAG, KIND_TAG, MODEL_EPOCH_TAG, STOP_TAG
+from captune.infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
                                 require_not_deleted)
-from trainables.checkpoint import FILENAME
-from trainables.config import ConfigError, TrainConfig, replace
-from trainables.logged_model import log_captioner
+from captune.trainables.checkpoint import FILENAME
+from captune.trainables.config import ConfigError, TrainConfig, replace
+from captune.trainables.logged_model import log_captioner
 
 EXPERIMENT = "captune-train"
 RUN_FILE = "run.json"  # in --out: the job's settings, its MLflow run, how it ended

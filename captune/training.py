@@ -19,18 +19,18 @@ import ray
 
 from captune.train_record import (EXPERIMENT, job_state, open_run, record_run, record_within, replace_file,
                                   require_live_record, save_state)
-from data.cache import DiskFullError
-from data.prepare import prepare_data
-from infra.errors import UserError
-from infra.mlflow_relay import start_relay
-from infra.mlflow_store import require_answering_store, require_free_space, require_writable_store, writable_folder
-from infra.raycluster import Interrupted, init_ray, require_resources, root_cause, signal_name
-from infra.sizing import cpus_per_worker_alone
-from trainables.catalog import SCORES
-from trainables.checkpoint import FILENAME, CheckpointError, read_payload
-from trainables.config import TrainConfig
-from trainables.loop import best_so_far, checkpoint_size
-from trainables.ray_train import StopSignal, make_trainer
+from captune.data.cache import DiskFullError
+from captune.data.prepare import prepare_data
+from captune.infra.errors import UserError
+from captune.infra.mlflow_relay import start_relay
+from captune.infra.mlflow_store import require_answering_store, require_free_space, require_writable_store, writable_folder
+from captune.infra.raycluster import Interrupted, init_ray, require_resources, root_cause, signal_name
+from captune.infra.sizing import cpus_per_worker_alone
+from captune.trainables.catalog import SCORES
+from captune.trainables.checkpoint import FILENAME, CheckpointError, read_payload
+from captune.trainables.config import TrainConfig
+from captune.trainables.loop import best_so_far, checkpoint_size
+from captune.trainables.ray_train import StopSignal, make_trainer
 
 
 class TrainFailed(UserError, RuntimeError):
@@ -108,7 +108,7 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
 
 
 STOP_GRACE_S = 2.0
-KEPT_CHECKPOINTS = 3  # the two best by the validation metric and the latest (trainables.ray_train.make_trainer)
+KEPT_CHECKPOINTS = 3  # the two best by the validation metric and the latest (captune.trainables.ray_train.make_trainer)
 
 
 def _require_space(out: Path, cfg: TrainConfig, vocab_size: int) -> None:

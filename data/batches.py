@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from data.text import tokenize
-from data.vocab import Vocabulary
+from captune.data.text import tokenize
+from captune.data.vocab import Vocabulary
 
 
 @dataclass

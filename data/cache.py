@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from infra.errors import UserError
+from captune.infra.errors import UserError
 
 
 class DiskFullError(UserError, OSError):

@@ -5,11 +5,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.corpus import SPLITS, Problem
-from data.images import read_images
-from data.layouts import load_corpus
-from data.text import word_counts
-from data.vocab import Vocabulary
+from captune.data.corpus import SPLITS, Problem
+from captune.data.images import read_images
+from captune.data.layouts import load_corpus
+from captune.data.text import word_counts
+from captune.data.vocab import Vocabulary
 
 THRESHOLDS = (1, 3, 5, 10)
 CHECK_SIZE = 32  # decode size for the integrity check: every byte is read, little is resized

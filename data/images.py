@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from infra.errors import UserError
+from captune.infra.errors import UserError
 
 # torch and torchvision are imported inside the functions that decode on the GPU (nvjpeg): reading
 # images on CPUs, as `captune data check` and the caches do, never loads them.

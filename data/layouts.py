@@ -16,9 +16,9 @@ import os
 import re
 from pathlib import Path
 
-from data.corpus import SPLITS, Corpus, Problem, seeded_split
-from data.text import has_words, tokenize
-from infra.errors import UserError
+from captune.data.corpus import SPLITS, Corpus, Problem, seeded_split
+from captune.data.text import has_words, tokenize
+from captune.infra.errors import UserError
 
 IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images", "Images")
 KARPATHY_FILES = ("dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json")

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.cache import cached_array
-from data.corpus import SPLITS, Corpus, Problem
-from data.images import DECODING, OnBatch, default_decoder, read_images
-from data.layouts import load_corpus
-from data.text import word_counts
-from data.vocab import Vocabulary
-from infra.errors import UserError
-from infra.fingerprint import files_fingerprint
+from captune.data.cache import cached_array
+from captune.data.corpus import SPLITS, Corpus, Problem
+from captune.data.images import DECODING, OnBatch, default_decoder, read_images
+from captune.data.layouts import load_corpus
+from captune.data.text import word_counts
+from captune.data.vocab import Vocabulary
+from captune.infra.errors import UserError
+from captune.infra.fingerprint import files_fingerprint
 
 
 class DataProblems(UserError, ValueError):
@@ -44,7 +44,7 @@ class PreparedData:
     def manifest(self) -> dict:
         """What a trial needs besides features, as JSON: the checked captions and splits, the row
         of each image and the key its features are cached under. With it, a node that holds no
-        image trains on features built elsewhere (trainables.feature_job)."""
+        image trains on features built elsewhere (captune.trainables.feature_job)."""
         c = self.corpus
         return {"root": str(c.root), "layout": c.layout, "caption_file": str(c.caption_file),
                 "image_dir": str(c.image_dir), "captions": c.captions, "splits": c.splits,
@@ -81,7 +81,7 @@ def prepare_data(root: str | Path, image_size: int, cache_dir: Path, *, skip_bad
 
     Any problem stops here with the full report, unless `skip_bad`: then the bad images are left
     out of every split and returned as `skipped` for the caller to count and print.
-    `on_batch` (see data.images.read_images) sees the images as they are decoded, with their rows
+    `on_batch` (see captune.data.images.read_images) sees the images as they are decoded, with their rows
     in `pixels`; it is not called when the pixel cache was already there.
     """
     root = Path(root)

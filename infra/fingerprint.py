@@ -1,5 +1,5 @@
 """A fingerprint of a list of files, from their names, sizes and modification times (no reading).
-Kept apart from data.cache, which imports NumPy: the fork server's stand-in uses it too."""
+Kept apart from captune.data.cache, which imports NumPy: the fork server's stand-in uses it too."""
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,5 @@
 """The stand-in Ray execs for each worker of a sweep's job (its `py_executable`): it has the node's
-fork server (`infra.forkserver`) fork the worker, or starts the server first, and then behaves as
+fork server (`captune.infra.forkserver`) fork the worker, or starts the server first, and then behaves as
 that worker to Ray: it passes on the signals Ray sends and exits with the worker's status.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 from filelock import FileLock
 
-from infra.forkserver import MESSAGE_BYTES, ROOT, alive, socket_path
+from captune.infra.forkserver import MESSAGE_BYTES, ROOT, alive, socket_path
 
 RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 START_TIMEOUT_S = 180.0
@@ -23,7 +23,7 @@ START_TIMEOUT_S = 180.0
 
 def worker_command() -> str:
     """The `py_executable` that makes a Ray job's workers forks of the node's fork server."""
-    return f"{shlex.quote(sys.executable)} -m infra.fork_stand_in"  # Ray runs it through bash
+    return f"{shlex.quote(sys.executable)} -m captune.infra.fork_stand_in"  # Ray runs it through bash
 
 
 def stand_in(worker_argv: list[str]) -> None:
@@ -43,7 +43,7 @@ def stand_in(worker_argv: list[str]) -> None:
         if not reply:
             raise RuntimeError("the fork server did not fork this worker (see its log)")
     except (OSError, RuntimeError) as e:
-        print(f"infra.fork_stand_in: no fork server ({e}); starting this worker without it", file=sys.stderr,
+        print(f"captune.infra.fork_stand_in: no fork server ({e}); starting this worker without it", file=sys.stderr,
               flush=True)
         os.execv(sys.executable, [sys.executable, *worker_argv])
     child = json.loads(reply)["pid"]
@@ -92,7 +92,7 @@ def _start_server(path: str, raylet: int) -> socket.socket:
     _remove_stale(os.path.dirname(path))
     log = path[:-len(".sock")] + ".log"
     with open(log, "ab") as out:
-        server = subprocess.Popen([sys.executable, "-m", "infra.forkserver", path, str(raylet)],
+        server = subprocess.Popen([sys.executable, "-m", "captune.infra.forkserver", path, str(raylet)],
                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                   process_group=0, cwd=ROOT)
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -5,7 +5,7 @@ Ray starts every worker as a new Python process (raylet, then `setup_worker.py`,
 `<py_executable> default_worker.py ...`). Importing what a trial needs (torch, torchvision, Ray
 Tune, nltk, the training code) costs each of those processes about 520 MB of private memory here,
 before any training: more than a small trial's whole working set. All of it but Ray can be shared. With
-`runtime_env={"py_executable": worker_command()}`, Ray execs `infra.fork_stand_in` instead, a small
+`runtime_env={"py_executable": worker_command()}`, Ray execs `captune.infra.fork_stand_in` instead, a small
 stand-in for the worker. It asks the node's fork server for a child, a fork of a process that has
 already imported all of that, and hands it the worker's arguments, environment, working folder
 and standard streams. The child then runs `default_worker.py` as the worker would have; its
@@ -37,7 +37,7 @@ import threading
 import traceback
 from pathlib import Path
 
-from infra.fingerprint import files_fingerprint
+from captune.infra.fingerprint import files_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("captune", "data", "infra", "search", "trainables")  # the project's code, whose changes restart the server
@@ -46,7 +46,7 @@ PACKAGES = ("captune", "data", "infra", "search", "trainables")  # the project's
 # searches' trials given one placement group). Each worker loads Ray itself (about 94 MB of private
 # memory); the libraries Ray needs are preloaded.
 PRELOAD = ("torch", "torchvision", "nltk", "pandas", "pyarrow", "requests", "pydantic", "google.protobuf",
-           "jsonschema", "fsspec", "click", "msgpack", "mlflow", "trainables.loop")
+           "jsonschema", "fsspec", "click", "msgpack", "mlflow", "captune.trainables.loop")
 MESSAGE_BYTES = 1 << 20
 
 

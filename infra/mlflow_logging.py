@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from infra.mlflow_names import tags_filter
+from captune.infra.mlflow_names import tags_filter
 
 # mlflow (and requests) are imported inside the functions: infra is imported by every layer, and
 # most importers never talk to MLflow.
@@ -69,7 +69,7 @@ def optional_step(what: str, client, run_id: str, note_tag: str) -> Iterator[Non
 class EpochLogger:
     """Logs each epoch's numeric metrics to an existing run (rank 0 of a training job, a rerun),
     from a thread of its own: a tracking store that is slow, locked or down never holds training
-    up or ends it. `client`: an MlflowClient, or a worker's infra.mlflow_relay.RelayClient. Epochs
+    up or ends it. `client`: an MlflowClient, or a worker's captune.infra.mlflow_relay.RelayClient. Epochs
     up to `logged` are in the run already (a resumed run) and not logged again. What it could not
     write by `close` is written by the driver from the checkpoint's history
     (captune.train_record.record_run), so the record is complete either way."""
@@ -127,7 +127,7 @@ def system_metrics(client, experiment_id: str, run_tags: dict[str, str], node_id
     one) are logged as `system/*` metrics (`system/<node_id>/*` when given), every `every_s`
     seconds, to the run of `experiment_id` that carries `run_tags` (the sweep driver creates it as
     the trial starts, so it is looked up until found). `client`: an MlflowClient, or a worker's
-    infra.mlflow_relay.RelayClient. The samples are MLflow's own (its metric monitors, the names
+    captune.infra.mlflow_relay.RelayClient. The samples are MLflow's own (its metric monitors, the names
     MLflow's monitor logs); MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides `every_s`.
     Auxiliary: a store that refuses is named once and sampling stops; during an outage samples
     are dropped and sampling goes on; training goes on either way."""

@@ -7,7 +7,7 @@ SWEEP_TAG = "captune.sweep"  # the sweep's name, on every run of it
 KIND_TAG = "captune.kind"  # search (an architecture's parent run), trial, control, replicate, compare
 TRIAL_TAG = "captune.trial_id"  # a trial run's Tune trial id
 OPTUNA_TRIAL_TAG = "captune.optuna_trial"  # a trial run's Optuna trial number (in its search's study)
-STATE_TAG = "captune.end_state"  # how a trial ended (search.objective)
+STATE_TAG = "captune.end_state"  # how a trial ended (captune.search.objective)
 NODE_TAG = "captune.node_id"  # the Ray node that ran the trial (its last epoch, after a restart)
 SEED_TAG = "captune.seed"  # a rerun's training seed
 RERUN_KEY_TAG = "captune.rerun_key"  # a rerun's identity (kind, configuration, data): found again by it
@@ -31,7 +31,7 @@ IMPORTANCE_BASIS_TAG = "captune.importance_basis"  # on a search's parent: what 
 IMPORTANCE_PREFIX = "importance_"  # a search parent's metric per searched parameter
 FIGURES_NOTE_TAG = "captune.figures_note"  # on a champion trial's run: why its figures were not made
 CHART_NOTE_PREFIX = "captune.chart_note."  # + a chart's file name: why that chart was not made
-CONTROLLED = ("bleu4", "cider")  # the scores a search parent's control metrics are kept in (search.control)
+CONTROLLED = ("bleu4", "cider")  # the scores a search parent's control metrics are kept in (captune.search.control)
 CONTROL_FIELDS = ("control", "control_test", "test", "gap", "gap_low", "gap_high")
 CHAMPION_TAG = "captune.champion"  # on a search's parent: its registered best trial, models:/<name>/<version>
 CHAMPION_PROMOTED_TAG = "captune.champion_promoted"  # "true": it took the champion alias; "false": it did not
@@ -64,7 +64,7 @@ def trial_run_name(arch: str, config: dict, rank: int | None = None, state: str 
 
 
 def champion_tags(record: dict) -> dict[str, str]:
-    """A search parent's tags for its registered best trial (search.registry.claim_alias's record), each short
+    """A search parent's tags for its registered best trial (captune.search.registry.claim_alias's record), each short
     enough to read whole in the MLflow UI."""
     tags = {CHAMPION_TAG: f"models:/{record['name']}/{record['version']}",
             CHAMPION_PROMOTED_TAG: str(record["promoted"]).lower()}

@@ -7,7 +7,7 @@ nodes, and exposes nothing). So no code on a worker opens the tracking URI itsel
 starts a relay, an actor pinned to its own node that holds an MlflowClient of its store, and hands
 its handle to the work; a worker's RelayClient asks it over Ray, which every node already
 reaches. An outage or a refusal of the store comes back as the MlflowClient's own exception, so
-infra.mlflow_logging.unavailable tells them apart as it does locally.
+captune.infra.mlflow_logging.unavailable tells them apart as it does locally.
 """
 from __future__ import annotations
 

@@ -8,10 +8,10 @@ import os
 import shutil
 from pathlib import Path
 
-from infra.errors import UserError
-from infra.fingerprint import files_fingerprint
-from infra.mlflow_logging import unavailable
-from infra.sqlite_store import ready_sqlite_store
+from captune.infra.errors import UserError
+from captune.infra.fingerprint import files_fingerprint
+from captune.infra.mlflow_logging import unavailable
+from captune.infra.sqlite_store import ready_sqlite_store
 
 # mlflow is imported inside the functions: infra is imported by every layer (the CLI among them,
 # which answers `--help` and refuses bad options before MLflow loads).

@@ -8,8 +8,8 @@ import threading
 import uuid
 from pathlib import Path
 
-from infra.errors import UserError
-from infra.fork_stand_in import worker_command
+from captune.infra.errors import UserError
+from captune.infra.fork_stand_in import worker_command
 
 # ray is imported inside the functions: infra is imported by every layer (the CLI among them, which
 # answers `--help` and refuses bad options before Ray loads).
@@ -86,8 +86,8 @@ def wait_one(refs: list, between=None):
 
 
 def fork_workers(remote: bool) -> bool:
-    """Whether this job's Ray workers are forks of a preloaded server (infra.forkserver, through
-    infra.fork_stand_in): on for a local cluster; on a running cluster only with
+    """Whether this job's Ray workers are forks of a preloaded server (captune.infra.forkserver, through
+    captune.infra.fork_stand_in): on for a local cluster; on a running cluster only with
     CAPTUNE_FORK_WORKERS=1, as its nodes must have this project installed at this Python's path."""
     value = os.environ.get("CAPTUNE_FORK_WORKERS", "0" if remote else "1")
     if value not in ("0", "1"):

@@ -38,7 +38,7 @@ def cpus_per_worker(address: str | None, gpus_per_worker: float) -> int:
 def concurrent_trials(address: str | None, workers: int, gpus_per_worker: float, cpus: int) -> int:
     """As many trials as the cluster holds at once: by GPUs for GPU trials (fractions pack
     several on one GPU), else by CPUs: the real cores of this machine for a local cluster, whose
-    logical CPU count is padded (see infra.raycluster)."""
+    logical CPU count is padded (see captune.infra.raycluster)."""
     import ray
 
     resources = ray.cluster_resources()

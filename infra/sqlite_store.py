@@ -21,8 +21,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from infra.errors import UserError
-from infra.mlflow_logging import unavailable
+from captune.infra.errors import UserError
+from captune.infra.mlflow_logging import unavailable
 
 # mlflow and filelock are imported inside the functions: infra is imported by every layer.
 
@@ -63,7 +63,7 @@ def _complete_schema(uri: str, db: Path, wait_s: float) -> None:
             client.search_registered_models(max_results=1)
         except Exception as e:
             if unavailable(e) and "database is locked" in str(e):
-                raise  # a writer holds the store: the caller says so (infra.mlflow_store)
+                raise  # a writer holds the store: the caller says so (captune.infra.mlflow_store)
             error = e
         revision = schema_revision(db)
         if revision == head and error is None:

@@ -19,10 +19,10 @@ import matplotlib
 import optuna
 from optuna.trial import TrialState
 
-from infra.mlflow_logging import metric_entities, optional_step
-from infra.mlflow_names import CHART_NOTE_PREFIX, IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX
-from search.objective import DEFAULT_METRIC
-from trainables.catalog import SCORE_LABELS
+from captune.infra.mlflow_logging import metric_entities, optional_step
+from captune.infra.mlflow_names import CHART_NOTE_PREFIX, IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX
+from captune.search.objective import DEFAULT_METRIC
+from captune.trainables.catalog import SCORE_LABELS
 
 # matplotlib is imported where a figure is drawn, after its Agg backend is chosen.
 

@@ -4,7 +4,7 @@ than another's?
 Both systems caption the same images. Each resample draws the images with replacement (seeded),
 and both corpus scores are recomputed on that same draw; the spread of their difference over the
 resamples gives a 95 % interval (percentiles), and the share of draws each one wins. Scores come
-from per-image statistics (trainables.metrics.CaptionScorer.statistics) summed over the drawn
+from per-image statistics (captune.trainables.metrics.CaptionScorer.statistics) summed over the drawn
 images: for BLEU nltk's n-gram counts, exactly corpus BLEU on that draw; for CIDEr-D the images'
 scores, whose mean is the corpus score (its document frequencies stay those of the whole test
 set: a draw holds the same images, some twice). Several runs of one system (seed replicates)
@@ -18,9 +18,9 @@ import math
 
 import numpy as np
 
-from infra.errors import UserError
-from trainables.catalog import SCORE_LABELS
-from trainables.metrics import scores_from_statistics
+from captune.infra.errors import UserError
+from captune.trainables.catalog import SCORE_LABELS
+from captune.trainables.metrics import scores_from_statistics
 
 RESAMPLES, LEVEL = 1000, 0.95
 BEYOND_EACH_END = 5  # resamples that must fall outside each end of the interval for it to mean anything
@@ -52,7 +52,7 @@ class PairedBootstrap:
     images: int
     resamples: int
     seed: int
-    metric: str  # a trainables.metrics score: "bleu4", "cider"
+    metric: str  # a captune.trainables.metrics score: "bleu4", "cider"
     score_a: float
     score_b: float
     difference: float  # score_a - score_b on all the images

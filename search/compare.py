@@ -17,24 +17,24 @@ import numpy as np
 import ray
 from mlflow import MlflowClient
 
-from infra import sizing
-from infra.mlflow_logging import metric_entities, optional_step, param_entities
-from infra.mlflow_names import (ARCH_TAG, CHART_NOTE_PREFIX, COMPARE_KEY_TAG, CONTROLLED, KIND_TAG, NOTE_TAG,
+from captune.infra import sizing
+from captune.infra.mlflow_logging import metric_entities, optional_step, param_entities
+from captune.infra.mlflow_names import (ARCH_TAG, CHART_NOTE_PREFIX, COMPARE_KEY_TAG, CONTROLLED, KIND_TAG, NOTE_TAG,
                                 SWEEP_TAG, champion_record, control_record)
-from infra.mlflow_relay import start_relay
-from infra.mlflow_store import configure
-from infra.raycluster import init_ray
-from search.bootstrap import RESAMPLES, paired_bootstrap, require_resamples
-from search.leaderboard import find_sweep
-from search.mlflow_trials import find_or_create_run
-from search.objective import DEFAULT_METRIC, metric_of, objective
-from search.request import storage_root
-from search.reruns import RerunJob, run_reruns
-from trainables.catalog import SCORE_LABELS, SCORES
-from trainables.config import ConfigError, split_seed_of
-from trainables.evaluation import caption_split
-from trainables.metrics import CaptionScorer, corpus_scores
-from trainables.model_source import load_captioner
+from captune.infra.mlflow_relay import start_relay
+from captune.infra.mlflow_store import configure
+from captune.infra.raycluster import init_ray
+from captune.search.bootstrap import RESAMPLES, paired_bootstrap, require_resamples
+from captune.search.leaderboard import find_sweep
+from captune.search.mlflow_trials import find_or_create_run
+from captune.search.objective import DEFAULT_METRIC, metric_of, objective
+from captune.search.request import storage_root
+from captune.search.reruns import RerunJob, run_reruns
+from captune.trainables.catalog import SCORE_LABELS, SCORES
+from captune.trainables.config import ConfigError, split_seed_of
+from captune.trainables.evaluation import caption_split
+from captune.trainables.metrics import CaptionScorer, corpus_scores
+from captune.trainables.model_source import load_captioner
 
 # matplotlib is imported where a figure is drawn, after its Agg backend is chosen.
 

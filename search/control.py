@@ -4,7 +4,7 @@ a model scores without reading the image; a champion is worth its margin over it
 
 Runs in the architecture's search task, once the search has ended, on one of the sweep's trial
 slots. Recorded as a run tagged `captune.kind=control` under the search's parent run, which gets,
-in BLEU-4 and in CIDEr-D (infra.mlflow_names.control_metrics): the control's best validation score
+in BLEU-4 and in CIDEr-D (captune.infra.mlflow_names.control_metrics): the control's best validation score
 (`control_bleu4`), its test score (`control_test_bleu4`), the champion's (`test_bleu4`, greedy, on
 the same test images) and the paired bootstrap of the champion's test score minus the control's
 (`control_gap`, `control_gap_low`, `control_gap_high`; `control_cider_gap`, ...). The control
@@ -13,15 +13,15 @@ in that metric does not lie above 0 does not clearly beat its control.
 """
 from __future__ import annotations
 
-from infra.mlflow_logging import metric_entities
-from infra.mlflow_names import (CONTROL_ERROR_TAG, CONTROL_FIELDS, CONTROL_VERDICT_TAG, CONTROLLED, control_metrics,
+from captune.infra.mlflow_logging import metric_entities
+from captune.infra.mlflow_names import (CONTROL_ERROR_TAG, CONTROL_FIELDS, CONTROL_VERDICT_TAG, CONTROLLED, control_metrics,
                                 control_record)
-from infra.raycluster import root_cause
-from search.bootstrap import paired_bootstrap
-from search.progress import note
-from search.reruns import RerunJob, run_reruns
-from search.slots import held_slot
-from trainables.catalog import SCORE_LABELS
+from captune.infra.raycluster import root_cause
+from captune.search.bootstrap import paired_bootstrap
+from captune.search.progress import note
+from captune.search.reruns import RerunJob, run_reruns
+from captune.search.slots import held_slot
+from captune.trainables.catalog import SCORE_LABELS
 
 
 def run_control(client, job, outcome) -> dict | None:

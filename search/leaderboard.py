@@ -1,19 +1,19 @@
 """The leaderboard of a sweep, read back from MLflow: per architecture, its trials by their
 objective (the best validation score in the sweep's metric, ties broken as for the champion:
-search.objective.trial_order) with their best epoch's BLEU-4, CIDEr-D and ROUGE-L, the floor its
+captune.search.objective.trial_order) with their best epoch's BLEU-4, CIDEr-D and ROUGE-L, the floor its
 image-blind control sets, and which hyperparameters mattered."""
 from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, EPOCHS_RUN_TAG, ERROR_TAG,
+from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, EPOCHS_RUN_TAG, ERROR_TAG,
                                 IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG, STATE_TAG,
                                 SWEEP_TAG, TRIAL_TAG, control_record)
-from infra.mlflow_store import configure, require_not_deleted
-from search.objective import DEFAULT_METRIC, metric_of, objective, trial_order
-from search.request import name_fault
-from trainables.catalog import HEADLINE, SCORE_LABELS
-from trainables.config import ConfigError
+from captune.infra.mlflow_store import configure, require_not_deleted
+from captune.search.objective import DEFAULT_METRIC, metric_of, objective, trial_order
+from captune.search.request import name_fault
+from captune.trainables.catalog import HEADLINE, SCORE_LABELS
+from captune.trainables.config import ConfigError
 
 PARAM_COLUMNS = ("lr", "hidden_size", "vocab_threshold", "embed_size", "dropout", "batch_size")
 

@@ -4,7 +4,7 @@ child run per trial, found again by tag after a resume so that no trial is recor
 Every record goes through an outbox: when the tracking server cannot be reached, the records wait
 (in order, and in Tune's experiment snapshot, so a `--resume` still has them) while training goes
 on, and are written once the server answers again. A record the store refuses (anything but an
-outage, as infra.mlflow_logging.unavailable tells them apart) fails the search at once.
+outage, as captune.infra.mlflow_logging.unavailable tells them apart) fails the search at once.
 """
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ from mlflow.entities import Metric, Param, RunTag
 from optuna.trial import TrialState
 from ray.tune import Callback
 
-from infra.mlflow_logging import unavailable
-from infra.mlflow_names import (ARCH_TAG, CHAMPION_TRIAL_TAG, EPOCHS_RUN_TAG, ERROR_TAG, KIND_TAG, LAST_RESTART_TAG,
+from captune.infra.mlflow_logging import unavailable
+from captune.infra.mlflow_names import (ARCH_TAG, CHAMPION_TRIAL_TAG, EPOCHS_RUN_TAG, ERROR_TAG, KIND_TAG, LAST_RESTART_TAG,
                                 NODE_TAG, NOTE_TAG, OPTUNA_TRIAL_TAG, RESTARTS_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG,
                                 TRIAL_TAG, tags_filter, trial_run_name)
-from infra.mlflow_store import record_dataset
-from infra.raycluster import root_cause
-from search.objective import DIVERGED, FAILED, end_state, objective, trial_order
-from search.searcher import TRIAL_ATTR
-from trainables.catalog import SCORE_LABELS, SCORES
+from captune.infra.mlflow_store import record_dataset
+from captune.infra.raycluster import root_cause
+from captune.search.objective import DIVERGED, FAILED, end_state, objective, trial_order
+from captune.search.searcher import TRIAL_ATTR
+from captune.trainables.catalog import SCORE_LABELS, SCORES
 
 LOGGED = ("loss", *SCORES, *(f"best_{k}" for k in SCORES), "best_epoch", "epoch_seconds", "val_seconds")
 ONCE = ("setup_seconds", "vocab_size")  # a trial's constants: logged with its first epoch only
@@ -255,7 +255,7 @@ def _error_text(trial) -> str:
 
 
 def ranked_trial_runs(client: MlflowClient, experiment_id: str, sweep: str, arch: str, metric: str) -> list:
-    """A search's trial runs in the sweep's one order (search.objective.trial_order), best first."""
+    """A search's trial runs in the sweep's one order (captune.search.objective.trial_order), best first."""
     runs = client.search_runs([experiment_id], max_results=10000,
                               filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ARCH_TAG}` = '{arch}' and "
                                             f"tags.`{KIND_TAG}` = 'trial'")

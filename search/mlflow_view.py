@@ -13,9 +13,9 @@ import json
 import time
 import uuid
 
-from infra.mlflow_names import KIND_TAG, STATE_TAG
-from search.objective import DEFAULT_METRIC, objective
-from trainables.catalog import HEADLINE, SCORE_LABELS
+from captune.infra.mlflow_names import KIND_TAG, STATE_TAG
+from captune.search.objective import DEFAULT_METRIC, objective
+from captune.trainables.catalog import HEADLINE, SCORE_LABELS
 
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 VIEW_NAME = "captune leaderboard"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 
-from infra.mlflow_names import OPTUNA_TRIAL_TAG, STATE_TAG
+from captune.infra.mlflow_names import OPTUNA_TRIAL_TAG, STATE_TAG
 
 DEFAULT_METRIC, MODE = "bleu4", "max"
 

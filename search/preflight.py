@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from data.prepare import PreparedData, prepare_data
-from search.request import ArchSearch
-from trainables.config import ConfigError, TrainConfig
-from trainables.feature_job import FeatureSet, build_features
-from trainables.features import prepare_with_features
-from trainables.loop import checkpoint_size
+from captune.data.prepare import PreparedData, prepare_data
+from captune.search.request import ArchSearch
+from captune.trainables.config import ConfigError, TrainConfig
+from captune.trainables.feature_job import FeatureSet, build_features
+from captune.trainables.features import prepare_with_features
+from captune.trainables.loop import checkpoint_size
 
 FEATURE_KEYS = {"image_size", "encoder", "pretrained", "fine_tune", "seed"}  # what a feature cache depends on
 

@@ -25,8 +25,8 @@ import ray
 from ray.tune import Callback
 from tqdm import tqdm
 
-from search.objective import DEFAULT_METRIC, end_state, objective
-from trainables.catalog import SCORE_LABELS
+from captune.search.objective import DEFAULT_METRIC, end_state, objective
+from captune.trainables.catalog import SCORE_LABELS
 
 
 @ray.remote(num_cpus=0)

@@ -18,16 +18,16 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from PIL import Image, ImageOps
 
-from data.layouts import load_corpus
-from infra.mlflow_logging import optional_step
-from infra.mlflow_names import FIGURES_NOTE_TAG
-from trainables.catalog import SCORE_LABELS, SCORES
-from trainables.checkpoint import load_checkpoint, read_payload
-from trainables.config import split_seed_of
-from trainables.evaluation import evaluate_split
-from trainables.inference import caption_images
-from trainables.logged_model import log_captioner
-from trainables.model_source import load_captioner
+from captune.data.layouts import load_corpus
+from captune.infra.mlflow_logging import optional_step
+from captune.infra.mlflow_names import FIGURES_NOTE_TAG
+from captune.trainables.catalog import SCORE_LABELS, SCORES
+from captune.trainables.checkpoint import load_checkpoint, read_payload
+from captune.trainables.config import split_seed_of
+from captune.trainables.evaluation import evaluate_split
+from captune.trainables.inference import caption_images
+from captune.trainables.logged_model import log_captioner
+from captune.trainables.model_source import load_captioner
 
 # matplotlib is imported where a figure is drawn, after its Agg backend is chosen.
 
@@ -52,7 +52,7 @@ def validation_key(data_root: str | Path, train_config: dict) -> str:
 
 def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
     """Log the best trial's model in its run, register it, and move the champion alias if it wins.
-    `best`: search.request.ArchOutcome.best, with the "checkpoint" of its best epoch."""
+    `best`: captune.search.request.ArchOutcome.best, with the "checkpoint" of its best epoch."""
     name, checkpoint = model_name(arch), Path(best["checkpoint"])
     payload = read_payload(checkpoint)
     if payload["model_config"]["arch"] != arch:  # never register one architecture under the other's name

@@ -9,12 +9,12 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.cache import default_cache_dir
-from infra.mlflow_names import SEEDS_TAG
-from infra.storage import is_uri
-from search.space import SearchSpace, SweepSettings, load_spaces
-from trainables.catalog import ARCHS, OBJECTIVES
-from trainables.config import ConfigError, TrainConfig, compose, preset_layers, replace
+from captune.data.cache import default_cache_dir
+from captune.infra.mlflow_names import SEEDS_TAG
+from captune.infra.storage import is_uri
+from captune.search.space import SearchSpace, SweepSettings, load_spaces
+from captune.trainables.catalog import ARCHS, OBJECTIVES
+from captune.trainables.config import ConfigError, TrainConfig, compose, preset_layers, replace
 
 
 class SweepExists(ConfigError):
@@ -47,7 +47,7 @@ class SweepRequest:
     data_root: str
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
     trials: int | None = None  # None: the config file's
-    metric: str | None = None  # the objective, bleu4 or cider; None: the config file's (search.objective)
+    metric: str | None = None  # the objective, bleu4 or cider; None: the config file's (captune.search.objective)
     epochs: int | None = None
     config_file: str | None = None
     overrides: dict = field(default_factory=dict)  # --set, applied to every trial
@@ -78,9 +78,9 @@ class ArchOutcome:
     #                     "scores" (that epoch's, every score), "config"}
     trials: int
     errors: int
-    champion: dict | None = None  # from search.registry.promote
-    control: dict | None = None  # from search.control.run_control
-    states: dict = field(default_factory=dict)  # {end state: trials} (search.objective)
+    champion: dict | None = None  # from captune.search.registry.promote
+    control: dict | None = None  # from captune.search.control.run_control
+    states: dict = field(default_factory=dict)  # {end state: trials} (captune.search.objective)
     first_error: str | None = None  # why the first trial that failed or diverged did
 
     def no_model_text(self) -> str:
@@ -108,10 +108,10 @@ class SearchJob:
     root: str
     cpus: int
     concurrent: int  # this search's share of the slots (all of them, when it runs alone)
-    slots: int  # trial slots shared by the sweep's searches (search.slots); 0: `concurrent` is fixed
+    slots: int  # trial slots shared by the sweep's searches (captune.search.slots); 0: `concurrent` is fixed
     restore: bool  # Tune's experiment state exists: resume it
-    feature_set: str | None = None  # the manifest of shared features the trials read (trainables.feature_job)
-    relay: object = None  # the driver's MLflow relay (infra.mlflow_relay), for what runs on any node
+    feature_set: str | None = None  # the manifest of shared features the trials read (captune.trainables.feature_job)
+    relay: object = None  # the driver's MLflow relay (captune.infra.mlflow_relay), for what runs on any node
 
     @property
     def experiment(self) -> str:

@@ -1,13 +1,13 @@
 """One rerun, in a Ray worker on any node: a fixed configuration trained again outside the search
 (the image-blind control of a champion, or one seed replicate of it), its best epoch scored on the
-test split, all recorded in the MLflow run the driver opened for it (search.reruns), through the
-driver's relay (infra.mlflow_relay): the store is the driver's, not this node's.
+test split, all recorded in the MLflow run the driver opened for it (captune.search.reruns), through the
+driver's relay (captune.infra.mlflow_relay): the store is the driver's, not this node's.
 
 The run keeps the best validation epoch (by its configuration's metric), as a trial and `captune
 train` do, and scores that epoch on the test split with greedy search. Its latest and best
 checkpoints stay in the sweep's storage while it trains, so a rerun stopped part-way goes on from
 its last epoch, in the same run. It returns the test captions' per-image statistics
-(trainables.metrics), for the paired bootstrap, and logs the captions (`test_captions.json`) so
+(captune.trainables.metrics), for the paired bootstrap, and logs the captions (`test_captions.json`) so
 that a resumed sweep or compare reuses a finished rerun instead of training it again.
 """
 from __future__ import annotations
@@ -20,21 +20,21 @@ from pathlib import Path
 
 import torch
 
-from data.prepare import PreparedData, prepare_data
-from infra import storage
-from infra.mlflow_logging import EpochLogger, last_logged_epoch, metric_entities
-from infra.mlflow_names import ERROR_TAG, RESUMED_TAG
-from infra.mlflow_relay import RelayClient
-from infra.storage import put_file
-from search.reruns import RerunJob
-from trainables.catalog import SCORES
-from trainables.checkpoint import FILENAME, load_checkpoint, read_payload
-from trainables.config import TrainConfig, split_seed_of
-from trainables.evaluation import caption_split
-from trainables.feature_job import load_feature_set
-from trainables.loop import WorkerContext, train
-from trainables.metrics import CaptionScorer, corpus_scores
-from trainables.model_source import local_checkpoint
+from captune.data.prepare import PreparedData, prepare_data
+from captune.infra import storage
+from captune.infra.mlflow_logging import EpochLogger, last_logged_epoch, metric_entities
+from captune.infra.mlflow_names import ERROR_TAG, RESUMED_TAG
+from captune.infra.mlflow_relay import RelayClient
+from captune.infra.storage import put_file
+from captune.search.reruns import RerunJob
+from captune.trainables.catalog import SCORES
+from captune.trainables.checkpoint import FILENAME, load_checkpoint, read_payload
+from captune.trainables.config import TrainConfig, split_seed_of
+from captune.trainables.evaluation import caption_split
+from captune.trainables.feature_job import load_feature_set
+from captune.trainables.loop import WorkerContext, train
+from captune.trainables.metrics import CaptionScorer, corpus_scores
+from captune.trainables.model_source import local_checkpoint
 
 CAPTIONS_ARTIFACT = "test_captions.json"
 
@@ -167,7 +167,7 @@ def saved_result(client, run_id: str, job: RerunJob) -> dict:
 
 
 class LocalFiles:
-    """`fetch_file` for the driver's own MlflowClient (infra.mlflow_relay.RelayClient has it for workers)."""
+    """`fetch_file` for the driver's own MlflowClient (captune.infra.mlflow_relay.RelayClient has it for workers)."""
 
     def __init__(self, client):
         self.client = client

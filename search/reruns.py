@@ -7,7 +7,7 @@ resumed sweep, a repeated compare) is read back from MLflow, not trained again; 
 stopped (Ctrl-C, SIGTERM, a killed driver) or failed goes on from its last finished epoch, in its
 own run. The runs are opened and closed here, on the driver's node; the training task, which may
 run on any node, writes its epochs and results through the driver's MLflow relay
-(infra.mlflow_relay).
+(captune.infra.mlflow_relay).
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import ray
 
-from infra import storage
-from infra.mlflow_logging import param_entities
-from infra.mlflow_names import (ARCH_TAG, ERROR_TAG, KIND_TAG, RERUN_KEY_TAG, SEED_TAG, STOP_TAG, SWEEP_TAG,
+from captune.infra import storage
+from captune.infra.mlflow_logging import param_entities
+from captune.infra.mlflow_names import (ARCH_TAG, ERROR_TAG, KIND_TAG, RERUN_KEY_TAG, SEED_TAG, STOP_TAG, SWEEP_TAG,
                                 tags_filter)
-from infra.raycluster import signal_name, wait_one
-from trainables.config import TrainConfig
+from captune.infra.raycluster import signal_name, wait_one
+from captune.trainables.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,12 @@ class RerunJob:
     sweep: str
     run_name: str
     storage: str  # the sweep's storage (a folder every node sees, or s3://...): the rerun's checkpoints
-    relay: object = None  # the driver's MLflow relay (infra.mlflow_relay): how the task records
+    relay: object = None  # the driver's MLflow relay (captune.infra.mlflow_relay): how the task records
     also_score: str | None = None  # a model URI scored on the same test images (the champion)
     use_gpu: bool = False
     threads: int = 1
     echo_epochs: bool = True  # a line per epoch (a sweep's controls keep quiet unless --verbose)
-    feature_set: str | None = None  # a manifest of shared features (trainables.feature_job): no image read
+    feature_set: str | None = None  # a manifest of shared features (captune.trainables.feature_job): no image read
     run_id: str | None = None  # its MLflow run, opened by run_reruns
 
     @property
@@ -61,7 +61,7 @@ class RerunJob:
 
 
 def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: float = 0.0) -> list[dict]:
-    """Each job's result (search.rerun.rerun), at most `concurrent` training at once; finished
+    """Each job's result (captune.search.rerun.rerun), at most `concurrent` training at once; finished
     ones are reused, stopped ones go on. A failed rerun fails the call, after the others have
     ended."""
     jobs, results = list(jobs), [None] * len(jobs)
@@ -71,7 +71,7 @@ def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: f
         for i, job in enumerate(jobs):
             done = _runs(client, job, "attributes.status = 'FINISHED'")
             if done:
-                from search.rerun import saved_result  # torch: only when there is one to read back
+                from captune.search.rerun import saved_result  # torch: only when there is one to read back
 
                 results[i] = saved_result(client, done[0].info.run_id, job)
             else:
@@ -103,7 +103,7 @@ def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: f
 
 def _rerun(job: RerunJob) -> dict:
     # In the Ray worker: torch and the training code load there, not in the process that submits.
-    from search.rerun import rerun
+    from captune.search.rerun import rerun
 
     return rerun(job)
 

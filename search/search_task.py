@@ -14,23 +14,23 @@ from ray import tune
 from ray.tune import Checkpoint
 from ray.tune.schedulers import ASHAScheduler
 
-from infra.mlflow_logging import metric_entities, unavailable
-from infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CONCURRENT_TAG,
+from captune.infra.mlflow_logging import metric_entities, unavailable
+from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CONCURRENT_TAG,
                                 FAILED_TRIALS_TAG, NOTE_TAG, SLOTS_TAG, SWEEP_TAG, TRIAL_TAG, TRIALS_TAG,
                                 champion_record, champion_tags)
-from infra.mlflow_store import TrackingUnavailable, configure
-from infra.raycluster import root_cause
-from search.analysis import log_search_analysis
-from search.mlflow_trials import MlflowTrials, rank_trial_runs, ranked_trial_runs
-from search.mlflow_view import run_path
-from search.objective import MODE, end_state, objective, sampler_seed
-from search.progress import ProgressEvents, held_back, quiet_libraries
-from search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command
-from search.searcher import ResumableOptunaSearch
-from search.slots import SharedSlots, pool_name
-from search.space import SweepSettings
-from search.trial import TrialSetup, trial_trainable
-from trainables.catalog import SCORE_LABELS, SCORES
+from captune.infra.mlflow_store import TrackingUnavailable, configure
+from captune.infra.raycluster import root_cause
+from captune.search.analysis import log_search_analysis
+from captune.search.mlflow_trials import MlflowTrials, rank_trial_runs, ranked_trial_runs
+from captune.search.mlflow_view import run_path
+from captune.search.objective import MODE, end_state, objective, sampler_seed
+from captune.search.progress import ProgressEvents, held_back, quiet_libraries
+from captune.search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command
+from captune.search.searcher import ResumableOptunaSearch
+from captune.search.slots import SharedSlots, pool_name
+from captune.search.space import SweepSettings
+from captune.search.trial import TrialSetup, trial_trainable
+from captune.trainables.catalog import SCORE_LABELS, SCORES
 
 
 def run_search(job: SearchJob) -> ArchOutcome:
@@ -99,7 +99,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
                 callbacks=[MlflowTrials(job.tracking_uri, job.experiment_id, job.parent_run_id, req.name, arch,
                                         setup.base, settings.max_epochs, setup.data_root,
                                         optuna_study=(optuna_url(job.root, req.name), job.experiment)), progress],
-                verbose=None if req.verbose else 0,  # the driver shows progress (search.progress)
+                verbose=None if req.verbose else 0,  # the driver shows progress (captune.search.progress)
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures, fail_fast=False)),
         )
     try:
@@ -110,7 +110,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
         outcome = _finish(client, grid, search, job.parent_run_id, req, job.experiment, settings,
                           optuna_url(job.root, req.name))
         if req.control and outcome.champion:
-            from search.control import run_control  # (its scoring loads nltk: only when there is a champion)
+            from captune.search.control import run_control  # (its scoring loads nltk: only when there is a champion)
 
             outcome.control = run_control(client, job, outcome)
         client.set_terminated(job.parent_run_id, "FINISHED" if outcome.best else "FAILED")
@@ -127,7 +127,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
 def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest, study_name: str,
             settings: SweepSettings, study_url: str) -> ArchOutcome:
     # registration reads the checkpoint with torch: loaded here, as the search ends, not at the task's start
-    from search.registry import promote
+    from captune.search.registry import promote
 
     metric, target = settings.metric, objective(settings.metric)
     scored = {r.metrics["trial_id"]: r for r in grid
@@ -193,7 +193,7 @@ def _search_note(outcome: ArchOutcome, experiment_id: str, sweep: str) -> str:
 
 
 def _states(grid, max_epochs: int) -> dict[str, int]:
-    """How the search's trials ended: {end state: count} (search.objective)."""
+    """How the search's trials ended: {end state: count} (captune.search.objective)."""
     states: dict[str, int] = {}
     for result in grid:
         state = end_state(result.metrics, max_epochs, errored=result.error is not None)
@@ -202,7 +202,7 @@ def _states(grid, max_epochs: int) -> dict[str, int]:
 
 
 def _diverged(result) -> bool:
-    """A trial that diverged reports scores of 0 with the reason (search.trial): not a candidate."""
+    """A trial that diverged reports scores of 0 with the reason (captune.search.trial): not a candidate."""
     return bool((result.metrics or {}).get("diverged_reason"))
 
 

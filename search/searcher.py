@@ -3,7 +3,7 @@ driver was killed.
 
 Ray's OptunaSearch tells the study COMPLETE with the last result for every trial that reported a
 metric, so a trial ASHA stopped at epoch 3 reached TPE as a finished one. Here each trial is told
-its end state (search.objective): finished -> COMPLETE with its best BLEU-4; stopped by ASHA ->
+its end state (captune.search.objective): finished -> COMPLETE with its best BLEU-4; stopped by ASHA ->
 PRUNED, its value the best BLEU-4 it reached (Optuna takes the last intermediate value, and the
 intermediate value of epoch e is the best BLEU-4 up to e); diverged or failed -> FAIL.
 
@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from search.objective import DIVERGED, EARLY_STOPPED, FAILED, FINISHED, end_state, objective
+from captune.search.objective import DIVERGED, EARLY_STOPPED, FAILED, FINISHED, end_state, objective
 
 OPTUNA_STATE = {FINISHED: TrialState.COMPLETE, EARLY_STOPPED: TrialState.PRUNED, DIVERGED: TrialState.FAIL,
                 FAILED: TrialState.FAIL}

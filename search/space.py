@@ -9,8 +9,8 @@ from typing import Any
 
 from ray import tune
 
-from trainables.catalog import ARCHS, OBJECTIVES
-from trainables.config import KEYS, ConfigError, TrainConfig, read_yaml_mapping
+from captune.trainables.catalog import ARCHS, OBJECTIVES
+from captune.trainables.config import KEYS, ConfigError, TrainConfig, read_yaml_mapping
 
 DEFAULT_FILE = Path(__file__).with_name("spaces.yaml")
 KINDS = ("loguniform", "uniform", "int", "choice")
@@ -25,7 +25,7 @@ class SweepSettings:
     seed: int = 0
     max_concurrent: int = 0  # 0: as many trials as the cluster's CPUs (or GPUs) hold
     max_failures: int = 2  # restarts of a trial whose process died, from its last checkpoint
-    metric: str = "bleu4"  # the validation score the search optimises (search.objective): bleu4 or cider
+    metric: str = "bleu4"  # the validation score the search optimises (captune.search.objective): bleu4 or cider
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """`captune sweep`, the driver: the sweep checked and its data prepared here, then one Ray task
-per architecture (search.search_task) run side by side on this node, their progress shown, and a
+per architecture (captune.search.search_task) run side by side on this node, their progress shown, and a
 stop (Ctrl-C, SIGTERM) recorded so that `--resume` goes on."""
 from __future__ import annotations
 
@@ -15,31 +15,31 @@ from ray import tune
 from ray.autoscaler.sdk import request_resources
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from infra import sizing
-from infra.errors import UserError
-from infra.mlflow_logging import param_entities, unavailable
-from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
-from infra.mlflow_relay import start_relay
-from infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
+from captune.infra import sizing
+from captune.infra.errors import UserError
+from captune.infra.mlflow_logging import param_entities, unavailable
+from captune.infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
+from captune.infra.mlflow_relay import start_relay
+from captune.infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
                                 record_dataset, require_answering_store, require_free_space, require_not_deleted,
                                 require_writable_store, writable_folder)
-from infra.raycluster import init_ray, require_seen_by_every_node, root_cause, signal_name, wait_one
-from search.mlflow_trials import find_or_create_run
-from search.mlflow_view import save_leaderboard_view
-from search.objective import metric_of, objective, sampler_seed
-from search.preflight import FEATURE_KEYS, check_vocabulary, checkpoints_size, prepare
-from search.progress import EventQueue, SweepView, queue_name, quiet_libraries
-from search.request import (ArchOutcome, ArchSearch, SearchJob, SweepExists, SweepRequest, optuna_url, plan,
+from captune.infra.raycluster import init_ray, require_seen_by_every_node, root_cause, signal_name, wait_one
+from captune.search.mlflow_trials import find_or_create_run
+from captune.search.mlflow_view import save_leaderboard_view
+from captune.search.objective import metric_of, objective, sampler_seed
+from captune.search.preflight import FEATURE_KEYS, check_vocabulary, checkpoints_size, prepare
+from captune.search.progress import EventQueue, SweepView, queue_name, quiet_libraries
+from captune.search.request import (ArchOutcome, ArchSearch, SearchJob, SweepExists, SweepRequest, optuna_url, plan,
                             resume_command, storage_root, sweep_seeds)
-from search.search_task import run_search
-from search.slots import create_pool
-from search.space import SweepSettings
-from trainables.config import ConfigError
-from trainables.feature_job import shared_feature_folder
+from captune.search.search_task import run_search
+from captune.search.slots import create_pool
+from captune.search.space import SweepSettings
+from captune.trainables.config import ConfigError
+from captune.trainables.feature_job import shared_feature_folder
 
 
 def run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]] | None = None) -> list[ArchOutcome]:
-    """The sweep `req` asks for; `planned`: search.request.plan(req), when already made."""
+    """The sweep `req` asks for; `planned`: captune.search.request.plan(req), when already made."""
     try:
         return _run_sweep(req, planned or plan(req))
     except Exception as e:
@@ -97,7 +97,7 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
         require_seen_by_every_node(folders)
     experiment_id, parents = open_sweep_records(req, settings, searches, root)
     # Trials, controls and replicates run on any node; MLflow is this node's (a loopback server, a
-    # SQLite file): what they record goes through this relay (infra.mlflow_relay).
+    # SQLite file): what they record goes through this relay (captune.infra.mlflow_relay).
     relay = start_relay(uri)
     jobs = []
     for search in searches:

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 import ray
 from ray import tune
 
-from infra.mlflow_logging import system_metrics
-from infra.mlflow_relay import RelayClient
-from infra.mlflow_names import TRIAL_TAG
-from trainables.catalog import SCORES
-from trainables.config import TrainConfig
+from captune.infra.mlflow_logging import system_metrics
+from captune.infra.mlflow_relay import RelayClient
+from captune.infra.mlflow_names import TRIAL_TAG
+from captune.trainables.catalog import SCORES
+from captune.trainables.config import TrainConfig
 
 if TYPE_CHECKING:
-    from data.prepare import PreparedData
+    from captune.data.prepare import PreparedData
 
 # torch, torchvision, nltk and the training code are imported where trials run (see _Entry), not
 # on import: the search task that builds the trainable from this module neither waits for them nor
@@ -43,13 +43,13 @@ class TrialSetup:
     gpus_per_worker: float = 1.0
     cpus_per_worker: int = 1
     echo_epochs: bool = False  # a line per epoch from each trial (`sweep --verbose`); else the driver's view
-    relay: object = None  # the driver's MLflow relay (infra.mlflow_relay): each trial adds its
+    relay: object = None  # the driver's MLflow relay (captune.infra.mlflow_relay): each trial adds its
     experiment_id: str | None = None  # machine's system metrics to its run (found by these tags)
     run_tags: tuple[tuple[str, str], ...] = ()
     feature_set: str | None = None  # a manifest of shared features: trials then read no image
 
     def system_metrics(self) -> dict | None:
-        """infra.mlflow_logging.system_metrics's arguments for this trial's run, if runs are recorded."""
+        """captune.infra.mlflow_logging.system_metrics's arguments for this trial's run, if runs are recorded."""
         if self.relay is None:
             return None
         tags = {**dict(self.run_tags), TRIAL_TAG: tune.get_context().get_trial_id()}
@@ -80,8 +80,8 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
 def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
     import torch
 
-    from trainables.loop import Diverged, WorkerContext
-    from trainables.ray_train import train_resuming
+    from captune.trainables.loop import Diverged, WorkerContext
+    from captune.trainables.ray_train import train_resuming
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per saved checkpoint
     torch.set_num_threads(setup.cpus_per_worker)  # one thread per reserved core: trials share a node
@@ -116,14 +116,14 @@ def _system_metrics(spec: dict | None):
 def _prepared(root: str, image_size: int, cache_dir: Path, skip_bad: bool, split_seed: int) -> PreparedData:
     """The checked dataset and its memory-mapped pixel cache, read once per reused trial actor
     (the sweep driver has already built the cache and stopped on any problem)."""
-    from data.prepare import prepare_data
+    from captune.data.prepare import prepare_data
 
     return prepare_data(root, image_size, cache_dir, skip_bad=skip_bad, seed=split_seed, progress=False)
 
 
 @functools.lru_cache(maxsize=2)
 def _from_feature_set(manifest: str, cache_dir: Path) -> PreparedData:
-    from trainables.feature_job import load_feature_set
+    from captune.trainables.feature_job import load_feature_set
 
     return load_feature_set(manifest, cache_dir)
 
@@ -132,7 +132,7 @@ def _train_ddp(cfg: TrainConfig, setup: TrialSetup) -> None:
     # The Train run is named after the trial, so a restarted trial finds its own checkpoints.
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainables.ray_train import make_trainer
+    from captune.trainables.ray_train import make_trainer
 
     trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(cfg, setup.data_root, workers=setup.workers, use_gpu=setup.use_gpu,
@@ -158,8 +158,8 @@ class _Entry:
 
 def _entry() -> _Entry:
     if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
-        import trainables.loop  # noqa: F401
-        import trainables.ray_train  # noqa: F401
+        import captune.trainables.loop  # noqa: F401
+        import captune.trainables.ray_train  # noqa: F401
     return _Entry()
 
 

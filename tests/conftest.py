@@ -28,7 +28,7 @@ def tiny_overrides(arch: str, **more) -> dict:
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
-    from data.synth import write_synthetic
+    from captune.data.synth import write_synthetic
 
     return write_synthetic(tmp_path_factory.mktemp("synth"), images=60, seed=1)
 
@@ -44,7 +44,7 @@ def cache_dir(tmp_path_factory) -> Path:
 def ray_cluster():
     import ray
 
-    from infra.raycluster import init_ray
+    from captune.infra.raycluster import init_ray
 
     # As the CLI starts it: more logical CPUs than this 2-core machine has (or Train workers wait
     # for a CPU forever) and the dashboard, whose State API frees a stopped trial's placement group.

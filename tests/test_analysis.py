@@ -7,8 +7,8 @@ import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
+from captune.search.analysis import MIN_TRIALS, at_epoch_study, log_search_analysis
 from mlflow import MlflowClient
-from search.analysis import MIN_TRIALS, at_epoch_study, log_search_analysis
 
 SPACE = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "hidden_size": IntDistribution(32, 512)}
 

@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from search.bootstrap import paired_bootstrap
-from trainables.metrics import CaptionScorer, bleu, caption_scores
+from captune.search.bootstrap import paired_bootstrap
+from captune.trainables.metrics import CaptionScorer, bleu, caption_scores
 
 WORDS = "a one two three red blue green small large circle square triangle on the left right middle".split()
 

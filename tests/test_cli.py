@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from captune.cli import main
+from captune.trainables.checkpoint import load_checkpoint, read_payload
+from captune.trainables.evaluation import evaluate_beams, evaluate_split
 from tests import datasets
 from tests.conftest import tiny_overrides
 from tests.test_images import bomb_png
-from trainables.checkpoint import load_checkpoint, read_payload
-from trainables.evaluation import evaluate_beams, evaluate_split
 
 CAPTUNE = [sys.executable, "-m", "captune.cli"]
 
@@ -195,12 +195,12 @@ def test_errors_a_user_causes_are_user_errors_and_the_cli_stays_light():
     # the CLI prints a UserError in one line, without a traceback; each of these is one
     import importlib
 
-    from infra.errors import UserError
+    from captune.infra.errors import UserError
 
-    for name in ("trainables.config.ConfigError", "data.layouts.LayoutError", "data.prepare.DataProblems",
-                 "trainables.checkpoint.CheckpointError", "data.cache.DiskFullError", "data.images.ImageError",
-                 "trainables.encoders.WeightsUnavailable", "captune.training.TrainFailed",
-                 "infra.mlflow_store.TrackingUnavailable", "captune.caption_files.OutputFileError"):
+    for name in ("captune.trainables.config.ConfigError", "captune.data.layouts.LayoutError", "captune.data.prepare.DataProblems",
+                 "captune.trainables.checkpoint.CheckpointError", "captune.data.cache.DiskFullError", "captune.data.images.ImageError",
+                 "captune.trainables.encoders.WeightsUnavailable", "captune.training.TrainFailed",
+                 "captune.infra.mlflow_store.TrackingUnavailable", "captune.caption_files.OutputFileError"):
         module, cls = name.rsplit(".", 1)
         assert issubclass(getattr(importlib.import_module(module), cls), UserError), name
     # catching them needs none of the heavy libraries

@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
+from captune.trainables.config import TrainConfig
+from captune.trainables.features import prepare_with_features
 from mlflow import MlflowClient
 from tests.test_sweep import sweep_yaml, trial_runs
-from trainables.config import TrainConfig
-from trainables.features import prepare_with_features
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

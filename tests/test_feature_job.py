@@ -1,4 +1,4 @@
-"""Features built by Ray Data (trainables.feature_job, `captune features`): equal to the local
+"""Features built by Ray Data (captune.trainables.feature_job, `captune features`): equal to the local
 one-pass path's, built once, read back by a trial through the manifest without any image, and a
 bad image reported as `data check` reports it, the good images' features kept."""
 import contextlib
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from captune.cli import main
-from data.prepare import DataProblems
-from data.synth import write_synthetic
-from trainables.config import TrainConfig, replace
-from trainables.feature_job import build_features, load_feature_set
-from trainables.features import prepare_with_features
-from trainables.loop import WorkerContext, train
+from captune.data.prepare import DataProblems
+from captune.data.synth import write_synthetic
+from captune.trainables.config import TrainConfig, replace
+from captune.trainables.feature_job import build_features, load_feature_set
+from captune.trainables.features import prepare_with_features
+from captune.trainables.loop import WorkerContext, train
 
 CFG = TrainConfig(arch="resnet-gru", encoder="resnet18", pretrained=False, image_size=32, embed_size=16,
                   hidden_size=32, batch_size=16, epochs=1, vocab_threshold=1)

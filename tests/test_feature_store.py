@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from captune.cli import main
-from data.cache import CacheNotWritable, cached_array, entry_name
-from data.prepare import PreparedData, prepare_data
-from data.synth import write_synthetic
+from captune.data.cache import CacheNotWritable, cached_array, entry_name
+from captune.data.prepare import PreparedData, prepare_data
+from captune.data.synth import write_synthetic
+from captune.trainables import feature_job
+from captune.trainables.config import TrainConfig, replace
+from captune.trainables.feature_job import build_features, load_feature_set
+from captune.trainables.features import FeatureError, encoder_features, frozen_encoder, frozen_features, weights_id
+from captune.trainables.loop import WorkerContext, train
 from tests.filesystems import immutable, read_only, tmpfs
-from trainables import feature_job
-from trainables.config import TrainConfig, replace
-from trainables.feature_job import build_features, load_feature_set
-from trainables.features import FeatureError, encoder_features, frozen_encoder, frozen_features, weights_id
-from trainables.loop import WorkerContext, train
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(arch="cnn-lstm", encoder="vgg-small", pretrained=False, image_size=32, embed_size=16,
@@ -149,7 +149,7 @@ def test_a_read_only_store_serves_prebuilt_features_to_the_command_and_to_traini
 
 def test_features_command_refuses_a_store_it_cannot_write_before_ray_starts(synth_dir, tmp_path, monkeypatch,
                                                                               capsys):
-    monkeypatch.setattr("infra.raycluster.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr("captune.infra.raycluster.init_ray", lambda *a, **k: pytest.fail("Ray started"))
     command = ["features", "--data", str(synth_dir), "--encoder", "vgg-small", "--image-size", "32", "--storage"]
     with tmpfs(tmp_path / "ro") as folder:
         read_only(folder)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.prepare import prepare_data
-from data.synth import write_synthetic
-from trainables.config import TrainConfig
-from trainables.features import (EarlyFeatures, encoder_features, frozen_encoder, frozen_features,
+from captune.data.prepare import prepare_data
+from captune.data.synth import write_synthetic
+from captune.trainables.config import TrainConfig
+from captune.trainables.features import (EarlyFeatures, encoder_features, frozen_encoder, frozen_features,
                                  prepare_with_features, weights_id)
 
 CPU = torch.device("cpu")
@@ -60,8 +60,8 @@ def test_early_rows_are_taken_as_given_and_the_rest_encoded(tmp_path):
 def test_a_failing_early_encoder_stops_no_decoding(tmp_path, monkeypatch):
     # Encoding during decoding only saves time: when it fails (say, out of GPU memory), decoding
     # goes on, so the pixel cache is not lost, and the features seen so far are kept.
-    import trainables.features as features_module
-    from data.images import read_images
+    import captune.trainables.features as features_module
+    from captune.data.images import read_images
 
     root = write_synthetic(tmp_path / "data", images=20, seed=5)
     paths = sorted((root / "Images").iterdir())

@@ -1,5 +1,5 @@
-"""The fork server that Ray's workers are forked from (infra.forkserver, through
-infra.fork_stand_in): first without Ray, this test process standing in for the raylet, then under
+"""The fork server that Ray's workers are forked from (captune.infra.forkserver, through
+captune.infra.fork_stand_in): first without Ray, this test process standing in for the raylet, then under
 the real local Ray cluster."""
 import json
 import os
@@ -12,15 +12,15 @@ import time
 import psutil
 import pytest
 
-from infra.fork_stand_in import _remove_stale
-from infra.forkserver import _private_folder, socket_path
+from captune.infra.fork_stand_in import _remove_stale
+from captune.infra.forkserver import _private_folder, socket_path
 
 WORKER = textwrap.dedent("""
     import json, os, sys, time
     print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv, "cwd": os.getcwd(),
                       "env": os.environ.get("CAPTUNE_TEST_VALUE"), "pgid": os.getpgrp(),
                       "ray_address": os.environ.get("RAY_ADDRESS"),
-                      "preloaded": "trainables.loop" in sys.modules}), flush=True)
+                      "preloaded": "captune.trainables.loop" in sys.modules}), flush=True)
     if sys.argv[1] == "sleep":
         time.sleep(300)
     sys.exit(int(sys.argv[2]))
@@ -40,7 +40,7 @@ def worker_script(tmp_path_factory):
 
 
 def stand_in(script, *args, **env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "infra.fork_stand_in", str(script), *args],
+    return subprocess.Popen([sys.executable, "-m", "captune.infra.fork_stand_in", str(script), *args],
                             stdout=subprocess.PIPE, text=True, cwd=script.parent,
                             env={**os.environ, "CAPTUNE_TEST_VALUE": "from the stand-in", **env},
                             process_group=0)  # as Ray starts a worker: in a group of its own
@@ -54,7 +54,7 @@ def test_worker_runs_as_a_fork_with_the_stand_ins_arguments_streams_and_exit_sta
     proc = stand_in(worker_script, "exit", "3", "--gcs-address=10.0.0.1:6379")
     seen = first_line(proc)
     assert proc.wait(timeout=120) == 3
-    assert seen["pid"] != proc.pid and "infra.forkserver" in psutil.Process(seen["ppid"]).cmdline()  # a fork of the server
+    assert seen["pid"] != proc.pid and "captune.infra.forkserver" in psutil.Process(seen["ppid"]).cmdline()  # a fork of the server
     assert seen["argv"] == [str(worker_script), "exit", "3", "--gcs-address=10.0.0.1:6379"]
     # the worker's own cluster, for Ray's State API when this machine runs two local clusters
     assert seen["ray_address"] == "10.0.0.1:6379"
@@ -69,7 +69,7 @@ def test_a_server_leaves_no_files_once_its_raylet_has_ended(tmp_path):
     path = os.path.join(_private_folder(), f"{raylet.pid}-testonly.sock")
     log = open(path[:-len(".sock")] + ".log", "ab")
     open(path + ".lock", "w").close()
-    server = subprocess.Popen([sys.executable, "-m", "infra.forkserver", path, str(raylet.pid)],
+    server = subprocess.Popen([sys.executable, "-m", "captune.infra.forkserver", path, str(raylet.pid)],
                               stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not os.path.exists(path):
@@ -116,7 +116,7 @@ def test_without_a_server_the_worker_starts_plainly(worker_script, tmp_path):
     (tmp_path / "nltk.py").write_text("raise ImportError('broken on purpose by the test')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "CAPTUNE_TEST_VALUE": "plain"}
     # Through a shell, so that the stand-in's parent (its "raylet") has no server yet.
-    proc = subprocess.Popen(["sh", "-c", f'{sys.executable} -m infra.fork_stand_in "$0" exit 4', str(worker_script)],
+    proc = subprocess.Popen(["sh", "-c", f'{sys.executable} -m captune.infra.fork_stand_in "$0" exit 4', str(worker_script)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     seen = first_line(proc)
     assert proc.wait(timeout=120) == 4
@@ -132,12 +132,12 @@ def test_ray_workers_are_forks_and_ending_one_leaves_the_others(ray_cluster):
         def where(self):
             import sys
 
-            return os.getpid(), os.getppid(), "trainables.loop" in sys.modules
+            return os.getpid(), os.getppid(), "captune.trainables.loop" in sys.modules
 
     a, b = Probe.remote(), Probe.remote()
     (pid_a, server_a, preloaded), (pid_b, server_b, _) = ray.get([a.where.remote(), b.where.remote()])
     assert preloaded and server_a == server_b
-    assert "infra.forkserver" in psutil.Process(server_a).cmdline()
+    assert "captune.infra.forkserver" in psutil.Process(server_a).cmdline()
     ray.kill(a)  # Ray ends the actor's process group: that must not reach the server or b
     time.sleep(2)
     assert not _running(pid_a)

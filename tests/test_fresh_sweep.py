@@ -5,8 +5,8 @@ import os
 import time
 from types import SimpleNamespace
 
+from captune.search.request import SweepRequest, plan
 from mlflow import MlflowClient
-from search.request import SweepRequest, plan
 from tests.test_sweep import sweep_yaml
 
 ROUNDS = int(os.environ.get("CAPTUNE_RACE_ROUNDS", "20"))
@@ -16,7 +16,7 @@ def _first_trial(tracking_uri: str, sweep: str, experiment_id: str, parent_id: s
                  data_root: str, start: float) -> str:
     """In a process of its own, as a search task is: its MLflow callback records its first trial
     (the trial's run, its params, the dataset as its input, its link to Optuna) at `start`."""
-    from search.mlflow_trials import MlflowTrials
+    from captune.search.mlflow_trials import MlflowTrials
 
     trials = MlflowTrials(tracking_uri, experiment_id, parent_id, sweep, arch, base, 2, data_root)
     trial = SimpleNamespace(trial_id=f"{arch}_00000", config={"lr": 0.002, "hidden_size": 32})
@@ -30,7 +30,7 @@ def _first_trial(tracking_uri: str, sweep: str, experiment_id: str, parent_id: s
 
 
 def test_two_searches_start_their_first_trials_together_on_a_new_experiment(synth_dir, tmp_path):
-    from search.sweep import open_sweep_records
+    from captune.search.sweep import open_sweep_records
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = str(sweep_yaml(tmp_path / "sweep.yaml", trials=2, epochs=2))
@@ -53,7 +53,7 @@ def test_two_searches_start_their_first_trials_together_on_a_new_experiment(synt
 def _record_dataset(tracking_uri: str, run_id: str, data_root: str, start: float) -> str:
     from mlflow import MlflowClient
 
-    from infra.mlflow_store import record_dataset
+    from captune.infra.mlflow_store import record_dataset
 
     client = MlflowClient(tracking_uri)
     client.get_run(run_id)  # (connected before the start)

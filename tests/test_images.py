@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.images import ImageError, read_image
+from captune.data.images import ImageError, read_image
 
 RAMP16 = np.array([[0, 257, 32896, 65535]] * 4, dtype=np.uint16)  # 16-bit grey: 0, 1, 128, 255 in 8 bits
 GREY8 = np.array([[0, 1, 128, 255]] * 4, dtype=np.uint8)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from captune.cli import main
+from captune.trainables.checkpoint import read_payload
 from mlflow import MlflowClient
 from tests.conftest import attached, tiny_overrides
 from tests.test_sweep import sweep_yaml
-from trainables.checkpoint import read_payload
 
 CAPTUNE = [sys.executable, "-m", "captune.cli"]
 

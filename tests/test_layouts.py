@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from data.check import check_dataset
-from data.layouts import LayoutError, load_corpus
+from captune.data.check import check_dataset
+from captune.data.layouts import LayoutError, load_corpus
 from tests import datasets
 from tests.conftest import SHARED_FLICKR
 
@@ -145,8 +145,8 @@ class TestRealFlickr8k:
 def test_links_leading_outside_the_dataset_are_refused_not_followed(tmp_path):
     import shutil
 
-    from data.check import check_dataset
-    from data.prepare import DataProblems, prepare_data
+    from captune.data.check import check_dataset
+    from captune.data.prepare import DataProblems, prepare_data
 
     caps = datasets.sample_captions(40)  # 4 validation images: 2 bad ones still leave some
     root = datasets.kaggle(tmp_path / "data", caps)

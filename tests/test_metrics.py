@@ -1,7 +1,7 @@
 import pytest
 from nltk.translate.bleu_score import corpus_bleu
 
-from trainables.metrics import bleu
+from captune.trainables.metrics import bleu
 
 
 def test_bleu_matches_nltk_on_known_inputs():
@@ -41,7 +41,7 @@ def test_statistics_sum_to_corpus_bleu():
 
     import numpy as np
 
-    from trainables.metrics import bleu_from_statistics, bleu_statistics
+    from captune.trainables.metrics import bleu_from_statistics, bleu_statistics
 
     rng = random.Random(1)
     words = "a dog cat runs red big small blue the on in".split()
@@ -65,7 +65,7 @@ def _coco_scores(hyps: list[str], refs: list[list[str]]) -> tuple[float, float, 
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    from data.text import tokenize
+    from captune.data.text import tokenize
 
     res = {i: [" ".join(tokenize(h))] for i, h in enumerate(hyps)}
     gts = {i: [" ".join(tokenize(r)) for r in rs] for i, rs in enumerate(refs)}
@@ -84,7 +84,7 @@ KNOWN_REFS = [["a dog is running on the grass", "a brown dog runs on grass", "A 
 
 
 def test_cider_and_rouge_equal_pycocoevalcap_on_known_inputs():
-    from trainables.metrics import CaptionScorer, caption_scores
+    from captune.trainables.metrics import CaptionScorer, caption_scores
 
     cider, rouge, cider_each, rouge_each = _coco_scores(KNOWN_HYPS, KNOWN_REFS)
     scores = caption_scores(KNOWN_HYPS, KNOWN_REFS)
@@ -97,11 +97,11 @@ def test_cider_and_rouge_equal_pycocoevalcap_on_known_inputs():
 
 
 def test_coco_scores_equal_pycocoevalcap():
-    """trainables.coco_scores keeps the references' side of pycocoevalcap's CIDEr-D and ROUGE-L: the
+    """captune.trainables.coco_scores keeps the references' side of pycocoevalcap's CIDEr-D and ROUGE-L: the
     same floats on a random corpus, and the kept side scores a second set of hypotheses as well."""
     import random
 
-    from trainables.metrics import CaptionScorer
+    from captune.trainables.metrics import CaptionScorer
 
     rng = random.Random(3)
     words = "a dog cat runs red big small blue the on in grass water man woman child ball".split()
@@ -117,7 +117,7 @@ def test_coco_scores_equal_pycocoevalcap():
 
 
 def test_hand_computable_scores():
-    from trainables.metrics import caption_scores
+    from captune.trainables.metrics import caption_scores
 
     same = caption_scores(["a dog runs on the grass", "two cats sleep on a red sofa"],
                           [["a dog runs on the grass"] * 2, ["two cats sleep on a red sofa"] * 2])
@@ -134,7 +134,7 @@ def test_hand_computable_scores():
 def test_statistics_resample_and_pool_like_corpora():
     import numpy as np
 
-    from trainables.metrics import CaptionScorer, caption_scores, scores_from_statistics
+    from captune.trainables.metrics import CaptionScorer, caption_scores, scores_from_statistics
 
     scorer = CaptionScorer(KNOWN_REFS)
     stats = scorer.statistics(KNOWN_HYPS)
@@ -152,7 +152,7 @@ def test_statistics_resample_and_pool_like_corpora():
 
 
 def test_caption_scores_reject_bad_inputs():
-    from trainables.metrics import caption_scores
+    from captune.trainables.metrics import caption_scores
 
     with pytest.raises(ValueError, match="2 hypotheses but 1"):
         caption_scores(["a", "b"], [["a"]])
@@ -167,7 +167,7 @@ def test_scores_on_real_flickr8k_equal_pycocoevalcap():
     shared data is present: every score equals the COCO evaluation code's."""
     from pathlib import Path
 
-    from trainables.metrics import CaptionScorer, caption_scores
+    from captune.trainables.metrics import CaptionScorer, caption_scores
 
     folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
     if not (folder / "Flickr8k.token.txt").exists():

@@ -1,8 +1,8 @@
-"""infra.mlflow_logging, without Ray: system metrics on a run found by its tags."""
+"""captune.infra.mlflow_logging, without Ray: system metrics on a run found by its tags."""
 import threading
 import time
 
-from infra.mlflow_logging import system_metrics
+from captune.infra.mlflow_logging import system_metrics
 from mlflow import MlflowClient
 
 
@@ -33,7 +33,7 @@ def test_system_metrics_reach_the_run_created_after_the_block_began(tmp_path):
 
 
 def test_contract_mlflow_metric_monitors():
-    # infra.mlflow_logging samples MLflow 3.17's own monitors (what its SystemMetricsMonitor
+    # captune.infra.mlflow_logging samples MLflow 3.17's own monitors (what its SystemMetricsMonitor
     # runs): each collects into itself, aggregates to {name: value}, and clears; the names are
     # what MLflow logs under system/.
     from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor

@@ -1,8 +1,8 @@
-"""The saved runs view that makes a sweep's experiment open as its leaderboard (search.mlflow_view)."""
+"""The saved runs view that makes a sweep's experiment open as its leaderboard (captune.search.mlflow_view)."""
 import json
 
+from captune.search.mlflow_view import VIEW_KEY, VIEW_TAG_PREFIX, leaderboard_url, save_leaderboard_view
 from mlflow import MlflowClient
-from search.mlflow_view import VIEW_KEY, VIEW_TAG_PREFIX, leaderboard_url, save_leaderboard_view
 
 
 def test_the_view_is_an_experiment_tag_in_the_ui_s_saved_view_form(tmp_path):

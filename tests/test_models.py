@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from data.vocab import Vocabulary
-from trainables.checkpoint import CheckpointError, load_checkpoint, read_payload, save_checkpoint, without_optimizer
-from trainables.decoding import generate
-from trainables.encoders import build_encoder, weights_digest
-from trainables.models import ARCHS, ModelConfig, build_model, packed
+from captune.data.vocab import Vocabulary
+from captune.trainables.checkpoint import CheckpointError, load_checkpoint, read_payload, save_checkpoint, without_optimizer
+from captune.trainables.decoding import generate
+from captune.trainables.encoders import build_encoder, weights_digest
+from captune.trainables.models import ARCHS, ModelConfig, build_model, packed
 
 ENCODER = {"cnn-lstm": "vgg-small", "resnet-gru": "resnet18"}
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from data.cache import cached_array
-from data.images import decode_jpegs, default_decoder, read_image, read_image_bytes, read_images
-from data.prepare import listed_images, prepare_data
-from data.synth import write_synthetic
-from infra.fingerprint import files_fingerprint
-from trainables.config import TrainConfig
-from trainables.feature_job import _decode_batch
-from trainables.features import prepare_with_features
+from captune.data.cache import cached_array
+from captune.data.images import decode_jpegs, default_decoder, read_image, read_image_bytes, read_images
+from captune.data.prepare import listed_images, prepare_data
+from captune.data.synth import write_synthetic
+from captune.infra.fingerprint import files_fingerprint
+from captune.trainables.config import TrainConfig
+from captune.trainables.feature_job import _decode_batch
+from captune.trainables.features import prepare_with_features
 
 SIZE = 16
 CORNERS = {(0, 0): (220, 30, 30), (0, 1): (30, 200, 40), (1, 0): (30, 60, 220), (1, 1): (250, 250, 250)}

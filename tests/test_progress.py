@@ -1,7 +1,7 @@
-"""The sweep's console view (search.progress), on a recorded stream of events."""
+"""The sweep's console view (captune.search.progress), on a recorded stream of events."""
 import io
 
-from search.progress import SweepView
+from captune.search.progress import SweepView
 
 # Two searches side by side, as the search tasks report them: times in seconds from the start.
 EVENTS = [

@@ -45,7 +45,7 @@ def test_the_sweep_name_rule_is_in_help_and_good_names_pass(capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--help"])
     assert "starting with a letter or a digit, at most 100 characters, no '..'" in " ".join(capsys.readouterr().out.split())
-    from search.request import name_fault
+    from captune.search.request import name_fault
 
     for good in ("captune-sweep", "s1", "Flickr8k_v2.1", "x" * 100):
         assert name_fault(good) is None, good
@@ -71,8 +71,8 @@ def test_too_few_resamples_for_a_95_percent_interval_are_refused(resamples, caps
 
 
 def test_the_bootstrap_itself_refuses_too_few_resamples_and_the_parser_agrees():
-    from infra.errors import UserError
-    from search.bootstrap import paired_bootstrap
+    from captune.infra.errors import UserError
+    from captune.search.bootstrap import paired_bootstrap
 
     rng = np.random.default_rng(0)
     a = rng.integers(0, 5, (40, 14)).astype(float)
@@ -82,7 +82,7 @@ def test_the_bootstrap_itself_refuses_too_few_resamples_and_the_parser_agrees():
     result = paired_bootstrap(a, b, resamples=200, metric="cider")
     assert result.low <= result.difference <= result.high
     from captune.cli import MIN_RESAMPLES
-    from search.bootstrap import min_resamples
+    from captune.search.bootstrap import min_resamples
 
     assert MIN_RESAMPLES == min_resamples() == 200 and min_resamples(0.9) == 100
 
@@ -135,7 +135,7 @@ def test_a_deleted_sweep_is_named_with_its_restore_command(synth_dir, tmp_path, 
 
 def train_folder(out, uri: str, data, experiment: str = "captune-train") -> str:
     """A `captune train` output folder whose run was stopped, its MLflow run since deleted; its id."""
-    from trainables.config import compose
+    from captune.trainables.config import compose
 
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment(experiment))
@@ -209,7 +209,7 @@ def test_resume_refuses_fewer_epochs_and_the_run_records_the_epochs_asked(ray_cl
 # --- a sweep's seed replicates on resume (D2) -------------------------------------------------------
 
 def test_the_resume_command_carries_the_seeds():
-    from search.request import SweepRequest, resume_command
+    from captune.search.request import SweepRequest, resume_command
 
     words = shlex.split(resume_command(SweepRequest(name="s", data_root="d", seeds=2, resume=True)))
     assert words[words.index("--seeds") + 1] == "2"
@@ -219,8 +219,8 @@ def test_the_resume_command_carries_the_seeds():
 def test_a_sweep_remembers_its_seeds_and_resume_uses_them(synth_dir, tmp_path):
     # A sweep started with --seeds 2 records them as its MLflow records open; its --resume without
     # --seeds goes on with 2, and prints them in its resume command; --seeds given on resume wins.
-    from search.request import SweepRequest, plan, resume_command, storage_root
-    from search.sweep import open_sweep_records
+    from captune.search.request import SweepRequest, plan, resume_command, storage_root
+    from captune.search.sweep import open_sweep_records
 
     uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "tune")
 

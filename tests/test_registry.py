@@ -16,7 +16,7 @@ PROMOTER = """
 import json, sys, time
 from pathlib import Path
 from mlflow import MlflowClient
-from search import registry
+from captune.search import registry
 
 uri, version, score, delay, locked, ready, go = (sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]),
                                                  sys.argv[5] == "1", Path(sys.argv[6]), Path(sys.argv[7]))
@@ -84,7 +84,7 @@ def test_racing_promoters_leave_the_alias_on_the_stronger_model(tmp_path):
 
 
 def test_champion_record_round_trips_through_short_readable_tags():
-    from infra.mlflow_names import champion_record, champion_tags
+    from captune.infra.mlflow_names import champion_record, champion_tags
 
     kept = {"name": "captune-cnn-lstm", "version": "4", "metric": "cider", "score": 0.81, "promoted": False,
             "previous": {"version": "2", "score": 0.834567}}
@@ -109,7 +109,7 @@ def test_champion_record_round_trips_through_short_readable_tags():
 
 
 def test_control_verdict_is_words_in_its_tag_and_clear_from_the_gap():
-    from infra.mlflow_names import control_verdict
+    from captune.infra.mlflow_names import control_verdict
 
     text = "the cnn-lstm champion beats its image-blind control by 0.41 BLEU-4"
     assert control_verdict({"captune.control_verdict": text}, {"control_gap_low": 0.36}) == {"clear": True, "text": text}
@@ -122,7 +122,7 @@ def test_control_verdict_is_words_in_its_tag_and_clear_from_the_gap():
 
 
 def test_control_record_reads_both_scores_back():
-    from infra.mlflow_names import CONTROL_FIELDS, control_metrics, control_record
+    from captune.infra.mlflow_names import CONTROL_FIELDS, control_metrics, control_record
 
     values = {"bleu4": (0.1, 0.11, 0.5, 0.39, 0.35, 0.43), "cider": (0.2, 0.21, 1.5, 1.29, 1.1, 1.4)}
     metrics = {name: v for score, vs in values.items() for name, v in zip(control_metrics(score), vs)}

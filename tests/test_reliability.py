@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from captune.cli import main
-from data.cache import cached_array
-from data.layouts import load_corpus
+from captune.data.cache import cached_array
+from captune.data.layouts import load_corpus
 from mlflow import MlflowClient
 from tests import datasets
 from tests.test_sweep import sweep_yaml, trial_runs
@@ -160,7 +160,7 @@ KILLED_BUILD = """
 import sys, time
 from pathlib import Path
 import numpy as np
-from data.cache import cached_array
+from captune.data.cache import cached_array
 
 def build(out):
     out[: len(out) // 2] = 7.0
@@ -255,7 +255,7 @@ def test_sweep_settings_are_refused_before_any_trial(ray_cluster, synth_dir, tmp
 
 
 def test_a_sweep_file_s_metric_is_checked(synth_dir, tmp_path, capsys):
-    from search.request import SweepRequest, plan
+    from captune.search.request import SweepRequest, plan
 
     config = sweep_yaml(tmp_path / "s.yaml", 2, 1, metric="rouge_l")
     assert main(["sweep", "--data", str(tmp_path), "--name", "m", "--config", str(config)]) == 2
@@ -292,8 +292,8 @@ def test_no_credentials_or_unpickling_in_the_repository():
 def test_batched_jpeg_decoding_falls_back_to_pil_for_bad_files(tmp_path):
     # The GPU decoding path (torchvision's decode_jpeg, run here on the CPU): close to PIL's
     # pixels, and a batch holding a bad file goes to PIL, which names it.
-    from data.images import decode_jpegs, read_image, read_images
-    from data.synth import write_synthetic
+    from captune.data.images import decode_jpegs, read_image, read_images
+    from captune.data.synth import write_synthetic
 
     paths = sorted((write_synthetic(tmp_path / "s", images=20) / "Images").iterdir())
     paths[3].write_text("not an image")
@@ -315,7 +315,7 @@ def test_a_trial_tune_fails_before_it_starts_is_recorded_in_mlflow(ray_cluster, 
     from ray.train._internal.storage import StorageContext  # how Tune gives a trial its folder (Ray 2.60)
     from ray.tune.experiment import Trial
 
-    from search.mlflow_trials import MlflowTrials
+    from captune.search.mlflow_trials import MlflowTrials
 
     monkeypatch.setenv("CAPTUNE_MLFLOW_WAIT_S", "5")
     client = MlflowClient(tracking_uri)
@@ -339,7 +339,7 @@ def test_a_record_the_store_refuses_fails_the_search_instead_of_waiting_forever(
     from ray.train._internal.storage import StorageContext
     from ray.tune.experiment import Trial
 
-    from search.mlflow_trials import MlflowTrials
+    from captune.search.mlflow_trials import MlflowTrials
 
     client = MlflowClient(tracking_uri)
     parent = client.create_run(client.create_experiment("e2")).info.run_id

@@ -67,7 +67,7 @@ def test_a_stopped_control_and_replicate_go_on_from_their_last_epoch_in_their_ow
         """The one run of the rerun, KILLED by the Ctrl-C; the epochs it logged and the last one
         kept (its latest checkpoint in the sweep's storage: the stop may fall between keeping an
         epoch and logging it, and the resume logs it then)."""
-        from trainables.checkpoint import read_payload
+        from captune.trainables.checkpoint import read_payload
 
         (run,) = runs(kind, seed)
         assert run.info.status == "KILLED" and run.data.tags["captune.stop_reason"] == "SIGINT (Ctrl-C)", run
@@ -130,14 +130,14 @@ def test_an_epoch_kept_but_not_yet_logged_at_the_stop_is_logged_by_the_resume(ra
     # epoch 4 lost so): epoch 3 kept, epochs 1-2 in MLflow. The resume goes on from epoch 3 and
     # logs epoch 3 from the checkpoint's history: each of the 5 epochs in the run once (it had 1,
     # 2, 4, 5).
-    from infra.mlflow_logging import metric_entities
-    from infra.mlflow_relay import start_relay
-    from search.rerun import KeptCheckpoints
-    from search.reruns import RerunJob, run_reruns
+    from captune.infra.mlflow_logging import metric_entities
+    from captune.infra.mlflow_relay import start_relay
+    from captune.search.rerun import KeptCheckpoints
+    from captune.search.reruns import RerunJob, run_reruns
     from tests.conftest import tiny_overrides
-    from trainables.checkpoint import FILENAME, read_payload
-    from trainables.config import TrainConfig
-    from trainables.loop import WorkerContext, train
+    from captune.trainables.checkpoint import FILENAME, read_payload
+    from captune.trainables.config import TrainConfig
+    from captune.trainables.loop import WorkerContext, train
 
     client = MlflowClient(tracking_uri)
     experiment_id = client.create_experiment("gap")

@@ -19,10 +19,10 @@ from PIL import Image
 
 from captune.caption_files import CaptionFile, OutputFileError, find_images
 from captune.cli import main
-from data.vocab import Vocabulary
+from captune.data.vocab import Vocabulary
+from captune.trainables.checkpoint import save_checkpoint
+from captune.trainables.serving import MAX_IMAGE_BYTES, RequestError, checked_params, request_pixels
 from tests.test_models import tiny
-from trainables.checkpoint import save_checkpoint
-from trainables.serving import MAX_IMAGE_BYTES, RequestError, checked_params, request_pixels
 
 BIN = Path(sys.executable).parent  # `mlflow models serve` runs `uvicorn` from PATH
 

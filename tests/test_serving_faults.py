@@ -12,10 +12,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 from mlflow.pyfunc import scoring_server
 
-from infra.mlflow_store import get_or_create_experiment
+from captune.infra.mlflow_store import get_or_create_experiment
+from captune.trainables.logged_model import log_captioner
+from captune.trainables.serving import example_image
 from tests.test_serving import serving, tiny_checkpoint
-from trainables.logged_model import log_captioner
-from trainables.serving import example_image
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""The sweep's trial slots, shared by its searches (search.slots), on the real local Ray cluster."""
-from search.slots import SharedSlots, SlotPool, create_pool, pool_name
+"""The sweep's trial slots, shared by its searches (captune.search.slots), on the real local Ray cluster."""
+from captune.search.slots import SharedSlots, SlotPool, create_pool, pool_name
 
 
 def test_each_search_keeps_its_share_until_it_wants_no_more(ray_cluster):

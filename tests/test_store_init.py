@@ -1,4 +1,4 @@
-"""A new SQLite MLflow store opened by several processes at once (infra.sqlite_store): every
+"""A new SQLite MLflow store opened by several processes at once (captune.infra.sqlite_store): every
 captune process goes on, and the store ends complete, even against a process that takes no lock."""
 import multiprocessing
 import os
@@ -16,7 +16,7 @@ def _open(uri: str, start: float, plain: bool, results) -> None:
     a plain MLflow client, like `mlflow ui`, does), and say how it went."""
     from mlflow import MlflowClient
 
-    from infra.mlflow_store import configure
+    from captune.infra.mlflow_store import configure
 
     while time.time() < start:
         pass
@@ -56,7 +56,7 @@ def test_two_captune_processes_create_a_new_store_together(tmp_path):
     # Before the lock: one of the two failed inside MLflow's migration in most rounds.
     rounds = _race(tmp_path, (False, False))
     assert all(outcome == [("captune", "ok"), ("captune", "ok")] for outcome in rounds), rounds
-    from infra.sqlite_store import debris, schema_revision
+    from captune.infra.sqlite_store import debris, schema_revision
 
     for n in range(ROUNDS):
         db = tmp_path / f"race{n}.db"
@@ -70,7 +70,7 @@ def test_captune_waits_for_another_program_creating_the_store(tmp_path):
     assert all(("captune", "ok") in outcome for outcome in rounds), rounds
     from mlflow import MlflowClient
 
-    from infra.sqlite_store import debris, schema_revision
+    from captune.infra.sqlite_store import debris, schema_revision
 
     for n in range(ROUNDS):
         db = tmp_path / f"race{n}.db"
@@ -86,8 +86,8 @@ def test_a_new_store_left_half_migrated_is_repaired(tmp_path, monkeypatch):
     from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
     from sqlalchemy import create_engine
 
-    from infra import sqlite_store
-    from infra.mlflow_store import configure
+    from captune.infra import sqlite_store
+    from captune.infra.mlflow_store import configure
 
     db = tmp_path / "half.db"
     engine = create_engine(f"sqlite:///{db}")
@@ -105,7 +105,7 @@ def test_a_new_store_left_half_migrated_is_repaired(tmp_path, monkeypatch):
 def test_a_damaged_store_with_runs_is_named_not_repaired(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from infra import sqlite_store
+    from captune.infra import sqlite_store
 
     db = tmp_path / "runs.db"
     client = MlflowClient(f"sqlite:///{db}")
@@ -121,7 +121,7 @@ def test_a_damaged_store_with_runs_is_named_not_repaired(tmp_path, monkeypatch):
 
 
 def test_contract_mlflow_schema_helpers():
-    # MLflow 3.17's private helpers infra.sqlite_store relies on: the head revision as a string,
+    # MLflow 3.17's private helpers captune.infra.sqlite_store relies on: the head revision as a string,
     # the migration runner taking an engine, and alembic's batch tables named _alembic_tmp_<table>.
     import inspect
 

@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from captune.cli import main
-from infra.mlflow_names import champion_record
+from captune.infra.mlflow_names import champion_record
+from captune.search.slots import pool_name
+from captune.trainables.model_source import load_captioner
 from mlflow import MlflowClient
-from search.slots import pool_name
 from tests.conftest import attached, tiny_overrides
-from trainables.model_source import load_captioner
 
 # The built-in dataset's preset (lr 0.002, hidden 256, threshold 2) is the default point: inside.
 SEARCHED = {"lr": {"loguniform": [0.001, 0.01]}, "hidden_size": {"choice": [32, 256]},
@@ -125,7 +125,7 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
     assert "captune leaderboard" in client.get_experiment(exp.experiment_id).tags["mlflow.note.content"]
     # the searches split the slots, one per core: never more trials at once than cores
     assert all(int(p.data.tags["captune.concurrent_trials"]) == min(3, max(1, os.cpu_count() // 2)) for p in parents)
-    assert all(p.data.tags["captune.sweep_slots"] == str(max(2, os.cpu_count())) for p in parents)  # search.slots
+    assert all(p.data.tags["captune.sweep_slots"] == str(max(2, os.cpu_count())) for p in parents)  # captune.search.slots
     spans = [(r.info.start_time, max(m.timestamp for m in client.get_metric_history(r.info.run_id, "bleu4")))
              for r in trials]
     assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= os.cpu_count()
@@ -151,7 +151,7 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
     assert drawn["cnn-lstm"] != drawn["resnet-gru"]
     assert len({p.data.params["sampler_seed"] for p in parents}) == 2
 
-    # the leaderboard orders by the objective, metrics.best_cider (ties as search.objective.trial_order says)
+    # the leaderboard orders by the objective, metrics.best_cider (ties as captune.search.objective.trial_order says)
     capsys.readouterr()
     assert main(["leaderboard", "s1", "--json", "--tracking-uri", tracking_uri]) == 0
     board = json.loads(capsys.readouterr().out)
@@ -262,7 +262,7 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
 def synth_300(tmp_path_factory) -> Path:
     """Enough validation images (30) for BLEU-4 to tell a model that learns from one that does not:
     on 6, a learning model's BLEU-4 is still 0 at some epochs (no 4-gram matched at all)."""
-    from data.synth import write_synthetic
+    from captune.data.synth import write_synthetic
 
     return write_synthetic(tmp_path_factory.mktemp("synth300"), images=300, seed=1)
 
@@ -347,7 +347,7 @@ def test_sweep_stopped_at_three_points_resumes_without_repeating_or_losing_anyth
             break
         assert code == 130 and "Traceback" not in text and "SIGABRT" not in text, text[-3000:]
         assert "captune sweep --name s3" in text and "--resume" in text  # how to go on
-        # the console shows the sweep's view, not Ray Tune's boxes (search.progress)
+        # the console shows the sweep's view, not Ray Tune's boxes (captune.search.progress)
         assert "[resnet-gru] trial 1 (" in text and "Configuration for experiment" not in text, text[-3000:]
         assert "TensorBoard" not in text and "epoch 1/4" not in text
         runs = client.search_runs([client.get_experiment_by_name("s3").experiment_id], filter_string="tags.`captune.sweep` = 's3'")
@@ -408,19 +408,19 @@ def test_multi_worker_trials_run_ddp_through_torchtrainer(ray_cluster, synth_dir
 
 def test_the_trial_entry_preloads_the_training_code_in_an_actor_only(ray_cluster):
     # Tune hands a trainable to the trial actor as the actor is created, before the first trial:
-    # search.trial._Entry, rebuilt there by Ray, imports the training code then; rebuilt where no
+    # captune.search.trial._Entry, rebuilt there by Ray, imports the training code then; rebuilt where no
     # actor runs (the search task; here a plain interpreter), it loads no torch.
     import ray
 
-    from search.trial import _Entry
+    from captune.search.trial import _Entry
 
     @ray.remote(num_cpus=0)
     class TrialLike:
         def holds(self, entry) -> bool:  # Ray rebuilt `entry` in this actor's process
-            return type(entry).__name__ == "_Entry" and "trainables.loop" in sys.modules
+            return type(entry).__name__ == "_Entry" and "captune.trainables.loop" in sys.modules
 
     assert ray.get(TrialLike.remote().holds.remote(_Entry()))
-    code = ("import sys; from search.trial import _entry; _entry(); "
-            "print('torch' in sys.modules or 'trainables.loop' in sys.modules)")
+    code = ("import sys; from captune.search.trial import _entry; _entry(); "
+            "print('torch' in sys.modules or 'captune.trainables.loop' in sys.modules)")
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert plain.stdout.strip() == "False"

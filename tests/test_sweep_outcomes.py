@@ -5,9 +5,9 @@ import json
 import pytest
 
 from captune.cli import main
-from infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, STATE_TAG, SWEEP_TAG
+from captune.infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, STATE_TAG, SWEEP_TAG
+from captune.search.request import SweepRequest
 from mlflow import MlflowClient
-from search.request import SweepRequest
 from tests.test_sweep import sweep_yaml, trial_runs
 
 
@@ -59,7 +59,7 @@ def test_tied_trials_one_order_everywhere_and_a_resume_registers_nothing_new(ray
 def test_a_failed_search_leaves_nothing_running_and_says_how_to_go_on(tmp_path, tracking_uri):
     # A search task that raised (D1's race did): its traceback, then one line saying what failed
     # and the command that goes on; the runs it left RUNNING end FAILED with the reason.
-    from search.sweep import SweepFailed, _search_failed
+    from captune.search.sweep import SweepFailed, _search_failed
 
     client = MlflowClient(tracking_uri)
     experiment = client.create_experiment("f1")

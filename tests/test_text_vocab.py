@@ -1,7 +1,7 @@
 import pytest
 
-from data.text import tokenize
-from data.vocab import SPECIALS, Vocabulary
+from captune.data.text import tokenize
+from captune.data.vocab import SPECIALS, Vocabulary
 
 
 def test_tokenize_lowercases_and_drops_punctuation():
@@ -33,7 +33,7 @@ def test_words_to_ids_and_back_with_unknown_words():
 def test_word_counts_equal_counting_each_captions_tokens():
     from collections import Counter
 
-    from data.text import tokenize, word_counts
+    from captune.data.text import tokenize, word_counts
 
     captions = ["A man's dog, running!", "two-tone cats", "", "...", "42 red 42"] * 4001  # over one chunk
     assert word_counts(captions) == Counter(w for c in captions for w in tokenize(c))

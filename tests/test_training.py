@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from captune.trainables.checkpoint import read_payload
+from captune.trainables.config import compose
+from captune.trainables.loop import WorkerContext, train
 from tests.conftest import tiny_overrides
-from trainables.checkpoint import read_payload
-from trainables.config import compose
-from trainables.loop import WorkerContext, train
 
 
 def _cfg(arch, **more):
@@ -55,7 +55,7 @@ def _ddp_loop(config):
     import ray.train
     import ray.train.torch
 
-    from trainables.config import TrainConfig
+    from captune.trainables.config import TrainConfig
 
     holder = {}
 
@@ -79,7 +79,7 @@ def test_two_worker_ddp_on_cpu_keeps_ranks_identical(ray_cluster, synth_dir, tmp
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    # frozen: each rank trains on cached features, its encoder dropped (trainables.loop.train)
+    # frozen: each rank trains on cached features, its encoder dropped (captune.trainables.loop.train)
     cfg = _cfg("cnn-lstm", fine_tune=fine_tune, epochs=1, batch_size=8)
     trainer = TorchTrainer(
         _ddp_loop,
@@ -100,8 +100,8 @@ def test_two_worker_ddp_on_cpu_keeps_ranks_identical(ray_cluster, synth_dir, tmp
 def test_batches_hold_every_caption_of_their_images_longest_first():
     import numpy as np
 
-    from data.batches import CaptionTable, ImageBatches
-    from data.vocab import Vocabulary
+    from captune.data.batches import CaptionTable, ImageBatches
+    from captune.data.vocab import Vocabulary
 
     captions = [["a b", "a b c d"], ["c"], ["d d d", "a", "b c"]]
     vocab = Vocabulary.build([c.split() for caps in captions for c in caps], min_count=1)
@@ -118,7 +118,7 @@ def test_batches_hold_every_caption_of_their_images_longest_first():
 
 @pytest.mark.parametrize("chunk_elements", [3 * 7, 2**21], ids=["chunked", "one-chunk"])
 def test_chunked_loss_equals_cross_entropy_of_the_logits(monkeypatch, chunk_elements):
-    from trainables import loss
+    from captune.trainables import loss
 
     monkeypatch.setattr(loss, "CHUNK_ELEMENTS", chunk_elements)  # 3 rows of 7 logits at a time
     torch.manual_seed(0)

@@ -11,14 +11,14 @@ RESNET_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 MAX_BEAM = 20
 CAPTION_BEAM = 3  # captioning new images (`captune caption`, a served model) unless asked otherwise
 
-# The scores of generated captions (trainables.metrics), and their names in the literature.
+# The scores of generated captions (captune.trainables.metrics), and their names in the literature.
 SCORES = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l")
 HEADLINE = ("bleu4", "cider", "rouge_l")  # the scores a table of runs shows, beside their objective
 SCORE_LABELS = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "cider": "CIDEr-D",
                 "rouge_l": "ROUGE-L"}
 
 # The validation scores that may pick a run's best epoch and a sweep's champion
-# (trainables.metrics.SCORES): BLEU-4, the mission's objective, and CIDEr-D, the COCO
+# (captune.trainables.metrics.SCORES): BLEU-4, the mission's objective, and CIDEr-D, the COCO
 # leaderboard's main metric.
 OBJECTIVES = ("bleu4", "cider")
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from data.vocab import Vocabulary
-from infra.errors import UserError
-from trainables.encoders import ImageEncoder, weights_digest
-from trainables.models import Captioner, ModelConfig, build_model
+from captune.data.vocab import Vocabulary
+from captune.infra.errors import UserError
+from captune.trainables.encoders import ImageEncoder, weights_digest
+from captune.trainables.models import Captioner, ModelConfig, build_model
 
 FORMAT = "captune-checkpoint/1"
 NOT_A_CHECKPOINT = ("not a PyTorch checkpoint file (a captune model is the model.pt that `captune train` or a "

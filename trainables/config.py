@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
-from data.cache import default_cache_dir
-from infra.errors import UserError
-from trainables.catalog import ARCHS, MAX_BEAM, OBJECTIVES, RESNET_ENCODERS, VGG_ENCODERS
+from captune.data.cache import default_cache_dir
+from captune.infra.errors import UserError
+from captune.trainables.catalog import ARCHS, MAX_BEAM, OBJECTIVES, RESNET_ENCODERS, VGG_ENCODERS
 
 PRESET_FILE = "captune.yaml"  # a dataset folder's own preset, e.g. the built-in dataset's
 

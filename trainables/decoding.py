@@ -5,10 +5,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainables.catalog import MAX_BEAM
+from captune.trainables.catalog import MAX_BEAM
 
 if TYPE_CHECKING:
-    from trainables.models import Captioner
+    from captune.trainables.models import Captioner
 
 
 @torch.no_grad()

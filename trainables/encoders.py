@@ -12,8 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
-from infra.errors import UserError
-from trainables.catalog import RESNET_ENCODERS, VGG_ENCODERS
+from captune.infra.errors import UserError
+from captune.trainables.catalog import RESNET_ENCODERS, VGG_ENCODERS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,19 +6,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.cache import default_cache_dir
-from data.prepare import PreparedData, prepare_data
-from trainables.checkpoint import Loaded
-from trainables.config import split_seed_of
-from trainables.features import encoded_rows, encoder_features, weights_id
-from trainables.inference import generate_captions, image_size_of, max_len_of
-from trainables.metrics import CaptionScorer
+from captune.data.cache import default_cache_dir
+from captune.data.prepare import PreparedData, prepare_data
+from captune.trainables.checkpoint import Loaded
+from captune.trainables.config import split_seed_of
+from captune.trainables.features import encoded_rows, encoder_features, weights_id
+from captune.trainables.inference import generate_captions, image_size_of, max_len_of
+from captune.trainables.metrics import CaptionScorer
 
 
 def evaluate_split(loaded: Loaded, data_root: str | Path, split: str = "test", beam: int = 1,
                    cache_dir: Path | None = None, skip_bad: bool = False,
                    device: torch.device | None = None) -> dict:
-    """BLEU-1..4, CIDEr-D and ROUGE-L (trainables.metrics) of the model's captions on a split of a
+    """BLEU-1..4, CIDEr-D and ROUGE-L (captune.trainables.metrics) of the model's captions on a split of a
     dataset, against all references."""
     return evaluate_beams(loaded, data_root, split, (beam,), cache_dir, skip_bad, device)[beam]
 

@@ -3,13 +3,13 @@
 Images are read and decoded (PIL, squashed to the image size) by CPU tasks on every node, encoded
 in batches by actors (one GPU each, bf16 there; on the CPU where the cluster has no GPU), and
 gathered by this driver into one cache entry in the storage's `features/` folder, under the key
-and validity rules of the local cache (`data.cache.cached_array`). Beside it goes the prepared
+and validity rules of the local cache (`captune.data.cache.cached_array`). Beside it goes the prepared
 dataset's manifest (`PreparedData.manifest`): the checked captions and splits and the row of each
 image, so a trial that reads both needs no image, on any node.
 
 Which path builds features: a sweep whose storage is shared (`CAPTUNE_STORAGE` set, as
 `cluster.yaml` does) uses this one (`search/preflight.py`); otherwise the sweep's driver decodes and
-encodes in one local pass (`trainables.features.prepare_with_features`), which on one machine is
+encodes in one local pass (`captune.trainables.features.prepare_with_features`), which on one machine is
 faster: no Ray Data start-up and no pixels passed between processes.
 """
 from __future__ import annotations
@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from data.cache import EntryNotThere, cached_array, entry_name, nonfinite_rows, write_json
-from data.images import ImageError, read_image, read_image_bytes
-from data.prepare import DataProblems, PreparedData, checked_data, listed_images, pixels_key
-from infra.errors import UserError
-from infra.mlflow_store import writable_folder
-from infra.storage import download, exists, is_uri, join, read_bytes, upload
-from trainables.config import TrainConfig
-from trainables.features import (FeatureError, encode_pixels, features_key, for_inference, frozen_encoder,
+from captune.data.cache import EntryNotThere, cached_array, entry_name, nonfinite_rows, write_json
+from captune.data.images import ImageError, read_image, read_image_bytes
+from captune.data.prepare import DataProblems, PreparedData, checked_data, listed_images, pixels_key
+from captune.infra.errors import UserError
+from captune.infra.mlflow_store import writable_folder
+from captune.infra.storage import download, exists, is_uri, join, read_bytes, upload
+from captune.trainables.config import TrainConfig
+from captune.trainables.features import (FeatureError, encode_pixels, features_key, for_inference, frozen_encoder,
                                  require_finite, weights_id)
 
 DECODE_BATCH = 64  # images per decoding task's batch
@@ -153,7 +153,7 @@ def load_feature_set(manifest: str, cache_dir: Path) -> PreparedData:
 def _fetch(folder: str, name: str, cache_dir: Path) -> None:
     """The entry `name` of object storage `folder` into `cache_dir`, unless a whole copy is there."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache_dir / f"{name}.npy") + ".lock"):  # the lock data.cache.cached_array takes
+    with FileLock(str(cache_dir / f"{name}.npy") + ".lock"):  # the lock captune.data.cache.cached_array takes
         sidecar = read_bytes(join(folder, f"{name}.json"))
         here, npy = cache_dir / f"{name}.json", cache_dir / f"{name}.npy"
         fetched = here.is_file() and here.read_bytes() == sidecar and npy.is_file() \

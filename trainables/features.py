@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.cache import EntryNotThere, cached_array, nonfinite_rows
-from data.prepare import PreparedData, prepare_data
-from infra.errors import UserError
-from trainables.config import TrainConfig
-from trainables.encoders import ImageEncoder, build_encoder, weights_enum
+from captune.data.cache import EntryNotThere, cached_array, nonfinite_rows
+from captune.data.prepare import PreparedData, prepare_data
+from captune.infra.errors import UserError
+from captune.trainables.config import TrainConfig
+from captune.trainables.encoders import ImageEncoder, build_encoder, weights_enum
 
 ENCODE_BATCH = 128  # images per encoder call
 
@@ -58,7 +58,7 @@ class EarlyFeatures:
 
 def features_key(encoder: str, weights: str, pixels_key: dict) -> dict:
     """What a frozen encoder's features depend on: the cache key of this path and of the Ray Data
-    job's shared features alike (trainables.feature_job), so that a trial finds either."""
+    job's shared features alike (captune.trainables.feature_job), so that a trial finds either."""
     return {"encoder": encoder, "weights": weights, "pixels": pixels_key}
 
 

@@ -1,5 +1,5 @@
 """Captioning with a trained model: validation captions and new images (evaluation on a dataset's
-split is in trainables.evaluation)."""
+split is in captune.trainables.evaluation)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,10 +8,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.images import read_image
-from data.vocab import Vocabulary
-from trainables.checkpoint import Loaded
-from trainables.models import Captioner
+from captune.data.images import read_image
+from captune.data.vocab import Vocabulary
+from captune.trainables.checkpoint import Loaded
+from captune.trainables.models import Captioner
 
 
 @torch.no_grad()

@@ -12,10 +12,10 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from infra.mlflow_store import PROJECT_ROOT
-from trainables.catalog import CAPTION_BEAM
-from trainables.checkpoint import FILENAME, read_payload, without_optimizer
-from trainables.serving import example_image
+from captune.infra.mlflow_store import PROJECT_ROOT
+from captune.trainables.catalog import CAPTION_BEAM
+from captune.trainables.checkpoint import FILENAME, read_payload, without_optimizer
+from captune.trainables.serving import example_image
 
 MODEL_NAME = "model"  # the logged model's name inside a run
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")

@@ -18,18 +18,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data.batches import CaptionTable, ImageBatches
-from data.cache import DiskFullError
-from data.prepare import PreparedData, prepare_data
-from trainables.catalog import SCORES
-from trainables.checkpoint import FILENAME, CheckpointError, checkpoint_bytes, load_checkpoint, save_checkpoint
-from trainables.config import TrainConfig
-from trainables.encoders import weights_digest
-from trainables.features import encoder_features, weights_id
-from trainables.inference import generate_captions
-from trainables.loss import linear_cross_entropy
-from trainables.metrics import CaptionScorer
-from trainables.models import Captioner, ModelConfig, build_model, packed
+from captune.data.batches import CaptionTable, ImageBatches
+from captune.data.cache import DiskFullError
+from captune.data.prepare import PreparedData, prepare_data
+from captune.trainables.catalog import SCORES
+from captune.trainables.checkpoint import FILENAME, CheckpointError, checkpoint_bytes, load_checkpoint, save_checkpoint
+from captune.trainables.config import TrainConfig
+from captune.trainables.encoders import weights_digest
+from captune.trainables.features import encoder_features, weights_id
+from captune.trainables.inference import generate_captions
+from captune.trainables.loss import linear_cross_entropy
+from captune.trainables.metrics import CaptionScorer
+from captune.trainables.models import Captioner, ModelConfig, build_model, packed
 
 
 class Stopped(Exception):

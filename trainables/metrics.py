@@ -1,18 +1,18 @@
 """The captioning field's scores of generated captions against references, on captions tokenized
 as for training: corpus BLEU-1..4 (nltk's n-gram counts), CIDEr-D and ROUGE-L (the COCO caption
-evaluation code's computation, pycocoevalcap: trainables.coco_scores), so that they equal
+evaluation code's computation, pycocoevalcap: captune.trainables.coco_scores), so that they equal
 published numbers on the same tokens.
 
 Every score is also kept image by image (`CaptionScorer.statistics`): what a corpus score adds up
-over its images, so that a resampled or pooled corpus is scored by a sum (search.bootstrap).
+over its images, so that a resampled or pooled corpus is scored by a sum (captune.search.bootstrap).
 """
 from __future__ import annotations
 
 import numpy as np
 from nltk.translate.bleu_score import closest_ref_length, modified_precision
 
-from data.text import tokenize
-from trainables.coco_scores import CiderD, RougeL
+from captune.data.text import tokenize
+from captune.trainables.coco_scores import CiderD, RougeL
 
 MAX_N = 4
 BLEU_COLUMNS = 2 * MAX_N + 2  # per caption: matches and n-grams per order, its length, the closest reference's

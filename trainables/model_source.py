@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from infra.mlflow_store import configure
-from trainables.checkpoint import Loaded, load_checkpoint
+from captune.infra.mlflow_store import configure
+from captune.trainables.checkpoint import Loaded, load_checkpoint
 
 
 def load_captioner(model: str, tracking_uri: str | None = None, arch: str | None = None) -> Loaded:

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from trainables.catalog import ARCHS
-from trainables.decoding import generate
-from trainables.encoders import build_encoder
+from captune.trainables.catalog import ARCHS
+from captune.trainables.decoding import generate
+from captune.trainables.encoders import build_encoder
 
 State = tuple[torch.Tensor, ...]  # recurrent state; every tensor has the batch on dim 1
 

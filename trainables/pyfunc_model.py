@@ -21,9 +21,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, scoring_server
 
-from trainables.checkpoint import load_checkpoint
-from trainables.inference import caption_pixels, image_size_of, max_len_of
-from trainables.serving import (PARAMS, RequestError, checked_params, refuse_unknown, request_pixels, shortened,
+from captune.trainables.checkpoint import load_checkpoint
+from captune.trainables.inference import caption_pixels, image_size_of, max_len_of
+from captune.trainables.serving import (PARAMS, RequestError, checked_params, refuse_unknown, request_pixels, shortened,
                                 unreadable_body)
 
 _logger = logging.getLogger("mlflow.pyfunc.scoring_server")  # the server's own, printed in its log

@@ -13,12 +13,12 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from infra.mlflow_logging import EpochLogger, system_metrics
-from infra.mlflow_relay import RelayClient
-from trainables.checkpoint import FILENAME, read_payload
-from trainables.config import TrainConfig
-from trainables.feature_job import load_feature_set
-from trainables.loop import WorkerContext, train
+from captune.infra.mlflow_logging import EpochLogger, system_metrics
+from captune.infra.mlflow_relay import RelayClient
+from captune.trainables.checkpoint import FILENAME, read_payload
+from captune.trainables.config import TrainConfig
+from captune.trainables.feature_job import load_feature_set
+from captune.trainables.loop import WorkerContext, train
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -142,8 +142,8 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
     """keep="best": the two best checkpoints by validation `cfg.metric`, and the latest (which a restart
     goes on from); keep="last": only the latest. `stop_signal`: the name of a StopSignal actor the
     workers watch. `resume_from`: a checkpoint folder to go on from, if newer than Ray's. `echo`:
-    rank 0 prints a line per epoch. `system_metrics`: infra.mlflow_logging.system_metrics's arguments,
-    for one worker per machine. `feature_set`: a manifest of shared features (trainables.feature_job):
+    rank 0 prints a line per epoch. `system_metrics`: captune.infra.mlflow_logging.system_metrics's arguments,
+    for one worker per machine. `feature_set`: a manifest of shared features (captune.trainables.feature_job):
     the workers then read no image."""
     # The controller sees the workers' end (or a stop) at its next health check: every 0.5 s, not 2.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")

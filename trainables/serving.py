@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data.images import ImageError, read_image, read_image_bytes
-from data.synth import draw, random_scene
-from trainables.catalog import CAPTION_BEAM, MAX_BEAM, MAX_CAPTION_WORDS
+from captune.data.images import ImageError, read_image, read_image_bytes
+from captune.data.synth import draw, random_scene
+from captune.trainables.catalog import CAPTION_BEAM, MAX_BEAM, MAX_CAPTION_WORDS
 
 MAX_ROWS = 256  # images per request
 MAX_IMAGE_BYTES = 10 * 2**20  # one image's file size (base64 text is 4/3 of it)
