@@ -15,7 +15,7 @@ import time
 
 from filelock import FileLock
 
-from captune.infra.forkserver import MESSAGE_BYTES, ROOT, alive, socket_path
+from captune.infra.forkserver import MESSAGE_BYTES, alive, socket_path
 
 RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 START_TIMEOUT_S = 180.0
@@ -91,10 +91,12 @@ def _dial(path: str) -> socket.socket:
 def _start_server(path: str, raylet: int) -> socket.socket:
     _remove_stale(os.path.dirname(path))
     log = path[:-len(".sock")] + ".log"
+    # `-m` puts the working folder first on sys.path: the server's is its private folder, which holds
+    # no module to shadow the ones it preloads (captune itself is found wherever it is installed).
     with open(log, "ab") as out:
         server = subprocess.Popen([sys.executable, "-m", "captune.infra.forkserver", path, str(raylet)],
                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                  process_group=0, cwd=ROOT)
+                                  process_group=0, cwd=os.path.dirname(path))
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:

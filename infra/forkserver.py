@@ -35,12 +35,10 @@ import sys
 import tempfile
 import threading
 import traceback
-from pathlib import Path
 
 from captune.infra.fingerprint import files_fingerprint
+from captune.infra.package_files import code_files
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("captune", "data", "infra", "search", "trainables")  # the project's code, whose changes restart the server
 # What a trial process imports, but Ray: its native library seeds the generator of placement group
 # ids as it loads, so workers forked after loading it would all make the same ids (seen here: two
 # searches' trials given one placement group). Each worker loads Ray itself (about 94 MB of private
@@ -53,7 +51,7 @@ MESSAGE_BYTES = 1 << 20
 def socket_path(raylet_pid: int) -> str:
     """One server per raylet and version of the project's code (file names, sizes, times), in a
     folder only this user can enter: whoever can connect can have the server run code."""
-    code = files_fingerprint([path for package in PACKAGES for path in sorted((ROOT / package).glob("*.py"))])
+    code = files_fingerprint(code_files())  # the project's code: a change restarts the server
     digest = hashlib.sha1(f"{sys.executable}\0{code}".encode()).hexdigest()[:10]
     return os.path.join(_private_folder(), f"{raylet_pid}-{digest}.sock")
 

@@ -16,17 +16,26 @@ from captune.infra.sqlite_store import ready_sqlite_store
 # mlflow is imported inside the functions: infra is imported by every layer (the CLI among them,
 # which answers `--help` and refuses bad options before MLflow loads).
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# In a checkout (installed editable) the repository, which holds mlflow/server.sh beside infra/; in
+# an installed wheel, site-packages/captune, which holds no mlflow/ folder (site-packages/mlflow is
+# the library, hence the check for server.sh).
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 class StoreError(UserError, ValueError):
     """A store or folder that cannot be written: named, before any work starts."""
 
 
+def checkout_server_script() -> Path | None:
+    """The checkout's mlflow/server.sh when captune runs from a checkout; None when installed."""
+    script = CHECKOUT / "mlflow" / "server.sh"
+    return script if script.is_file() else None
+
+
 def _store_dir() -> Path:
-    """The project's mlflow/ folder when running from a checkout, else ./mlflow."""
-    here = PROJECT_ROOT / "mlflow"
-    return here if here.is_dir() else Path.cwd() / "mlflow"
+    """The checkout's mlflow/ folder (the one its server.sh serves), else ./mlflow."""
+    script = checkout_server_script()
+    return script.parent if script else Path.cwd() / "mlflow"
 
 
 def default_tracking_uri() -> str:

@@ -1,38 +1,100 @@
 """The layers point down only: data <- trainables <- search <- captune (the CLI and entry points),
 with `infra` (shared infrastructure) below them all. Read from the source (every import statement,
-those inside functions included), not from what happens to be loaded."""
+those inside functions included), not from what happens to be loaded.
+
+Each layer is a folder of the repository installed as a subpackage of `captune` (pyproject.toml's
+package-dir: `search/` is `captune.search`), so the project's modules are named `captune.<layer>...`
+everywhere: in import statements and in the strings that name a module at run time (`python -m`,
+the fork server's preloads). A folder's own name (`search.sweep`) resolves only from the
+repository's root, never from an installed captune."""
 import ast
+import re
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("infra", "data", "trainables", "search", "captune")
-MAY_IMPORT = {"infra": set(), "data": {"infra"}, "trainables": {"infra", "data"},
-              "search": {"infra", "data", "trainables"}, "captune": {"infra", "data", "trainables", "search"}}
+LAYERS = {"infra": "captune.infra", "data": "captune.data", "trainables": "captune.trainables",
+          "search": "captune.search", "captune": "captune"}  # folder: installed package
+MAY_IMPORT = {"captune.infra": set(), "captune.data": {"captune.infra"},
+              "captune.trainables": {"captune.infra", "captune.data"},
+              "captune.search": {"captune.infra", "captune.data", "captune.trainables"},
+              "captune": {"captune.infra", "captune.data", "captune.trainables", "captune.search"}}
+FOLDER_NAMES = {folder for folder in LAYERS if folder != "captune"}  # importable from the repository's root only
 
 
-def imports(package: str) -> set[tuple[str, str]]:
-    """(importing module, imported project module) for every import in `package`."""
+def layer_of(module: str) -> str | None:
+    """captune.search.sweep -> captune.search; captune.cli -> captune (the CLI); None: not the project."""
+    parts = module.split(".")
+    if parts[0] != "captune":
+        return None
+    return f"captune.{parts[1]}" if len(parts) > 1 and f"captune.{parts[1]}" in MAY_IMPORT else "captune"
+
+
+def sources(folder: str):
+    """(installed module name, syntax tree) of every module in a layer's folder."""
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        parts = path.relative_to(ROOT / folder).with_suffix("").parts
+        yield ".".join((LAYERS[folder], *parts)), ast.parse(path.read_text(), str(path))
+
+
+def imported_names(tree: ast.AST) -> set[str]:
+    """Every module an import statement names (`from captune import commands`: captune.commands)."""
     found = set()
-    for path in (ROOT / package).rglob("*.py"):
-        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
-            if isinstance(node, ast.ImportFrom) and node.module in PACKAGES:  # from captune import tracking
-                names = [f"{node.module}.{a.name}" for a in node.names]
-            found |= {(module, name) for name in names if name.split(".")[0] in PACKAGES}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
     return found
+
+
+def imports(folder: str) -> set[tuple[str, str]]:
+    """(importing module, imported project module) for every import in a layer's folder."""
+    return {(module, name) for module, tree in sources(folder) for name in imported_names(tree)
+            if layer_of(name) or name.split(".")[0] in FOLDER_NAMES}
 
 
 def test_every_import_points_down_or_sideways():
     upward = set()
-    for package in PACKAGES:
-        for module, imported in imports(package):
-            target = imported.split(".")[0]
-            if target != package and target not in MAY_IMPORT[package]:
-                upward.add((package, imported, module))
+    for folder, layer in LAYERS.items():
+        for module, imported in imports(folder):
+            target = layer_of(imported)
+            if target is not None and target != layer and target not in MAY_IMPORT[layer]:
+                upward.add((layer, imported, module))
     assert not upward, sorted(upward)
 
 
 def test_shared_infrastructure_imports_nothing_of_the_project_but_itself():
-    assert all(imported.startswith("infra") for _, imported in imports("infra"))
+    assert all(layer_of(imported) == "captune.infra" for _, imported in imports("infra"))
+
+
+def old_module_names() -> re.Pattern:
+    """`search.sweep`, `infra.fork_stand_in`, ...: a module named by its folder, from the files."""
+    names = [".".join(path.relative_to(ROOT).with_suffix("").parts)
+             for folder in FOLDER_NAMES for path in (ROOT / folder).glob("*.py") if path.stem != "__init__"]
+    return re.compile(r"(?<![\w./-])(" + "|".join(map(re.escape, names)) + r")\b")
+
+
+def test_no_module_is_named_by_its_folder_alone():
+    """An import statement, or a string Ray, `python -m` or importlib resolves (`"-m infra.forkserver"`),
+    that names a module by its folder works only from the repository's root."""
+    pattern = old_module_names()
+    found = []
+    for folder in LAYERS:
+        for module, tree in sources(folder):
+            found += [(module, name) for name in imported_names(tree) if name.split(".")[0] in FOLDER_NAMES]
+            found += [(module, node.value) for node in ast.walk(tree)
+                      if isinstance(node, ast.Constant) and isinstance(node.value, str) and pattern.search(node.value)]
+    for path in sorted((ROOT / "tests").glob("*.py")):  # the tests name modules to patch, run and import
+        tree = ast.parse(path.read_text(), str(path))
+        found += [(path.name, name) for name in imported_names(tree) if name.split(".")[0] in FOLDER_NAMES]
+        found += [(path.name, node.value) for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                  and isinstance(node.value, str) and pattern.search(node.value) and path.name != "test_layers.py"]
+    assert not found, found
+
+
+def test_the_layers_here_are_the_packages_pyproject_installs():
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert tool["package-dir"] == {package: folder for folder, package in LAYERS.items()}
+    assert sorted(tool["packages"]) == sorted(LAYERS.values())

@@ -178,7 +178,9 @@ def test_logged_model_carries_its_signature_an_input_example_and_its_code(finish
     assert info.saved_input_example_info is not None
     # the code it runs travels with it: a machine with its pip requirements serves it
     local = Path(mlflow.artifacts.download_artifacts("models:/captune-cnn-lstm@champion", dst_path=str(tmp_path)))
-    assert all((local / "code" / package / "__init__.py").is_file() for package in ("data", "infra", "trainables"))
+    code = local / "code" / "captune"  # a `captune` package of the layers it runs, and no other
+    assert sorted(p.name for p in code.iterdir()) == ["__init__.py", "data", "infra", "trainables"]
+    assert all((code / package / "__init__.py").is_file() for package in ("data", "infra", "trainables"))
     assert not list(local.rglob("__pycache__"))
 
 

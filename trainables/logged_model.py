@@ -12,14 +12,14 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from captune.infra.mlflow_store import PROJECT_ROOT
+from captune.infra.package_files import package_folder
 from captune.trainables.catalog import CAPTION_BEAM
 from captune.trainables.checkpoint import FILENAME, read_payload, without_optimizer
 from captune.trainables.serving import example_image
 
 MODEL_NAME = "model"  # the logged model's name inside a run
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-MODEL_CODE = ("data", "infra", "trainables")  # the packages a logged model runs: it carries them
+MODEL_CODE = ("captune.data", "captune.infra", "captune.trainables")  # the packages a logged model runs: it carries them
 
 
 def log_captioner(checkpoint: Path, registered_name: str | None = None):
@@ -30,15 +30,26 @@ def log_captioner(checkpoint: Path, registered_name: str | None = None):
     was logged with. Returns the ModelInfo."""
     max_len = int(read_payload(checkpoint).get("train_config", {}).get("max_len", 30))
     with tempfile.TemporaryDirectory(prefix="captune-model-") as folder:
-        code = [shutil.copytree(PROJECT_ROOT / package, Path(folder) / "code" / package,
-                                ignore=shutil.ignore_patterns("__pycache__")) for package in MODEL_CODE]
         return mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=str(PYFUNC_FILE), code_paths=[str(c) for c in code],
+            name=MODEL_NAME, python_model=str(PYFUNC_FILE), code_paths=[str(model_code(Path(folder) / "code"))],
             artifacts={"checkpoint": str(without_optimizer(checkpoint, Path(folder) / FILENAME))},
             registered_model_name=registered_name, pip_requirements=_requirements(),
             signature=_signature(max_len), input_example=(pd.DataFrame({"image": [example_image()]}),
                                                           {"beam": CAPTION_BEAM, "max_len": max_len}),
         )
+
+
+def model_code(folder: Path) -> Path:
+    """A `captune` package in `folder` that holds only what a logged model runs (MODEL_CODE), as
+    they are installed here: MLflow puts its parent first on the serving process's sys.path, so
+    the model imports `captune.trainables...` from it, whether or not captune is installed there."""
+    package = folder / "captune"
+    package.mkdir(parents=True)
+    shutil.copy2(package_folder("captune") / "__init__.py", package)
+    for name in MODEL_CODE:
+        shutil.copytree(package_folder(name), package / name.rpartition(".")[2],
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return package
 
 
 def _signature(max_len: int):
