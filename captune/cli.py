@@ -10,6 +10,7 @@ from pathlib import Path
 from captune.commands import (cmd_caption, cmd_check, cmd_compare, cmd_evaluate, cmd_features, cmd_leaderboard,
                               cmd_record, cmd_sweep, cmd_synth, cmd_train)
 from captune.infra.errors import UserError
+from captune.infra.package_files import package_folder
 from captune.infra.raycluster import signal_name, stop_on_signals
 from captune.trainables.catalog import ARCHS, CAPTION_BEAM, MAX_BEAM, OBJECTIVES, RESNET_ENCODERS, VGG_ENCODERS
 
@@ -132,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     f.set_defaults(run=cmd_features)
 
+    sweeps = package_folder("captune.search")  # where the sweep files are installed (not imported: --help stays light)
     w = sub.add_parser("sweep", help="Ray Tune + Optuna search per architecture, on validation BLEU-4 or CIDEr-D")
     w.add_argument("--data", required=True, help="dataset folder (any Flickr8k layout)")
     w.add_argument("--arch", default=",".join(ARCHS), help="comma-separated architectures (default: both)")
@@ -141,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="validation score to maximise: bleu4 or cider (CIDEr-D) (default: the config's, bleu4)")
     w.add_argument("--name", default="captune-sweep", help="sweep name: MLflow experiment and Tune folder; letters, "
                    "digits, '.', '_' and '-', starting with a letter or a digit, at most 100 characters, no '..'")
-    w.add_argument("--config", help="sweep YAML (default: search/spaces.yaml)")
+    w.add_argument("--config", help=f"sweep YAML (default: {sweeps / 'spaces.yaml'}; a smaller one that runs "
+                                    f"in minutes: {sweeps / 'demo.yaml'}; copy one to change it)")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a setting for all trials")
     w.add_argument("--workers-per-trial", type=_positive, default=1, help="DDP workers per trial")
     w.add_argument("--gpus-per-worker", type=float, default=0.0,

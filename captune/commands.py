@@ -3,6 +3,7 @@ its body: `captune --help`, or a refused option, answers before torch, Ray or ML
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -233,7 +234,7 @@ def cmd_sweep(args) -> int:
                                   f"and `captune compare {args.name} --data {args.data}"
                                   f"{f' --seeds {req.seeds}' if req.seeds else ''}` finish the report (a "
                                   f"replicate already trained is reused)") from None
-    print(f"\nMLflow UI: {_ui_command(args.tracking_uri)}\nOptuna Dashboard (pip install -e '.[dashboard]'): "
+    print(f"\nMLflow UI: {_ui_command(args.tracking_uri)}\nOptuna Dashboard ({_dashboard_install()}): "
           f"optuna-dashboard {optuna_url(storage_root(args.storage), args.name)} --host 127.0.0.1"
           f"\nleaderboard: {_leaderboard_url(args.name, args.tracking_uri)}")
     return 0 if any(o.champion for o in outcomes) else 1
@@ -263,14 +264,31 @@ def cmd_compare(args) -> int:
 
 
 def _ui_command(tracking_uri: str | None) -> str:
-    from captune.infra.mlflow_store import default_tracking_uri
+    """How to open the MLflow UI on the sweep's store: the checkout's mlflow/server.sh where it
+    serves that store, else the `mlflow server` command itself (an installed captune has no script)."""
+    from captune.infra.mlflow_store import checkout_server_script, default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith("http"):
         return f"open {uri}"
-    if uri == f"sqlite:///{Path('mlflow').resolve() / 'mlflow.db'}" or "/mlflow/mlflow.db" in uri:
-        return "mlflow/server.sh   # then open http://127.0.0.1:5000"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    script = checkout_server_script()
+    if script and uri == f"sqlite:///{script.parent / 'mlflow.db'}":
+        shown = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script
+        return f"{shlex.quote(str(shown))}   # then open http://127.0.0.1:5000"
+    return (f"mlflow server --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
+            f"   # then open http://127.0.0.1:5000")
+
+
+def _dashboard_install() -> str:
+    """The install command of the dashboard extra, its pin read from captune's own metadata (an
+    installed captune has no '.[dashboard]' to point at)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        pins = [r.split(";")[0].strip() for r in requires("captune") or [] if "extra == \"dashboard\"" in r]
+    except PackageNotFoundError:
+        pins = []
+    return f"pip install {shlex.quote(pins[0] if pins else 'optuna-dashboard')}"
 
 
 def _leaderboard_url(sweep: str, tracking_uri: str | None) -> str:

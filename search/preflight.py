@@ -8,6 +8,7 @@ import torch
 
 from captune.data.prepare import PreparedData, prepare_data
 from captune.search.request import ArchSearch
+from captune.search.space import DEFAULT_FILE
 from captune.trainables.config import ConfigError, TrainConfig
 from captune.trainables.feature_job import FeatureSet, build_features
 from captune.trainables.features import prepare_with_features
@@ -48,6 +49,6 @@ def check_vocabulary(data: PreparedData, search: ArchSearch, config_file: str | 
     try:
         data.vocabulary(highest)
     except ValueError as e:
-        where = f"{config_file or 'search/spaces.yaml'} [{search.arch}]" if "vocab_threshold" in search.space.searched \
+        where = f"{config_file or DEFAULT_FILE} [{search.arch}]" if "vocab_threshold" in search.space.searched \
             else "the configuration"
         raise ConfigError(f"{where}: {e}") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 from captune.data.cache import default_cache_dir
 from captune.infra.mlflow_names import SEEDS_TAG
 from captune.infra.storage import is_uri
-from captune.search.space import SearchSpace, SweepSettings, load_spaces
+from captune.search.space import DEFAULT_FILE, SearchSpace, SweepSettings, load_spaces
 from captune.trainables.catalog import ARCHS, OBJECTIVES
 from captune.trainables.config import ConfigError, TrainConfig, compose, preset_layers, replace
 
@@ -146,7 +146,7 @@ def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
             raise ConfigError(f"--metric {req.metric!r}: choose one of {', '.join(OBJECTIVES)}")
         settings.metric = req.metric
     settings.grace_period = min(settings.grace_period, settings.max_epochs)
-    source = str(req.config_file or "search/spaces.yaml")
+    source = str(req.config_file or DEFAULT_FILE)  # the installed file, wherever captune is installed
     searches = []
     for arch in req.archs:
         space = spaces[arch]
