@@ -47,9 +47,6 @@ class _Relay:
                 raise FileNotFoundError(f"{artifact_uri}: holds no file named {name}")
             return found[0].read_bytes()
 
-    def where(self) -> str:
-        return self.tracking_uri
-
 
 def start_relay(tracking_uri: str):
     """A relay to the store `tracking_uri`, on this node (the driver's). It ends with the driver."""
@@ -58,7 +55,7 @@ def start_relay(tracking_uri: str):
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(num_cpus=0, max_concurrency=16)(_Relay)
-    return actor.options(scheduling_strategy=here, name=None).remote(tracking_uri)
+    return actor.options(scheduling_strategy=here).remote(tracking_uri)
 
 
 class RelayClient:
@@ -83,10 +80,10 @@ class RelayClient:
         try:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
             # The store's own exception (requests' ConnectionError, MlflowException, sqlalchemy's
             # OperationalError), as a local client raises it: callers tell outages by it.
-            raise (e.cause if isinstance(getattr(e, "cause", None), Exception) else cause) from None
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, Exception) else e.as_instanceof_cause()) from None
 
     def __reduce__(self):
         return RelayClient, (self.relay,)

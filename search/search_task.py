@@ -179,7 +179,8 @@ def _search_note(outcome: ArchOutcome, experiment_id: str, sweep: str) -> str:
     """The parent run's description in the MLflow UI (markdown)."""
     head = f"**{outcome.arch}** search of sweep `{sweep}`: {outcome.trials} trials, {outcome.errors} failed."
     if not outcome.best:
-        return f"{head} {outcome.no_model_text()[0].upper()}{outcome.no_model_text()[1:]}."
+        why = outcome.no_model_text()
+        return f"{head} {why[0].upper()}{why[1:]}."
     best, champion = outcome.best, outcome.champion or {}
     registered = (f" Registered as `{champion['name']}` version {champion['version']}"
                   + (", now the champion." if champion.get("promoted") else ", not the champion (the current one "
