@@ -20,7 +20,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=6, help="per architecture (search/spaces.yaml: 6)")
+    parser.add_argument("--trials", type=int, default=6, help="per architecture (search/spaces.yaml: 24)")
     parser.add_argument("--epochs", type=int, default=None, help="default: search/spaces.yaml's max_epochs")
     parser.add_argument("--data", default=None, help="default: a fresh copy of the built-in dataset")
     parser.add_argument("--sweep", help="measure a sweep that already ran (e.g. `make demo`'s) instead of running one")

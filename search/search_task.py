@@ -12,7 +12,6 @@ from mlflow.entities import RunTag
 from optuna.storages import RDBStorage
 from ray import tune
 from ray.tune import Checkpoint
-from ray.tune.schedulers import ASHAScheduler
 
 from captune.infra.mlflow_logging import metric_entities, unavailable
 from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CONCURRENT_TAG,
@@ -27,6 +26,7 @@ from captune.search.objective import MODE, end_state, objective, sampler_seed
 from captune.search.progress import ProgressEvents, held_back, quiet_libraries
 from captune.search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command
 from captune.search.searcher import ResumableOptunaSearch
+from captune.search.strategy import make_sampler, make_scheduler, sampler_line
 from captune.search.slots import SharedSlots, pool_name
 from captune.search.space import SweepSettings
 from captune.search.trial import TrialSetup, trial_trainable
@@ -66,11 +66,11 @@ def run_search(job: SearchJob) -> ArchOutcome:
     else:
         searcher = ResumableOptunaSearch(max_epochs=settings.max_epochs, score=settings.metric,
                                          points_to_evaluate=[search.default_point],
-                                         seed=sampler_seed(settings.seed, arch),
+                                         sampler=make_sampler(settings.sampler, sampler_seed(settings.seed, arch),
+                                                              settings.sampler_args, settings.trials),
                                          storage=RDBStorage(optuna_url(job.root, req.name)),
                                          study_name=job.experiment)
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=settings.max_epochs, grace_period=settings.grace_period,
-                                  reduction_factor=settings.reduction_factor)
+        scheduler = make_scheduler(settings.max_epochs, settings.grace_period, settings.reduction_factor)
         client.set_tag(job.parent_run_id, CONCURRENT_TAG, str(job.concurrent))
         limit = None
         if job.slots:
@@ -80,7 +80,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
         else:
             limit, at_once = job.concurrent, f"up to {job.concurrent} at a time"
         progress.note(f"{settings.trials} trials, {at_once}, {settings.max_epochs} epochs at most; "
-                      f"results in {job.path}")
+                      f"{sampler_line(settings)}; results in {job.path}")
         tuner = tune.Tuner(
             trainable, param_space=search.space.to_tune(),
             tune_config=tune.TuneConfig(metric=objective(settings.metric), mode=MODE, search_alg=searcher, scheduler=scheduler,

@@ -9,6 +9,7 @@ from typing import Any
 
 from ray import tune
 
+from captune.search.strategy import DEFAULT_SAMPLER_ARGS, SAMPLERS, SamplerError, make_sampler
 from captune.trainables.catalog import ARCHS, OBJECTIVES
 from captune.trainables.config import KEYS, ConfigError, TrainConfig, read_yaml_mapping
 
@@ -26,6 +27,8 @@ class SweepSettings:
     max_concurrent: int = 0  # 0: as many trials as the cluster's CPUs (or GPUs) hold
     max_failures: int = 2  # restarts of a trial whose process died, from its last checkpoint
     metric: str = "bleu4"  # the validation score the search optimises (captune.search.objective): bleu4 or cider
+    sampler: str = "tpe"  # Optuna's sampler (captune.search.strategy.SAMPLERS) and its keyword arguments
+    sampler_args: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLER_ARGS["tpe"]))
 
 
 @dataclass
@@ -77,16 +80,31 @@ def _settings(section: dict, source: str) -> SweepSettings:
     for key, value in section.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
-        if key == "metric":
-            if value not in OBJECTIVES:
-                raise ConfigError(f"{source}: metric={value!r} must be one of {', '.join(OBJECTIVES)}")
+        if key == "sampler_args":
+            continue  # checked below, against the sampler
+        if key in ("metric", "sampler"):
+            allowed = OBJECTIVES if key == "metric" else SAMPLERS
+            if value not in allowed:
+                raise ConfigError(f"{source}: {key}={value!r} must be one of {', '.join(allowed)}")
             values[key] = value
             continue
         lowest = 0 if key in ("seed", "max_concurrent", "max_failures") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
             raise ConfigError(f"{source}: {key}={value!r} must be an integer >= {lowest}")
         values[key] = value
+    kind = values.get("sampler", "tpe")
+    values["sampler_args"] = _sampler_args(kind, dict(section.get("sampler_args", DEFAULT_SAMPLER_ARGS[kind])), source)
     return SweepSettings(**values)
+
+
+def _sampler_args(kind: str, value, source: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: sampler_args must be a mapping of {kind}'s keyword arguments, got {value!r}")
+    try:
+        make_sampler(kind, 0, value)  # refused here, naming the file, not when the search starts
+    except SamplerError as e:
+        raise ConfigError(f"{source}: sampler_args: {e}") from None
+    return value
 
 
 def _space(arch: str, section: dict, source: str) -> SearchSpace:

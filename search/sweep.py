@@ -34,6 +34,7 @@ from captune.search.request import (ArchOutcome, ArchSearch, SearchJob, SweepExi
 from captune.search.search_task import run_search
 from captune.search.slots import create_pool
 from captune.search.space import SweepSettings
+from captune.search.strategy import startup_trials
 from captune.trainables.config import ConfigError
 from captune.trainables.feature_job import shared_feature_folder
 
@@ -267,6 +268,7 @@ def _parent_run(client, experiment_id: str, req: SweepRequest, settings: SweepSe
             **{f"base.{k}": v for k, v in base.to_dict().items()}, **vars(settings),
             "data": str(Path(req.data_root).resolve()), "workers_per_trial": req.workers_per_trial,
             "gpus_per_worker": req.gpus_per_worker, "sampler_seed": sampler_seed(settings.seed, arch),
+            "sampler_startup_trials": settings.sampler_args.get("n_startup_trials", startup_trials(settings.trials)),
             "storage": root}))
     client.update_run(parent_id, status="RUNNING")
     parent = client.get_run(parent_id)

@@ -263,6 +263,17 @@ def test_a_sweep_file_s_metric_is_checked(synth_dir, tmp_path, capsys):
     settings, searches = plan(SweepRequest("m", str(synth_dir), config_file=str(sweep_yaml(tmp_path / "c.yaml", 2, 1,
                                                                                              metric="cider"))))
     assert settings.metric == "cider" and all(s.base.metric == "cider" for s in searches)  # every trial's too
+    config = sweep_yaml(tmp_path / "p.yaml", 2, 1, sampler="cmaes")
+    assert main(["sweep", "--data", str(tmp_path), "--name", "m", "--config", str(config)]) == 2
+    assert f"{config} [sweep]: sampler='cmaes' must be one of tpe, gp, random" in capsys.readouterr().err
+    config = sweep_yaml(tmp_path / "q.yaml", 2, 1, sampler_args={"n_startup": 3})
+    assert main(["sweep", "--data", str(tmp_path), "--name", "m", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config} [sweep]: sampler_args: tpe takes no argument 'n_startup' (the seed is the sweep's); it " \
+           f"takes consider_prior" in err and "n_startup_trials" in err
+    config = sweep_yaml(tmp_path / "g.yaml", 2, 1, sampler="gp")  # gp's own default arguments, not TPE's
+    settings, _ = plan(SweepRequest("m", str(synth_dir), config_file=str(config)))
+    assert settings.sampler == "gp" and settings.sampler_args == {}
     settings, _ = plan(SweepRequest("m", str(synth_dir), metric="bleu4", config_file=str(tmp_path / "c.yaml")))
     assert settings.metric == "bleu4"  # --metric wins over the file
 
