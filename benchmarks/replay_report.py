@@ -33,7 +33,6 @@ def fmt_s(t: float) -> str:
 
 
 def fmt_ratio(r: float) -> str:
-    """0 when random search never reached the target in the median and this strategy did."""
     return "—" if math.isnan(r) else "never" if math.isinf(r) else f"{r:.2f}"
 
 
@@ -55,7 +54,8 @@ def rows_for(runs: list[dict], arch: str, workers: int) -> list[dict]:
                     "anytime": np.array([r["anytime"] for r in rs])})
     base = next((o["median"] for o in out if o["strategy"] == BASELINE), math.nan)
     for o in out:
-        o["ratio"] = o["median"] / base if base > 0 else math.nan  # inf / inf: nan
+        # random search never reached the target in the median: no ratio (inf / inf, x / inf)
+        o["ratio"] = o["median"] / base if 0 < base < math.inf else math.nan
     return sorted(out, key=lambda o: (o["median"], -o["pick_test"]))
 
 

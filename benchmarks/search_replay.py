@@ -220,6 +220,7 @@ def catalog(epochs: int) -> list[Strategy]:
         Strategy("Hyperband (random + Optuna HyperbandPruner, rf 3)", "random", stopper="hyperband", grace=1, rf=3),
         Strategy("BOHB-like (TPE + Optuna HyperbandPruner, rf 3)", "tpe", stopper="hyperband", grace=1, rf=3),
         Strategy("GP (full training)", "gp"),
+        Strategy("GP + ASHA(2, 2) + preset", "gp", stopper="asha", grace=2, rf=2, preset_first=True),
         Strategy("captune today: TPE(10 random) + ASHA(2, 2) + preset", "tpe-ray", stopper="asha", grace=2, rf=2,
                  preset_first=True),
         ours(10, 2, 2, preset=False), ours(3, 2, 2), ours(4, 2, 2), ours(6, 2, 2), ours(16, 2, 2),
