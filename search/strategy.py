@@ -48,7 +48,7 @@ def make_sampler(kind: str, seed: int, args: dict | None = None, trials: int | N
     unknown = sorted(set(args) - set(known))
     if unknown:
         raise SamplerError(f"{kind} takes no argument {', '.join(map(repr, unknown))} (the seed is the sweep's); "
-                           f"it takes {', '.join(known)}")
+                           f"it takes {', '.join(known) or 'none'}")
     with warnings.catch_warnings():  # multivariate, group, constant_liar and GP are "experimental" in Optuna 5.0
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
