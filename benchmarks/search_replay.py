@@ -220,8 +220,9 @@ def catalog(epochs: int) -> list[Strategy]:
         Strategy("Hyperband (random + Optuna HyperbandPruner, rf 3)", "random", stopper="hyperband", grace=1, rf=3),
         Strategy("BOHB-like (TPE + Optuna HyperbandPruner, rf 3)", "tpe", stopper="hyperband", grace=1, rf=3),
         Strategy("GP (full training)", "gp"),
+        Strategy("GP + preset (full training)", "gp", preset_first=True),
         Strategy("GP + ASHA(2, 2) + preset", "gp", stopper="asha", grace=2, rf=2, preset_first=True),
-        Strategy("captune today: TPE(10 random) + ASHA(2, 2) + preset", "tpe-ray", stopper="asha", grace=2, rf=2,
+        Strategy("captune before N: TPE(10 random) + ASHA(2, 2) + preset", "tpe-ray", stopper="asha", grace=2, rf=2,
                  preset_first=True),
         ours(10, 2, 2, preset=False), ours(3, 2, 2), ours(4, 2, 2), ours(6, 2, 2), ours(16, 2, 2),
         *[ours(10, g, rf) for g, rf in ((1, 2), (1, 3), (2, 3), (3, 2)) if g * rf <= epochs],
@@ -385,9 +386,17 @@ def sweep_budget(args) -> None:
     """Each candidate strategy with a sweep's trial count, in a sweep file's narrower space, on
     `--workers` slots per architecture: the simulated time it takes and the champion it registers,
     to set a trial count that costs what today's did."""
-    today = next(s for s in catalog(6) if s.name.startswith("captune today"))
-    candidates = [(today, 6)] + [(s, n) for s in catalog(6) for n in args.trial_counts
-                                          if any(s.name.startswith(o) for o in (args.only or []))]
+    from captune.search.strategy import startup_trials
+
+    def scaled(s: Strategy, n: int) -> list[Strategy]:  # as a sweep of n trials builds it (search.strategy.make_sampler)
+        if s.sampler not in ("tpe", "gp") or "n_startup_trials" in s.args:
+            return [s]
+        return [replace(s, name=f"{s.name} [start-up {k}]", args={**s.args, "n_startup_trials": k})
+                for k in (args.startups or [startup_trials(n)])]
+
+    today = next(s for s in catalog(6) if s.name.startswith("captune before N"))
+    candidates = [(today, 6)] + [(v, n) for s in catalog(6) for n in args.trial_counts
+                                 if any(s.name.startswith(o) for o in (args.only or [])) for v in scaled(s, n)]
     archs = list(load_tables(args.table, args.metric)[1])
     tasks = [(args.table, args.metric, args.sweep_budget, s, a, args.workers[0], n, seed)
              for s, n in candidates for a in archs for seed in range(args.seeds)]
@@ -443,6 +452,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="instead: the strategies of --only with each of --trial-counts trials, against captune's "
                         "today with 6, in this sweep file's space on --workers slots (its first value)")
     p.add_argument("--trial-counts", type=int, nargs="+", default=[6, 8, 10, 12, 16])
+    p.add_argument("--startups", type=int, nargs="+",
+                   help="with --sweep-budget: these random start-ups (the preset counts) instead of the scaled default")
     args = p.parse_args(argv)
     if args.sweep_budget:
         return sweep_budget(args)

@@ -2,10 +2,11 @@
 parent run: `importance_<param>` metrics (Optuna's fANOVA importances, seeded) and three charts
 under `search_analysis/` (importances, optimization history, parallel coordinates).
 
-What they explain: each trial's objective (its best validation score in the sweep's metric) by the
-grace period's epoch, which ASHA lets every trial reach. Finished trials alone would be few (ASHA
-stops about half) and chosen by how they began; a stopped trial's final value is a truncated
-score. At one epoch for all, every trial counts and each counts alike. With fewer than MIN_TRIALS
+What they explain: each trial's objective (its best validation score in the sweep's metric) by one
+epoch every trial reaches (captune.search.strategy.analysis_epoch): the last when every trial is
+trained to the end, ASHA's grace period when ASHA stops trials. Finished trials alone would then be
+few (ASHA stops about half) and chosen by how they began; a stopped trial's final value is a
+truncated score. At one epoch for all, every trial counts and each counts alike. With fewer than MIN_TRIALS
 such trials an importance says nothing: none is logged, and the tag `captune.importance_note` says
 how many it needs.
 """

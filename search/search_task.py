@@ -1,5 +1,6 @@
 """One architecture's search, in the Ray task the sweep driver starts for it: a Ray Tune run of
-Optuna (TPE) and ASHA over the trials, recorded in MLflow, then its champion registered and its
+an Optuna sampler over the trials (captune.search.strategy: the GP by default, every trial trained
+to the end, or ASHA stopping poor ones), recorded in MLflow, then its champion registered and its
 image-blind control trained. torch stays out of this process until the champion is registered."""
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from captune.search.objective import MODE, end_state, objective, sampler_seed
 from captune.search.progress import ProgressEvents, held_back, quiet_libraries
 from captune.search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command
 from captune.search.searcher import ResumableOptunaSearch
-from captune.search.strategy import make_sampler, make_scheduler, sampler_line
+from captune.search.strategy import analysis_epoch, make_sampler, sampler_line, scheduler_for, stopping_line
 from captune.search.slots import SharedSlots, pool_name
 from captune.search.space import SweepSettings
 from captune.search.trial import TrialSetup, trial_trainable
@@ -70,7 +71,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
                                                               settings.sampler_args, settings.trials),
                                          storage=RDBStorage(optuna_url(job.root, req.name)),
                                          study_name=job.experiment)
-        scheduler = make_scheduler(settings.max_epochs, settings.grace_period, settings.reduction_factor)
+        scheduler = scheduler_for(settings)
         client.set_tag(job.parent_run_id, CONCURRENT_TAG, str(job.concurrent))
         limit = None
         if job.slots:
@@ -80,7 +81,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
         else:
             limit, at_once = job.concurrent, f"up to {job.concurrent} at a time"
         progress.note(f"{settings.trials} trials, {at_once}, {settings.max_epochs} epochs at most; "
-                      f"{sampler_line(settings)}; results in {job.path}")
+                      f"{sampler_line(settings)}; {stopping_line(settings)}; results in {job.path}")
         tuner = tune.Tuner(
             trainable, param_space=search.space.to_tune(),
             tune_config=tune.TuneConfig(metric=objective(settings.metric), mode=MODE, search_alg=searcher, scheduler=scheduler,
@@ -171,7 +172,7 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
     client.set_tag(parent_id, NOTE_TAG, _search_note(outcome, experiment_id, req.name))
     # (the study's URL as the driver worked it out: this task may run where CAPTUNE_STORAGE is not set)
     log_search_analysis(client, parent_id, study_url, study_name,
-                        list(search.space.searched), at_epoch=settings.grace_period, metric=metric)
+                        list(search.space.searched), at_epoch=analysis_epoch(settings), metric=metric)
     return outcome
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ray import tune
 
-from captune.search.strategy import DEFAULT_SAMPLER_ARGS, SAMPLERS, SamplerError, make_sampler
+from captune.search.strategy import DEFAULT_SAMPLER_ARGS, EARLY_STOPPING, SAMPLERS, SamplerError, make_sampler
 from captune.trainables.catalog import ARCHS, OBJECTIVES
 from captune.trainables.config import KEYS, ConfigError, TrainConfig, read_yaml_mapping
 
@@ -19,16 +19,17 @@ KINDS = ("loguniform", "uniform", "int", "choice")
 
 @dataclass
 class SweepSettings:
-    trials: int = 6
+    trials: int = 12
     max_epochs: int = 12
-    grace_period: int = 3
+    early_stopping: str = "none"  # "asha" or "none" (captune.search.strategy.EARLY_STOPPING)
+    grace_period: int = 3  # ASHA's, when early_stopping is "asha"
     reduction_factor: int = 2
     seed: int = 0
     max_concurrent: int = 0  # 0: as many trials as the cluster's CPUs (or GPUs) hold
     max_failures: int = 2  # restarts of a trial whose process died, from its last checkpoint
     metric: str = "bleu4"  # the validation score the search optimises (captune.search.objective): bleu4 or cider
-    sampler: str = "tpe"  # Optuna's sampler (captune.search.strategy.SAMPLERS) and its keyword arguments
-    sampler_args: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLER_ARGS["tpe"]))
+    sampler: str = "gp"  # Optuna's sampler (captune.search.strategy.SAMPLERS) and its keyword arguments
+    sampler_args: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLER_ARGS["gp"]))
 
 
 @dataclass
@@ -82,8 +83,8 @@ def _settings(section: dict, source: str) -> SweepSettings:
             raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
         if key == "sampler_args":
             continue  # checked below, against the sampler
-        if key in ("metric", "sampler"):
-            allowed = OBJECTIVES if key == "metric" else SAMPLERS
+        if key in ("metric", "sampler", "early_stopping"):
+            allowed = {"metric": OBJECTIVES, "sampler": SAMPLERS, "early_stopping": EARLY_STOPPING}[key]
             if value not in allowed:
                 raise ConfigError(f"{source}: {key}={value!r} must be one of {', '.join(allowed)}")
             values[key] = value
@@ -92,7 +93,7 @@ def _settings(section: dict, source: str) -> SweepSettings:
         if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
             raise ConfigError(f"{source}: {key}={value!r} must be an integer >= {lowest}")
         values[key] = value
-    kind = values.get("sampler", "tpe")
+    kind = values.get("sampler", SweepSettings.sampler)
     values["sampler_args"] = _sampler_args(kind, dict(section.get("sampler_args", DEFAULT_SAMPLER_ARGS[kind])), source)
     return SweepSettings(**values)
 

@@ -1,7 +1,9 @@
-"""A search's strategy: the Optuna sampler that draws its configurations and the ASHA scheduler
-that stops poor trials early, built from the sweep file's settings. The one place that builds
-them, for a sweep (captune.search.search_task) and for the replay that chose their defaults on
-recorded learning curves (benchmarks/search_replay.py, README "How the search was chosen").
+"""A search's strategy: the Optuna sampler that draws its configurations and, if asked, the ASHA
+scheduler that stops poor trials early, built from the sweep file's settings. The one place that
+builds them, for a sweep (captune.search.search_task) and for the replay that chose their defaults
+on recorded learning curves (benchmarks/search_replay.py, README "How the search was chosen"): Optuna's
+GP sampler training every trial to the end found the best configuration soonest, at 2, 4 and 16
+trials at a time, ahead of TPE and of any ASHA or Hyperband stopping.
 
 Ray's `OptunaSearch(seed=...)` would build `TPESampler(seed=...)` with Optuna's default of 10
 random draws before TPE acts: in a search of 6 or 12 trials TPE would never, or once, act.
@@ -16,6 +18,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
             "random": optuna.samplers.RandomSampler}
+EARLY_STOPPING = ("none", "asha")  # every trial trained to max_epochs, or ASHA's stops
 
 
 # Each sampler's arguments when a sweep file gives none (README "How the search was chosen").
@@ -24,10 +27,10 @@ DEFAULT_SAMPLER_ARGS = {"tpe": {}, "gp": {}, "random": {}}
 
 
 def startup_trials(trials: int) -> int:
-    """Random draws before TPE's (or GP's) model acts, when the sweep file does not say: a third of
-    the search's trials, at least 3 (the preset, enqueued first, counts as one) and at most Optuna's
-    10. Optuna's fixed 10 left TPE nothing to do in a search of 6 or 12 trials; on the recorded
-    curves 10 did as well as fewer in searches of 50-100 trials, and 3 beat 10 in one of 6."""
+    """Random draws before the GP's (or TPE's) model acts, when the sweep file does not say: a third
+    of the search's trials, at least 3 (the preset, enqueued first, counts as one) and at most
+    Optuna's 10. Optuna's fixed 10 left the model nothing to do in a search of 6 or 12 trials; on the
+    recorded curves 10 did as well as fewer in searches of 50-100 trials, and 3 beat 10 in one of 6."""
     return min(10, max(3, trials // 3))
 
 
@@ -68,6 +71,27 @@ def sampler_line(settings) -> str:
         return f"{name} never proposes a trial: all {settings.trials} are the preset and random draws " \
                f"(it starts after {startup}; more trials let it act)"
     return f"{name} proposes {proposed} after the preset and {startup - 1} random draw(s)"
+
+
+def stopping_line(settings) -> str:
+    """How a search of these SweepSettings ends its trials, in words, for the console."""
+    if settings.early_stopping == "none":
+        return "every trial trained to the end"
+    return f"ASHA stops poor trials from epoch {settings.grace_period} (keeps the best 1/{settings.reduction_factor})"
+
+
+def scheduler_for(settings) -> ASHAScheduler | None:
+    """The Tune scheduler of a search of these SweepSettings: None (Tune's FIFO, every trial to
+    max_epochs) unless the sweep file asks for ASHA."""
+    if settings.early_stopping == "none":
+        return None
+    return make_scheduler(settings.max_epochs, settings.grace_period, settings.reduction_factor)
+
+
+def analysis_epoch(settings) -> int:
+    """The epoch the parameter importances look at: ASHA's grace period, which every trial reaches,
+    or the last epoch when every trial is trained to the end."""
+    return settings.grace_period if settings.early_stopping == "asha" else settings.max_epochs
 
 
 def make_scheduler(max_epochs: int, grace_period: int, reduction_factor: int) -> ASHAScheduler:

@@ -64,7 +64,8 @@ def finished_sweep(ray_cluster, synth_dir, tmp_path_factory) -> SimpleNamespace:
 
     folder = tmp_path_factory.mktemp("s1")
     tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
-    config = sweep_yaml(folder / "sweep.yaml", trials=3, epochs=2)
+    config = sweep_yaml(folder / "sweep.yaml", trials=3, epochs=2, sampler="gp", early_stopping="none",
+                        sampler_args={"n_startup_trials": 2})  # the shipped default strategy, the GP acting once
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config),

@@ -168,7 +168,9 @@ def test_a_full_disk_is_named_and_loses_no_finished_epoch(ray_cluster, synth_dir
                 kept.add(int(read_payload(folder / "model.pt")["epoch"]))
             except Exception:  # the one being written when the disk filled up
                 pass
-        assert min(kept) == 1 and max(kept) >= 2  # the finished epochs' checkpoints are there, for --resume
+        # The finished epochs' checkpoints are there for --resume: training keeps two (the best by score,
+        # Ray keeping the latest too), so which two depends on whether the disk filled during epoch 3 or 4.
+        assert len(kept) >= 2 and max(kept) >= 2, kept
 
 
 def test_a_store_locked_at_start_is_refused_before_anything_starts(synth_dir, tmp_path):

@@ -266,6 +266,9 @@ def test_a_sweep_file_s_metric_is_checked(synth_dir, tmp_path, capsys):
     config = sweep_yaml(tmp_path / "p.yaml", 2, 1, sampler="cmaes")
     assert main(["sweep", "--data", str(tmp_path), "--name", "m", "--config", str(config)]) == 2
     assert f"{config} [sweep]: sampler='cmaes' must be one of tpe, gp, random" in capsys.readouterr().err
+    config = sweep_yaml(tmp_path / "e.yaml", 2, 1, early_stopping="hyperband")
+    assert main(["sweep", "--data", str(tmp_path), "--name", "m", "--config", str(config)]) == 2
+    assert f"{config} [sweep]: early_stopping='hyperband' must be one of none, asha" in capsys.readouterr().err
     config = sweep_yaml(tmp_path / "q.yaml", 2, 1, sampler_args={"n_startup": 3})
     assert main(["sweep", "--data", str(tmp_path), "--name", "m", "--config", str(config)]) == 2
     err = capsys.readouterr().err

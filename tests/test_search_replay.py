@@ -145,15 +145,17 @@ def test_sampler_settings_reach_optuna_and_bad_ones_are_named():
         make_sampler("tpe", 0, {"seed": 3})
 
 
-def test_the_shipped_sweep_files_let_tpe_propose_half_their_trials_or_more():
-    from captune.search.space import load_spaces
+def test_the_shipped_sweep_files_are_the_replays_winner_and_let_it_propose_half_their_trials_or_more():
+    from captune.search.space import SweepSettings, load_spaces
     from captune.search.strategy import startup_trials
 
     root = Path(__file__).resolve().parent.parent / "search"
     for name in ("spaces.yaml", "demo.yaml"):
         settings = load_spaces(root / name)[0]
         startup = settings.sampler_args.get("n_startup_trials", startup_trials(settings.trials))
-        assert settings.sampler == "tpe" and settings.trials - startup >= settings.trials / 2, name
+        assert (settings.sampler, settings.early_stopping) == ("gp", "none"), name  # "GP + preset (full training)"
+        assert settings.trials - startup >= settings.trials / 2, name
+    assert (SweepSettings().sampler, SweepSettings().early_stopping) == ("gp", "none")  # a file that does not say
     assert [startup_trials(n) for n in (1, 6, 12, 24, 30, 100)] == [3, 3, 4, 8, 10, 10]
 
 
@@ -164,5 +166,10 @@ def test_a_sweep_records_its_sampler_and_start_up(finished_sweep):
     exp = client.get_experiment_by_name("s1")
     parents = client.search_runs([exp.experiment_id], "tags.`captune.kind` = 'search'")
     assert len(parents) == 2
-    for run in parents:  # 3 trials: the preset and 2 random draws, TPE never acts
-        assert run.data.params["sampler"] == "tpe" and run.data.params["sampler_startup_trials"] == "3"
+    for run in parents:  # 3 trials: the preset, 1 random draw, then the GP proposes one; none stopped early
+        assert run.data.params["sampler"] == "gp" and run.data.params["sampler_startup_trials"] == "2"
+        assert run.data.params["early_stopping"] == "none"
+    trials = client.search_runs([exp.experiment_id], "tags.`captune.kind` = 'trial'")
+    assert len(trials) == 6 and {t.data.tags["captune.end_state"] for t in trials} == {"finished"}
+    assert "the GP sampler proposes 1 after the preset and 1 random draw(s); every trial trained to the end" \
+        in finished_sweep.out
