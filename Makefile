@@ -1,10 +1,11 @@
-# Everything a fresh machine needs: `make demo` (the main job) and `make test` (what CI runs).
+# Everything a fresh machine needs: `make demo` (the main job) and `make test` (what CI runs;
+# `make test-fast` for iterating).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= datasets/synth
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-fast setup clean
 
 setup: $(VENV)/.installed
 
@@ -31,8 +32,13 @@ demo: $(VENV)/.installed $(DATA)/captions.txt
 	$(BIN)/captune data check $(DATA)
 	$(BIN)/captune sweep --data $(DATA) --name $(SWEEP) --config $(SWEEP_FILE) --seeds $(SEEDS) --metric $(METRIC)
 
+# The whole suite (what CI runs); every test's seconds land in runs/test-durations.json.
 test: $(VENV)/.installed
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q
+
+# For iterating: the tests that need no Ray cluster, sweep or server (tests/conftest.py marks the rest slow).
+test-fast: $(VENV)/.installed
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf runs $(DATA)

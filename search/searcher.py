@@ -13,9 +13,10 @@ driver killed between the two leaves the snapshot behind the study: a trial the 
 may run again, and a trial the study handed out may be unknown to Tune.
 
 Relies on OptunaSearch's private attributes (Ray 2.60): `_ot_trials` (Tune trial id -> optuna
-Trial), `_ot_study`, `_points_to_evaluate`, `_study_name`, `_storage`, and on `set_search_properties`
-enqueueing `_points_to_evaluate` into the study (again, on a restore). The first test to break on
-an upgrade: tests/test_sweep.py::test_killed_sweep_resumes_with_study_matching_tune.
+Trial), `_ot_study`, `_points_to_evaluate`, `_study_name`, `_storage`, `_space`, `_completed_trials`,
+and on `set_search_properties` enqueueing `_points_to_evaluate` into the study (again, on a
+restore). The first test to break on an upgrade:
+tests/test_contracts.py::test_ray_optuna_search_private_attributes_captune_searcher_relies_on.
 """
 from __future__ import annotations
 

@@ -84,3 +84,46 @@ def attached(ray) -> dict:
 @pytest.fixture()
 def tracking_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+# --- test tiers and durations ---------------------------------------------------------------------
+# `make test-fast` runs `-m "not slow"` (about a minute): every test that needs no Ray cluster, sweep,
+# server or processes of its own. A test using the shared cluster or sweep is marked here by its
+# fixtures; one that starts its own is marked `@pytest.mark.slow` where it is defined (any test over
+# 3 s in runs/test-durations.json).
+SLOW_FIXTURES = {"ray_cluster", "finished_sweep"}
+DURATIONS_FILE = Path(__file__).resolve().parents[1] / "runs" / "test-durations.json"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs a Ray cluster, a sweep or a server (left out by make test-fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+_durations: dict[str, dict[str, float]] = {}
+
+
+def pytest_runtest_logreport(report):
+    _durations.setdefault(report.nodeid, {})[report.when] = round(report.duration, 2)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Every test's seconds (setup, call, teardown), slowest first, in runs/test-durations.json:
+    the slow tests are known without running the suite again."""
+    import json
+    import time
+
+    if not _durations or hasattr(session.config, "workerinput"):
+        return
+    rows = sorted(({"test": k, "total": round(sum(v.values()), 2), **v} for k, v in _durations.items()),
+                  key=lambda r: -r["total"])
+    DURATIONS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    DURATIONS_FILE.write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "exit_status": int(exitstatus),
+                                          "args": list(session.config.invocation_params.args),
+                                          "tests": len(rows), "seconds": round(sum(r["total"] for r in rows), 1),
+                                          "durations": rows}, indent=1))

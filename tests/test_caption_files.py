@@ -33,6 +33,7 @@ def images_in_csv(path: Path) -> list[str]:
     return [row[0] for row in rows_of(path)[1:]]
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_a_second_caption_into_a_file_being_written_is_refused_and_each_image_is_written_once(
         tiny_model, synth_dir, tmp_path):
     images = photo_folder(synth_dir, tmp_path / "photos", copies=1500)  # seconds of work, one at a time

@@ -50,6 +50,7 @@ def bad_dataset(tmp_path) -> Path:
     return root
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_bad_items_are_named_without_traceback(bad_dataset):
     check = run_cli("data", "check", str(bad_dataset))
     assert check.returncode == 1
@@ -79,6 +80,7 @@ def test_bad_settings_are_refused_naming_the_key(synth_dir, args, needle):
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_beam_widths_and_files_that_are_not_models_are_refused_clearly(tmp_path):
     image = tmp_path / "x.png"
     Image.new("RGB", (32, 32)).save(image)
@@ -123,6 +125,7 @@ def test_output_and_store_paths_that_cannot_be_written_are_refused_up_front(ray_
     assert f"--storage: {tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_unknown_layout_and_missing_model(tmp_path):
     result = run_cli("data", "check", str(tmp_path))
     assert result.returncode == 2 and "unknown dataset layout" in result.stderr

@@ -111,6 +111,7 @@ def node_cache(tmp_path, monkeypatch) -> Path:
     return folder
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_features_built_once_and_a_sweep_on_two_nodes_reads_them(node_cache, two_node_cluster, synth_dir,
                                                                   tmp_path, tracking_uri):
     # The storage is a folder both nodes see, as a shared mount would be. `captune features`

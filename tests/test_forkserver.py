@@ -50,6 +50,7 @@ def first_line(proc: subprocess.Popen) -> dict:
     return json.loads(proc.stdout.readline())
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_worker_runs_as_a_fork_with_the_stand_ins_arguments_streams_and_exit_status(worker_script):
     proc = stand_in(worker_script, "exit", "3", "--gcs-address=10.0.0.1:6379")
     seen = first_line(proc)
@@ -64,6 +65,7 @@ def test_worker_runs_as_a_fork_with_the_stand_ins_arguments_streams_and_exit_sta
     assert seen["preloaded"]  # the training code was imported before the fork
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_a_server_leaves_no_files_once_its_raylet_has_ended(tmp_path):
     raylet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # stands in for a raylet
     path = os.path.join(_private_folder(), f"{raylet.pid}-testonly.sock")

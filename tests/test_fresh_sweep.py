@@ -5,6 +5,7 @@ import os
 import time
 from types import SimpleNamespace
 
+import pytest
 from captune.search.request import SweepRequest, plan
 from mlflow import MlflowClient
 from tests.test_sweep import sweep_yaml
@@ -29,6 +30,7 @@ def _first_trial(tracking_uri: str, sweep: str, experiment_id: str, parent_id: s
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_two_searches_start_their_first_trials_together_on_a_new_experiment(synth_dir, tmp_path):
     from captune.search.sweep import open_sweep_records
 
@@ -66,6 +68,7 @@ def _record_dataset(tracking_uri: str, run_id: str, data_root: str, start: float
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_two_runs_record_the_same_new_dataset_at_once(synth_dir, tmp_path):
     # The write that raced: MLflow adds a dataset to an experiment on its first use, so two
     # processes recording it at the same moment both try to add it (UNIQUE constraint failed).

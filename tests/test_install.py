@@ -122,6 +122,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_an_installed_captune_reads_its_files_from_the_install_in_any_folder(built, tmp_path):
     work, _, _ = built
     site = work / "site"
@@ -172,6 +173,7 @@ print(json.dumps({"captions": list(captions), "captune": sys.modules["captune.tr
 """
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_a_logged_model_runs_from_the_captune_package_it_carries(tmp_path):
     """Where captune is not installed, a logged model imports `captune.trainables` from its own code."""
     import mlflow

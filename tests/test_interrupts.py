@@ -173,6 +173,7 @@ def test_a_full_disk_is_named_and_loses_no_finished_epoch(ray_cluster, synth_dir
         assert len(kept) >= 2 and max(kept) >= 2, kept
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_a_store_locked_at_start_is_refused_before_anything_starts(synth_dir, tmp_path):
     # Another process holds the SQLite store locked: `train` and `sweep` each wait SQLite's 20 s,
     # then refuse in one paragraph naming the store, before Ray, data or any run.

@@ -2,10 +2,12 @@
 import threading
 import time
 
+import pytest
 from captune.infra.mlflow_logging import system_metrics
 from mlflow import MlflowClient
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_system_metrics_reach_the_run_created_after_the_block_began(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -160,6 +160,7 @@ def _client(hosts: dict):
     return MlflowClient(f"sqlite:///{hosts['trap_log'].parent / 'mlflow.db'}")
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_a_sweep_on_two_hosts_records_everything_through_the_head(two_hosts, synth_dir, tmp_path):
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=2, epochs=2, grace_period=2)
     done = _captune(two_hosts, "sweep", "--data", str(synth_dir), "--name", "mh", "--arch", "resnet-gru",
@@ -189,6 +190,7 @@ def test_a_sweep_on_two_hosts_records_everything_through_the_head(two_hosts, syn
     assert trapped == "", f"the worker reached for its own loopback: {trapped}"
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_a_storage_folder_only_the_driver_sees_is_refused_naming_the_node(two_hosts, synth_dir, tmp_path):
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=1, epochs=1)
     storage = two_hosts["private"] / "tune"

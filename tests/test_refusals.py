@@ -111,6 +111,7 @@ def restore_command(err: str, what: str) -> str:
     return commands[0]
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_a_deleted_sweep_is_named_with_its_restore_command(synth_dir, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = deleted_sweep(uri, "gone")

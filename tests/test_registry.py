@@ -8,12 +8,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 
 PROMOTER = """
 import json, sys, time
+import pytest
 from pathlib import Path
 from mlflow import MlflowClient
 from captune.search import registry
@@ -71,6 +73,7 @@ def race(tmp_path: Path, name: str, locked: bool) -> tuple:
     return str(client.get_model_version_by_alias("captune-race", "champion").version), versions, results
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_racing_promoters_leave_the_alias_on_the_stronger_model(tmp_path):
     # the same race without the lock, beside it, is the fault this guards against: the weaker model wins
     with ThreadPoolExecutor(2) as pool:

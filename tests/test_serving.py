@@ -215,6 +215,7 @@ def rows_of(path: Path) -> list[list[str]]:
     return list(csv.reader(io.StringIO(path.read_text())))
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_caption_a_folder_killed_then_rerun_writes_each_image_once(tiny_model, synth_dir, tmp_path):
     images = photo_folder(synth_dir, tmp_path / "photos", copies=400)
     assert len(images) == 401 and not any(i.endswith(".txt") for i in images)

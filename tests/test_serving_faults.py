@@ -57,6 +57,7 @@ def refusal(answer: bytes, message: str) -> bool:
             and "stack_trace" not in error and "Traceback" not in error["message"])
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_every_body_a_client_can_send_by_mistake_is_refused_in_json_without_a_stack_trace(tiny_champion, tmp_path):
     good = json.dumps({"inputs": {"image": [example_image()]}}).encode()
     mistakes = {

@@ -52,6 +52,7 @@ def _head() -> str:
     return _get_latest_schema_revision()
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_two_captune_processes_create_a_new_store_together(tmp_path):
     # Before the lock: one of the two failed inside MLflow's migration in most rounds.
     rounds = _race(tmp_path, (False, False))
@@ -63,6 +64,7 @@ def test_two_captune_processes_create_a_new_store_together(tmp_path):
         assert schema_revision(db) == _head() and not debris(db)
 
 
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
 def test_captune_waits_for_another_program_creating_the_store(tmp_path):
     # `mlflow ui` (a plain client) creating the store as a captune command starts: captune goes
     # on once the store is complete, and the store is usable afterwards whatever the other did.

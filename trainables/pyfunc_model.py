@@ -106,7 +106,7 @@ def answer_request_faults_in_json() -> None:
     The `/invocations` handler `scoring_server.init` builds looks `invocations` up among the
     module's globals at each request, so wrapping it there, in this process, reaches every request
     (the model loads before the first one). Stack traces go to the server's log. Breaks first:
-    tests/test_serving.py::test_scoring_server_internals_the_request_guard_relies_on."""
+    tests/test_serving_faults.py::test_scoring_server_internals_the_request_guard_relies_on."""
     original = scoring_server.invocations
     if getattr(original, "captune_guard", False):
         return

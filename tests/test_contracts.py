@@ -1,0 +1,91 @@
+"""Contract tests: each checks, in well under a second and without a sweep, one assumption captune
+makes about a library's private behaviour (docs/ARCHITECTURE.md, "Library internals"), so that an
+upgrade that breaks it fails here first, by name, before any end-to-end test."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from ray import tune
+
+
+@pytest.fixture()
+def optuna_search(tmp_path):
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    search = OptunaSearch(points_to_evaluate=[{"lr": 0.002}], sampler=optuna.samplers.RandomSampler(seed=0),
+                          storage=optuna.storages.RDBStorage(storage), study_name="contract")
+    return search, storage
+
+
+def test_ray_optuna_search_private_attributes_captune_searcher_relies_on(optuna_search, tmp_path):
+    # captune.search.searcher.ResumableOptunaSearch reads and writes these (Ray 2.60).
+    search, storage = optuna_search
+    assert search._space is None and search._points_to_evaluate == [{"lr": 0.002}]
+    assert search._study_name == "contract" and search._storage is not None
+    assert isinstance(search._completed_trials, set)
+    # set_search_properties creates the study and enqueues the points to evaluate into it
+    assert search.set_search_properties("score", "max", {"lr": tune.loguniform(1e-4, 1e-2)})
+    assert isinstance(search._ot_study, optuna.Study)
+    config = search.suggest("t1")
+    assert config == {"lr": 0.002}  # the enqueued point first
+    trial = search._ot_trials["t1"]
+    assert isinstance(trial, optuna.Trial) and isinstance(trial._trial_id, int)
+    frozen = search._ot_study._storage.get_trial(trial._trial_id)
+    assert frozen.state == optuna.trial.TrialState.RUNNING and frozen._trial_id == trial._trial_id
+    # save and restore carry the Tune trial -> Optuna trial map
+    search.save(str(tmp_path / "searcher.pkl"))
+    from ray.tune.search.optuna import OptunaSearch
+
+    again = OptunaSearch(sampler=optuna.samplers.RandomSampler(seed=0))
+    again.restore(str(tmp_path / "searcher.pkl"))
+    assert set(again._ot_trials) == {"t1"} and again._ot_trials["t1"]._trial_id == trial._trial_id
+
+
+def test_ray_asha_bracket_rule_the_replay_mirrors():
+    # benchmarks/search_replay.py's AshaRule restates ray.tune.schedulers.async_hyperband._Bracket
+    # (rungs at grace * rf**k, the cut the (1 - 1/rf) nanpercentile of the scores recorded before,
+    # a trial recorded once per rung): the same events must get the same decisions.
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from search_replay import AshaRule
+
+    rng = np.random.default_rng(0)
+    for grace, rf, max_t in ((1, 2, 8), (2, 2, 6), (1, 3, 9), (3, 2, 12)):
+        ray_bracket, ours = _Bracket(grace, max_t, rf, 0), AshaRule(grace, max_t, rf)
+        alive = {i: 0 for i in range(24)}
+        while alive:
+            trial = int(rng.choice(list(alive)))
+            alive[trial] += 1
+            t, score = alive[trial], float(rng.random())
+            theirs = ray_bracket.on_result(SimpleNamespace(trial_id=str(trial)), t, score) == TrialScheduler.STOP
+            assert ours._on_result(str(trial), t, score) == theirs, (grace, rf, max_t, trial, t)
+            if theirs or t >= max_t:
+                del alive[trial]
+
+
+def test_ray_concurrency_limiter_state_shared_slots_relies_on(optuna_search):
+    # captune.search.slots.SharedSlots subclasses ConcurrencyLimiter: it reads `live_trials` and
+    # `max_concurrent`, and saves its own fields by copying `__dict__` as ConcurrencyLimiter's
+    # get_state does (less `searcher`), set_state putting them back (Ray 2.60).
+    from ray.tune.search import ConcurrencyLimiter
+
+    search, _ = optuna_search
+    limiter = ConcurrencyLimiter(search, max_concurrent=1)
+    assert limiter.searcher is search and limiter.max_concurrent == 1
+    assert limiter.set_search_properties("score", "max", {"lr": tune.loguniform(1e-4, 1e-2)})
+    assert limiter.suggest("t1") is not None and limiter.live_trials == {"t1"}
+    assert limiter.suggest("t2") is None  # full: refused, as SharedSlots refuses before taking a slot
+    limiter.extra = "kept"
+    state = limiter.get_state()
+    assert "searcher" not in state and state["extra"] == "kept" and state["live_trials"] == {"t1"}
+    fresh = ConcurrencyLimiter(search, max_concurrent=5)
+    fresh.set_state(state)
+    assert fresh.extra == "kept" and fresh.max_concurrent == 1 and fresh.searcher is search
