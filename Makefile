@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 $(DATA)/captions.txt: | $(VENV)/.installed
 	$(BIN)/captune data synth --out $(DATA)
 
-# Main job: a sweep on the built-in dataset: both architectures, Ray Tune + Optuna + ASHA on
+# Main job: a sweep on the built-in dataset: both architectures, Ray Tune + Optuna (GP sampler) on
 # validation BLEU-4 (METRIC=cider: CIDEr-D), every trial in MLflow (mlflow/mlflow.db), champions
 # registered, each against its image-blind control; then the champions compared over SEEDS new
 # seeds each.

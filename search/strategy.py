@@ -1,7 +1,7 @@
 """A search's strategy: the Optuna sampler that draws its configurations and, if asked, the ASHA
 scheduler that stops poor trials early, built from the sweep file's settings. The one place that
 builds them, for a sweep (captune.search.search_task) and for the replay that chose their defaults
-on recorded learning curves (benchmarks/search_replay.py, README "How the search was chosen"): Optuna's
+on recorded learning curves (benchmarks/search_replay.py, docs/SEARCH.md): Optuna's
 GP sampler training every trial to the end found the best configuration soonest, at 2, 4 and 16
 trials at a time, ahead of TPE and of any ASHA or Hyperband stopping.
 
@@ -21,7 +21,7 @@ SAMPLERS = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
 EARLY_STOPPING = ("none", "asha")  # every trial trained to max_epochs, or ASHA's stops
 
 
-# Each sampler's arguments when a sweep file gives none (README "How the search was chosen").
+# Each sampler's arguments when a sweep file gives none (docs/SEARCH.md).
 # Optuna 5's TPE is multivariate, with a constant liar for concurrent trials, already.
 DEFAULT_SAMPLER_ARGS = {"tpe": {}, "gp": {}, "random": {}}
 
