@@ -43,13 +43,14 @@ def cmd_features(args) -> int:
              **({"image_size": args.image_size} if args.image_size else {})}
     cfg = compose(arch, preset_layers(args.data, arch) + [("command line", flags), ("--set", overrides)])
     from captune.infra.raycluster import init_ray
+    from captune.trainables import WORKER_PRELOAD
     from captune.trainables.feature_job import build_features, feature_folder
 
     folder = feature_folder(args.storage)
     # Ray starts only if something is to be built: features already there are read from a
     # read-only store, and a store that cannot take new ones is refused before Ray starts.
     done = build_features(args.data, cfg, folder, images_from=args.images_from,
-                          connect=lambda: init_ray(args.address))
+                          connect=lambda: init_ray(args.address, preload=WORKER_PRELOAD))
     verb = "built" if done.built else "already there"
     print(f"features of {done.shape[0]:,} images ({cfg.encoder}, {cfg.image_size}px, "
           f"{done.shape[1]} values each): {verb}, {done.seconds:.1f} s"

@@ -26,6 +26,7 @@ from captune.infra.mlflow_relay import start_relay
 from captune.infra.mlflow_store import require_answering_store, require_free_space, require_writable_store, writable_folder
 from captune.infra.raycluster import Interrupted, init_ray, require_resources, root_cause, signal_name
 from captune.infra.sizing import cpus_per_worker_alone
+from captune.trainables import WORKER_PRELOAD
 from captune.trainables.catalog import SCORES
 from captune.trainables.checkpoint import FILENAME, CheckpointError, read_payload
 from captune.trainables.config import TrainConfig
@@ -53,7 +54,7 @@ def run_train(cfg: TrainConfig, data_root: str | Path, out: str | Path, *, worke
     out = writable_folder(Path(out).resolve(), "--out")
     state = job_state(out, cfg, data_root, workers, use_gpu, tracking_uri, experiment, resume)
     require_writable_store(state["tracking_uri"])
-    init_ray(ray_address)
+    init_ray(ray_address, preload=WORKER_PRELOAD)
     cpus = cpus_per_worker_alone(workers)
     require_resources(workers, cpus, 1.0 if use_gpu else 0.0, ray_address)
     require_answering_store(state["tracking_uri"])

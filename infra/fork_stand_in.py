@@ -21,13 +21,29 @@ RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.
 START_TIMEOUT_S = 180.0
 
 
-def worker_command() -> str:
-    """The `py_executable` that makes a Ray job's workers forks of the node's fork server."""
-    return f"{shlex.quote(sys.executable)} -m captune.infra.fork_stand_in"  # Ray runs it through bash
+PRELOAD_OPTION = "--preload="
 
 
-def stand_in(worker_argv: list[str]) -> None:
-    """Run the worker as a fork of the server, or, when there is none, exec it the usual way."""
+def worker_command(preload: tuple[str, ...] = ()) -> str:
+    """The `py_executable` that makes a Ray job's workers forks of the node's fork server, which
+    preloads the modules `preload` names (what the workers will run) as well as Ray's libraries."""
+    command = f"{shlex.quote(sys.executable)} -m captune.infra.fork_stand_in"  # Ray runs it through bash
+    return f"{command} {shlex.quote(PRELOAD_OPTION + ','.join(preload))}" if preload else command
+
+
+def main(argv: list[str]) -> None:
+    """`fork_stand_in [--preload=M1,M2] WORKER_ARGV...`: Ray appends the worker's own arguments to
+    the command worker_command() gave it."""
+    preload: tuple[str, ...] = ()
+    if argv and argv[0].startswith(PRELOAD_OPTION):
+        preload = tuple(m for m in argv[0][len(PRELOAD_OPTION):].split(",") if m)
+        argv = argv[1:]
+    stand_in(argv, preload)
+
+
+def stand_in(worker_argv: list[str], preload: tuple[str, ...] = ()) -> None:
+    """Run the worker as a fork of the server (which preloads `preload`), or, when there is none,
+    exec it the usual way."""
     raylet = os.getppid()  # Ray execs the worker command in the process the raylet started
     # Ray's State API, used inside Train's actors (its placement-group cleaner), finds "the" local
     # cluster by looking for GCS processes and fails when this machine runs two (two commands at
@@ -37,7 +53,7 @@ def stand_in(worker_argv: list[str]) -> None:
         os.environ.setdefault("RAY_ADDRESS", gcs)
     request = {"argv": worker_argv, "env": dict(os.environ), "cwd": os.getcwd(), "pgid": os.getpgrp()}
     try:
-        conn = _connect(socket_path(raylet), raylet)
+        conn = _connect(socket_path(raylet, preload), raylet, preload)
         socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
         reply = conn.recv(MESSAGE_BYTES)
         if not reply:
@@ -65,7 +81,7 @@ def _relay(pid: int, signum: int) -> None:
         pass
 
 
-def _connect(path: str, raylet: int) -> socket.socket:
+def _connect(path: str, raylet: int, preload: tuple[str, ...]) -> socket.socket:
     try:
         return _dial(path)
     except OSError:
@@ -75,7 +91,7 @@ def _connect(path: str, raylet: int) -> socket.socket:
         try:
             return _dial(path)
         except OSError:
-            return _start_server(path, raylet)
+            return _start_server(path, raylet, preload)
 
 
 def _dial(path: str) -> socket.socket:
@@ -88,13 +104,13 @@ def _dial(path: str) -> socket.socket:
     return conn
 
 
-def _start_server(path: str, raylet: int) -> socket.socket:
+def _start_server(path: str, raylet: int, preload: tuple[str, ...]) -> socket.socket:
     _remove_stale(os.path.dirname(path))
     log = path[:-len(".sock")] + ".log"
     # `-m` puts the working folder first on sys.path: the server's is its private folder, which holds
     # no module to shadow the ones it preloads (captune itself is found wherever it is installed).
     with open(log, "ab") as out:
-        server = subprocess.Popen([sys.executable, "-m", "captune.infra.forkserver", path, str(raylet)],
+        server = subprocess.Popen([sys.executable, "-m", "captune.infra.forkserver", path, str(raylet), *preload],
                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                   process_group=0, cwd=os.path.dirname(path))
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -122,4 +138,4 @@ def _remove_stale(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    stand_in(sys.argv[1:])
+    main(sys.argv[1:])

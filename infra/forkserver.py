@@ -39,20 +39,21 @@ import traceback
 from captune.infra.fingerprint import files_fingerprint
 from captune.infra.package_files import code_files
 
-# What a trial process imports, but Ray: its native library seeds the generator of placement group
-# ids as it loads, so workers forked after loading it would all make the same ids (seen here: two
-# searches' trials given one placement group). Each worker loads Ray itself (about 94 MB of private
-# memory); the libraries Ray needs are preloaded.
-PRELOAD = ("torch", "torchvision", "nltk", "pandas", "pyarrow", "requests", "pydantic", "google.protobuf",
-           "jsonschema", "fsspec", "click", "msgpack", "mlflow", "captune.trainables.loop")
+# The libraries a Ray worker imports, but Ray itself: its native library seeds the generator of
+# placement group ids as it loads, so workers forked after loading it would all make the same ids
+# (seen here: two searches' trials given one placement group). Each worker loads Ray itself (about
+# 94 MB of private memory). What the workers run (the training code and its libraries) is the
+# caller's to name: `init_ray(preload=...)`, passed down by the stand-in's command.
+BASE_PRELOAD = ("pyarrow", "requests", "pydantic", "google.protobuf", "jsonschema", "fsspec", "click", "msgpack")
 MESSAGE_BYTES = 1 << 20
 
 
-def socket_path(raylet_pid: int) -> str:
-    """One server per raylet and version of the project's code (file names, sizes, times), in a
-    folder only this user can enter: whoever can connect can have the server run code."""
+def socket_path(raylet_pid: int, preload: tuple[str, ...] = ()) -> str:
+    """One server per raylet, version of the project's code (file names, sizes, times) and list of
+    preloaded modules, in a folder only this user can enter: whoever can connect can have the
+    server run code."""
     code = files_fingerprint(code_files())  # the project's code: a change restarts the server
-    digest = hashlib.sha1(f"{sys.executable}\0{code}".encode()).hexdigest()[:10]
+    digest = hashlib.sha1(f"{sys.executable}\0{code}\0{','.join(preload)}".encode()).hexdigest()[:10]
     return os.path.join(_private_folder(), f"{raylet_pid}-{digest}.sock")
 
 
@@ -66,12 +67,14 @@ def _private_folder() -> str:
     return folder
 
 
-def serve(path: str, raylet: int) -> None:
-    for name in PRELOAD:
+def serve(path: str, raylet: int, preload: tuple[str, ...] = ()) -> None:
+    """Preload BASE_PRELOAD and the caller's `preload`, then fork a worker for each stand-in that
+    connects, until the raylet ends."""
+    for name in (*BASE_PRELOAD, *preload):
         importlib.import_module(name)
     if "ray" in sys.modules:
-        raise RuntimeError("the fork server must not load Ray before forking (see PRELOAD); "
-                           f"imported by one of {PRELOAD}")
+        raise RuntimeError("the fork server must not load Ray before forking (see BASE_PRELOAD); "
+                           f"imported by one of {(*BASE_PRELOAD, *preload)}")
     # Objects that exist now are never collected; a collection in a child would otherwise write to
     # every one of them and copy the pages they lie on.
     gc.collect()
@@ -201,5 +204,5 @@ def _end_with_stand_in(conn: socket.socket) -> None:
     os._exit(1)
 
 
-if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]))
+if __name__ == "__main__":  # forkserver.py SOCKET RAYLET_PID [MODULE ...]
+    serve(sys.argv[1], int(sys.argv[2]), tuple(sys.argv[3:]))

@@ -19,7 +19,10 @@ class ClusterTooSmall(UserError, ValueError):
     """A job asks for more workers, CPUs or GPUs than the Ray cluster has."""
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, preload: tuple[str, ...] = ()) -> None:
+    """Connect to Ray (a running cluster at `address` or RAY_ADDRESS, else a new local one). With
+    fork workers on (fork_workers), every worker is forked from a server that has imported
+    `preload`: the modules this job's workers run, named by the caller (infra imports no layer)."""
     import ray
 
     if ray.is_initialized():
@@ -27,7 +30,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # Ray 2.60 warns at every start that token authentication is on (its default): nothing to do
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"py_executable": worker_command()} if fork_workers(remote=bool(address)) else None
+    runtime_env = {"py_executable": worker_command(preload)} if fork_workers(remote=bool(address)) else None
     if address:
         ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
     else:

@@ -30,6 +30,7 @@ from captune.search.mlflow_trials import find_or_create_run
 from captune.search.objective import DEFAULT_METRIC, metric_of, objective
 from captune.search.request import storage_root
 from captune.search.reruns import RerunJob, run_reruns
+from captune.trainables import WORKER_PRELOAD
 from captune.trainables.catalog import SCORE_LABELS, SCORES
 from captune.trainables.config import ConfigError, split_seed_of
 from captune.trainables.evaluation import caption_split
@@ -117,7 +118,7 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
     cluster's trial slots at once; per architecture each test score's mean and standard
     deviation, and the paired bootstraps of the pooled replicates (their statistics added image
     by image)."""
-    init_ray(address)
+    init_ray(address, preload=WORKER_PRELOAD)
     relay = start_relay(uri)  # the replicates may train on any node: they record through this node
     gpus = max(float(parent.data.params.get("gpus_per_worker", 0)) for parent, _, _ in champions.values())
     cpus = sizing.cpus_per_worker(address, gpus)

@@ -35,6 +35,7 @@ from captune.search.search_task import run_search
 from captune.search.slots import create_pool
 from captune.search.space import SweepSettings
 from captune.search.strategy import startup_trials
+from captune.trainables import WORKER_PRELOAD
 from captune.trainables.config import ConfigError
 from captune.trainables.feature_job import shared_feature_folder
 
@@ -67,7 +68,7 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     uri = configure(req.tracking_uri)
     client = mlflow.MlflowClient(uri)
     restorable = _check_name(client, uri, req, root, [search.arch for search in searches], settings.metric)
-    init_ray(req.address)
+    init_ray(req.address, preload=WORKER_PRELOAD)
     if req.gpus_per_worker > 0:
         _wait_for_gpus(req)
     cpus = sizing.cpus_per_worker(req.address, req.gpus_per_worker)

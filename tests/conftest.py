@@ -45,10 +45,11 @@ def ray_cluster():
     import ray
 
     from captune.infra.raycluster import init_ray
+    from captune.trainables import WORKER_PRELOAD
 
     # As the CLI starts it: more logical CPUs than this 2-core machine has (or Train workers wait
     # for a CPU forever) and the dashboard, whose State API frees a stopped trial's placement group.
-    init_ray(num_cpus=4)
+    init_ray(num_cpus=4, preload=WORKER_PRELOAD)
     yield ray
     ray.shutdown()
 

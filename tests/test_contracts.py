@@ -89,3 +89,34 @@ def test_ray_concurrency_limiter_state_shared_slots_relies_on(optuna_search):
     fresh = ConcurrencyLimiter(search, max_concurrent=5)
     fresh.set_state(state)
     assert fresh.extra == "kept" and fresh.max_concurrent == 1 and fresh.searcher is search
+
+
+def test_ray_train_switches_captune_sets():
+    # captune.trainables.ray_train sets RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (the controller sees a
+    # stop within 0.5 s) and RAY_TRAIN_ENABLE_PRINT_PATCH=0 (rank 0's epoch line printed once): Ray
+    # Train 2.60 reads them by these names (the controller the first, the print patch the second),
+    # and carries both from the driver to the controller and its workers.
+    import inspect
+
+    from ray.train.v2._internal import constants
+    from ray.train.v2._internal.execution.controller import controller
+    from ray.train.v2._internal.logging import patch_print
+
+    assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    assert constants.ENABLE_PRINT_PATCH_ENV_VAR == "RAY_TRAIN_ENABLE_PRINT_PATCH"
+    assert "os.getenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR" in inspect.getsource(controller)
+    assert "ENABLE_PRINT_PATCH_ENV_VAR" in inspect.getsource(patch_print)
+    assert {constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR, constants.ENABLE_PRINT_PATCH_ENV_VAR} <= constants.ENV_VARS_TO_PROPAGATE
+
+
+def test_atexit_run_exitfuncs_the_fork_server_calls():
+    # A forked worker ends with os._exit (never returning into the server's loop), so it runs the
+    # worker's atexit handlers itself through CPython's private atexit._run_exitfuncs.
+    import atexit
+    import subprocess
+    import sys
+
+    code = ("import atexit, os; atexit.register(print, 'handler ran', flush=True); "
+            "atexit._run_exitfuncs(); os._exit(0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "handler ran\n" and callable(atexit._run_exitfuncs)

@@ -12,8 +12,11 @@ import time
 import psutil
 import pytest
 
-from captune.infra.fork_stand_in import _remove_stale
+from captune.infra.fork_stand_in import PRELOAD_OPTION, _remove_stale
 from captune.infra.forkserver import _private_folder, socket_path
+from captune.trainables import WORKER_PRELOAD
+
+PRELOAD = PRELOAD_OPTION + ",".join(WORKER_PRELOAD)  # as worker_command(WORKER_PRELOAD) gives it to Ray
 
 WORKER = textwrap.dedent("""
     import json, os, sys, time
@@ -33,14 +36,14 @@ def worker_script(tmp_path_factory):
     path.write_text(WORKER)
     yield path
     # The server serves this test process (as it would a raylet) until it ends; end it now.
-    server = socket_path(os.getpid())
+    server = socket_path(os.getpid(), WORKER_PRELOAD)
     for p in psutil.process_iter(["cmdline"]):
         if server in (p.info["cmdline"] or []):
             p.terminate()
 
 
 def stand_in(script, *args, **env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "captune.infra.fork_stand_in", str(script), *args],
+    return subprocess.Popen([sys.executable, "-m", "captune.infra.fork_stand_in", PRELOAD, str(script), *args],
                             stdout=subprocess.PIPE, text=True, cwd=script.parent,
                             env={**os.environ, "CAPTUNE_TEST_VALUE": "from the stand-in", **env},
                             process_group=0)  # as Ray starts a worker: in a group of its own
@@ -118,7 +121,7 @@ def test_without_a_server_the_worker_starts_plainly(worker_script, tmp_path):
     (tmp_path / "nltk.py").write_text("raise ImportError('broken on purpose by the test')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "CAPTUNE_TEST_VALUE": "plain"}
     # Through a shell, so that the stand-in's parent (its "raylet") has no server yet.
-    proc = subprocess.Popen(["sh", "-c", f'{sys.executable} -m captune.infra.fork_stand_in "$0" exit 4', str(worker_script)],
+    proc = subprocess.Popen(["sh", "-c", f'{sys.executable} -m captune.infra.fork_stand_in {PRELOAD} "$0" exit 4', str(worker_script)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     seen = first_line(proc)
     assert proc.wait(timeout=120) == 4

@@ -98,3 +98,43 @@ def test_the_layers_here_are_the_packages_pyproject_installs():
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert tool["package-dir"] == {package: folder for folder, package in LAYERS.items()}
     assert sorted(tool["packages"]) == sorted(LAYERS.values())
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring nodes of a module and its classes and functions (prose, not names)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                found.add(id(first.value))
+    return found
+
+
+MODULE_IN_STRING = re.compile(r"(?<![\w.])captune(?:\.\w+)+")
+# Names in strings that are not imports: captune.infra.package_files finds the layers' folders
+# (importlib.util.find_spec, which imports none of them) to fingerprint the project's code.
+NOT_IMPORTS = {"captune.infra.package_files": {"captune.data", "captune.trainables", "captune.search"}}
+
+
+def test_no_string_names_a_module_of_a_higher_layer():
+    """A module name kept in a string (for importlib, `python -m`, Ray, a preload list) is an import
+    all the same: it may not point up either."""
+    modules = {module for folder in LAYERS for module, _ in sources(folder)}
+    modules |= {m.rsplit(".", 1)[0] for m in modules if m.endswith(".__init__")}
+    upward = []
+    for folder, layer in LAYERS.items():
+        for module, tree in sources(folder):
+            prose = docstrings(tree)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+                    # a project module, or an attribute of one ("captune.trainables.loop.train"); not
+                    # an MLflow tag such as "captune.end_state"
+                    for name in MODULE_IN_STRING.findall(node.value):
+                        if not any(name == m or name.startswith(m + ".") for m in modules if m not in ("captune", "captune.__init__")):
+                            continue
+                        target = layer_of(name)
+                        if target is not None and target != layer and target not in MAY_IMPORT[layer] \
+                                and name not in NOT_IMPORTS.get(module, ()):
+                            upward.append((module, name))
+    assert not upward, upward

@@ -416,10 +416,18 @@ def test_the_trial_entry_preloads_the_training_code_in_an_actor_only(ray_cluster
 
     from captune.search.trial import _Entry
 
+    from captune.trainables import WORKER_PRELOAD
+
+    # The fork server preloads captune.trainables.loop into every worker: what _Entry's import shows
+    # in an actor is ray_train, which neither the server nor loop imports.
+    assert "captune.trainables.ray_train" not in WORKER_PRELOAD
+    code = "import sys, captune.trainables.loop; print('captune.trainables.ray_train' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
     @ray.remote(num_cpus=0)
     class TrialLike:
         def holds(self, entry) -> bool:  # Ray rebuilt `entry` in this actor's process
-            return type(entry).__name__ == "_Entry" and "captune.trainables.loop" in sys.modules
+            return type(entry).__name__ == "_Entry" and "captune.trainables.ray_train" in sys.modules
 
     assert ray.get(TrialLike.remote().holds.remote(_Entry()))
     code = ("import sys; from captune.search.trial import _entry; _entry(); "
