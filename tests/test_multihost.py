@@ -62,10 +62,26 @@ def _run(*command: str, **kwargs) -> subprocess.CompletedProcess:
     return done
 
 
+_TAKEN: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port below Linux's ephemeral range (32768-60999) and above Ray's worker ports (10002-19999):
+    one the kernel handed out (port 0) could be handed again to a Ray process binding port 0 in the
+    new namespace before the server that was meant to have it binds it (seen: MLflow's, once)."""
+    import random
+
+    while True:
+        port = random.randint(20000, 32000)
+        if port in _TAKEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _TAKEN.add(port)
+        return port
 
 
 @pytest.fixture(scope="module")
