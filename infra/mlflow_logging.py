@@ -115,6 +115,17 @@ class EpochLogger:
                     time.sleep(5)
 
 
+def find_or_create_run(client, experiment_id: str, tags: dict[str, str], run_name: str,
+                       extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """The run carrying all `tags`, or a new one with them (a sweep's search parent, its comparison
+    run: found again on a resume). Returns (run_id, created)."""
+    found = client.search_runs([experiment_id], filter_string=tags_filter(tags), max_results=1)
+    if found:
+        return found[0].info.run_id, False
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **(extra_tags or {})})
+    return run.info.run_id, True
+
+
 def last_logged_epoch(client, run_id: str, key: str = "bleu4") -> int:
     """The last epoch a run holds (its per-epoch `key`): 0 for a new run."""
     return max((m.step for m in client.get_metric_history(run_id, key)), default=0)

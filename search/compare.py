@@ -18,7 +18,7 @@ import ray
 from mlflow import MlflowClient
 
 from captune.infra import sizing
-from captune.infra.mlflow_logging import metric_entities, optional_step, param_entities
+from captune.infra.mlflow_logging import find_or_create_run, metric_entities, optional_step, param_entities
 from captune.infra.mlflow_names import (ARCH_TAG, CHART_NOTE_PREFIX, COMPARE_KEY_TAG, CONTROLLED, KIND_TAG, NOTE_TAG,
                                 SWEEP_TAG, champion_record, control_record)
 from captune.infra.mlflow_relay import start_relay
@@ -26,7 +26,6 @@ from captune.infra.mlflow_store import configure
 from captune.infra.raycluster import init_ray
 from captune.search.bootstrap import RESAMPLES, paired_bootstrap, require_resamples
 from captune.search.leaderboard import find_sweep
-from captune.search.mlflow_trials import find_or_create_run
 from captune.search.objective import DEFAULT_METRIC, metric_of, objective
 from captune.search.request import storage_root
 from captune.search.reruns import RerunJob, run_reruns

@@ -17,10 +17,10 @@ from mlflow.entities import Metric, Param, RunTag
 from optuna.trial import TrialState
 from ray.tune import Callback
 
-from captune.infra.mlflow_logging import unavailable
+from captune.infra.mlflow_logging import find_or_create_run, unavailable
 from captune.infra.mlflow_names import (ARCH_TAG, CHAMPION_TRIAL_TAG, EPOCHS_RUN_TAG, ERROR_TAG, KIND_TAG, LAST_RESTART_TAG,
                                 NODE_TAG, NOTE_TAG, OPTUNA_TRIAL_TAG, RESTARTS_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG,
-                                TRIAL_TAG, tags_filter, trial_run_name)
+                                TRIAL_TAG, trial_run_name)
 from captune.infra.mlflow_store import record_dataset
 from captune.infra.raycluster import root_cause
 from captune.search.objective import DIVERGED, FAILED, end_state, objective, trial_order
@@ -30,17 +30,6 @@ from captune.trainables.catalog import SCORE_LABELS, SCORES
 LOGGED = ("loss", *SCORES, *(f"best_{k}" for k in SCORES), "best_epoch", "epoch_seconds", "val_seconds")
 ONCE = ("setup_seconds", "vocab_size")  # a trial's constants: logged with its first epoch only
 RETRY_EVERY_S = 5.0
-
-
-def find_or_create_run(client: MlflowClient, experiment_id: str, tags: dict[str, str], run_name: str,
-                       extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
-    """The run carrying all `tags`, or a new one with them. Returns (run_id, created)."""
-    query = tags_filter(tags)
-    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
-    if found:
-        return found[0].info.run_id, False
-    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **(extra_tags or {})})
-    return run.info.run_id, True
 
 
 class MlflowTrials(Callback):

@@ -17,14 +17,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from captune.infra import sizing
 from captune.infra.errors import UserError
-from captune.infra.mlflow_logging import param_entities, unavailable
+from captune.infra.mlflow_logging import find_or_create_run, param_entities, unavailable
 from captune.infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
 from captune.infra.mlflow_relay import start_relay
 from captune.infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
                                 record_dataset, require_answering_store, require_free_space, require_not_deleted,
                                 require_writable_store, writable_folder)
 from captune.infra.raycluster import init_ray, require_seen_by_every_node, root_cause, signal_name, wait_one
-from captune.search.mlflow_trials import find_or_create_run
 from captune.search.mlflow_view import save_leaderboard_view
 from captune.search.objective import metric_of, objective, sampler_seed
 from captune.search.preflight import FEATURE_KEYS, check_vocabulary, checkpoints_size, prepare
