@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="JSON of every run (default: next to the table)")
     p.add_argument("--sweep-budget", metavar="SWEEP_FILE",
                    help="instead: the strategies of --only with each of --trial-counts trials, against captune's "
-                        "today with 6, in this sweep file's space on --workers slots (its first value)")
+                        "search before issue N with 6, in this sweep file's space on --workers slots (its first value)")
     p.add_argument("--trial-counts", type=int, nargs="+", default=[6, 8, 10, 12, 16])
     p.add_argument("--startups", type=int, nargs="+",
                    help="with --sweep-budget: these random start-ups (the preset counts) instead of the scaled default")

@@ -119,12 +119,16 @@ def pytest_sessionfinish(session, exitstatus):
     import json
     import time
 
-    if not _durations or hasattr(session.config, "workerinput"):
+    if not _durations:
         return
     rows = sorted(({"test": k, "total": round(sum(v.values()), 2), **v} for k, v in _durations.items()),
                   key=lambda r: -r["total"])
-    DURATIONS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    DURATIONS_FILE.write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "exit_status": int(exitstatus),
-                                          "args": list(session.config.invocation_params.args),
-                                          "tests": len(rows), "seconds": round(sum(r["total"] for r in rows), 1),
-                                          "durations": rows}, indent=1))
+    try:  # a record of the run, never a reason for it to fail
+        DURATIONS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        DURATIONS_FILE.write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                              "exit_status": int(exitstatus),
+                                              "args": list(session.config.invocation_params.args),
+                                              "tests": len(rows), "seconds": round(sum(r["total"] for r in rows), 1),
+                                              "durations": rows}, indent=1))
+    except OSError as e:
+        print(f"\ntest durations not written to {DURATIONS_FILE}: {e}")

@@ -120,8 +120,7 @@ NOT_IMPORTS = {"captune.infra.package_files": {"captune.data", "captune.trainabl
 def test_no_string_names_a_module_of_a_higher_layer():
     """A module name kept in a string (for importlib, `python -m`, Ray, a preload list) is an import
     all the same: it may not point up either."""
-    modules = {module for folder in LAYERS for module, _ in sources(folder)}
-    modules |= {m.rsplit(".", 1)[0] for m in modules if m.endswith(".__init__")}
+    modules = {module.removesuffix(".__init__") for folder in LAYERS for module, _ in sources(folder)} - {"captune"}
     upward = []
     for folder, layer in LAYERS.items():
         for module, tree in sources(folder):
@@ -131,7 +130,7 @@ def test_no_string_names_a_module_of_a_higher_layer():
                     # a project module, or an attribute of one ("captune.trainables.loop.train"); not
                     # an MLflow tag such as "captune.end_state"
                     for name in MODULE_IN_STRING.findall(node.value):
-                        if not any(name == m or name.startswith(m + ".") for m in modules if m not in ("captune", "captune.__init__")):
+                        if not any(name == m or name.startswith(m + ".") for m in modules):
                             continue
                         target = layer_of(name)
                         if target is not None and target != layer and target not in MAY_IMPORT[layer] \

@@ -415,7 +415,6 @@ def test_the_trial_entry_preloads_the_training_code_in_an_actor_only(ray_cluster
     import ray
 
     from captune.search.trial import _Entry
-
     from captune.trainables import WORKER_PRELOAD
 
     # The fork server preloads captune.trainables.loop into every worker: what _Entry's import shows
