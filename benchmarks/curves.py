@@ -82,6 +82,7 @@ def train_config(task: dict) -> dict:
     from captune.trainables.checkpoint import load_checkpoint
     from captune.trainables.config import compose, preset_layers
     from captune.trainables.evaluation import caption_split
+    from captune.trainables.reporting import Reporter
     from captune.trainables.loop import Diverged, WorkerContext, train
     from captune.trainables.metrics import CaptionScorer
 
@@ -108,7 +109,7 @@ def train_config(task: dict) -> dict:
     started = time.perf_counter()
     diverged = None
     try:
-        train(cfg, task["data"], WorkerContext(report=report, echo=lambda line: None), data=data)
+        train(cfg, task["data"], WorkerContext(reporter=Reporter(sink=report), echo=lambda line: None), data=data)
     except Diverged as e:
         diverged = e.epoch
     return {"arch": task["arch"], "id": task["id"], "config": task["config"], "epochs": epochs,

@@ -60,6 +60,7 @@ def one_trial(arch: str, root: str) -> None:
     from captune.trainables.checkpoint import load_checkpoint
     from captune.trainables.config import TrainConfig
     from captune.trainables.evaluation import evaluate_split
+    from captune.trainables.reporting import Reporter
     from captune.trainables.loop import WorkerContext, train
 
     cfg = TrainConfig(arch=arch, encoder=ENCODER[arch], epochs=1, **PRESET)
@@ -70,7 +71,7 @@ def one_trial(arch: str, root: str) -> None:
             if checkpoint_dir is not None:
                 shutil.copy(Path(checkpoint_dir) / "model.pt", saved)
 
-        metrics = train(cfg, root, WorkerContext(report=keep))
+        metrics = train(cfg, root, WorkerContext(reporter=Reporter(sink=keep)))
         loaded = load_checkpoint(saved)
     timings = {}
     for beam in (1, 3):

@@ -43,6 +43,7 @@ from captune.data.synth import draw, random_scene
 from captune.trainables.config import TrainConfig
 from captune.trainables.encoders import IMAGENET_MEAN, IMAGENET_STD
 from captune.trainables.features import frozen_features, prepare_with_features
+from captune.trainables.reporting import Reporter
 from captune.trainables.loop import WorkerContext, train
 from captune.trainables.loss import linear_cross_entropy
 from captune.trainables.models import ModelConfig, build_model, packed
@@ -128,7 +129,7 @@ def our_features(root: Path, cache: Path, device: torch.device) -> float:
 def our_training(cfg: TrainConfig, root: Path, device: torch.device) -> list[dict]:
     """Every epoch's metrics from the training core itself (captune.trainables.loop.train)."""
     history: list[dict] = []
-    train(cfg, root, WorkerContext(device=device, report=lambda metrics, ckpt: history.append(metrics)))
+    train(cfg, root, WorkerContext(device=device, reporter=Reporter(sink=lambda metrics, ckpt: history.append(metrics))))
     return history
 
 

@@ -77,7 +77,7 @@ def train(arch: str, args) -> Path:
 def register(arch: str, checkpoint: Path, uri: str) -> None:
     import mlflow
     from captune.infra.mlflow_store import get_or_create_experiment
-    from captune.trainables.logged_model import log_captioner
+    from captune.serving.logged_model import log_captioner
 
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(experiment_id=get_or_create_experiment("serve-benchmark", uri)):

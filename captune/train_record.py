@@ -19,7 +19,8 @@ from captune.infra.mlflow_store import (TrackingUnavailable, configure, default_
                                 require_not_deleted)
 from captune.trainables.checkpoint import FILENAME
 from captune.trainables.config import ConfigError, TrainConfig, replace
-from captune.trainables.logged_model import log_captioner
+from captune.serving.logged_model import log_captioner
+from captune.trainables.reporting import mlflow_epoch
 
 EXPERIMENT = "captune-train"
 RUN_FILE = "run.json"  # in --out: the job's settings, its MLflow run, how it ended
@@ -210,10 +211,10 @@ def _write_record(out: Path, state: dict) -> None:
     if metrics_file.exists():
         metrics = json.loads(metrics_file.read_text())
         logged = {m.step for m in client.get_metric_history(run_id, "bleu4")}
-        for epoch in metrics["epochs"]:
+        for epoch in metrics["epochs"]:  # what the job's EpochLogger could not write, as it would have
             if epoch["epoch"] not in logged:
-                client.log_batch(run_id, metrics=metric_entities(
-                    {k: v for k, v in epoch.items() if isinstance(v, (int, float)) and k != "epoch"}, epoch["epoch"]))
+                client.log_batch(run_id, metrics=metric_entities(mlflow_epoch(epoch, first=not logged), epoch["epoch"]))
+                logged.add(epoch["epoch"])
         best = metrics["best"]
         client.log_batch(run_id, metrics=metric_entities(
             {f"best_{k}": v for k, v in best.items() if k != "epoch"} | {"best_epoch": best["epoch"]}))

@@ -67,24 +67,28 @@ def optional_step(what: str, client, run_id: str, note_tag: str) -> Iterator[Non
 
 
 class EpochLogger:
-    """Logs each epoch's numeric metrics to an existing run (rank 0 of a training job, a rerun),
-    from a thread of its own: a tracking store that is slow, locked or down never holds training
-    up or ends it. `client`: an MlflowClient, or a worker's captune.infra.mlflow_relay.RelayClient. Epochs
-    up to `logged` are in the run already (a resumed run) and not logged again. What it could not
-    write by `close` is written by the driver from the checkpoint's history
+    """Writes each epoch's metrics to an existing run (rank 0 of a training job, a rerun: see
+    captune.trainables.reporting), from a thread of its own: a tracking store that is slow,
+    locked or down never holds training up or ends it; records wait, in order, and are retried.
+    `client`: an MlflowClient, or a worker's captune.infra.mlflow_relay.RelayClient. Epochs up to
+    `logged` are in the run already (a resumed run) and not logged again. What it could not write
+    by `close` is written by the driver from the checkpoint's history
     (captune.train_record.record_run), so the record is complete either way."""
 
     def __init__(self, client, run_id: str, logged: int = 0, where: str = "MLflow"):
         self.client, self.run_id, self.logged, self.where = client, run_id, logged, where
+        self.queued = logged  # the last epoch handed to `log`
         self._queue: queue.Queue = queue.Queue()
         self._closed = threading.Event()
         self._warned = False
         self._thread = threading.Thread(target=self._write, name="captune-epoch-logger", daemon=True)
         self._thread.start()
 
-    def log(self, metrics: dict) -> None:
-        if int(metrics.get("epoch", 0)) > self.logged:
-            self._queue.put(dict(metrics))
+    def log(self, step: int, values: dict[str, float]) -> None:
+        """`values` at `step` (an epoch), unless the run holds that epoch already."""
+        if step > self.queued:
+            self.queued = step
+            self._queue.put((step, dict(values)))
 
     def close(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for the records in hand, then stop writing."""
@@ -93,12 +97,11 @@ class EpochLogger:
         self._closed.set()
 
     def _write(self) -> None:
-        while (metrics := self._queue.get()) is not None:
+        while (record := self._queue.get()) is not None:
+            step, values = record
             while not self._closed.is_set():
                 try:
-                    step = int(metrics.get("epoch", 0))
-                    self.client.log_batch(self.run_id, metrics=metric_entities(
-                        {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}, step))
+                    self.client.log_batch(self.run_id, metrics=metric_entities(values, step))
                     self.logged = max(self.logged, step)
                     break
                 except Exception as e:
@@ -107,7 +110,7 @@ class EpochLogger:
                     retry = unavailable(e)
                     if not self._warned or not retry:
                         self._warned = True
-                        print(f"{self.where} did not take epoch {metrics.get('epoch')}'s metrics "
+                        print(f"{self.where} did not take epoch {step}'s metrics "
                               f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); training goes on, "
                               f"and the record is completed when training ends", flush=True)
                     if not retry:

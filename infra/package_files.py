@@ -1,6 +1,6 @@
 """Where captune's own files lie, in a checkout and in an installed wheel alike.
 
-The layers keep their folders in the repository (`search/`, `trainables/`, `data/`, `infra/`) and
+The layers keep their folders in the repository (`search/`, `serving/`, `trainables/`, `data/`, `infra/`) and
 install as subpackages of `captune` (pyproject.toml's package-dir): in an editable install
 `captune.search` is the checkout's `search/`, beside `captune/`; in a wheel it is
 `site-packages/captune/search/`. So a layer's folder is found through the import system, never by
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-PACKAGES = ("captune", "captune.infra", "captune.data", "captune.trainables", "captune.search")
+PACKAGES = ("captune", "captune.infra", "captune.data", "captune.trainables", "captune.serving", "captune.search")
 
 
 def package_folder(name: str) -> Path:

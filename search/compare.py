@@ -28,7 +28,8 @@ from captune.search.bootstrap import RESAMPLES, paired_bootstrap, require_resamp
 from captune.search.leaderboard import find_sweep
 from captune.search.objective import DEFAULT_METRIC, metric_of, objective
 from captune.search.request import storage_root
-from captune.search.reruns import RerunJob, run_reruns
+from captune.search.rerun_job import RerunJob
+from captune.search.reruns import run_reruns
 from captune.trainables import WORKER_PRELOAD
 from captune.trainables.catalog import SCORE_LABELS, SCORES
 from captune.trainables.config import ConfigError, split_seed_of

@@ -19,7 +19,8 @@ from captune.infra.mlflow_names import (CONTROL_ERROR_TAG, CONTROL_FIELDS, CONTR
 from captune.infra.raycluster import root_cause
 from captune.search.bootstrap import paired_bootstrap
 from captune.search.progress import note
-from captune.search.reruns import RerunJob, run_reruns
+from captune.search.rerun_job import RerunJob
+from captune.search.reruns import run_reruns
 from captune.search.slots import held_slot
 from captune.trainables.catalog import SCORE_LABELS
 

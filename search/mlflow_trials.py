@@ -25,10 +25,9 @@ from captune.infra.mlflow_store import record_dataset
 from captune.infra.raycluster import root_cause
 from captune.search.objective import DIVERGED, FAILED, end_state, objective, trial_order
 from captune.search.searcher import TRIAL_ATTR
-from captune.trainables.catalog import SCORE_LABELS, SCORES
+from captune.trainables.catalog import SCORE_LABELS
+from captune.trainables.reporting import mlflow_epoch
 
-LOGGED = ("loss", *SCORES, *(f"best_{k}" for k in SCORES), "best_epoch", "epoch_seconds", "val_seconds")
-ONCE = ("setup_seconds", "vocab_size")  # a trial's constants: logged with its first epoch only
 RETRY_EVERY_S = 5.0
 
 
@@ -70,7 +69,7 @@ class MlflowTrials(Callback):
         self._record("start", trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        metrics = {k: float(result[k]) for k in LOGGED + ONCE if k in result}
+        metrics = mlflow_epoch(result, first=True)  # (the constants dropped when written, unless first)
         self._record("result", trial, epoch=int(result.get("epoch", 0)), metrics=metrics,
                      node=str(result.get("node_id", "")))
 
@@ -149,7 +148,7 @@ class MlflowTrials(Callback):
                 return  # a trial rerun from an older checkpoint than its run has seen
             now = int(time.time() * 1000)
             first = self.last_epoch.get(trial_id, 0) == 0
-            metrics = {k: v for k, v in p["metrics"].items() if first or k not in ONCE}
+            metrics = mlflow_epoch(p["metrics"], first)
             client.log_batch(run_id, metrics=[Metric(k, v, now, p["epoch"]) for k, v in metrics.items()],
                              tags=[RunTag(NODE_TAG, p["node"])] if p["node"] else [])
             self.last_epoch[trial_id] = p["epoch"]

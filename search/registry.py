@@ -26,7 +26,7 @@ from captune.trainables.checkpoint import load_checkpoint, read_payload
 from captune.trainables.config import split_seed_of
 from captune.trainables.evaluation import evaluate_split
 from captune.trainables.inference import caption_images
-from captune.trainables.logged_model import log_captioner
+from captune.serving.logged_model import log_captioner
 from captune.trainables.model_source import load_captioner
 
 # matplotlib is imported where a figure is drawn, after its Agg backend is chosen.

@@ -1,7 +1,10 @@
 """One rerun, in a Ray worker on any node: a fixed configuration trained again outside the search
-(the image-blind control of a champion, or one seed replicate of it), its best epoch scored on the
-test split, all recorded in the MLflow run the driver opened for it (captune.search.reruns), through the
-driver's relay (captune.infra.mlflow_relay): the store is the driver's, not this node's.
+(the image-blind control of a champion, or one seed replicate of it: captune.search.rerun_job),
+its best epoch scored on the test split, all recorded in the MLflow run the driver opened for it
+(captune.search.reruns), through the driver's relay (captune.infra.mlflow_relay): the store is the
+driver's, not this node's. It trains as every job does: `train`, its epochs through a Reporter
+(captune.trainables.reporting) that keeps its checkpoints in the sweep's storage and writes its
+epochs to its run.
 
 The run keeps the best validation epoch (by its configuration's metric), as a trial and `captune
 train` do, and scores that epoch on the test split with greedy search. Its latest and best
@@ -21,12 +24,10 @@ from pathlib import Path
 import torch
 
 from captune.data.prepare import PreparedData, prepare_data
-from captune.infra import storage
 from captune.infra.mlflow_logging import EpochLogger, last_logged_epoch, metric_entities
 from captune.infra.mlflow_names import ERROR_TAG, RESUMED_TAG
 from captune.infra.mlflow_relay import RelayClient
-from captune.infra.storage import put_file
-from captune.search.reruns import RerunJob
+from captune.search.rerun_job import RerunJob
 from captune.trainables.catalog import SCORES
 from captune.trainables.checkpoint import FILENAME, load_checkpoint, read_payload
 from captune.trainables.config import TrainConfig, split_seed_of
@@ -35,6 +36,7 @@ from captune.trainables.feature_job import load_feature_set
 from captune.trainables.loop import WorkerContext, train
 from captune.trainables.metrics import CaptionScorer, corpus_scores
 from captune.trainables.model_source import local_checkpoint
+from captune.trainables.reporting import KeptCheckpoints, Reporter
 
 CAPTIONS_ARTIFACT = "test_captions.json"
 
@@ -50,29 +52,21 @@ def rerun(job: RerunJob) -> dict:
     cfg = TrainConfig(**job.config).validate(f"{job.kind} run of {job.config['arch']}")
     client, run_id = RelayClient(job.relay), job.run_id
     try:
-        logger = EpochLogger(client, run_id, logged=last_logged_epoch(client, run_id), where="MLflow (through the "
-                                                                                            "driver's relay)")
         with tempfile.TemporaryDirectory(prefix="captune-rerun-") as keep:
             kept = KeptCheckpoints(job.checkpoints, Path(keep))
-
-            def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-                # Kept, then logged: MLflow never shows an epoch that a resume would train again.
-                if checkpoint_dir is not None:
-                    kept.save(checkpoint_dir / FILENAME, best=metrics["best_epoch"] == metrics["epoch"])
-                logger.log(metrics)
-
-            ctx = WorkerContext(device=device, report=report, resume_from=kept.latest())
+            logger = EpochLogger(client, run_id, logged=last_logged_epoch(client, run_id),
+                                 where="MLflow (through the driver's relay)")
+            ctx = WorkerContext(device=device, reporter=Reporter(kept=kept, mlflow=logger), resume_from=kept.latest())
             if ctx.resume_from is not None:
                 payload = read_payload(ctx.resume_from / FILENAME)
                 client.set_tag(run_id, RESUMED_TAG, str(payload["epoch"]))
-                for metrics in payload["history"]:  # kept, but stopped before its record was written
-                    logger.log(metrics)
+                ctx.reporter.replay(payload["history"])  # kept, but stopped before its record was written
             if not job.echo_epochs:
                 ctx.echo = lambda line: None
             data = load_feature_set(job.feature_set, cfg.cache_path()) if job.feature_set else None
             with contextlib.redirect_stdout(sys.stderr):  # progress, not output: `compare --json` stays JSON
                 last = train(cfg, job.data_root, ctx, data=data)
-            logger.close(timeout=60)
+            ctx.reporter.close(timeout=60)
             out = {"run_id": run_id, "val": _best(last), **_test(load_checkpoint(kept.best()), job, device, data)}
         out.update(_also_scored(job, client, device, data))
         client.log_batch(run_id, metrics=metric_entities({f"test_{k}": v for k, v in out["test"].items()}))
@@ -85,38 +79,6 @@ def rerun(job: RerunJob) -> dict:
             client.set_tag(run_id, ERROR_TAG, f"{type(e).__name__}: {e}"[:5000])
             client.set_terminated(run_id, "FAILED")
         raise
-
-
-class KeptCheckpoints:
-    """A rerun's latest and best checkpoints, kept in the sweep's storage (a folder every node
-    sees, or object storage) so that a rerun stopped on one node goes on from there on any node.
-    Each is written whole or not at all."""
-
-    def __init__(self, location: str, scratch: Path):
-        self.location, self.scratch = location, scratch
-
-    def save(self, checkpoint: Path, best: bool) -> None:
-        # best first: a stop between the two leaves a latest whose best epoch is in `best`
-        for name in (*(("best",) if best else ()), "latest"):
-            put_file(checkpoint, storage.join(self.location, name, FILENAME))
-
-    def latest(self) -> Path | None:
-        return self._fetch("latest")
-
-    def best(self) -> Path:
-        return self._fetch("best") / FILENAME
-
-    def _fetch(self, name: str) -> Path | None:
-        where = storage.join(self.location, name, FILENAME)
-        if not storage.exists(where):
-            return None
-        folder = self.scratch / name
-        folder.mkdir(exist_ok=True)
-        storage.download(where, folder / FILENAME)
-        return folder
-
-    def remove(self) -> None:
-        storage.remove_tree(self.location)
 
 
 def _also_scored(job: RerunJob, client, device: torch.device, data: PreparedData | None = None) -> dict:

@@ -12,52 +12,14 @@ run on any node, writes its epochs and results through the driver's MLflow relay
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-from dataclasses import dataclass
 
 import ray
 
-from captune.infra import storage
 from captune.infra.mlflow_logging import param_entities
-from captune.infra.mlflow_names import (ARCH_TAG, ERROR_TAG, KIND_TAG, RERUN_KEY_TAG, SEED_TAG, STOP_TAG, SWEEP_TAG,
-                                tags_filter)
+from captune.infra.mlflow_names import ERROR_TAG, STOP_TAG, tags_filter
 from captune.infra.raycluster import signal_name, wait_one
+from captune.search.rerun_job import RerunJob
 from captune.trainables.config import TrainConfig
-
-
-@dataclass(frozen=True)
-class RerunJob:
-    kind: str  # "control" or "replicate"
-    config: dict  # TrainConfig values
-    data_root: str
-    experiment_id: str
-    parent_run_id: str
-    sweep: str
-    run_name: str
-    storage: str  # the sweep's storage (a folder every node sees, or s3://...): the rerun's checkpoints
-    relay: object = None  # the driver's MLflow relay (captune.infra.mlflow_relay): how the task records
-    also_score: str | None = None  # a model URI scored on the same test images (the champion)
-    use_gpu: bool = False
-    threads: int = 1
-    echo_epochs: bool = True  # a line per epoch (a sweep's controls keep quiet unless --verbose)
-    feature_set: str | None = None  # a manifest of shared features (captune.trainables.feature_job): no image read
-    run_id: str | None = None  # its MLflow run, opened by run_reruns
-
-    @property
-    def key(self) -> str:
-        """The rerun's identity: what it trains, and how."""
-        what = json.dumps({"kind": self.kind, "config": self.config, "data": self.data_root}, sort_keys=True)
-        return hashlib.sha256(what.encode()).hexdigest()[:16]
-
-    @property
-    def checkpoints(self) -> str:
-        """Where its checkpoints are kept while it trains (latest and best), for a resume."""
-        return storage.join(self.storage, f"{self.sweep}-reruns", self.key)
-
-    def tags(self) -> dict[str, str]:
-        return {SWEEP_TAG: self.sweep, KIND_TAG: self.kind, ARCH_TAG: self.config["arch"],
-                SEED_TAG: str(self.config["seed"]), RERUN_KEY_TAG: self.key, "mlflow.parentRunId": self.parent_run_id}
 
 
 def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: float = 0.0) -> list[dict]:

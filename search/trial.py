@@ -82,19 +82,14 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
 
     from captune.trainables.loop import Diverged, WorkerContext
     from captune.trainables.ray_train import train_resuming
+    from captune.trainables.reporting import tune_reporter
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per saved checkpoint
     torch.set_num_threads(setup.cpus_per_worker)  # one thread per reserved core: trials share a node
     # Ray sets CUDA_VISIBLE_DEVICES to this trial's GPU, fractions included.
     device = torch.device("cuda") if setup.use_gpu else torch.device("cpu")
 
-    node = ray.get_runtime_context().get_node_id()  # which node ran the trial, for MLflow
-
-    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        tune.report({**metrics, "node_id": node}, checkpoint=checkpoint)
-
-    ctx = WorkerContext(device=device, report=report)
+    ctx = WorkerContext(device=device, reporter=tune_reporter())
     if not setup.echo_epochs:
         ctx.echo = lambda line: None
     data = _from_feature_set(setup.feature_set, cfg.cache_path()) if setup.feature_set else \
@@ -104,8 +99,8 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
     except Diverged as e:
         # Not an error to retry (it would diverge again) but a result: worthless (every score 0) to
         # ASHA and Optuna, recorded in MLflow as diverged with the reason.
-        tune.report({"epoch": e.epoch, **{k: 0.0 for k in SCORES}, **{f"best_{k}": 0.0 for k in SCORES},
-                     "diverged_reason": str(e), "node_id": node})
+        ctx.reporter.report({"epoch": e.epoch, **{k: 0.0 for k in SCORES}, **{f"best_{k}": 0.0 for k in SCORES},
+                             "diverged_reason": str(e)}, None)
 
 
 def _system_metrics(spec: dict | None):

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "captune", "data", "infra", "search", "trainables")
+LAYER_FOLDERS = tuple(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+SOURCES = ("pyproject.toml", "README.md", *LAYER_FOLDERS)
 SWEEP_FILES = ("captune/search/spaces.yaml", "captune/search/demo.yaml")
 
 
@@ -73,7 +74,7 @@ def test_the_wheel_holds_one_top_level_package_and_the_sweep_files(built):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"captune", "captune-0.1.0.dist-info"}
     assert all(f in names for f in SWEEP_FILES), [n for n in names if not n.endswith(".py")]
-    for layer in ("infra", "data", "trainables", "search"):  # each layer a subpackage, all its modules
+    for layer in (f for f in LAYER_FOLDERS if f != "captune"):  # each layer a subpackage, all its modules
         modules = sorted(p.name for p in (ROOT / layer).glob("*.py"))
         assert modules == sorted(n.rsplit("/", 1)[1] for n in names if n.startswith(f"captune/{layer}/")
                                  and n.endswith(".py")), layer
@@ -103,7 +104,7 @@ from captune.infra.mlflow_store import default_tracking_uri
 from captune.infra.package_files import code_files
 from captune.search import space
 from captune.search.request import SweepRequest, plan
-from captune.trainables.logged_model import model_code
+from captune.serving.logged_model import model_code
 from captune.commands import _dashboard_install, _ui_command
 
 defaults, spaces = space.load_spaces()
@@ -117,7 +118,7 @@ print(json.dumps({
     "code_files": [str(p) for p in code_files()], "store": default_tracking_uri(),
     "model_code": sorted(str(p.relative_to(code)) for p in code.rglob("__init__.py")),
     "ui": _ui_command(None), "dashboard": _dashboard_install(),
-    "top_level": sorted(name for name in ("data", "search", "infra", "trainables") if (site / name).exists()),
+    "top_level": sorted(name for name in ("data", "search", "infra", "trainables", "serving") if (site / name).exists()),
 }))
 """
 
@@ -139,7 +140,8 @@ def test_an_installed_captune_reads_its_files_from_the_install_in_any_folder(bui
     assert all(Path(p).resolve().is_relative_to(site.resolve()) for p in found["code_files"])
     assert any(p.endswith("search/sweep.py") for p in found["code_files"])  # the fork server's fingerprint
     assert found["store"] == f"sqlite:///{here.resolve() / 'mlflow' / 'mlflow.db'}"  # not site-packages/mlflow
-    assert found["model_code"] == ["__init__.py", "data/__init__.py", "infra/__init__.py", "trainables/__init__.py"]
+    assert found["model_code"] == ["__init__.py", "data/__init__.py", "infra/__init__.py", "serving/__init__.py",
+                                   "trainables/__init__.py"]
     assert found["top_level"] == []
     # what a sweep prints last: commands that work without the checkout
     assert found["ui"].startswith(f"mlflow server --backend-store-uri {found['store']} --host 127.0.0.1"), found["ui"]
@@ -179,8 +181,8 @@ def test_a_logged_model_runs_from_the_captune_package_it_carries(tmp_path):
     import mlflow
 
     from captune.infra.mlflow_store import configure
-    from captune.trainables.logged_model import log_captioner
-    from captune.trainables.serving import example_image
+    from captune.serving.logged_model import log_captioner
+    from captune.serving.inputs import example_image
     from tests.test_serving import tiny_checkpoint
 
     configure(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -1,4 +1,4 @@
-"""The layers point down only: data <- trainables <- search <- captune (the CLI and entry points),
+"""The layers point down only: data <- trainables <- serving <- search <- captune (the CLI and entry points),
 with `infra` (shared infrastructure) below them all. Read from the source (every import statement,
 those inside functions included), not from what happens to be loaded.
 
@@ -14,11 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"infra": "captune.infra", "data": "captune.data", "trainables": "captune.trainables",
-          "search": "captune.search", "captune": "captune"}  # folder: installed package
-MAY_IMPORT = {"captune.infra": set(), "captune.data": {"captune.infra"},
-              "captune.trainables": {"captune.infra", "captune.data"},
-              "captune.search": {"captune.infra", "captune.data", "captune.trainables"},
-              "captune": {"captune.infra", "captune.data", "captune.trainables", "captune.search"}}
+          "serving": "captune.serving", "search": "captune.search", "captune": "captune"}  # folder: installed package
+FLOORS = list(LAYERS.values())  # bottom up: each may import those below it
+MAY_IMPORT = {layer: set(FLOORS[:i]) for i, layer in enumerate(FLOORS)}
 FOLDER_NAMES = {folder for folder in LAYERS if folder != "captune"}  # importable from the repository's root only
 
 
@@ -114,7 +112,8 @@ def docstrings(tree: ast.AST) -> set[int]:
 MODULE_IN_STRING = re.compile(r"(?<![\w.])captune(?:\.\w+)+")
 # Names in strings that are not imports: captune.infra.package_files finds the layers' folders
 # (importlib.util.find_spec, which imports none of them) to fingerprint the project's code.
-NOT_IMPORTS = {"captune.infra.package_files": {"captune.data", "captune.trainables", "captune.search"}}
+NOT_IMPORTS = {"captune.infra.package_files": {"captune.data", "captune.trainables", "captune.serving",
+                                               "captune.search"}}
 
 
 def test_no_string_names_a_module_of_a_higher_layer():
@@ -137,3 +136,38 @@ def test_no_string_names_a_module_of_a_higher_layer():
                                 and name not in NOT_IMPORTS.get(module, ()):
                             upward.append((module, name))
     assert not upward, upward
+
+
+def test_no_circle_between_modules():
+    """No module imports, by statement or by a name in a string, a module that comes back to it:
+    each module can be read knowing only those below it."""
+    modules = {module.removesuffix(".__init__") for folder in LAYERS for module, _ in sources(folder)}
+    trees = {module.removesuffix(".__init__"): tree for folder in LAYERS for module, tree in sources(folder)}
+
+    def module_of(name: str) -> str | None:  # captune.search.rerun_job.RerunJob -> captune.search.rerun_job
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, tree in trees.items():
+        prose = docstrings(tree)
+        names = imported_names(tree) | {name for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                                        and isinstance(node.value, str) and id(node) not in prose
+                                        for name in MODULE_IN_STRING.findall(node.value)}
+        graph[module] = {m for m in map(module_of, names) if m and m != module}
+    circles, state = [], {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                circles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, circles

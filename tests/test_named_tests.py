@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMED = re.compile(r"tests/(test_\w+)\.py::(\w+)")
-WHERE = ["README.md", "docs", "benchmarks", "captune", "data", "infra", "search", "trainables"]
+WHERE = ["README.md", "docs", "benchmarks", "captune", "data", "infra", "search", "serving", "trainables"]
 
 
 def defined_tests(module: Path) -> set[str]:

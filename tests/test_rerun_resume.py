@@ -132,8 +132,9 @@ def test_an_epoch_kept_but_not_yet_logged_at_the_stop_is_logged_by_the_resume(ra
     # 2, 4, 5).
     from captune.infra.mlflow_logging import metric_entities
     from captune.infra.mlflow_relay import start_relay
-    from captune.search.rerun import KeptCheckpoints
-    from captune.search.reruns import RerunJob, run_reruns
+    from captune.search.rerun_job import RerunJob
+    from captune.search.reruns import run_reruns
+    from captune.trainables.reporting import KeptCheckpoints, Reporter, mlflow_epoch
     from tests.conftest import tiny_overrides
     from captune.trainables.checkpoint import FILENAME, read_payload
     from captune.trainables.config import TrainConfig
@@ -149,18 +150,14 @@ def test_an_epoch_kept_but_not_yet_logged_at_the_stop_is_logged_by_the_resume(ra
                    relay=relay, echo_epochs=False)
     kept, reported = KeptCheckpoints(job.checkpoints, tmp_path), []
 
-    def report(metrics: dict, checkpoint_dir: Path | None) -> None:  # as the rerun keeps them
-        kept.save(checkpoint_dir / FILENAME, best=metrics["best_epoch"] == metrics["epoch"])
-        reported.append(metrics["epoch"])
-
-    train(TrainConfig(**config), str(synth_dir), WorkerContext(report=report, echo=lambda line: None,
+    reporter = Reporter(kept=kept, sink=lambda metrics, checkpoint_dir: reported.append(metrics["epoch"]))
+    train(TrainConfig(**config), str(synth_dir), WorkerContext(reporter=reporter, echo=lambda line: None,
                                                                stop_requested=lambda: len(reported) >= 3))
     history = read_payload(kept.latest())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     run_id = client.create_run(experiment_id, run_name=job.run_name, tags=job.tags()).info.run_id
     for metrics in history[:2]:
-        client.log_batch(run_id, metrics=metric_entities(
-            {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}, metrics["epoch"]))
+        client.log_batch(run_id, metrics=metric_entities(mlflow_epoch(metrics, metrics["epoch"] == 1), metrics["epoch"]))
     client.set_tag(run_id, "captune.stop_reason", "SIGINT (Ctrl-C)")
     client.set_terminated(run_id, "KILLED")
     try:

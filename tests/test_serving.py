@@ -21,7 +21,7 @@ from captune.caption_files import CaptionFile, OutputFileError, find_images
 from captune.cli import main
 from captune.data.vocab import Vocabulary
 from captune.trainables.checkpoint import save_checkpoint
-from captune.trainables.serving import MAX_IMAGE_BYTES, RequestError, checked_params, request_pixels
+from captune.serving.inputs import MAX_IMAGE_BYTES, RequestError, checked_params, request_pixels
 from tests.test_models import tiny
 
 BIN = Path(sys.executable).parent  # `mlflow models serve` runs `uvicorn` from PATH
@@ -179,7 +179,7 @@ def test_logged_model_carries_its_signature_an_input_example_and_its_code(finish
     # the code it runs travels with it: a machine with its pip requirements serves it
     local = Path(mlflow.artifacts.download_artifacts("models:/captune-cnn-lstm@champion", dst_path=str(tmp_path)))
     code = local / "code" / "captune"  # a `captune` package of the layers it runs, and no other
-    assert sorted(p.name for p in code.iterdir()) == ["__init__.py", "data", "infra", "trainables"]
+    assert sorted(p.name for p in code.iterdir()) == ["__init__.py", "data", "infra", "serving", "trainables"]
     assert all((code / package / "__init__.py").is_file() for package in ("data", "infra", "trainables"))
     assert not list(local.rglob("__pycache__"))
 

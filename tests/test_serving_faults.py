@@ -13,8 +13,8 @@ from mlflow.protos.databricks_pb2 import BAD_REQUEST
 from mlflow.pyfunc import scoring_server
 
 from captune.infra.mlflow_store import get_or_create_experiment
-from captune.trainables.logged_model import log_captioner
-from captune.trainables.serving import example_image
+from captune.serving.logged_model import log_captioner
+from captune.serving.inputs import example_image
 from tests.test_serving import serving, tiny_checkpoint
 
 

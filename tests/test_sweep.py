@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -69,26 +70,41 @@ def assert_study_matches_mlflow(client, name: str, arch: str, tune_root: Path, m
     return study.trials
 
 
-def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth_dir, capsys):
-    tmp_path, tracking_uri, config, out = (finished_sweep.folder, finished_sweep.tracking_uri, finished_sweep.config,
-                                           finished_sweep.out)
+# --- the shared sweep "s1" (tests/conftest.py: finished_sweep), read by named tests -----------------
+
+@pytest.fixture(scope="module")
+def s1(finished_sweep) -> SimpleNamespace:
+    """What the finished sweep recorded: its client, experiment, search runs and trial runs."""
+    client = MlflowClient(finished_sweep.tracking_uri)
+    exp = client.get_experiment_by_name("s1")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'search'")
+    return SimpleNamespace(client=client, exp=exp, parents=parents, trials=trial_runs(client, "s1"),
+                           by_parent={p.info.run_id: p.data.tags["arch"] for p in parents}, **vars(finished_sweep))
+
+
+def test_the_sweep_console_shows_its_progress_leaderboard_and_the_view_link(s1):
+    out = s1.out
     assert "leaderboard" in out and "BLEU-4 beam 3" in out and "CIDEr-D beam 3" in out and "MLflow UI" in out
     assert "trials by best validation CIDEr-D" in out and "best validation CIDEr-D" in out
     # the sweep's view: its lines, then the address of its leaderboard in the MLflow UI
     assert "[cnn-lstm] trial 1 (" in out and "sweep s1: cnn-lstm 3/3 done" in out
     assert "viewStateShareKey=" in out.strip().splitlines()[-1]
 
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name("s1")
-    parents = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'search'")
-    assert sorted(r.data.tags["arch"] for r in parents) == ["cnn-lstm", "resnet-gru"]
-    trials = trial_runs(client, "s1")
-    assert len(trials) == 6 and len({r.data.tags["captune.trial_id"] for r in trials}) == 6
-    by_parent = {p.info.run_id: p.data.tags["arch"] for p in parents}
-    for run in trials:
-        assert by_parent[run.data.tags["mlflow.parentRunId"]] == run.data.params["arch"]
+
+def test_each_architecture_has_a_search_run_with_its_trials_under_it(s1):
+    assert sorted(s1.by_parent.values()) == ["cnn-lstm", "resnet-gru"]
+    assert len(s1.trials) == 6 and len({r.data.tags["captune.trial_id"] for r in s1.trials}) == 6
+    for run in s1.trials:
+        assert s1.by_parent[run.data.tags["mlflow.parentRunId"]] == run.data.params["arch"]
         assert run.data.tags["captune.end_state"] in ("finished", "early-stopped")
         assert {"lr", "hidden_size", "vocab_threshold", "embed_size"} <= set(run.data.params)
+        assert run.data.metrics["epochs_run"] == int(run.data.tags["captune.epochs_run"])
+    assert "captune leaderboard" in s1.client.get_experiment(s1.exp.experiment_id).tags["mlflow.note.content"]
+
+
+def test_every_trial_run_holds_every_score_every_epoch_and_its_best_epochs_scores(s1, synth_dir):
+    client = s1.client
+    for run in s1.trials:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "bleu4")]
         assert steps == list(range(1, len(steps) + 1)) and steps
         for score in ("cider", "rouge_l", "bleu1"):  # every score, every epoch
@@ -99,9 +115,34 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
         best_epoch = int(run.data.metrics["best_epoch"])
         assert cider[best_epoch] == max(cider.values()) == run.data.metrics["best_cider"]
         assert run.data.metrics["best_bleu4"] == bleu4[best_epoch]
-    # runs say what they are: ranked names, the champion trial tagged, constants logged once, descriptions
-    for arch in by_parent.values():
-        mine = sorted((r for r in trials if r.data.params["arch"] == arch), key=lambda r: r.info.run_name)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "vocab_size")] == [1]  # constants once
+        (used,) = client.get_run(run.info.run_id).inputs.dataset_inputs  # the runs table's Dataset column
+        assert used.dataset.name == synth_dir.name and json.loads(used.dataset.source)["uri"] == str(synth_dir.resolve())
+        # the machine's system metrics, sampled while the trial trained
+        assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage"), run.info.run_name
+
+
+def test_an_epoch_is_recorded_under_the_same_names_whoever_trained_it(s1):
+    # a trial's epochs reach MLflow from the sweep's driver, a control's from its Ray task: one list of names
+    # (captune.trainables.reporting.mlflow_epoch), at step = epoch
+    from captune.trainables.reporting import mlflow_epoch
+
+    def per_epoch(run) -> set[str]:
+        return {k for k in run.data.metrics if not k.startswith(("system/", "test_")) and k != "epochs_run"}
+
+    (control,) = [r for r in s1.client.search_runs([s1.exp.experiment_id],
+                                                   filter_string="tags.`captune.kind` = 'control'")
+                  if s1.by_parent[r.data.tags["mlflow.parentRunId"]] == "cnn-lstm"]
+    trial = next(r for r in s1.trials if r.data.params["arch"] == "cnn-lstm")
+    history = {m.step for m in s1.client.get_metric_history(control.info.run_id, "bleu4")}
+    assert per_epoch(trial) == per_epoch(control) == set(mlflow_epoch(dict.fromkeys(per_epoch(trial), 0.0), first=True))
+    assert history == set(range(1, len(history) + 1)) and history
+    assert [m.step for m in s1.client.get_metric_history(control.info.run_id, "vocab_size")] == [1]
+
+
+def test_trial_runs_are_ranked_by_name_and_the_champion_trial_is_tagged_and_linked(s1):
+    for arch in s1.by_parent.values():
+        mine = sorted((r for r in s1.trials if r.data.params["arch"] == arch), key=lambda r: r.info.run_name)
         assert [r.info.run_name.split()[0] for r in mine] == ["#1", "#2", "#3"]  # ranked by best CIDEr-D
         scores = [r.data.metrics["best_cider"] for r in mine]
         assert scores == sorted(scores, reverse=True) and f"#1 {arch} lr=" in mine[0].info.run_name
@@ -112,64 +153,69 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
         for run in mine:
             stopped = run.data.tags["captune.end_state"] == "early-stopped"
             assert (run.info.run_name.split()[1] == "[early-stopped]") == stopped, run.info.run_name
-    for run in trials:
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "vocab_size")] == [1]
-        assert run.data.metrics["epochs_run"] == int(run.data.tags["captune.epochs_run"])
-        (used,) = client.get_run(run.info.run_id).inputs.dataset_inputs  # the runs table's Dataset column
-        assert used.dataset.name == synth_dir.name and json.loads(used.dataset.source)["uri"] == str(synth_dir.resolve())
-        # the machine's system metrics, sampled while the trial trained
-        assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage"), run.info.run_name
-    assert all("Best: trial" in p.data.tags["mlflow.note.content"] for p in parents)
+    assert all("Best: trial" in p.data.tags["mlflow.note.content"] for p in s1.parents)
     # the link to the champion trial opens its page on the runs side of the UI, not among GenAI pages
     assert all(f"/runs/{c.info.run_id}?workflowType=machine_learning)" in p.data.tags["mlflow.note.content"]
-               for p in parents for c in trials
+               for p in s1.parents for c in s1.trials
                if c.data.tags.get("captune.is_champion") and c.data.tags["mlflow.parentRunId"] == p.info.run_id)
-    assert "captune leaderboard" in client.get_experiment(exp.experiment_id).tags["mlflow.note.content"]
-    # the searches split the slots, one per core: never more trials at once than cores
-    assert all(int(p.data.tags["captune.concurrent_trials"]) == min(3, max(1, os.cpu_count() // 2)) for p in parents)
-    assert all(p.data.tags["captune.sweep_slots"] == str(max(2, os.cpu_count())) for p in parents)  # captune.search.slots
-    spans = [(r.info.start_time, max(m.timestamp for m in client.get_metric_history(r.info.run_id, "bleu4")))
-             for r in trials]
-    assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= os.cpu_count()
-    # each search evaluates the default configuration (the preset) as one of its trials
-    for arch in by_parent.values():
-        assert any((float(r.data.params["lr"]), r.data.params["hidden_size"], r.data.params["vocab_threshold"])
-                   == (0.002, "256", "2") for r in trials if r.data.params["arch"] == arch), arch
 
-    for arch in by_parent.values():
-        study_trials = assert_study_matches_mlflow(client, "s1", arch, tmp_path / "tune", "cider")
+
+def test_the_searches_split_the_slots_never_more_trials_at_once_than_cores(s1):
+    assert all(int(p.data.tags["captune.concurrent_trials"]) == min(3, max(1, os.cpu_count() // 2))
+               for p in s1.parents)
+    assert all(p.data.tags["captune.sweep_slots"] == str(max(2, os.cpu_count())) for p in s1.parents)
+    spans = [(r.info.start_time, max(m.timestamp for m in s1.client.get_metric_history(r.info.run_id, "bleu4")))
+             for r in s1.trials]
+    assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= os.cpu_count()
+
+
+def test_each_search_tries_the_preset_and_draws_its_own_configurations(s1):
+    for arch in s1.by_parent.values():
+        assert any((float(r.data.params["lr"]), r.data.params["hidden_size"], r.data.params["vocab_threshold"])
+                   == (0.002, "256", "2") for r in s1.trials if r.data.params["arch"] == arch), arch
+    drawn = {arch: [(r.data.params["lr"], r.data.params["hidden_size"]) for r in
+                    sorted(s1.trials, key=lambda r: r.info.start_time) if r.data.params["arch"] == arch][1:]
+             for arch in s1.by_parent.values()}
+    assert drawn["cnn-lstm"] != drawn["resnet-gru"]
+    assert len({p.data.params["sampler_seed"] for p in s1.parents}) == 2
+
+
+def test_the_optuna_study_holds_what_mlflow_holds_and_they_name_each_other(s1):
+    for arch in s1.by_parent.values():
+        study_trials = assert_study_matches_mlflow(s1.client, "s1", arch, s1.folder / "tune", "cider")
         # each Optuna trial names its MLflow run (Optuna Dashboard shows these), and the run its number
-        runs = {r.info.run_id: r for r in trials}
+        runs = {r.info.run_id: r for r in s1.trials}
         for t in study_trials:
             run = runs[t.user_attrs["mlflow_run_id"]]
             assert run.data.tags["captune.trial_id"] == t.user_attrs["tune_trial_id"]
             assert run.data.tags["captune.optuna_trial"] == str(t.number)
             assert t.user_attrs["mlflow_run_name"] in run.info.run_name  # rank and end state are added later
-            assert t.user_attrs["mlflow_experiment_id"] == exp.experiment_id
-    # the architectures' searches drew their own configurations (a sampler seed each)
-    drawn = {arch: [(r.data.params["lr"], r.data.params["hidden_size"]) for r in
-                    sorted(trials, key=lambda r: r.info.start_time) if r.data.params["arch"] == arch][1:]
-             for arch in by_parent.values()}
-    assert drawn["cnn-lstm"] != drawn["resnet-gru"]
-    assert len({p.data.params["sampler_seed"] for p in parents}) == 2
+            assert t.user_attrs["mlflow_experiment_id"] == s1.exp.experiment_id
 
-    # the leaderboard orders by the objective, metrics.best_cider (ties as captune.search.objective.trial_order says)
+
+def test_the_leaderboard_orders_trials_by_the_objective_and_shows_each_control(s1, capsys):
+    # ties as captune.search.objective.trial_order says
     capsys.readouterr()
-    assert main(["leaderboard", "s1", "--json", "--tracking-uri", tracking_uri]) == 0
+    assert main(["leaderboard", "s1", "--json", "--tracking-uri", s1.tracking_uri]) == 0
     board = json.loads(capsys.readouterr().out)
-    ordered = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'trial'",
-                                 order_by=["metrics.best_cider DESC"])
+    ordered = s1.client.search_runs([s1.exp.experiment_id], filter_string="tags.`captune.kind` = 'trial'",
+                                    order_by=["metrics.best_cider DESC"])
     assert board["metric"] == "cider" and [r["best_cider"] for r in board["trials"]] == \
            [r.data.metrics["best_cider"] for r in ordered]
     assert board["trials"][0]["best_cider"] >= board["trials"][-1]["best_cider"]
     assert all(r["best_bleu4"] is not None and r["best_rouge_l"] is not None for r in board["trials"])
+    assert main(["leaderboard", "s1", "--tracking-uri", s1.tracking_uri]) == 0
+    text = capsys.readouterr().out
+    assert text.count("floor (image-blind control") == 2 and "importance:" in text
+    assert text.count("trials by best validation CIDEr-D") == 2
 
-    # a floor beside each search: its champion's configuration trained image-blind, under its parent
-    controls = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'control'")
-    assert sorted(by_parent[r.data.tags["mlflow.parentRunId"]] for r in controls) == ["cnn-lstm", "resnet-gru"]
+
+def test_each_champion_is_measured_against_its_image_blind_control(s1):
+    controls = s1.client.search_runs([s1.exp.experiment_id], filter_string="tags.`captune.kind` = 'control'")
+    assert sorted(s1.by_parent[r.data.tags["mlflow.parentRunId"]] for r in controls) == ["cnn-lstm", "resnet-gru"]
     for run in controls:
         assert run.info.status == "FINISHED" and run.data.params["image_blind"] == "True"
-        parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+        parent = s1.client.get_run(run.data.tags["mlflow.parentRunId"])
         for score, gap in (("bleu4", "control_gap"), ("cider", "control_cider_gap")):  # in both, as recorded
             assert parent.data.metrics[f"control_{score}"] == pytest.approx(run.data.metrics[f"best_{score}"])
             assert parent.data.metrics[f"control_test_{score}"] == pytest.approx(run.data.metrics[f"test_{score}"])
@@ -179,40 +225,41 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
         assert f"the {parent.data.tags['arch']} champion" in verdict and "CIDEr-D" in verdict  # in words, its metric
         champion = champion_record(parent.data.tags, parent.data.metrics["best_cider"], "cider")
         assert parent.data.tags["captune.champion"] == f"models:/captune-{parent.data.tags['arch']}/{champion['version']}"
-        best_trial = [r for r in trials if r.data.tags["captune.trial_id"] == parent.data.tags["captune.best_trial"]][0]
+        best_trial = [r for r in s1.trials if r.data.tags["captune.trial_id"] == parent.data.tags["captune.best_trial"]][0]
         assert {k: v for k, v in run.data.params.items() if k not in ("image_blind", "data")} == \
                {k: best_trial.data.params[k] for k in run.data.params if k not in ("image_blind", "data")}
         assert champion["version"]
-    assert main(["leaderboard", "s1", "--tracking-uri", tracking_uri]) == 0
-    text = capsys.readouterr().out
-    assert text.count("floor (image-blind control") == 2 and "importance:" in text
-    assert text.count("trials by best validation CIDEr-D") == 2
 
-    # both champions are registered, load by name and caption an image
+
+def test_both_champions_are_registered_at_their_best_epoch_and_caption_an_image(s1, synth_dir, capsys):
     image = next((synth_dir / "Images").iterdir())
     for arch in ("cnn-lstm", "resnet-gru"):
-        version = client.get_model_version_by_alias(f"captune-{arch}", "champion")
-        mine = [r for r in trials if r.data.params["arch"] == arch]
+        version = s1.client.get_model_version_by_alias(f"captune-{arch}", "champion")
+        mine = [r for r in s1.trials if r.data.params["arch"] == arch]
         assert float(version.tags["cider"]) == max(r.data.metrics["best_cider"] for r in mine)
         assert version.tags["metric"] == "cider" and {"bleu4", "rouge_l"} <= set(version.tags)
         # the registered checkpoint is its trial's best epoch's
         best = [r for r in mine if r.data.tags["captune.trial_id"] == version.tags["trial_id"]][0]
         assert int(version.tags["epoch"]) == int(best.data.metrics["best_epoch"])
-        assert load_captioner(f"models:/captune-{arch}/{version.version}", tracking_uri).payload["epoch"] == \
+        assert load_captioner(f"models:/captune-{arch}/{version.version}", s1.tracking_uri).payload["epoch"] == \
                int(best.data.metrics["best_epoch"])
-        arts = {a.path for a in client.list_artifacts(version.run_id, "champion")}
+        arts = {a.path for a in s1.client.list_artifacts(version.run_id, "champion")}
         assert {"champion/vocab.json", "champion/config.json", "champion/val_scores.json",
                 "champion/learning_curves.png", "champion/val_examples.png"} <= arts
-        champion = load_captioner(f"models:/captune-{arch}@champion", tracking_uri)
+        champion = load_captioner(f"models:/captune-{arch}@champion", s1.tracking_uri)
         assert champion.model.cfg.arch == arch  # the searches ran side by side, each its own architecture
-        assert main(["caption", f"models:/captune-{arch}@champion", str(image), "--tracking-uri", tracking_uri]) == 0
+        assert main(["caption", f"models:/captune-{arch}@champion", str(image), "--tracking-uri", s1.tracking_uri]) == 0
         assert str(image) in capsys.readouterr().out
-    # compare with seed replicates: new seeds per champion, on the slots, recorded, reused when repeated
-    assert main(["compare", "s1", "--seeds", "2", "--resamples", "200", "--json", "--tracking-uri", tracking_uri]) == 0
+
+
+def test_compare_trains_seed_replicates_records_them_and_reuses_them(s1, capsys):
+    client, exp = s1.client, s1.exp
+    capsys.readouterr()
+    assert main(["compare", "s1", "--seeds", "2", "--resamples", "200", "--json", "--tracking-uri", s1.tracking_uri]) == 0
     first = json.loads(capsys.readouterr().out)
     replicates = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'replicate'")
-    assert sorted((by_parent[r.data.tags["mlflow.parentRunId"]], r.data.tags["captune.seed"]) for r in replicates) == \
-           [("cnn-lstm", "1"), ("cnn-lstm", "2"), ("resnet-gru", "1"), ("resnet-gru", "2")]
+    assert sorted((s1.by_parent[r.data.tags["mlflow.parentRunId"]], r.data.tags["captune.seed"]) for r in replicates) \
+           == [("cnn-lstm", "1"), ("cnn-lstm", "2"), ("resnet-gru", "1"), ("resnet-gru", "2")]
     assert all(r.info.status == "FINISHED" and "test_bleu4" in r.data.metrics for r in replicates)
     reps = first["replicates"]["architectures"]
     for arch in ("cnn-lstm", "resnet-gru"):
@@ -233,7 +280,7 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
            set(comparison.data.metrics)
     assert {"cnn-lstm.val_best_cider", "resnet-gru.val_best_bleu4", "cnn-lstm.beam3.bleu4", "cnn-lstm.beam3.cider",
             "resnet-gru.beam1.rouge_l"} <= set(comparison.data.metrics)
-    assert main(["compare", "s1", "--seeds", "2", "--resamples", "200", "--json", "--tracking-uri", tracking_uri]) == 0
+    assert main(["compare", "s1", "--seeds", "2", "--resamples", "200", "--json", "--tracking-uri", s1.tracking_uri]) == 0
     again = json.loads(capsys.readouterr().out)
     assert len(client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'replicate'")) == 4
     assert again["replicates"] == first["replicates"] and again["bootstrap"] == first["bootstrap"]
@@ -241,6 +288,10 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
     assert sorted(r.data.params["seeds"] for r in client.search_runs(
         [exp.experiment_id], filter_string="tags.`captune.kind` = 'compare'")) == ["0", "2"]
 
+
+def test_a_finished_sweeps_name_is_refused_unless_resumed_with_its_metric_and_storage(s1, synth_dir, capsys):
+    tmp_path, tracking_uri, config = s1.folder, s1.tracking_uri, s1.config
+    capsys.readouterr()
     # a rerun under the same name is refused unless resumed
     assert main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config),
                  "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]) == 2
@@ -257,7 +308,7 @@ def test_sweep_both_archs_records_runs_registers_champions(finished_sweep, synth
     assert main(["sweep", "--data", str(synth_dir), "--name", "never-ran", "--config", str(config), "--storage",
                  str(tmp_path / "tune"), "--tracking-uri", tracking_uri, "--resume"]) == 2
     assert "there is no sweep 'never-ran' to resume" in capsys.readouterr().err
-    assert client.get_experiment_by_name("never-ran") is None and not (tmp_path / "elsewhere").exists()
+    assert s1.client.get_experiment_by_name("never-ran") is None and not (tmp_path / "elsewhere").exists()
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import torch
 
 from captune.trainables.checkpoint import read_payload
 from captune.trainables.config import compose
+from captune.trainables.reporting import Reporter
 from captune.trainables.loop import WorkerContext, train
 from tests.conftest import tiny_overrides
 
@@ -25,12 +26,12 @@ def test_plain_pytorch_training_reports_every_epoch_and_resumes(arch, fine_tune,
         reports.append(metrics)
 
     cfg = _cfg(arch, fine_tune=fine_tune, epochs=1)
-    last = train(cfg, synth_dir, WorkerContext(report=report))
+    last = train(cfg, synth_dir, WorkerContext(reporter=Reporter(sink=report)))
     assert [m["epoch"] for m in reports] == [1]
     assert {"loss", "bleu1", "bleu2", "bleu3", "bleu4"} <= set(last) and 0 <= last["bleu4"] <= 1
     # a resumed run goes on from the saved epoch, with the saved history
     cfg2 = _cfg(arch, fine_tune=fine_tune, epochs=2)
-    last = train(cfg2, synth_dir, WorkerContext(report=report, resume_from=tmp_path / "epoch1"))
+    last = train(cfg2, synth_dir, WorkerContext(reporter=Reporter(sink=report), resume_from=tmp_path / "epoch1"))
     assert [m["epoch"] for m in reports] == [1, 2] and last["epoch"] == 2
     history = read_payload(tmp_path / "epoch2" / "model.pt")["history"]
     assert [h["epoch"] for h in history] == [1, 2] and history[0] == reports[0]
@@ -42,7 +43,7 @@ def test_same_configuration_and_seed_give_the_same_validation_bleu_on_cpu(arch, 
     def run(seed):
         histories = []
         train(_cfg(arch, fine_tune=fine_tune, epochs=2, seed=seed), synth_dir,
-              WorkerContext(report=lambda m, folder: histories.append(m)))
+              WorkerContext(reporter=Reporter(sink=lambda m, folder: histories.append(m))))
         return [(round(m["loss"], 6), round(m["bleu4"], 4), round(m["bleu1"], 4)) for m in histories]
 
     first = run(seed=0)
@@ -68,7 +69,7 @@ def _ddp_loop(config):
     seen = []
     train(TrainConfig(**config["train"]), config["data_root"],
           WorkerContext(rank=rank, world_size=ctx.get_world_size(), device=torch.device("cpu"),
-                        report=lambda m, folder: (seen.append(m), ray.train.report(m)), wrap_model=wrap))
+                        reporter=Reporter(sink=lambda m, folder: (seen.append(m), ray.train.report(m))), wrap_model=wrap))
     model = holder["module"].model
     state = {k: v.double().sum().item() for k, v in model.state_dict().items() if v.is_floating_point()}
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps({"state": state, "metrics": seen}))
@@ -133,3 +134,38 @@ def test_chunked_loss_equals_cross_entropy_of_the_logits(monkeypatch, chunk_elem
     for a, b in zip(torch.autograd.grad(3 * expected, (hidden, weight, bias)),
                     torch.autograd.grad(3 * got, (hidden, weight, bias))):
         assert torch.allclose(a, b)
+
+
+def test_the_reporter_keeps_each_checkpoint_before_mlflow_records_its_epoch_once(synth_dir, tmp_path):
+    # The path of a control or a replicate (no Ray here): checkpoints kept in storage, epochs to a real
+    # MLflow store under mlflow_epoch's names; a resume replays what it kept without recording it twice.
+    from mlflow import MlflowClient
+
+    from captune.infra.mlflow_logging import EpochLogger
+    from captune.trainables.reporting import KeptCheckpoints, mlflow_epoch
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("reporter")).info.run_id
+    kept = KeptCheckpoints(str(tmp_path / "kept"), tmp_path)
+    order = []
+
+    class Watched(EpochLogger):
+        def log(self, step, values):
+            if step > self.queued:  # (not again: a replayed epoch the run holds)
+                order.append(("logged", step, read_payload(kept.latest() / "model.pt")["epoch"]))
+            super().log(step, values)
+
+    reporter = Reporter(kept=kept, mlflow=Watched(client, run_id))
+    train(_cfg("cnn-lstm", epochs=2), synth_dir, WorkerContext(reporter=reporter, echo=lambda line: None))
+    history = read_payload(kept.latest() / "model.pt")["history"]
+    reporter.replay(history)  # as a resume does: both epochs are in the run already
+    reporter.close(timeout=30)
+    assert order == [("logged", 1, 1), ("logged", 2, 2)]  # each epoch's checkpoint kept before it was logged
+    metrics = client.get_run(run_id).data.metrics
+    assert set(metrics) == set(mlflow_epoch(history[0], first=True))
+    for key in ("bleu4", "best_cider", "loss"):
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, key)] == \
+               [(h["epoch"], pytest.approx(h[key])) for h in history]
+    assert [m.step for m in client.get_metric_history(run_id, "vocab_size")] == [1]
+    best = read_payload(kept.best())
+    assert best["epoch"] == history[-1]["best_epoch"]

@@ -1,18 +1,23 @@
 """Caption generation, written once: batched beam search, where a beam of 1 is greedy search."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from captune.trainables.catalog import MAX_BEAM
 
-if TYPE_CHECKING:
-    from captune.trainables.models import Captioner
+
+class Decoder(Protocol):
+    """What decoding needs of a model (captune.trainables.models.Captioner's hooks)."""
+
+    def start(self, feats: torch.Tensor) -> Any: ...  # the decoder's state, one per image
+    def step(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]: ...  # logits (B, V), new state
+    def reorder(self, state: Any, index: torch.Tensor) -> Any: ...  # the state of the hypotheses kept
 
 
 @torch.no_grad()
-def generate(model: "Captioner", feats: torch.Tensor, start_id: int, end_id: int,
+def generate(model: Decoder, feats: torch.Tensor, start_id: int, end_id: int,
              max_len: int, beam: int = 1) -> torch.Tensor:
     """Most likely captions (B, <=max_len) of token ids, each ending at its first `end_id`.
 

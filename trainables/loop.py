@@ -1,7 +1,8 @@
 """The per-worker training function shared by both architectures, in plain PyTorch.
 
 `train` runs on every rank. What differs between a Ray Train worker and a plain process (rank,
-device, how to wrap the model for DDP, where reports go) arrives in a `WorkerContext`.
+device, how to wrap the model for DDP) arrives in a `WorkerContext`; where each epoch goes, in its
+`Reporter` (captune.trainables.reporting), the same object for every kind of job.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from captune.trainables.inference import generate_captions
 from captune.trainables.loss import linear_cross_entropy
 from captune.trainables.metrics import CaptionScorer
 from captune.trainables.models import Captioner, ModelConfig, build_model, packed
+from captune.trainables.reporting import Reporter
 
 
 class Stopped(Exception):
@@ -53,8 +55,7 @@ class WorkerContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # report(metrics, checkpoint_dir or None): called by every rank once per epoch
-    report: Callable[[dict, Path | None], None] = lambda metrics, ckpt: None
+    reporter: Reporter = field(default_factory=Reporter)  # every rank's epochs (rank 0's with a checkpoint)
     wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
     resume_from: Path | None = None  # a folder holding model.pt
     created_at: float = field(default_factory=time.perf_counter)  # to report the set-up time
@@ -149,9 +150,9 @@ def train(cfg: TrainConfig, data_root: str | Path, ctx: WorkerContext, data: Pre
                                     encoder_digest=encoder_digest, train_config=cfg.to_dict(), epoch=epoch + 1,
                                     history=history, optimizer=optimizer.state_dict(), example=hyps[:5])
                 with _disk_full_named(f"epoch {epoch + 1}'s checkpoint", "the run's storage"):
-                    ctx.report(metrics, Path(tmp))
+                    ctx.reporter.report(metrics, Path(tmp))
         else:
-            ctx.report(metrics, None)
+            ctx.reporter.report(metrics, None)
     return metrics
 
 

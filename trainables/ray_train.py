@@ -19,6 +19,7 @@ from captune.trainables.checkpoint import FILENAME, read_payload
 from captune.trainables.config import TrainConfig
 from captune.trainables.feature_job import load_feature_set
 from captune.trainables.loop import WorkerContext, train
+from captune.trainables.reporting import train_reporter
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -39,18 +40,10 @@ def train_loop_per_worker(config: dict) -> None:
     logger = None
     if rank == 0 and config.get("mlflow_run_id"):
         logger = EpochLogger(RelayClient(config["relay"]), config["mlflow_run_id"])
-
-    node = ray.get_runtime_context().get_node_id()
-
-    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-        if logger is not None:
-            logger.log(metrics)
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report({**metrics, "node_id": node}, checkpoint=checkpoint)
-
+    reporter = train_reporter(logger)
     stop = config.get("stop_signal") and ray.get_actor(config["stop_signal"])
     ctx = WorkerContext(rank=rank, world_size=context.get_world_size(), device=ray.train.torch.get_device(),
-                        report=report, wrap_model=ray.train.torch.prepare_model,
+                        reporter=reporter, wrap_model=ray.train.torch.prepare_model,
                         stop_requested=StopSignal.watch(stop))
     if not config.get("echo", True):
         ctx.echo = lambda line: None
@@ -60,8 +53,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = train_resuming(cfg, config["data_root"], ctx, _latest(ray.train.get_checkpoint(),
                                                                             config.get("resume_from")), data=data)
     finally:
-        if logger is not None:
-            logger.close(timeout=1)  # what is still unwritten, the driver writes from the history
+        reporter.close(timeout=1)  # what is still unwritten, the driver writes from the history
     if stop and rank == 0 and "stopped_in_epoch" in metrics:
         ray.get(stop.stopped.remote())  # every epoch before is reported (and its checkpoint stored)
 

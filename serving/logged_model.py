@@ -15,11 +15,11 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from captune.infra.package_files import package_folder
 from captune.trainables.catalog import CAPTION_BEAM
 from captune.trainables.checkpoint import FILENAME, read_payload, without_optimizer
-from captune.trainables.serving import example_image
+from captune.serving.inputs import example_image
 
 MODEL_NAME = "model"  # the logged model's name inside a run
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-MODEL_CODE = ("captune.data", "captune.infra", "captune.trainables")  # the packages a logged model runs: it carries them
+MODEL_CODE = ("captune.data", "captune.infra", "captune.trainables", "captune.serving")  # the packages a logged model runs: it carries them
 
 
 def log_captioner(checkpoint: Path, registered_name: str | None = None):
@@ -42,7 +42,7 @@ def log_captioner(checkpoint: Path, registered_name: str | None = None):
 def model_code(folder: Path) -> Path:
     """A `captune` package in `folder` that holds only what a logged model runs (MODEL_CODE), as
     they are installed here: MLflow puts its parent first on the serving process's sys.path, so
-    the model imports `captune.trainables...` from it, whether or not captune is installed there."""
+    the model imports `captune.serving...` from it, whether or not captune is installed there."""
     package = folder / "captune"
     package.mkdir(parents=True)
     shutil.copy2(package_folder("captune") / "__init__.py", package)

@@ -23,7 +23,7 @@ from mlflow.pyfunc import PythonModel, scoring_server
 
 from captune.trainables.checkpoint import load_checkpoint
 from captune.trainables.inference import caption_pixels, image_size_of, max_len_of
-from captune.trainables.serving import (PARAMS, RequestError, checked_params, refuse_unknown, request_pixels, shortened,
+from captune.serving.inputs import (PARAMS, RequestError, checked_params, refuse_unknown, request_pixels, shortened,
                                 unreadable_body)
 
 _logger = logging.getLogger("mlflow.pyfunc.scoring_server")  # the server's own, printed in its log
