@@ -34,6 +34,7 @@ def test_every_trial_that_reached_the_epoch_counts_at_that_epoch(tmp_path):
                                                          ({"lr": 0.0001, "hidden_size": 32}, 0.05)]
 
 
+@pytest.mark.slow  # over 3 s in runs/test-durations.json: not in make test-fast
 def test_importances_and_charts_are_logged_on_the_parent_run(tmp_path):
     storage = f"sqlite:///{tmp_path / 'o.db'}"
     rng = random.Random(0)

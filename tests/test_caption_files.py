@@ -203,6 +203,7 @@ def test_image_names_that_are_not_utf8_are_written_and_read_back_exactly(tiny_mo
     assert f"captioned 0 images in {out} ({len(images)} already there)" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over 3 s in runs/test-durations.json: not in make test-fast
 def test_image_names_that_are_not_utf8_go_to_stdout_as_their_bytes(tiny_model, synth_dir, tmp_path):
     odd_folder(synth_dir, tmp_path / "photos")
     # as in a UTF-8 locale such as en_US.UTF-8 (C.UTF-8 would let Python escape them itself)
@@ -238,6 +239,7 @@ def test_an_out_file_that_cannot_be_written_is_refused_before_the_model_loads(tm
 
 # --- links to nothing, loops, FIFOs ---------------------------------------------------------------
 
+@pytest.mark.slow  # over 3 s in runs/test-durations.json: not in make test-fast
 def test_links_to_nothing_loops_and_fifos_in_a_folder_are_listed_not_skipped(tiny_model, synth_dir, tmp_path):
     folder = tmp_path / "photos"
     images = photo_folder(synth_dir, folder, copies=2)

@@ -95,6 +95,7 @@ def test_a_server_leaves_no_files_once_its_raylet_has_ended(tmp_path):
     os.unlink(mine)
 
 
+@pytest.mark.slow  # over 3 s in runs/test-durations.json: not in make test-fast
 def test_signals_reach_the_worker_and_it_does_not_outlive_its_stand_in(worker_script):
     proc = stand_in(worker_script, "sleep", "0")
     worker = first_line(proc)["pid"]
@@ -116,6 +117,7 @@ def test_signals_reach_the_worker_and_it_does_not_outlive_its_stand_in(worker_sc
     assert not _running(worker)
 
 
+@pytest.mark.slow  # over 3 s in runs/test-durations.json: not in make test-fast
 def test_without_a_server_the_worker_starts_plainly(worker_script, tmp_path):
     # A server that cannot import what it preloads exits; the worker must start all the same.
     (tmp_path / "nltk.py").write_text("raise ImportError('broken on purpose by the test')\n")

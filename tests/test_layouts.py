@@ -107,6 +107,7 @@ def test_check_report_lists_every_problem_with_file_and_line(tmp_path):
 
 
 @pytest.mark.skipif(not SHARED_FLICKR.is_dir(), reason="real Flickr8k caption files not present")
+@pytest.mark.slow  # over 3 s in runs/test-durations.json: not in make test-fast
 class TestRealFlickr8k:
     def _images(self, root: Path, names):
         # Stand-in images under the real names: links to one tiny JPEG keep this fast.

@@ -162,6 +162,7 @@ def test_caption_scores_reject_bad_inputs():
         caption_scores([], [])
 
 
+@pytest.mark.slow  # over 3 s in runs/test-durations.json: not in make test-fast
 def test_scores_on_real_flickr8k_equal_pycocoevalcap():
     """The real Flickr8k test split (caption #0 of each image against its other four), where the
     shared data is present: every score equals the COCO evaluation code's."""
