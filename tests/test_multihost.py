@@ -28,16 +28,26 @@ BIN = Path(sys.executable).parent
 HEAD_IP, WORKER_IP = "198.51.100.1", "198.51.100.2"  # TEST-NET-2 (RFC 5737): never routed
 TRAP = """
 import socket, sys, threading
-def serve(port):
+import psutil
+def who(peer):  # the process on this host that connected (named in the failure, to find it)
+    for c in psutil.net_connections(kind="tcp"):
+        if c.laddr and tuple(c.laddr) == tuple(peer) and c.pid:
+            try:
+                return f"pid {c.pid}: {' '.join(psutil.Process(c.pid).cmdline())[:300]}"
+            except psutil.Error:
+                return f"pid {c.pid}"
+    return "process not found"
+def serve(port, name):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("127.0.0.1", port)); s.listen(64)
     while True:
         conn, peer = s.accept()
-        with open(sys.argv[1], "a") as f:
-            f.write(f"{port} {peer}\\n")
+        line = f"{name} port {port} from {peer}, {who(peer)}\\n"
         conn.close()
-for port in map(int, sys.argv[2:]):
-    threading.Thread(target=serve, args=(port,), daemon=True).start()
+        with open(sys.argv[1], "a") as f:
+            f.write(line)
+for name, port in zip(("MLflow", "Ray dashboard"), map(int, sys.argv[2:])):
+    threading.Thread(target=serve, args=(port, name), daemon=True).start()
 print("ready", flush=True)
 threading.Event().wait()
 """
