@@ -9,6 +9,7 @@ Needs root (CI runs as root) for `ip netns`; skips saying why otherwise."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -147,18 +148,22 @@ def two_hosts(tmp_path_factory):
         yield {"in_head": in_head, "address": f"{HEAD_IP}:{gcs_port}", "tracking_uri": f"http://127.0.0.1:{mlflow_port}",
                "env": env, "trap_log": trap_log, "private": private, "mlflow_port": mlflow_port}
     finally:
-        mine = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
-        for p in [*mine, *(psutil.Process(p.pid) for p in procs if p.poll() is None)]:
-            try:
-                os.killpg(p.pid, 15) if p.pid in {q.pid for q in procs} else p.terminate()
-            except (ProcessLookupError, psutil.NoSuchProcess):
-                pass
-        psutil.wait_procs(mine, timeout=15)
-        for p in procs:
-            try:
-                os.killpg(p.pid, 9)
-            except ProcessLookupError:
-                pass
+        # Asked to end, then killed: a GCS server or raylet left running (seen: one GCS server per
+        # run, after SIGTERM) would go on using CPU for the rest of the suite, its network gone.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            mine = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
+            for p in mine:
+                try:
+                    p.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+            for p in procs:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+            psutil.wait_procs(mine, timeout=15)
+        assert not [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
         for ns in (head, worker):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(temp, ignore_errors=True)
