@@ -18,7 +18,8 @@ import psutil
 
 # First match wins: a captune command given `--tracking-uri .../mlflow.db` is captune's, not MLflow's.
 KINDS = [("gcs_server", "ray: GCS server"), ("raylet", "ray: raylet"), ("dashboard/agent", "ray: dashboard agent"),
-         ("dashboard.py", "ray: dashboard"), ("runtime_env/agent", "ray: runtime-env agent"),
+         ("dashboard.py", "ray: dashboard"), ("ray-dashboard", "ray: dashboard"),
+         ("runtime_env/agent", "ray: runtime-env agent"),
          ("log_monitor", "ray: log monitor"), ("autoscaler/_private/monitor", "ray: monitor"),
          ("ray::IDLE", "ray: idle worker"), ("ray::trial", "ray: trial actor"), ("ray::", "ray: other worker"),
          ("default_worker.py", "ray: worker starting"), ("fork_stand_in", "captune: fork stand-in"),
