@@ -6,7 +6,6 @@ host: anything there that took the tracking URI (http://127.0.0.1:PORT) literall
 trap listening on the worker's 127.0.0.1:PORT, not MLflow.
 
 Needs root (CI runs as root) for `ip netns`; skips saying why otherwise."""
-import json
 import os
 import shutil
 import signal
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil

@@ -136,7 +136,7 @@ def test_an_epoch_kept_but_not_yet_logged_at_the_stop_is_logged_by_the_resume(ra
     from captune.search.reruns import run_reruns
     from captune.trainables.reporting import KeptCheckpoints, Reporter, mlflow_epoch
     from tests.conftest import tiny_overrides
-    from captune.trainables.checkpoint import FILENAME, read_payload
+    from captune.trainables.checkpoint import read_payload
     from captune.trainables.config import TrainConfig
     from captune.trainables.loop import WorkerContext, train
 

@@ -26,3 +26,7 @@ OBJECTIVES = ("bleu4", "cider")
 # decoding step costs the same whether or not a caption has ended, so a bound keeps a request's
 # time proportional to what captions need.
 MAX_CAPTION_WORDS = 100
+
+# A checkpoint's file in its folder (captune.trainables.checkpoint), named here, free of torch, for
+# the code that moves checkpoints without loading them (captune.trainables.reporting).
+CHECKPOINT_FILE = "model.pt"

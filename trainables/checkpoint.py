@@ -10,13 +10,14 @@ import torch
 
 from captune.data.vocab import Vocabulary
 from captune.infra.errors import UserError
+from captune.trainables.catalog import CHECKPOINT_FILE
 from captune.trainables.encoders import ImageEncoder, weights_digest
 from captune.trainables.models import Captioner, ModelConfig, build_model
 
 FORMAT = "captune-checkpoint/1"
 NOT_A_CHECKPOINT = ("not a PyTorch checkpoint file (a captune model is the model.pt that `captune train` or a "
                     "sweep writes, or an MLflow URI such as runs:/<id>/model)")
-FILENAME = "model.pt"
+FILENAME = CHECKPOINT_FILE
 
 
 class CheckpointError(UserError, ValueError):

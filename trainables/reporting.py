@@ -25,9 +25,8 @@ from pathlib import Path
 from captune.infra import storage
 from captune.infra.mlflow_logging import EpochLogger
 from captune.infra.storage import put_file
+from captune.trainables.catalog import CHECKPOINT_FILE as FILENAME  # (checkpoint.py loads torch; this is the driver's too)
 from captune.trainables.catalog import SCORES
-
-FILENAME = "model.pt"  # captune.trainables.checkpoint.FILENAME (that module loads torch: this one is the driver's too)
 
 # What MLflow records of an epoch's report (captune.trainables.loop.train), at step = its epoch.
 EPOCH_METRICS = ("loss", *SCORES, *(f"best_{k}" for k in SCORES), "best_epoch", "epoch_seconds", "val_seconds")
