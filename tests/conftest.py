@@ -1,6 +1,7 @@
 import contextlib
 import io
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,7 +56,7 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def finished_sweep(ray_cluster, synth_dir, tmp_path_factory) -> SimpleNamespace:
+def finished_sweep(ray_cluster, synth_dir, store_template, tmp_path_factory) -> SimpleNamespace:
     """Sweep "s1" of both architectures (3 trials of 2 epochs each) maximising CIDEr-D (the other
     sweeps of the tests maximise the default, BLEU-4), champions registered, shared by the tests
     that read a finished sweep: its folder (storage in folder/tune), tracking URI, sweep file and
@@ -64,6 +65,7 @@ def finished_sweep(ray_cluster, synth_dir, tmp_path_factory) -> SimpleNamespace:
     from tests.test_sweep import sweep_yaml
 
     folder = tmp_path_factory.mktemp("s1")
+    shutil.copyfile(store_template, folder / "mlflow.db")
     tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
     config = sweep_yaml(folder / "sweep.yaml", trials=3, epochs=2, sampler="gp", early_stopping="none",
                         sampler_args={"n_startup_trials": 2})  # the shipped default strategy, the GP acting once
@@ -82,9 +84,32 @@ def attached(ray) -> dict:
     return {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, "CAPTUNE_FORK_WORKERS": "1"}
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """A new SQLite MLflow store with its whole schema, made once by captune's own path
+    (captune.infra.sqlite_store): MLflow's ~50 migrations take ~2 s of CPU per new store, and the
+    tests that only need an empty store start from a copy. Creating a store from nothing is
+    tested where it is the subject (tests/test_store_init.py, tests/test_fresh_sweep.py)."""
+    from captune.infra.sqlite_store import ready_sqlite_store
+
+    db = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    ready_sqlite_store(f"sqlite:///{db}")
+    return db
+
+
 @pytest.fixture()
-def tracking_uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def new_store(store_template):
+    """new_store(path) -> the tracking URI of an empty store at `path` (a copy of the template)."""
+    def make(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(store_template, path)
+        return f"sqlite:///{path}"
+    return make
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path, new_store) -> str:
+    return new_store(tmp_path / "mlflow.db")
 
 
 # --- test tiers and durations ---------------------------------------------------------------------

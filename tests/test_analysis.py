@@ -35,7 +35,7 @@ def test_every_trial_that_reached_the_epoch_counts_at_that_epoch(tmp_path):
 
 
 @pytest.mark.slow  # over 3 s in runs/test-durations.json: not in make test-fast
-def test_importances_and_charts_are_logged_on_the_parent_run(tmp_path):
+def test_importances_and_charts_are_logged_on_the_parent_run(tmp_path, new_store):
     storage = f"sqlite:///{tmp_path / 'o.db'}"
     rng = random.Random(0)
     trials = []
@@ -45,7 +45,7 @@ def test_importances_and_charts_are_logged_on_the_parent_run(tmp_path):
         trials.append(({"lr": lr, "hidden_size": hidden}, {1: score / 2, 2: score},
                        TrialState.COMPLETE if i % 2 else TrialState.PRUNED))
     study_with(storage, trials)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    client = MlflowClient(new_store(tmp_path / 'm.db'))
     parent = client.create_run(client.create_experiment("s", artifact_location=(tmp_path / "a").as_uri())).info.run_id
     importances = log_search_analysis(client, parent, storage, "s-cnn-lstm", ["lr", "hidden_size"], at_epoch=2)
     assert importances["lr"] > importances["hidden_size"] and abs(sum(importances.values()) - 1) < 1e-6
@@ -59,10 +59,10 @@ def test_importances_and_charts_are_logged_on_the_parent_run(tmp_path):
     assert log_search_analysis(client, parent, storage, "s-cnn-lstm", ["lr", "hidden_size"], at_epoch=2) == importances
 
 
-def test_too_few_trials_say_how_many_are_needed(tmp_path):
+def test_too_few_trials_say_how_many_are_needed(tmp_path, new_store):
     storage = f"sqlite:///{tmp_path / 'o.db'}"
     study_with(storage, [({"lr": 0.01, "hidden_size": 64}, {1: 0.1, 2: 0.2}, TrialState.COMPLETE)] * 2)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    client = MlflowClient(new_store(tmp_path / 'm.db'))
     parent = client.create_run(client.create_experiment("s", artifact_location=(tmp_path / "a").as_uri())).info.run_id
     assert log_search_analysis(client, parent, storage, "s-cnn-lstm", ["lr", "hidden_size"], at_epoch=2) == {}
     note = client.get_run(parent).data.tags["captune.importance_note"]
@@ -83,7 +83,7 @@ DEGENERATE = {  # each study an analysis cannot explain, and what the parent run
 
 
 @pytest.mark.parametrize("case", DEGENERATE)
-def test_a_degenerate_study_is_noted_not_raised(tmp_path, case):
+def test_a_degenerate_study_is_noted_not_raised(tmp_path, case, new_store):
     # With a grace epoch of 1 on tiny data every trial scored 0 there: fANOVA raised "zero total
     # variance" and the search ended with neither control nor comparison.
     trials, note = DEGENERATE[case]
@@ -91,14 +91,14 @@ def test_a_degenerate_study_is_noted_not_raised(tmp_path, case):
     study_with(storage, trials)
     # (a store file of its own per case: MLflow keeps a store open by its URI, and pytest may
     # give the next case the folder of one that passed)
-    client = MlflowClient(f"sqlite:///{tmp_path / (case.replace(' ', '-') + '.db')}")
+    client = MlflowClient(new_store(tmp_path / (case.replace(' ', '-') + '.db')))
     parent = client.create_run(client.create_experiment("s", artifact_location=(tmp_path / "a").as_uri())).info.run_id
     assert log_search_analysis(client, parent, storage, "s-cnn-lstm", ["lr", "hidden_size"], at_epoch=2) == {}
     assert client.get_run(parent).data.tags["captune.importance_note"] == note
 
 
-def test_whatever_else_fails_in_the_analysis_is_noted_and_the_caller_goes_on(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+def test_whatever_else_fails_in_the_analysis_is_noted_and_the_caller_goes_on(tmp_path, new_store):
+    client = MlflowClient(new_store(tmp_path / 'm.db'))
     parent = client.create_run(client.create_experiment("s", artifact_location=(tmp_path / "a").as_uri())).info.run_id
     # a study that is not there (its database lost): the analysis cannot be made
     assert log_search_analysis(client, parent, f"sqlite:///{tmp_path / 'gone.db'}", "s-cnn-lstm", ["lr"],

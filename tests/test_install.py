@@ -176,7 +176,7 @@ print(json.dumps({"captions": list(captions), "captune": sys.modules["captune.tr
 
 
 @pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
-def test_a_logged_model_runs_from_the_captune_package_it_carries(tmp_path):
+def test_a_logged_model_runs_from_the_captune_package_it_carries(tmp_path, new_store):
     """Where captune is not installed, a logged model imports `captune.trainables` from its own code."""
     import mlflow
 
@@ -185,7 +185,7 @@ def test_a_logged_model_runs_from_the_captune_package_it_carries(tmp_path):
     from captune.serving.inputs import example_image
     from tests.test_serving import tiny_checkpoint
 
-    configure(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    configure(new_store(tmp_path / "mlflow.db"))
     (tmp_path / "ckpt").mkdir()
     with mlflow.start_run():
         info = log_captioner(tiny_checkpoint(tmp_path / "ckpt"))

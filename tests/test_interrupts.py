@@ -56,12 +56,12 @@ def lock_sqlite(path) -> subprocess.Popen:
     return locker
 
 
-def test_ctrl_c_in_train_keeps_every_finished_epoch_with_the_store_locked(ray_cluster, synth_dir, tmp_path):
+def test_ctrl_c_in_train_keeps_every_finished_epoch_with_the_store_locked(ray_cluster, synth_dir, tmp_path, new_store):
     # Training goes on while another process holds the SQLite store locked (from epoch 2); Ctrl-C
     # at epoch 4 stops it at the next step. The finished epochs are kept in --out, the MLflow
     # record is left to `captune record`, and `--resume` goes on from the last epoch.
     db = tmp_path / "mlflow.db"
-    uri, out = f"sqlite:///{db}", tmp_path / "run"
+    uri, out = new_store(db), tmp_path / "run"
     sets = [f"--set={k}={v}" for k, v in tiny_overrides("cnn-lstm").items() if k != "epochs"]
     proc, output = start([*CAPTUNE, "train", "--arch", "cnn-lstm", "--data", str(synth_dir), "--epochs", "500",
                           "--out", str(out), "--tracking-uri", uri, *sets], **attached(ray_cluster))

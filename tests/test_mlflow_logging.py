@@ -8,8 +8,8 @@ from mlflow import MlflowClient
 
 
 @pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
-def test_system_metrics_reach_the_run_created_after_the_block_began(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_system_metrics_reach_the_run_created_after_the_block_began(tmp_path, new_store):
+    uri = new_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     experiment = client.create_experiment("sys")
     tags = {"captune.trial_id": "t1", "captune.sweep": "s"}

@@ -94,7 +94,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_hosts(tmp_path_factory):
+def two_hosts(tmp_path_factory, store_template):
     why = _why_not()
     if why:
         pytest.skip(why)
@@ -120,7 +120,7 @@ def two_hosts(tmp_path_factory):
             _run("ip", "-n", ns, "link", "set", "lo", "up")
         in_head, in_worker = ["ip", "netns", "exec", head], ["ip", "netns", "exec", worker]
         # the MLflow server as cluster.yaml starts it: mlflow/server.sh, on the head's 127.0.0.1
-        server_env = {**env, "PORT": str(mlflow_port), "BACKEND_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        server_env = {**env, "PORT": str(mlflow_port), "BACKEND_URI": f"sqlite:///{shutil.copyfile(store_template, tmp_path / 'mlflow.db')}",
                       "ARTIFACTS": str(tmp_path / "artifacts"), "MLFLOW_BIN": str(BIN / "mlflow")}
         procs.append(subprocess.Popen([*in_head, "bash", str(ROOT / "mlflow" / "server.sh")], env=server_env,
                                       stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT,

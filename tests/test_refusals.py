@@ -112,8 +112,8 @@ def restore_command(err: str, what: str) -> str:
 
 
 @pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
-def test_a_deleted_sweep_is_named_with_its_restore_command(synth_dir, tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_deleted_sweep_is_named_with_its_restore_command(synth_dir, tmp_path, capsys, tracking_uri):
+    uri = tracking_uri
     experiment_id = deleted_sweep(uri, "gone")
     said = f"MLflow experiment 'gone' (id {experiment_id}) was deleted in the store {uri}"
     storage = tmp_path / "tune"
@@ -150,8 +150,8 @@ def train_folder(out, uri: str, data, experiment: str = "captune-train") -> str:
     return run.info.run_id
 
 
-def test_a_deleted_train_run_is_named_with_its_restore_command(ray_cluster, synth_dir, tmp_path, capsys):
-    uri, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run"
+def test_a_deleted_train_run_is_named_with_its_restore_command(ray_cluster, synth_dir, tmp_path, capsys, tracking_uri):
+    uri, out = tracking_uri, tmp_path / "run"
     run_id = train_folder(out, uri, synth_dir)
     before = (out / "run.json").read_text()
     for argv in (["record", str(out)], ["train", "--resume", str(out)]):
@@ -166,8 +166,8 @@ def test_a_deleted_train_run_is_named_with_its_restore_command(ray_cluster, synt
 
 
 def test_a_new_train_run_into_a_deleted_experiment_is_refused_before_training(ray_cluster, synth_dir, tmp_path,
-                                                                             capsys):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+                                                                             capsys, tracking_uri):
+    uri = tracking_uri
     client = MlflowClient(uri)
     experiment_id = client.create_experiment("old")
     client.delete_experiment(experiment_id)
@@ -182,8 +182,9 @@ def test_a_new_train_run_into_a_deleted_experiment_is_refused_before_training(ra
 
 # --- train --resume --epochs (D25) ------------------------------------------------------------------
 
-def test_resume_refuses_fewer_epochs_and_the_run_records_the_epochs_asked(ray_cluster, synth_dir, tmp_path, capsys):
-    uri, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "r1"
+def test_resume_refuses_fewer_epochs_and_the_run_records_the_epochs_asked(ray_cluster, synth_dir, tmp_path, capsys,
+                                                                          tracking_uri):
+    uri, out = tracking_uri, tmp_path / "r1"
     sets = [f"--set={k}={v}" for k, v in tiny_overrides("cnn-lstm").items() if k != "epochs"]
     assert main(["train", "--arch", "cnn-lstm", "--data", str(synth_dir), "--epochs", "3", "--out", str(out),
                  "--tracking-uri", uri, *sets]) == 0
@@ -217,13 +218,13 @@ def test_the_resume_command_carries_the_seeds():
     assert "--seeds" not in resume_command(SweepRequest(name="s", data_root="d", seeds=0))
 
 
-def test_a_sweep_remembers_its_seeds_and_resume_uses_them(synth_dir, tmp_path):
+def test_a_sweep_remembers_its_seeds_and_resume_uses_them(synth_dir, tmp_path, tracking_uri):
     # A sweep started with --seeds 2 records them as its MLflow records open; its --resume without
     # --seeds goes on with 2, and prints them in its resume command; --seeds given on resume wins.
     from captune.search.request import SweepRequest, plan, resume_command, storage_root
     from captune.search.sweep import open_sweep_records
 
-    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "tune")
+    uri, storage = tracking_uri, str(tmp_path / "tune")
 
     def sweep(**how) -> SweepRequest:
         req = SweepRequest(name="seeded", data_root=str(synth_dir), archs=["cnn-lstm"], storage=storage,

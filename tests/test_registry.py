@@ -47,8 +47,8 @@ print(json.dumps(result))
 """
 
 
-def race(tmp_path: Path, name: str, locked: bool) -> tuple:
-    uri = f"sqlite:///{tmp_path / name}.db"
+def race(tmp_path: Path, name: str, locked: bool, new_store) -> tuple:
+    uri = new_store(tmp_path / f"{name}.db")
     client = MlflowClient(uri)
     client.create_registered_model("captune-race")
     versions = {}
@@ -74,10 +74,10 @@ def race(tmp_path: Path, name: str, locked: bool) -> tuple:
 
 
 @pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
-def test_racing_promoters_leave_the_alias_on_the_stronger_model(tmp_path):
+def test_racing_promoters_leave_the_alias_on_the_stronger_model(tmp_path, new_store):
     # the same race without the lock, beside it, is the fault this guards against: the weaker model wins
     with ThreadPoolExecutor(2) as pool:
-        locked, unlocked = pool.map(lambda locked: race(tmp_path, f"locked{locked}", locked), (True, False))
+        locked, unlocked = pool.map(lambda locked: race(tmp_path, f"locked{locked}", locked, new_store), (True, False))
     final, versions, results = locked
     assert final == versions[0.6]
     weak = [r for r in results if r["version"] == versions[0.3]][0]

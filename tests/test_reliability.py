@@ -82,14 +82,14 @@ def test_killed_trial_process_resumes_from_its_checkpoint(ray_cluster, synth_dir
 
 
 @pytest.fixture()
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, new_store):
     """A real `mlflow server` (mlflow/server.sh) on a free port, restartable on the same store."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**ENV, "PORT": str(port), "BACKEND_URI": f"sqlite:///{tmp_path / 'server.db'}",
+    env = {**ENV, "PORT": str(port), "BACKEND_URI": new_store(tmp_path / "server.db"),
            "ARTIFACTS": str(tmp_path / "server-artifacts"), "MLFLOW_BIN": str(Path(sys.executable).with_name("mlflow"))}
 
     class Server:
@@ -221,7 +221,7 @@ def test_bad_inputs_are_named(tmp_path):
     assert long.line == 41 and "3000 words" in long.detail and long.severity == "error"
 
 
-def test_duplicate_listing_and_skip_bad_counts(ray_cluster, tmp_path, capsys):
+def test_duplicate_listing_and_skip_bad_counts(ray_cluster, tmp_path, capsys, tracking_uri):
     # an image listed in two split files is named; --skip-bad trains without it and says so
     caps = datasets.sample_captions(20)
     names = list(caps)
@@ -235,7 +235,7 @@ def test_duplicate_listing_and_skip_bad_counts(ray_cluster, tmp_path, capsys):
             "vocab_threshold=1"]
     assert main(["train", "--arch", "cnn-lstm", "--data", str(root), "--skip-bad", "--epochs", "1",
                  *(f"--set={s}" for s in sets), "--out", str(tmp_path / "run"),
-                 "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 0
+                 "--tracking-uri", tracking_uri]) == 0
     said = capsys.readouterr().out
     assert "--skip-bad: left out 2 bad item(s)" in said and "img005.jpg" in said and "duplicate_entry" in said
 

@@ -5,6 +5,7 @@ import http.client
 import inspect
 import io
 import json
+import shutil
 
 import mlflow
 import pytest
@@ -19,10 +20,11 @@ from tests.test_serving import serving, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def tiny_champion(tmp_path_factory) -> str:
+def tiny_champion(tmp_path_factory, store_template) -> str:
     """An untrained tiny captioner as `captune-cnn-lstm@champion` in a fresh SQLite store (a served
     model without a sweep, in seconds); its tracking URI."""
     folder = tmp_path_factory.mktemp("tiny-store")
+    shutil.copyfile(store_template, folder / "mlflow.db")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(experiment_id=get_or_create_experiment("tiny", uri)):

@@ -136,7 +136,7 @@ def test_chunked_loss_equals_cross_entropy_of_the_logits(monkeypatch, chunk_elem
         assert torch.allclose(a, b)
 
 
-def test_the_reporter_keeps_each_checkpoint_before_mlflow_records_its_epoch_once(synth_dir, tmp_path):
+def test_the_reporter_keeps_each_checkpoint_before_mlflow_records_its_epoch_once(synth_dir, tmp_path, new_store):
     # The path of a control or a replicate (no Ray here): checkpoints kept in storage, epochs to a real
     # MLflow store under mlflow_epoch's names; a resume replays what it kept without recording it twice.
     from mlflow import MlflowClient
@@ -144,7 +144,7 @@ def test_the_reporter_keeps_each_checkpoint_before_mlflow_records_its_epoch_once
     from captune.infra.mlflow_logging import EpochLogger
     from captune.trainables.reporting import KeptCheckpoints, mlflow_epoch
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(new_store(tmp_path / "mlflow.db"))
     run_id = client.create_run(client.create_experiment("reporter")).info.run_id
     kept = KeptCheckpoints(str(tmp_path / "kept"), tmp_path)
     order = []
