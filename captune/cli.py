@@ -49,6 +49,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _duration(text: str) -> float:
+    from captune.search.budget import parse_duration
+
+    try:
+        return parse_duration(text, "")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).strip()) from None
+
+
 def _beam(text: str) -> int:
     value = int(text)
     if not 1 <= value <= MAX_BEAM:
@@ -139,6 +148,10 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--arch", default=",".join(ARCHS), help="comma-separated architectures (default: both)")
     w.add_argument("--trials", type=_positive, help="trials per architecture (default: the config's)")
     w.add_argument("--epochs", type=_positive, help="maximum epochs per trial (default: the config's)")
+    w.add_argument("--time-budget", type=_duration, metavar="DURATION",
+                   help="stop searching after this long (90s, 30m, 6h, 1h30m): no trial starts after it, running "
+                        "trials stop at their next epoch (recorded out-of-time, checkpoints kept); the controls, "
+                        "replicates and comparison run after it (default: the config's time_budget, else none)")
     w.add_argument("--metric", choices=OBJECTIVES,
                    help="validation score to maximise: bleu4 or cider (CIDEr-D) (default: the config's, bleu4)")
     w.add_argument("--name", default="captune-sweep", help="sweep name: MLflow experiment and Tune folder; letters, "
@@ -153,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="Tune results: a folder, s3://..., or a shared mount (default: $CAPTUNE_STORAGE/sweeps "
                         "when CAPTUNE_STORAGE is set, as on a cluster.yaml cluster, else runs/sweeps)")
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this --name")
+    w.add_argument("--more-trials", type=_positive, default=0, metavar="N",
+                   help="with --resume: add N trials to each finished search of the sweep; its Optuna study goes "
+                        "on (the sampler told every earlier trial), nothing is trained again")
     w.add_argument("--seeds", type=_non_negative,
                    help="end with `captune compare --seeds K`: each champion retrained with K new seeds (default 0; "
                         "with --resume, what the sweep started with)")

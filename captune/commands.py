@@ -183,8 +183,10 @@ def cmd_sweep(args) -> int:
 
     req = SweepRequest(name=args.name, data_root=args.data, archs=[a.strip() for a in args.arch.split(",") if a.strip()],
                        trials=args.trials, epochs=args.epochs, metric=args.metric, config_file=args.config,
+                       time_budget=args.time_budget,
                        overrides=parse_overrides(args.set), workers_per_trial=args.workers_per_trial,
                        gpus_per_worker=args.gpus_per_worker, storage=args.storage, resume=args.resume,
+                       more_trials=args.more_trials,
                        seeds=args.seeds, control=not args.no_control, tracking_uri=args.tracking_uri,
                        address=args.address, verbose=args.verbose)
     t0 = time.perf_counter()

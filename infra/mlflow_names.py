@@ -20,6 +20,7 @@ RESTARTS_TAG = "captune.restarts"  # a trial run: how often Tune restarted it
 LAST_RESTART_TAG = "captune.last_restart_reason"  # ... and why, the last time
 BEST_TRIAL_TAG = "captune.best_trial"  # on a search's parent: the Tune trial id of its best trial
 TRIALS_TAG = "captune.trials"  # on a search's parent: its trials
+ADDED_TRIALS_TAG = "captune.trials_added"  # ... how many `--resume --more-trials` added, in all
 FAILED_TRIALS_TAG = "captune.failed_trials"  # ... and how many of them failed or diverged
 CONCURRENT_TAG = "captune.concurrent_trials"  # on a search's parent: its share of the trial slots
 SLOTS_TAG = "captune.sweep_slots"  # on a search's parent: the slots the sweep's searches share

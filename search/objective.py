@@ -5,12 +5,13 @@ A sweep optimises one validation score, its metric: BLEU-4 (`bleu4`, the default
 (`cider`), chosen by `captune sweep --metric` or the sweep file's `sweep: metric:`. A trial's
 value is its best validation score of that metric over the epochs it ran (`best_<metric>`,
 reported every epoch by the training loop with `best_epoch` and that epoch's other scores), and
-the checkpoint registered for a champion is that epoch's. A trial ends in one of four states:
+the checkpoint registered for a champion is that epoch's. A trial ends in one of five states:
 
 | state           | when                                           | Optuna   | MLflow status |
 |-----------------|------------------------------------------------|----------|---------------|
 | `finished`      | it ran every epoch                             | COMPLETE | FINISHED      |
 | `early-stopped` | ASHA stopped it before the last epoch          | PRUNED   | FINISHED      |
+| `out-of-time`   | the sweep's time budget ran out (at an epoch)  | PRUNED   | FINISHED      |
 | `diverged`      | its loss became NaN or infinite                | FAIL     | FAILED        |
 | `failed`        | it raised (after Tune's restarts)              | FAIL     | FAILED        |
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 
 from captune.infra.mlflow_names import OPTUNA_TRIAL_TAG, STATE_TAG
+from captune.trainables.catalog import OUT_OF_TIME as OUT_OF_TIME_FLAG
 
 DEFAULT_METRIC, MODE = "bleu4", "max"
 
@@ -35,7 +37,8 @@ def objective(metric: str) -> str:
     return f"best_{metric}"
 
 
-FINISHED, EARLY_STOPPED, DIVERGED, FAILED = "finished", "early-stopped", "diverged", "failed"
+FINISHED, EARLY_STOPPED, OUT_OF_TIME, DIVERGED, FAILED = "finished", "early-stopped", "out-of-time", "diverged", "failed"
+USABLE = (FINISHED, EARLY_STOPPED, OUT_OF_TIME)  # a trial with real scores and its best epoch's checkpoint
 
 
 def end_state(last_result: dict | None, max_epochs: int, errored: bool) -> str:
@@ -45,7 +48,9 @@ def end_state(last_result: dict | None, max_epochs: int, errored: bool) -> str:
         return FAILED
     if last.get("diverged_reason"):
         return DIVERGED
-    return FINISHED if int(last.get("epoch", 0)) >= max_epochs else EARLY_STOPPED
+    if int(last.get("epoch", 0)) >= max_epochs:
+        return FINISHED
+    return OUT_OF_TIME if last.get(OUT_OF_TIME_FLAG) else EARLY_STOPPED
 
 
 def sampler_seed(sweep_seed: int, arch: str) -> int:
@@ -61,7 +66,7 @@ def trial_order(run, metric: str) -> tuple:
     earlier trial (its Optuna number, else when its run started)."""
     metrics, tags = run.data.metrics, run.data.tags
     score = metrics.get(objective(metric))
-    usable = tags.get(STATE_TAG) in (FINISHED, EARLY_STOPPED) and score is not None
+    usable = tags.get(STATE_TAG) in USABLE and score is not None
     number = tags.get(OPTUNA_TRIAL_TAG)
     return (not usable, -(score if score is not None else float("-inf")), metrics.get("best_epoch", float("inf")),
             int(number) if number is not None and number.isdigit() else float("inf"), run.info.start_time or 0)

@@ -147,8 +147,9 @@ class SweepView:
     is a terminal."""
 
     def __init__(self, name: str, trials: dict[str, int], concurrent: dict[str, int], out: IO[str] | None = None,
-                 tty: bool | None = None, clock=time.time, metric: str = DEFAULT_METRIC):
+                 tty: bool | None = None, clock=time.time, metric: str = DEFAULT_METRIC, deadline: float | None = None):
         self.name, self.out, self.clock = name, out or sys.stdout, clock
+        self.deadline = deadline  # the time budget's end (captune.search.budget), None without one
         self.score_label = SCORE_LABELS[metric]
         self.tty = self.out.isatty() if tty is None else tty
         self.archs = {arch: ArchState(n, concurrent=concurrent.get(arch, 1)) for arch, n in trials.items()}
@@ -197,15 +198,26 @@ class SweepView:
         now = self.clock()
         parts = [f"{arch} {len(s.done)}/{s.trials} done, {len(s.running)} running, {s.pending} pending"
                  + (f", best {s.best[0]:.4f} by {s.label(s.best[1])}" if s.best else "") for arch, s in self.archs.items()]
-        return f"sweep {self.name}: " + "; ".join(parts) + f" | {_duration(now - self.began)} spent" + self._left(now)
+        return f"sweep {self.name}: " + "; ".join(parts) + f" | {duration_text(now - self.began)} spent" + self._left(now)
 
     def _left(self, now: float) -> str:
+        return self._estimate(now) + self._budget(now)
+
+    def _budget(self, now: float) -> str:
+        if self.deadline is None:
+            return ""
+        if now < self.deadline:
+            return f" | budget: {duration_text(self.deadline - now)} left"
+        running = sum(len(s.running) for s in self.archs.values())
+        return " | budget spent: no trial starts" + (f", {running} running stop(s) at the next epoch" if running else "")
+
+    def _estimate(self, now: float) -> str:
         lefts = [s.seconds_left(now) for s in self.archs.values() if len(s.done) < s.trials]
         if not lefts:
             return ""
         if any(left is None for left in lefts):
             return ", time left: known after the first trial ends"
-        return f", about {_duration(max(lefts))} left"  # the searches run side by side
+        return f", about {duration_text(max(lefts))} left"  # the searches run side by side
 
     def _redraw(self) -> None:
         if not self.tty:
@@ -218,7 +230,7 @@ class SweepView:
                                 + (f" | best {s.best[0]:.4f} (trial {s.numbers[s.best[1]]})" if s.best else ""),
                                 refresh=False)
             bar.refresh()
-        self.status.set_description_str(f"sweep {self.name}: {_duration(now - self.began)} spent{self._left(now)}")
+        self.status.set_description_str(f"sweep {self.name}: {duration_text(now - self.began)} spent{self._left(now)}")
 
     def tick(self) -> None:
         """Called between the driver's waits: keeps the elapsed time and estimate moving."""
@@ -271,7 +283,7 @@ def held_back(quiet: bool) -> Iterator[None]:
         raise
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds}s"

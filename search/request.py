@@ -49,12 +49,14 @@ class SweepRequest:
     trials: int | None = None  # None: the config file's
     metric: str | None = None  # the objective, bleu4 or cider; None: the config file's (captune.search.objective)
     epochs: int | None = None
+    time_budget: float | None = None  # seconds (captune.search.budget); None: the config file's
     config_file: str | None = None
     overrides: dict = field(default_factory=dict)  # --set, applied to every trial
     workers_per_trial: int = 1
     gpus_per_worker: float = 0.0  # 0: CPU trials
     storage: str | None = None  # None: default_storage()
     resume: bool = False
+    more_trials: int = 0  # with resume: trials added to each finished search (a Tune run of its own, the study going on)
     seeds: int | None = None  # seed replicates of the comparison at the end; None: as the sweep started (sweep_seeds)
     control: bool = True  # after each search, train its champion's configuration image-blind
     tracking_uri: str | None = None
@@ -110,12 +112,24 @@ class SearchJob:
     concurrent: int  # this search's share of the slots (all of them, when it runs alone)
     slots: int  # trial slots shared by the sweep's searches (captune.search.slots); 0: `concurrent` is fixed
     restore: bool  # Tune's experiment state exists: resume it
+    deadline: float | None  # the sweep's time budget ends then (time.time(); captune.search.budget); None: no budget
+    part: int = 0  # which Tune run of the search: 0 the first, k the k-th `--more-trials` (tune_path)
+    trials: int = 0  # this Tune run's trials (the settings' for part 0, --more-trials' after)
     feature_set: str | None = None  # the manifest of shared features the trials read (captune.trainables.feature_job)
     relay: object = None  # the driver's MLflow relay (captune.infra.mlflow_relay), for what runs on any node
 
     @property
     def experiment(self) -> str:
+        """The search's name: its Optuna study's, and its first Tune run's."""
         return f"{self.req.name}-{self.search.arch}"
+
+    @property
+    def tune_name(self) -> str:
+        return tune_name(self.req.name, self.search.arch, self.part)
+
+    @property
+    def tune_path(self) -> str:
+        return f"{self.root}/{self.tune_name}"
 
     def trial_base(self) -> dict:
         """The TrainConfig values every trial (and rerun) of this search starts from: with shared
@@ -136,11 +150,16 @@ def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
     for arch in req.archs:
         if arch not in ARCHS:
             raise ConfigError(f"--arch: unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    if req.more_trials and not req.resume:
+        raise ConfigError(f"--more-trials {req.more_trials}: it adds trials to a sweep that has run; give --resume "
+                          f"with it (a new sweep takes --trials)")
     settings, spaces = load_spaces(req.config_file)
     if req.trials is not None:
         settings.trials = req.trials
     if req.epochs is not None:
         settings.max_epochs = req.epochs
+    if req.time_budget is not None:
+        settings.time_budget = req.time_budget
     if req.metric is not None:
         if req.metric not in OBJECTIVES:
             raise ConfigError(f"--metric {req.metric!r}: choose one of {', '.join(OBJECTIVES)}")
@@ -177,6 +196,11 @@ def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
     return settings, searches
 
 
+def tune_name(sweep: str, arch: str, part: int) -> str:
+    """The Tune run of a search's `part`: the first (0), then one per `--resume --more-trials`."""
+    return f"{sweep}-{arch}" + (f"-more{part}" if part else "")
+
+
 def default_storage() -> str:
     """$CAPTUNE_STORAGE/sweeps (a cluster's one storage setting, see cluster.yaml), else a local folder."""
     shared = os.environ.get("CAPTUNE_STORAGE", "").rstrip("/")
@@ -205,6 +229,7 @@ def resume_command(req: SweepRequest) -> str:
     if sorted(req.archs) != sorted(ARCHS):
         words += ["--arch", q(",".join(req.archs))]
     for flag, value in (("--trials", req.trials), ("--epochs", req.epochs), ("--metric", req.metric),
+                        ("--time-budget", None if req.time_budget is None else f"{req.time_budget:g}s"),
                         ("--storage", req.storage),
                         ("--tracking-uri", req.tracking_uri), ("--address", req.address)):
         if value is not None:

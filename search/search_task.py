@@ -25,9 +25,11 @@ from captune.search.mlflow_trials import MlflowTrials, rank_trial_runs, ranked_t
 from captune.search.mlflow_view import run_path
 from captune.search.objective import MODE, end_state, objective, sampler_seed
 from captune.search.progress import ProgressEvents, held_back, quiet_libraries
-from captune.search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command
+from captune.search.request import (ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command,
+                                    tune_name)
 from captune.search.searcher import ResumableOptunaSearch
-from captune.search.strategy import analysis_epoch, make_sampler, sampler_line, scheduler_for, stopping_line
+from captune.search.budget import set_deadline
+from captune.search.strategy import OutOfTime, analysis_epoch, make_sampler, sampler_line, scheduler_for, stopping_line
 from captune.search.slots import SharedSlots, pool_name
 from captune.search.space import SweepSettings
 from captune.search.trial import TrialSetup, trial_trainable
@@ -47,6 +49,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     req, settings, search = job.req, job.settings, job.search
+    set_deadline(job.deadline)  # read by the searcher (Tune restores it from its snapshot: not handed it)
     if not req.verbose:
         quiet_libraries()
     arch = search.arch
@@ -57,18 +60,24 @@ def run_search(job: SearchJob) -> ArchOutcome:
                        train_storage=f"{job.path}-train", workers=req.workers_per_trial, use_gpu=use_gpu,
                        gpus_per_worker=req.gpus_per_worker or 1.0, cpus_per_worker=job.cpus,
                        echo_epochs=req.verbose, relay=job.relay, experiment_id=job.experiment_id,
-                       run_tags=((SWEEP_TAG, req.name), (ARCH_TAG, arch)), feature_set=job.feature_set)
+                       run_tags=((SWEEP_TAG, req.name), (ARCH_TAG, arch)), feature_set=job.feature_set,
+                       deadline=job.deadline)
     trainable = trial_trainable(setup)
     progress = ProgressEvents(req.name, arch, list(search.space.searched), settings.max_epochs, settings.metric)
     if job.restore:
-        progress.note(f"resuming {job.path}")
-        tuner = tune.Tuner.restore(job.path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+        progress.note(f"resuming {job.tune_path}")
+        tuner = tune.Tuner.restore(job.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    param_space=search.space.to_tune())
     else:
+        # A part after the first (--more-trials) loads the same study: its sampler is told every
+        # earlier trial, the preset is not enqueued again (the study has it), and its seed is the
+        # part's own, or a random sampler would draw the first part's configurations again. (Ray's
+        # OptunaSearch loads an existing study of its name: tests/test_contracts.py says so first.)
+        seed = sampler_seed(settings.seed, arch if not job.part else f"{arch}+{job.part}")
         searcher = ResumableOptunaSearch(max_epochs=settings.max_epochs, score=settings.metric,
                                          points_to_evaluate=[search.default_point],
-                                         sampler=make_sampler(settings.sampler, sampler_seed(settings.seed, arch),
-                                                              settings.sampler_args, settings.trials),
+                                         sampler=make_sampler(settings.sampler, seed, settings.sampler_args,
+                                                              settings.trials),
                                          storage=RDBStorage(optuna_url(job.root, req.name)),
                                          study_name=job.experiment)
         scheduler = scheduler_for(settings)
@@ -76,22 +85,25 @@ def run_search(job: SearchJob) -> ArchOutcome:
         limit = None
         if job.slots:
             client.set_tag(job.parent_run_id, SLOTS_TAG, str(job.slots))
-            searcher = SharedSlots(searcher, req.name, arch, min(job.slots, settings.trials), settings.trials)
+            searcher = SharedSlots(searcher, req.name, arch, min(job.slots, job.trials), job.trials)
             at_once = f"{job.concurrent} at a time, more when the other searches leave slots free"
         else:
             limit, at_once = job.concurrent, f"up to {job.concurrent} at a time"
-        progress.note(f"{settings.trials} trials, {at_once}, {settings.max_epochs} epochs at most; "
-                      f"{sampler_line(settings)}; {stopping_line(settings)}; results in {job.path}")
+        more = f"{job.trials} more trials (the study's trials so far told to the sampler)" if job.part else \
+            f"{job.trials} trials"
+        progress.note(f"{more}, {at_once}, {settings.max_epochs} epochs at most; "
+                      f"{sampler_line(settings)}; {stopping_line(settings)}; results in {job.tune_path}")
         tuner = tune.Tuner(
             trainable, param_space=search.space.to_tune(),
             tune_config=tune.TuneConfig(metric=objective(settings.metric), mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                        num_samples=settings.trials, max_concurrent_trials=limit,
+                                        num_samples=job.trials, max_concurrent_trials=limit,
                                         # a reused actor (in-process trials) starts a trial in well
                                         # under a second; a DDP trial's actor is still tearing its
                                         # worker group down when the next one starts
                                         reuse_actors=setup.in_process),
             run_config=tune.RunConfig(
-                name=job.experiment, storage_path=job.root,
+                name=job.tune_name, storage_path=job.root,
+                stop=OutOfTime(),  # a trial whose epoch report says the time budget is spent stops there
                 # a trial resumes from its last epoch and is registered by its best: Tune keeps
                 # those two (the latest always); others are only disk (a fine-tuned ResNet-18's is
                 # 138 MB with Adam's moments)
@@ -108,7 +120,8 @@ def run_search(job: SearchJob) -> ArchOutcome:
     finally:  # ended or failed: its slots go to the other searches
         ray.get_actor(pool_name(req.name)).satisfied.remote(arch)
     try:
-        outcome = _finish(client, grid, search, job.parent_run_id, req, job.experiment, settings,
+        results = [*_earlier_results(job, trainable), *grid]  # the search's every trial, over its parts
+        outcome = _finish(client, results, search, job.parent_run_id, req, job.experiment, settings,
                           optuna_url(job.root, req.name))
         if req.control and outcome.champion:
             from captune.search.control import run_control  # (its scoring loads nltk: only when there is a champion)
@@ -121,8 +134,15 @@ def run_search(job: SearchJob) -> ArchOutcome:
             raise
         raise TrackingUnavailable(
             f"MLflow at {job.tracking_uri} did not answer ({type(e).__name__}) when the {arch} search ended. Its "
-            f"trials are done and kept in {job.path}; once the server answers, `{resume_command(req)}` writes what "
+            f"trials are done and kept in {job.tune_path}; once the server answers, `{resume_command(req)}` writes what "
             f"is missing and registers the champions without training again.") from None
+
+
+def _earlier_results(job: SearchJob, trainable) -> list:
+    """The results of the search's Tune runs before this one (its parts before `job.part`)."""
+    return [result for part in range(job.part)
+            for result in tune.Tuner.restore(f"{job.root}/{tune_name(job.req.name, job.search.arch, part)}",
+                                             trainable=trainable).get_results()]
 
 
 def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest, study_name: str,

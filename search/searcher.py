@@ -24,12 +24,14 @@ import warnings
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from captune.search.objective import DIVERGED, EARLY_STOPPED, FAILED, FINISHED, end_state, objective
+from captune.search.budget import out_of_time
+from captune.search.objective import DIVERGED, EARLY_STOPPED, FAILED, FINISHED, OUT_OF_TIME, end_state, objective
 
-OPTUNA_STATE = {FINISHED: TrialState.COMPLETE, EARLY_STOPPED: TrialState.PRUNED, DIVERGED: TrialState.FAIL,
-                FAILED: TrialState.FAIL}
+OPTUNA_STATE = {FINISHED: TrialState.COMPLETE, EARLY_STOPPED: TrialState.PRUNED, OUT_OF_TIME: TrialState.PRUNED,
+                DIVERGED: TrialState.FAIL, FAILED: TrialState.FAIL}
 TRIAL_ATTR = "tune_trial_id"  # user attribute linking an Optuna trial to its Tune trial (and MLflow run)
 
 
@@ -60,7 +62,9 @@ class ResumableOptunaSearch(OptunaSearch):
     def _study_exists(self) -> bool:
         return self._storage is not None and self._study_name in optuna.get_all_study_names(self._storage)
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if out_of_time():  # the sweep's time budget is spent: no trial starts (captune.search.budget)
+            return Searcher.FINISHED
         config = super().suggest(trial_id)
         if config is not None:
             self._ot_trials[trial_id].set_user_attr(TRIAL_ATTR, trial_id)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ray import tune
 
+from captune.search.budget import parse_duration
 from captune.search.strategy import DEFAULT_SAMPLER_ARGS, EARLY_STOPPING, SAMPLERS, SamplerError, make_sampler
 from captune.trainables.catalog import ARCHS, OBJECTIVES
 from captune.trainables.config import KEYS, ConfigError, TrainConfig, read_yaml_mapping
@@ -30,6 +31,7 @@ class SweepSettings:
     metric: str = "bleu4"  # the validation score the search optimises (captune.search.objective): bleu4 or cider
     sampler: str = "gp"  # Optuna's sampler (captune.search.strategy.SAMPLERS) and its keyword arguments
     sampler_args: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLER_ARGS["gp"]))
+    time_budget: float = 0.0  # seconds the search may take (captune.search.budget); 0: no budget
 
 
 @dataclass
@@ -83,6 +85,12 @@ def _settings(section: dict, source: str) -> SweepSettings:
             raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
         if key == "sampler_args":
             continue  # checked below, against the sampler
+        if key == "time_budget":
+            try:
+                values[key] = parse_duration(value, f"{source}: time_budget")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            continue
         if key in ("metric", "sampler", "early_stopping"):
             allowed = {"metric": OBJECTIVES, "sampler": SAMPLERS, "early_stopping": EARLY_STOPPING}[key]
             if value not in allowed:

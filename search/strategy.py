@@ -15,6 +15,9 @@ import warnings
 
 import optuna
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.stopper import Stopper
+
+from captune.trainables.catalog import OUT_OF_TIME
 
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
             "random": optuna.samplers.RandomSampler}
@@ -99,3 +102,15 @@ def make_scheduler(max_epochs: int, grace_period: int, reduction_factor: int) ->
     is below the best 1/rf of those that reached that epoch before it (one bracket)."""
     return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace_period,
                          reduction_factor=reduction_factor)
+
+
+class OutOfTime(Stopper):
+    """The time budget's stopper (captune.search.budget): Tune stops a trial whose epoch report
+    says the budget is spent (the trial adds the flag itself, so its last result tells every
+    reader why it stopped). It holds no state: Tune pickles it into its snapshot."""
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return bool(result.get(OUT_OF_TIME))
+
+    def stop_all(self) -> bool:
+        return False

@@ -18,7 +18,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from captune.infra import sizing
 from captune.infra.errors import UserError
 from captune.infra.mlflow_logging import find_or_create_run, param_entities, unavailable
-from captune.infra.mlflow_names import ARCH_TAG, ERROR_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
+from captune.infra.mlflow_names import (ADDED_TRIALS_TAG, ARCH_TAG, ERROR_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG,
+                                        SWEEP_TAG, TRIAL_TAG)
 from captune.infra.mlflow_relay import start_relay
 from captune.infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
                                 record_dataset, require_answering_store, require_free_space, require_not_deleted,
@@ -27,9 +28,9 @@ from captune.infra.raycluster import init_ray, require_seen_by_every_node, root_
 from captune.search.mlflow_view import save_leaderboard_view
 from captune.search.objective import metric_of, objective, sampler_seed
 from captune.search.preflight import FEATURE_KEYS, check_vocabulary, checkpoints_size, prepare
-from captune.search.progress import EventQueue, SweepView, queue_name, quiet_libraries
+from captune.search.progress import EventQueue, SweepView, duration_text, queue_name, quiet_libraries
 from captune.search.request import (ArchOutcome, ArchSearch, SearchJob, SweepExists, SweepRequest, optuna_url, plan,
-                            resume_command, storage_root, sweep_seeds)
+                            resume_command, storage_root, sweep_seeds, tune_name)
 from captune.search.search_task import run_search
 from captune.search.slots import create_pool
 from captune.search.space import SweepSettings
@@ -97,22 +98,25 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
                 folders["the shared features"] = Path(features.manifest).parent
         require_seen_by_every_node(folders)
     experiment_id, parents = open_sweep_records(req, settings, searches, root)
+    parts = {search.arch: _part(client, req, settings, root, search.arch, parents[search.arch]) for search in searches}
     # Trials, controls and replicates run on any node; MLflow is this node's (a loopback server, a
     # SQLite file): what they record goes through this relay (captune.infra.mlflow_relay).
     relay = start_relay(uri)
+    deadline = _budget(req, settings, len(searches))  # counted from here, the searches about to start
     jobs = []
     for search in searches:
         features = feature_sets[search.arch]
+        part, restore, trials = parts[search.arch]
         jobs.append(SearchJob(req, settings, search, uri, experiment_id, parents[search.arch], root, cpus,
-                              min(settings.trials, concurrent), slots, restorable[search.arch],
-                              features.manifest if features else None, relay))
+                              min(trials, concurrent), slots, restore, deadline, part=part, trials=trials,
+                              feature_set=features.manifest if features else None, relay=relay))
     if not all(job.restore for job in jobs):  # create the study database once, before the searches share it
         RDBStorage(optuna_url(root, req.name))
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     pool = _slot_pool(req.name, slots, [search.arch for search in searches])  # always: a resumed search may use it
     events = EventQueue.options(name=queue_name(req.name)).remote()
-    view = SweepView(req.name, {job.search.arch: settings.trials for job in jobs},
-                     {job.search.arch: job.concurrent for job in jobs}, metric=settings.metric)
+    view = SweepView(req.name, {job.search.arch: _planned_trials(client, job) for job in jobs},
+                     {job.search.arch: job.concurrent for job in jobs}, metric=settings.metric, deadline=deadline)
     _show_finished_trials(view, client, experiment_id, req.name, settings.metric)
 
     def show_events() -> None:
@@ -147,6 +151,48 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     if failures:
         _search_failed(client, experiment_id, req, failures)
     return [outcomes[job.search.arch] for job in jobs]
+
+
+def _last_part(root: str, sweep: str, arch: str) -> int:
+    """The latest Tune run of a search on disk: 0 its first, k its k-th `--more-trials`; -1 none."""
+    part = -1
+    while _can_restore(f"{root}/{tune_name(sweep, arch, part + 1)}"):
+        part += 1
+    return part
+
+
+def _part(client, req: SweepRequest, settings: SweepSettings, root: str, arch: str,
+          parent_id: str) -> tuple[int, bool, int]:
+    """(part, restore, trials) of a search's Tune run now: its latest, restored if there is one,
+    or with --more-trials a new one after it (the search's trials so far counted on its parent)."""
+    last = _last_part(root, req.name, arch)
+    if not (req.more_trials and last >= 0):
+        return max(last, 0), last >= 0, settings.trials  # (a restored run's own count is in Tune's snapshot)
+    added = int(client.get_run(parent_id).data.tags.get(ADDED_TRIALS_TAG, "0")) + req.more_trials
+    client.set_tag(parent_id, ADDED_TRIALS_TAG, str(added))
+    return last + 1, False, req.more_trials
+
+
+def _planned_trials(client, job: SearchJob) -> int:
+    """A search's trials in all, as the view counts them: the first run's and every added one."""
+    added = client.get_run(job.parent_run_id).data.tags.get(ADDED_TRIALS_TAG, "0")
+    return job.settings.trials + int(added)
+
+
+def _budget(req: SweepRequest, settings: SweepSettings, searches: int) -> float | None:
+    """The time budget's deadline (None without one), and what runs after it, said before the start."""
+    if not settings.time_budget:
+        return None
+    deadline = time.time() + settings.time_budget
+    after = [f"{searches} image-blind control(s), one per architecture" if req.control else "",
+             f"{req.seeds} seed replicate(s) of each champion" if req.seeds else "",
+             "the comparison on the test split"]
+    print(f"time budget {duration_text(settings.time_budget)}: no trial starts after "
+          f"{time.strftime('%H:%M:%S', time.localtime(deadline))}, and a trial running then stops at its next epoch "
+          f"(recorded out-of-time, its checkpoints kept). After it: {', '.join(filter(None, after))}; each "
+          f"control and replicate trains as long as one full trial (the view's estimate, once a trial ends).",
+          flush=True)
+    return deadline
 
 
 def open_sweep_records(req: SweepRequest, settings: SweepSettings, searches: list[ArchSearch],
@@ -242,6 +288,14 @@ def _check_name(client, uri: str, req: SweepRequest, root: str, archs: list[str]
     if req.resume and not any(restorable.values()) and not parents:
         raise SweepExists(f"--resume: there is no sweep {req.name!r} to resume (nothing under {root}, nothing in "
                           f"MLflow at {uri}); leave out --resume to start it")
+    if req.more_trials:
+        unfinished = [p.data.tags.get(ARCH_TAG, "?") for p in parents if p.data.tags.get(ARCH_TAG) in archs and not (
+            p.info.status == "FINISHED" or (p.info.status == "FAILED" and ERROR_TAG not in p.data.tags))]
+        if unfinished:
+            plain = SweepRequest(**{**vars(req), "more_trials": 0})
+            raise SweepExists(f"--more-trials adds trials to a finished search, and the {' and '.join(unfinished)} "
+                              f"search of sweep {req.name!r} has not finished: first `{resume_command(plain)}`, "
+                              f"then add trials")
     return restorable
 
 

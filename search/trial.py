@@ -47,6 +47,7 @@ class TrialSetup:
     experiment_id: str | None = None  # machine's system metrics to its run (found by these tags)
     run_tags: tuple[tuple[str, str], ...] = ()
     feature_set: str | None = None  # a manifest of shared features: trials then read no image
+    deadline: float | None = None  # the sweep's time budget ends then (captune.search.budget)
 
     def system_metrics(self) -> dict | None:
         """captune.infra.mlflow_logging.system_metrics's arguments for this trial's run, if runs are recorded."""
@@ -89,7 +90,7 @@ def _train_here(cfg: TrainConfig, setup: TrialSetup) -> None:
     # Ray sets CUDA_VISIBLE_DEVICES to this trial's GPU, fractions included.
     device = torch.device("cuda") if setup.use_gpu else torch.device("cpu")
 
-    ctx = WorkerContext(device=device, reporter=tune_reporter())
+    ctx = WorkerContext(device=device, reporter=tune_reporter(setup.deadline))
     if not setup.echo_epochs:
         ctx.echo = lambda line: None
     data = _from_feature_set(setup.feature_set, cfg.cache_path()) if setup.feature_set else \
@@ -134,7 +135,8 @@ def _train_ddp(cfg: TrainConfig, setup: TrialSetup) -> None:
                            gpus_per_worker=setup.gpus_per_worker, cpus=setup.cpus_per_worker,
                            name=f"trial-{trial_id}", storage_path=setup.train_storage, keep="best",
                            callbacks=[TuneReportCallback()], echo=setup.echo_epochs,
-                           system_metrics=setup.system_metrics(), feature_set=setup.feature_set)
+                           system_metrics=setup.system_metrics(), feature_set=setup.feature_set,
+                           deadline=setup.deadline)
     trainer.fit()
 
 

@@ -42,6 +42,24 @@ def test_ray_optuna_search_private_attributes_captune_searcher_relies_on(optuna_
     assert set(again._ot_trials) == {"t1"} and again._ot_trials["t1"]._trial_id == trial._trial_id
 
 
+def test_ray_optuna_search_loads_an_existing_study_of_its_name(optuna_search):
+    # `captune sweep --resume --more-trials` starts a new Tune run whose OptunaSearch names the
+    # search's study: Ray 2.60 creates it with load_if_exists=True, so the study goes on (its
+    # trials told to the sampler, numbers continuing) instead of failing or starting over.
+    from ray.tune.search.optuna import OptunaSearch
+
+    first, storage = optuna_search
+    first.set_search_properties("score", "max", {"lr": tune.loguniform(1e-4, 1e-2)})
+    first.suggest("t1")
+    first.on_trial_complete("t1", {"score": 0.5})
+    more = OptunaSearch(sampler=optuna.samplers.RandomSampler(seed=1), storage=optuna.storages.RDBStorage(storage),
+                        study_name="contract")
+    assert more.set_search_properties("score", "max", {"lr": tune.loguniform(1e-4, 1e-2)})
+    assert len(more._ot_study.trials) == 1 and more._ot_study.trials[0].value == 0.5
+    more.suggest("t2")
+    assert more._ot_trials["t2"].number == 1
+
+
 def test_ray_asha_bracket_rule_the_replay_mirrors():
     # benchmarks/search_replay.py's AshaRule restates ray.tune.schedulers.async_hyperband._Bracket
     # (rungs at grace * rf**k, the cut the (1 - 1/rf) nanpercentile of the scores recorded before,

@@ -41,8 +41,8 @@ def trial_runs(client, name):
     return client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'trial'", max_results=1000)
 
 
-END_TO_OPTUNA = {"finished": "COMPLETE", "early-stopped": "PRUNED", "diverged": "FAIL", "failed": "FAIL",
-                 "interrupted": "FAIL"}
+END_TO_OPTUNA = {"finished": "COMPLETE", "early-stopped": "PRUNED", "out-of-time": "PRUNED", "diverged": "FAIL",
+                 "failed": "FAIL", "interrupted": "FAIL"}
 
 
 def assert_study_matches_mlflow(client, name: str, arch: str, tune_root: Path, metric: str = "bleu4") -> list:
@@ -62,7 +62,7 @@ def assert_study_matches_mlflow(client, name: str, arch: str, tune_root: Path, m
         end = run.data.tags["captune.end_state"]
         assert t.state.name == END_TO_OPTUNA[end], (t.number, t.state, end)
         per_epoch = {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
-        if end in ("finished", "early-stopped"):
+        if end in ("finished", "early-stopped", "out-of-time"):
             best = max(per_epoch.values())
             assert t.value == pytest.approx(best) and run.data.metrics[f"best_{metric}"] == pytest.approx(best)
             assert sorted(t.intermediate_values) == sorted(per_epoch)  # one intermediate value per epoch

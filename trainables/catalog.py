@@ -30,3 +30,6 @@ MAX_CAPTION_WORDS = 100
 # A checkpoint's file in its folder (captune.trainables.checkpoint), named here, free of torch, for
 # the code that moves checkpoints without loading them (captune.trainables.reporting).
 CHECKPOINT_FILE = "model.pt"
+# The flag a sweep trial's epoch report carries once the sweep's time budget is spent: Tune then
+# stops the trial there (captune.search.budget), and its last result says why.
+OUT_OF_TIME = "out_of_time"

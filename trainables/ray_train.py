@@ -40,7 +40,7 @@ def train_loop_per_worker(config: dict) -> None:
     logger = None
     if rank == 0 and config.get("mlflow_run_id"):
         logger = EpochLogger(RelayClient(config["relay"]), config["mlflow_run_id"])
-    reporter = train_reporter(logger)
+    reporter = train_reporter(logger, deadline=config.get("deadline"))
     stop = config.get("stop_signal") and ray.get_actor(config["stop_signal"])
     ctx = WorkerContext(rank=rank, world_size=context.get_world_size(), device=ray.train.torch.get_device(),
                         reporter=reporter, wrap_model=ray.train.torch.prepare_model,
@@ -130,13 +130,15 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
                  callbacks: list | None = None, relay=None,
                  mlflow_run_id: str | None = None, stop_signal: str | None = None,
                  resume_from: str | None = None, echo: bool = True,
-                 system_metrics: dict | None = None, feature_set: str | None = None) -> TorchTrainer:
+                 system_metrics: dict | None = None, feature_set: str | None = None,
+                 deadline: float | None = None) -> TorchTrainer:
     """keep="best": the two best checkpoints by validation `cfg.metric`, and the latest (which a restart
     goes on from); keep="last": only the latest. `stop_signal`: the name of a StopSignal actor the
     workers watch. `resume_from`: a checkpoint folder to go on from, if newer than Ray's. `echo`:
     rank 0 prints a line per epoch. `system_metrics`: captune.infra.mlflow_logging.system_metrics's arguments,
     for one worker per machine. `feature_set`: a manifest of shared features (captune.trainables.feature_job):
-    the workers then read no image."""
+    the workers then read no image. `deadline`: a sweep trial's time budget's end
+    (captune.trainables.reporting.Reporter)."""
     # The controller sees the workers' end (or a stop) at its next health check: every 0.5 s, not 2.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     resources = {"CPU": cpus}
@@ -147,7 +149,7 @@ def make_trainer(cfg: TrainConfig, data_root: str | Path, *, workers: int = 1, u
         train_loop_config={"train": cfg.to_dict(), "data_root": str(Path(data_root).resolve()),
                            "relay": relay, "mlflow_run_id": mlflow_run_id,
                            "stop_signal": stop_signal, "resume_from": resume_from, "echo": echo,
-                           "system_metrics": system_metrics, "feature_set": feature_set},
+                           "system_metrics": system_metrics, "feature_set": feature_set, "deadline": deadline},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path,

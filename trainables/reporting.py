@@ -18,6 +18,7 @@ epoch's `bleu4` lands at the same step under the same name whoever trained it.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from captune.infra import storage
 from captune.infra.mlflow_logging import EpochLogger
 from captune.infra.storage import put_file
 from captune.trainables.catalog import CHECKPOINT_FILE as FILENAME  # (checkpoint.py loads torch; this is the driver's too)
-from captune.trainables.catalog import SCORES
+from captune.trainables.catalog import OUT_OF_TIME, SCORES
 
 # What MLflow records of an epoch's report (captune.trainables.loop.train), at step = its epoch.
 EPOCH_METRICS = ("loss", *SCORES, *(f"best_{k}" for k in SCORES), "best_epoch", "epoch_seconds", "val_seconds")
@@ -46,11 +47,14 @@ class Reporter:
     kept: KeptCheckpoints | None = None
     mlflow: EpochLogger | None = None
     node_id: str | None = None  # which node trained: every report names it (a trial's run shows it)
+    deadline: float | None = None  # a sweep's time budget ends then (time.time()): reports say so after it
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         """One epoch, from every rank (`checkpoint_dir` from rank 0 only)."""
         if self.node_id is not None:
             metrics = {**metrics, "node_id": self.node_id}
+        if self.deadline is not None and time.time() >= self.deadline:
+            metrics = {**metrics, OUT_OF_TIME: 1.0}
         if self.sink is not None:
             self.sink(metrics, checkpoint_dir)
         if self.kept is not None and checkpoint_dir is not None:
@@ -75,19 +79,20 @@ class Reporter:
             self.mlflow.close(timeout)
 
 
-def tune_reporter() -> Reporter:
-    """A sweep trial's, training in its Tune actor."""
+def tune_reporter(deadline: float | None = None) -> Reporter:
+    """A sweep trial's, training in its Tune actor (`deadline`: the sweep's time budget's end)."""
     import ray
     from ray import tune
 
     def to_tune(metrics: dict, checkpoint_dir: Path | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None)
 
-    return Reporter(sink=to_tune, node_id=ray.get_runtime_context().get_node_id())
+    return Reporter(sink=to_tune, node_id=ray.get_runtime_context().get_node_id(), deadline=deadline)
 
 
-def train_reporter(mlflow: EpochLogger | None) -> Reporter:
-    """A Ray Train worker's (`mlflow`: rank 0's EpochLogger, when the job has a run of its own)."""
+def train_reporter(mlflow: EpochLogger | None, deadline: float | None = None) -> Reporter:
+    """A Ray Train worker's (`mlflow`: rank 0's EpochLogger, when the job has a run of its own;
+    `deadline`: a sweep trial's time budget's end)."""
     import ray
     import ray.train
 
@@ -95,7 +100,7 @@ def train_reporter(mlflow: EpochLogger | None) -> Reporter:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir))
                          if checkpoint_dir else None)
 
-    return Reporter(sink=to_train, mlflow=mlflow, node_id=ray.get_runtime_context().get_node_id())
+    return Reporter(sink=to_train, mlflow=mlflow, node_id=ray.get_runtime_context().get_node_id(), deadline=deadline)
 
 
 class KeptCheckpoints:
