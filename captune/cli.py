@@ -166,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="Tune results: a folder, s3://..., or a shared mount (default: $CAPTUNE_STORAGE/sweeps "
                         "when CAPTUNE_STORAGE is set, as on a cluster.yaml cluster, else runs/sweeps)")
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this --name")
+    w.add_argument("--warm-start", metavar="SWEEP",
+                   help="start each search from what the trials of an earlier sweep (same store, same metric) found: "
+                        "they are told to its Optuna sampler, not trained again")
     w.add_argument("--more-trials", type=_positive, default=0, metavar="N",
                    help="with --resume: add N trials to each finished search of the sweep; its Optuna study goes "
                         "on (the sampler told every earlier trial), nothing is trained again")

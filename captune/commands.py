@@ -186,7 +186,7 @@ def cmd_sweep(args) -> int:
                        time_budget=args.time_budget,
                        overrides=parse_overrides(args.set), workers_per_trial=args.workers_per_trial,
                        gpus_per_worker=args.gpus_per_worker, storage=args.storage, resume=args.resume,
-                       more_trials=args.more_trials,
+                       more_trials=args.more_trials, warm_start=args.warm_start,
                        seeds=args.seeds, control=not args.no_control, tracking_uri=args.tracking_uri,
                        address=args.address, verbose=args.verbose)
     t0 = time.perf_counter()

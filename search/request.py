@@ -56,6 +56,7 @@ class SweepRequest:
     gpus_per_worker: float = 0.0  # 0: CPU trials
     storage: str | None = None  # None: default_storage()
     resume: bool = False
+    warm_start: str | None = None  # a new sweep's searches told another sweep's trials (captune.search.warm_start)
     more_trials: int = 0  # with resume: trials added to each finished search (a Tune run of its own, the study going on)
     seeds: int | None = None  # seed replicates of the comparison at the end; None: as the sweep started (sweep_seeds)
     control: bool = True  # after each search, train its champion's configuration image-blind
@@ -153,6 +154,11 @@ def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
     if req.more_trials and not req.resume:
         raise ConfigError(f"--more-trials {req.more_trials}: it adds trials to a sweep that has run; give --resume "
                           f"with it (a new sweep takes --trials)")
+    if req.warm_start is not None:
+        check_name(req.warm_start, "--warm-start")
+        if req.resume or req.warm_start == req.name:
+            raise ConfigError(f"--warm-start {req.warm_start}: it starts a new sweep from another sweep's trials; "
+                              + ("a resumed sweep goes on from its own" if req.resume else "name another sweep"))
     settings, spaces = load_spaces(req.config_file)
     if req.trials is not None:
         settings.trials = req.trials

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import mlflow
+import optuna
 import ray
 from mlflow.entities import RunTag
 from optuna.storages import RDBStorage
@@ -89,10 +90,13 @@ def run_search(job: SearchJob) -> ArchOutcome:
             at_once = f"{job.concurrent} at a time, more when the other searches leave slots free"
         else:
             limit, at_once = job.concurrent, f"up to {job.concurrent} at a time"
-        more = f"{job.trials} more trials (the study's trials so far told to the sampler)" if job.part else \
-            f"{job.trials} trials"
-        progress.note(f"{more}, {at_once}, {settings.max_epochs} epochs at most; "
-                      f"{sampler_line(settings)}; {stopping_line(settings)}; results in {job.tune_path}")
+        if job.part:  # the sampler's start-up draws were the first run's
+            told = len(optuna.load_study(study_name=job.experiment, storage=optuna_url(job.root, req.name)).trials)
+            drawn = f"{job.trials} more trials, the sampler told the study's {told} earlier ones"
+        else:
+            drawn = f"{job.trials} trials, {at_once}; {sampler_line(settings)}"
+        progress.note(f"{drawn}; {settings.max_epochs} epochs at most; {stopping_line(settings)}; "
+                      f"results in {job.tune_path}")
         tuner = tune.Tuner(
             trainable, param_space=search.space.to_tune(),
             tune_config=tune.TuneConfig(metric=objective(settings.metric), mode=MODE, search_alg=searcher, scheduler=scheduler,

@@ -28,6 +28,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from captune.search.budget import out_of_time
+from captune.search.warm_start import WARM_ATTR
 from captune.search.objective import DIVERGED, EARLY_STOPPED, FAILED, FINISHED, OUT_OF_TIME, end_state, objective
 
 OPTUNA_STATE = {FINISHED: TrialState.COMPLETE, EARLY_STOPPED: TrialState.PRUNED, OUT_OF_TIME: TrialState.PRUNED,
@@ -50,7 +51,7 @@ class ResumableOptunaSearch(OptunaSearch):
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         # On `--resume` Tune sets the search properties again, and OptunaSearch would enqueue the
         # default configuration a second time: a study that exists already had its points.
-        if not self._space and self._study_exists():
+        if not self._space and self._study_has_own_trials():
             self._points_to_evaluate = []
         done = super().set_search_properties(metric, mode, config, **spec)
         if done and self._ot_study is not None:
@@ -59,8 +60,12 @@ class ResumableOptunaSearch(OptunaSearch):
                 self._ot_study.set_metric_names([self.target])  # Optuna Dashboard says best_bleu4, not "Objective 0"
         return done
 
-    def _study_exists(self) -> bool:
-        return self._storage is not None and self._study_name in optuna.get_all_study_names(self._storage)
+    def _study_has_own_trials(self) -> bool:
+        """The study holds trials of this search (not only another sweep's, told by --warm-start)."""
+        if self._storage is None or self._study_name not in optuna.get_all_study_names(self._storage):
+            return False
+        study = optuna.load_study(study_name=self._study_name, storage=self._storage)
+        return any(WARM_ATTR not in t.user_attrs for t in study.get_trials(deepcopy=False))
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if out_of_time():  # the sweep's time budget is spent: no trial starts (captune.search.budget)

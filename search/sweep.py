@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import optuna
 import ray
 from optuna.storages import RDBStorage
 from ray import tune
@@ -35,6 +36,7 @@ from captune.search.search_task import run_search
 from captune.search.slots import create_pool
 from captune.search.space import SweepSettings
 from captune.search.strategy import startup_trials
+from captune.search.warm_start import WARM_TAG, seed_study, warm_trials
 from captune.trainables import WORKER_PRELOAD
 from captune.trainables.config import ConfigError
 from captune.trainables.feature_job import shared_feature_folder
@@ -68,6 +70,9 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     uri = configure(req.tracking_uri)
     client = mlflow.MlflowClient(uri)
     restorable = _check_name(client, uri, req, root, [search.arch for search in searches], settings.metric)
+    # what the earlier sweep's trials can tell each search, refused here if it cannot be used
+    warm = {search.arch: warm_trials(client, req.warm_start, search, settings.metric) for search in searches
+            if req.warm_start and not restorable[search.arch]}
     init_ray(req.address, preload=WORKER_PRELOAD)
     if req.gpus_per_worker > 0:
         _wait_for_gpus(req)
@@ -112,6 +117,9 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
                               feature_set=features.manifest if features else None, relay=relay))
     if not all(job.restore for job in jobs):  # create the study database once, before the searches share it
         RDBStorage(optuna_url(root, req.name))
+    for job in jobs:
+        if job.search.arch in warm and not job.part:
+            _warm_start(client, job, *warm[job.search.arch])
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     pool = _slot_pool(req.name, slots, [search.arch for search in searches])  # always: a resumed search may use it
     events = EventQueue.options(name=queue_name(req.name)).remote()
@@ -153,6 +161,15 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     return [outcomes[job.search.arch] for job in jobs]
 
 
+def _warm_start(client, job: SearchJob, trials: list, said: str) -> None:
+    """A new search's study created holding the earlier sweep's trials (captune.search.warm_start)."""
+    url = optuna_url(job.root, job.req.name)
+    if job.experiment not in optuna.get_all_study_names(url):  # (a study that exists has been told already)
+        seed_study(url, job.experiment, trials)
+        client.set_tag(job.parent_run_id, WARM_TAG, said)
+        print(f"[{job.search.arch}] {said}", flush=True)
+
+
 def _last_part(root: str, sweep: str, arch: str) -> int:
     """The latest Tune run of a search on disk: 0 its first, k its k-th `--more-trials`; -1 none."""
     part = -1
@@ -174,7 +191,14 @@ def _part(client, req: SweepRequest, settings: SweepSettings, root: str, arch: s
 
 
 def _planned_trials(client, job: SearchJob) -> int:
-    """A search's trials in all, as the view counts them: the first run's and every added one."""
+    """A search's trials in all, as the view counts them: those ended before and this part's, when
+    it grows the search (its first run may have been cut short by a time budget); else the first
+    run's and every added one."""
+    if job.part and not job.restore:
+        ended = client.search_runs([job.experiment_id], max_results=10000, filter_string=(
+            f"tags.`{SWEEP_TAG}` = '{job.req.name}' and tags.`{KIND_TAG}` = 'trial' and "
+            f"tags.`{ARCH_TAG}` = '{job.search.arch}' and tags.`{STATE_TAG}` != 'interrupted'"))
+        return len(ended) + job.trials
     added = client.get_run(job.parent_run_id).data.tags.get(ADDED_TRIALS_TAG, "0")
     return job.settings.trials + int(added)
 
@@ -189,8 +213,8 @@ def _budget(req: SweepRequest, settings: SweepSettings, searches: int) -> float 
              "the comparison on the test split"]
     print(f"time budget {duration_text(settings.time_budget)}: no trial starts after "
           f"{time.strftime('%H:%M:%S', time.localtime(deadline))}, and a trial running then stops at its next epoch "
-          f"(recorded out-of-time, its checkpoints kept). After it: {', '.join(filter(None, after))}; each "
-          f"control and replicate trains as long as one full trial (the view's estimate, once a trial ends).",
+          f"(recorded out-of-time, its checkpoints kept). After it: {', '.join(filter(None, after))}"
+          + ("; each control and replicate trains as long as one full trial." if req.control or req.seeds else "."),
           flush=True)
     return deadline
 

@@ -1,5 +1,5 @@
-"""A sweep's time budget and its growth (`--resume --more-trials`): with the real local Ray
-cluster, Optuna and MLflow on tiny generated data."""
+"""A sweep's time budget, its growth (`--resume --more-trials`) and a warm start from another
+sweep (`--warm-start`): with the real local Ray cluster, Optuna and MLflow on tiny generated data."""
 import time
 
 import optuna
@@ -100,7 +100,7 @@ def test_a_budget_stops_the_search_at_an_epoch_boundary_and_starts_no_trial_afte
     assert trial.state == optuna.trial.TrialState.PRUNED
 
 
-def test_more_trials_grow_a_finished_sweep_whose_study_goes_on(ray_cluster, synth_dir, tmp_path, tracking_uri,
+def test_more_trials_grow_a_finished_sweep_and_a_new_sweep_warm_starts_from_it(ray_cluster, synth_dir, tmp_path, tracking_uri,
                                                               capsys):
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=2, epochs=1, early_stopping="none")
     args = ["sweep", "--data", str(synth_dir), "--name", "grow", "--arch", "cnn-lstm", "--config", str(config),
@@ -111,7 +111,7 @@ def test_more_trials_grow_a_finished_sweep_whose_study_goes_on(ray_cluster, synt
     capsys.readouterr()
     assert main([*args, "--resume", "--more-trials", "2"]) == 0
     out = capsys.readouterr().out
-    assert "2 more trials (the study's trials so far told to the sampler)" in out, out[-3000:]
+    assert "2 more trials, the sampler told the study's 2 earlier ones" in out, out[-3000:]
     runs = trial_runs(client, "grow")
     assert len(runs) == 4 and all(r.info.end_time == before[r.info.run_id] for r in runs if r.info.run_id in before)
     study = assert_study_matches_mlflow(client, "grow", "cnn-lstm", tmp_path / "tune")
@@ -131,3 +131,49 @@ def test_more_trials_grow_a_finished_sweep_whose_study_goes_on(ray_cluster, synt
     assert [t.number for t in optuna.load_study(study_name="grow-cnn-lstm",
                                                 storage=f"sqlite:///{tmp_path / 'tune' / 'grow-optuna.db'}").trials] \
         == [0, 1, 2, 3, 4]
+
+    # A new sweep warm-started from it, over a narrower space: the earlier trials with hidden size
+    # 32 are left out, vocab_threshold (fixed here) dropped from the others; the sampler is told
+    # them, its own first trial is still the preset, and nothing of "grow" is trained or recorded.
+    narrower = {"lr": {"loguniform": [0.001, 0.01]}, "hidden_size": {"choice": [256, 512]}}
+    warm_config = sweep_yaml(tmp_path / "warm.yaml", trials=2, epochs=1, space=narrower, early_stopping="none")
+    source = optuna.load_study(study_name="grow-cnn-lstm", storage=f"sqlite:///{tmp_path / 'tune' / 'grow-optuna.db'}")
+    usable = [t for t in source.trials if t.params["hidden_size"] == 256]
+    warm_args = ["sweep", "--data", str(synth_dir), "--name", "warm", "--arch", "cnn-lstm", "--config", str(warm_config),
+                 "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri, "--no-control"]
+    capsys.readouterr()
+    assert main([*warm_args, "--warm-start", "grow"]) == 0
+    out = capsys.readouterr().out
+    said = (f"warm start: {len(usable)} trial(s) of sweep 'grow' told to the sampler; left out: "
+            f"{5 - len(usable)} with hidden_size outside this space")
+    assert said in out, out[-3000:]
+    study = optuna.load_study(study_name="warm-cnn-lstm", storage=f"sqlite:///{tmp_path / 'tune' / 'warm-optuna.db'}")
+    told = [t for t in study.trials if "captune_warm_start" in t.user_attrs]
+    own = [t for t in study.trials if "captune_warm_start" not in t.user_attrs]
+    assert [t.user_attrs["captune_warm_start"] for t in told] == [f"grow#{t.number}" for t in usable]
+    assert all(set(t.params) == {"lr", "hidden_size"} for t in study.trials)
+    assert [t.value for t in told] == [t.value for t in usable] and len(own) == 2
+    assert own[0].params == {"lr": 0.002, "hidden_size": 256}  # the preset, still its first trial
+    assert len(trial_runs(client, "warm")) == 2 and len(trial_runs(client, "grow")) == 5
+    (parent,) = client.search_runs([client.get_experiment_by_name("warm").experiment_id],
+                                   filter_string="tags.`captune.kind` = 'search'")
+    assert parent.data.tags["captune.warm_start"] == said
+    assert_study_matches_mlflow(client, "warm", "cnn-lstm", tmp_path / "tune")
+    # values of another metric are not this search's: refused before anything starts
+    assert main([*warm_args[:4], "warm2", *warm_args[5:], "--warm-start", "grow", "--metric", "cider"]) == 2
+    assert "--warm-start grow: sweep 'grow' maximised bleu4, this one cider" in capsys.readouterr().err
+    assert client.get_experiment_by_name("warm2") is None
+
+
+def test_a_warm_start_that_cannot_be_used_is_refused_before_anything_starts(synth_dir, tmp_path, tracking_uri, capsys):
+    config = sweep_yaml(tmp_path / "sweep.yaml", trials=2, epochs=1)
+    args = ["sweep", "--data", str(synth_dir), "--name", "w2", "--arch", "cnn-lstm", "--config", str(config),
+            "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri]
+    assert main([*args, "--warm-start", "nowhere"]) == 2
+    assert "--warm-start nowhere: there is no sweep 'nowhere' in this MLflow store" in capsys.readouterr().err
+    assert main([*args, "--warm-start", "w2"]) == 2
+    assert "--warm-start w2: it starts a new sweep from another sweep's trials; name another sweep" in \
+        capsys.readouterr().err
+    assert main([*args, "--warm-start", "../x"]) == 2
+    assert "--warm-start '../x' cannot name a sweep" in capsys.readouterr().err
+    assert MlflowClient(tracking_uri).get_experiment_by_name("w2") is None and not (tmp_path / "tune").exists()
