@@ -207,6 +207,8 @@ def cmd_sweep(args) -> int:
         print(f"[{o.arch}] best trial {o.best['trial_id']}: best validation {label} {o.best['score']:.4f} "
               f"(epoch {o.best['epoch']}; {others}); registered {c.get('name')} v{c.get('version')}, {verdict}; "
               f"{o.errors} of {o.trials} trials failed")
+        if o.convergence:
+            print(f"[{o.arch}] {o.convergence}")
         if o.control:
             print(f"[{o.arch}] image-blind control: best validation {label} "
                   f"{o.control['scores'][o.best['metric']]['control']:.4f}; {o.control['verdict']['text']}")

@@ -25,6 +25,7 @@ from captune.infra.mlflow_relay import start_relay
 from captune.infra.mlflow_store import configure
 from captune.infra.raycluster import init_ray
 from captune.search.bootstrap import RESAMPLES, paired_bootstrap, require_resamples
+from captune.search.convergence import CONVERGENCE_TAG, seed_noise, with_noise
 from captune.search.leaderboard import find_sweep
 from captune.search.objective import DEFAULT_METRIC, metric_of, objective
 from captune.search.request import storage_root
@@ -94,6 +95,7 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
     if seeds:
         results["replicates"] = _replicates(client, experiment.experiment_id, name, champions, seeds, uri, address,
                                             resamples, bootstrap_seed)
+        results["convergence"] = _convergence(client, champions, results["replicates"], metric)
     results["verdict"] = _verdict(results)
     _log(client, experiment.experiment_id, name, results, beams, resamples, bootstrap_seed, seeds)
     return results
@@ -156,6 +158,20 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
     return out
 
 
+def _convergence(client, champions: dict, replicates: dict, metric: str) -> dict[str, str]:
+    """Each search's convergence statement again (captune.search.convergence), now against the
+    seed noise its champion's replicates measured: the standard deviation of their best
+    validation scores (the search's objective)."""
+    said = {}
+    for arch, (parent, _, _) in champions.items():
+        values = [v[objective(metric)] for v in replicates["architectures"][arch]["val"] if objective(metric) in v]
+        with optional_step("the convergence estimate", client, parent.info.run_id, CONVERGENCE_TAG):
+            words = with_noise(client, client.get_run(parent.info.run_id), seed_noise(values))
+            if words:
+                said[arch] = words
+    return said
+
+
 def _verdict(results: dict) -> str:
     """In the sweep's metric: the pooled replicates' bootstrap when there is one, else the champions'."""
     boot = (results["replicates"] or {}).get("bootstrap") or results["bootstrap"]
@@ -204,6 +220,8 @@ def format_comparison(results: dict) -> str:
                 for a in archs))
         for boot in (reps.get("bootstrap") or {}).values():
             lines.append(_bootstrap_line("paired bootstrap, pooled replicates", boot))
+    for arch, words in (results.get("convergence") or {}).items():
+        lines.append(f"[{arch}] {words}")
     lines.append(f"verdict ({SCORE_LABELS[metric]}, the sweep's metric): {results['verdict']}")
     return "\n".join(lines)
 

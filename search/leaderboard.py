@@ -10,6 +10,7 @@ from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_
                                 IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG, STATE_TAG,
                                 SWEEP_TAG, TRIAL_TAG, control_record)
 from captune.infra.mlflow_store import configure, require_not_deleted
+from captune.search.convergence import CONVERGENCE_TAG
 from captune.search.objective import DEFAULT_METRIC, metric_of, objective, trial_order
 from captune.search.request import name_fault
 from captune.trainables.catalog import HEADLINE, SCORE_LABELS
@@ -62,7 +63,8 @@ def _search(run, metric: str) -> dict:
             "control": control, "control_error": None if control else t.get(CONTROL_ERROR_TAG),
             "importances": dict(sorted(((k.removeprefix(IMPORTANCE_PREFIX), v) for k, v in m.items() if k.startswith(IMPORTANCE_PREFIX)),
                                        key=lambda kv: -kv[1])),
-            "importance_basis": t.get(IMPORTANCE_BASIS_TAG), "importance_note": t.get(IMPORTANCE_NOTE_TAG)}
+            "importance_basis": t.get(IMPORTANCE_BASIS_TAG), "importance_note": t.get(IMPORTANCE_NOTE_TAG),
+            "convergence": t.get(CONVERGENCE_TAG)}
 
 
 def format_leaderboard(board: dict, top: int | None = None) -> str:
@@ -87,6 +89,7 @@ def format_leaderboard(board: dict, top: int | None = None) -> str:
         search = board["searches"].get(arch)
         if search:
             lines += _floor_lines(search, metric) + _importance_lines(search)
+            lines.append(f"    convergence: {search['convergence'] or 'not estimated'}")
         lines.append("")
     return "\n".join(lines).rstrip()
 

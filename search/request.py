@@ -85,6 +85,7 @@ class ArchOutcome:
     control: dict | None = None  # from captune.search.control.run_control
     states: dict = field(default_factory=dict)  # {end state: trials} (captune.search.objective)
     first_error: str | None = None  # why the first trial that failed or diverged did
+    convergence: str | None = None  # whether more trials could still gain, in words (captune.search.convergence)
 
     def no_model_text(self) -> str:
         """Why the search has no model to register, and what to change."""

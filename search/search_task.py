@@ -15,7 +15,7 @@ from optuna.storages import RDBStorage
 from ray import tune
 from ray.tune import Checkpoint
 
-from captune.infra.mlflow_logging import metric_entities, unavailable
+from captune.infra.mlflow_logging import metric_entities, optional_step, unavailable
 from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CONCURRENT_TAG,
                                 FAILED_TRIALS_TAG, NOTE_TAG, SLOTS_TAG, SWEEP_TAG, TRIAL_TAG, TRIALS_TAG,
                                 champion_record, champion_tags)
@@ -30,6 +30,8 @@ from captune.search.request import (ArchOutcome, ArchSearch, SearchJob, SweepReq
                                     tune_name)
 from captune.search.searcher import ResumableOptunaSearch
 from captune.search.budget import set_deadline
+from captune.search.convergence import CONVERGENCE_TAG, NOISE_METRIC, regret_bound
+from captune.search.convergence import record as record_convergence
 from captune.search.strategy import OutOfTime, analysis_epoch, make_sampler, sampler_line, scheduler_for, stopping_line
 from captune.search.slots import SharedSlots, pool_name
 from captune.search.space import SweepSettings
@@ -197,7 +199,21 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
     # (the study's URL as the driver worked it out: this task may run where CAPTUNE_STORAGE is not set)
     log_search_analysis(client, parent_id, study_url, study_name,
                         list(search.space.searched), at_epoch=analysis_epoch(settings), metric=metric)
+    outcome.convergence = _convergence(client, parent, study_url, study_name, req, settings, search.arch)
     return outcome
+
+
+def _convergence(client, parent, study_url: str, study_name: str, req: SweepRequest, settings: SweepSettings,
+                 arch: str) -> str | None:
+    """Whether more trials could still gain (captune.search.convergence), on the parent run; set
+    against the seed noise this sweep measured before (a grown sweep), if any. An optional step."""
+    with optional_step("the convergence estimate", client, parent.info.run_id, CONVERGENCE_TAG):
+        trials = optuna.load_study(study_name=study_name, storage=study_url).get_trials(deepcopy=False)
+        finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        more = f"{resume_command(req)} --more-trials {settings.trials}"
+        return record_convergence(client, parent.info.run_id, regret_bound(trials, sampler_seed(settings.seed, arch)),
+                                  parent.data.metrics.get(NOISE_METRIC), finished, more)
+    return client.get_run(parent.info.run_id).data.tags.get(CONVERGENCE_TAG)
 
 
 def _search_note(outcome: ArchOutcome, experiment_id: str, sweep: str) -> str:

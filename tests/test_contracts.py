@@ -138,3 +138,17 @@ def test_atexit_run_exitfuncs_the_fork_server_calls():
             "atexit._run_exitfuncs(); os._exit(0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out == "handler ran\n" and callable(atexit._run_exitfuncs)
+
+
+def test_optuna_regret_bound_evaluator_the_convergence_statement_relies_on():
+    # Optuna 5.0 deprecates optuna.terminator but keeps RegretBoundEvaluator(top_trials_ratio,
+    # min_n_trials, seed).evaluate(trials, direction): captune.search.convergence's one use.
+    import inspect
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from optuna.terminator import RegretBoundEvaluator
+    assert {"min_n_trials", "seed"} <= set(inspect.signature(RegretBoundEvaluator).parameters)
+    assert list(inspect.signature(RegretBoundEvaluator.evaluate).parameters)[1:] == ["trials", "study_direction"]
+    assert optuna.study.StudyDirection.MAXIMIZE

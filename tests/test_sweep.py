@@ -1,6 +1,7 @@
 """Sweeps on tiny generated data, with the real local Ray cluster, Optuna and MLflow."""
 import json
 import os
+import statistics
 import signal
 import subprocess
 import sys
@@ -274,6 +275,15 @@ def test_compare_trains_seed_replicates_records_them_and_reuses_them(s1, capsys)
         for boot in boots.values():
             assert boot["resamples"] == 200 and boot["low"] <= boot["difference"] <= boot["high"]
     assert first["metric"] == "cider" and "CIDEr-D" in first["verdict"]
+    # the replicates measured the seed noise: each search's convergence statement says it now
+    for parent in s1.parents:
+        arch = parent.data.tags["arch"]
+        after = client.get_run(parent.info.run_id).data
+        values = [v["best_cider"] for v in reps[arch]["val"]]
+        assert after.metrics["seed_noise"] == pytest.approx(statistics.stdev(values))
+        assert first["convergence"][arch] == after.tags["captune.convergence"]
+        assert after.tags["captune.convergence"].startswith(("converged: more trials unlikely to gain more than the "
+                                                             "seed noise", "not converged: more trials may gain up to"))
     comparison = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'compare' and "
                                                                          "params.seeds = '2'")[0]
     assert {"comparison.json", "comparison.png"} <= {a.path for a in client.list_artifacts(comparison.info.run_id)}
@@ -289,6 +299,24 @@ def test_compare_trains_seed_replicates_records_them_and_reuses_them(s1, capsys)
     # the sweep's own comparison and the seeded one are two runs, each with its settings
     assert sorted(r.data.params["seeds"] for r in client.search_runs(
         [exp.experiment_id], filter_string="tags.`captune.kind` = 'compare'")) == ["0", "2"]
+
+
+def test_each_search_says_whether_more_trials_could_still_gain(s1, capsys):
+    # As each search ends: Optuna's regret bound over its 3 finished trials, the seed noise not yet
+    # measured (the replicates of `compare --seeds` measure it), the command that adds trials.
+    for parent in s1.parents:
+        arch, tags, metrics = parent.data.tags["arch"], parent.data.tags, parent.data.metrics
+        assert metrics["regret_bound_trials"] == 3 and metrics["regret_bound"] >= 0
+        if "seed_noise" not in metrics:  # (a comparison with replicates has not run yet)
+            assert tags["captune.convergence"] == (
+                f"more trials may gain up to {metrics['regret_bound']:.4f} (regret bound over 3 trials); the seed noise "
+                f"is not measured yet (`--seeds 2` measures it)")
+            assert f"[{arch}] more trials may gain up to" in s1.out
+        more = tags["captune.more_trials_command"]
+        assert more.startswith("captune sweep --name s1 --data ") and " --resume " in more
+        assert more.endswith(" --more-trials 3")
+    assert main(["leaderboard", "s1", "--tracking-uri", s1.tracking_uri]) == 0
+    assert capsys.readouterr().out.count("    convergence: ") == 2
 
 
 def test_a_finished_sweeps_name_is_refused_unless_resumed_with_its_metric_and_storage(s1, synth_dir, capsys):

@@ -1,0 +1,89 @@
+"""Whether a search has converged: how much more trials could still gain, set against how much the
+score moves from one seed to the next.
+
+The gain is bounded by Optuna's regret bound (`optuna.terminator.RegretBoundEvaluator`, Makarova
+et al. 2022, "Automatic termination for hyperparameter optimization"): a GP fitted to the
+study's finished trials bounds how far the best configuration not yet tried could lie above the
+best found. Optuna 5.0 marks its terminator module deprecated, but keeps it, and no other
+maintained library offers the bound; its use sits here alone. With fewer than 3 finished trials
+there is nothing to fit.
+
+The seed noise is the standard deviation of the search's objective over seeds of one
+configuration: the champion's seed replicates (`--seeds K`, K >= 2). A bound within that noise
+says more trials are unlikely to find a configuration that is better by more than a reseed moves
+it; above it, more trials may still pay.
+
+Estimated as each search ends (with the noise the sweep measured before, if any), and again by
+`captune compare --seeds K` (the sweep's last step) once the replicates have measured the noise.
+On the search's parent run: the metrics `regret_bound`, `regret_bound_trials` and `seed_noise`,
+the tag `captune.convergence` in words; the leaderboard and the console say the same words.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+
+MIN_TRIALS = 3  # finished trials the bound's GP needs
+CONVERGENCE_TAG = "captune.convergence"
+MORE_TAG = "captune.more_trials_command"  # the command that adds trials to the search, for the words
+BOUND_METRIC, TRIALS_METRIC, NOISE_METRIC = "regret_bound", "regret_bound_trials", "seed_noise"
+
+
+def regret_bound(trials: list, seed: int) -> float | None:
+    """The regret bound over a study's finished trials (None below MIN_TRIALS)."""
+    import optuna
+    from optuna.study import StudyDirection
+
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+    if len(finished) < MIN_TRIALS:
+        return None
+    with warnings.catch_warnings():  # its deprecation and "experimental" warnings: known, see the module
+        warnings.simplefilter("ignore")
+        from optuna.terminator import RegretBoundEvaluator
+
+        bound = RegretBoundEvaluator(min_n_trials=MIN_TRIALS, seed=seed).evaluate(finished, StudyDirection.MAXIMIZE)
+    return max(0.0, float(bound)) if math.isfinite(bound) else None
+
+
+def seed_noise(scores: list[float]) -> float | None:
+    """The standard deviation of one configuration's scores over seeds (None with fewer than 2)."""
+    return statistics.stdev(scores) if len(scores) >= 2 else None
+
+
+def statement(bound: float | None, noise: float | None, finished: int, more: str) -> str:
+    """The verdict in words; `more`: the command that adds trials."""
+    if bound is None:
+        return f"convergence not estimated: {finished} finished trial(s), the regret bound needs {MIN_TRIALS}"
+    if noise is None:
+        return (f"more trials may gain up to {bound:.4f} (regret bound over {finished} trials); the seed noise is not "
+                f"measured yet (`--seeds 2` measures it)")
+    if bound <= noise:
+        return (f"converged: more trials unlikely to gain more than the seed noise (<= {bound:.4f} vs "
+                f"±{noise:.4f}, over {finished} trials)")
+    return f"not converged: more trials may gain up to {bound:.4f} (seed noise ±{noise:.4f}); `{more}`"
+
+
+def record(client, parent_id: str, bound: float | None, noise: float | None, finished: int, more: str) -> str:
+    """The statement on the search's parent run (its metrics and tags); returned."""
+    import time
+
+    from mlflow.entities import Metric
+
+    said = statement(bound, noise, finished, more)
+    now = int(time.time() * 1000)
+    values = {BOUND_METRIC: bound, TRIALS_METRIC: float(finished), NOISE_METRIC: noise}
+    client.log_batch(parent_id, metrics=[Metric(k, v, now, 0) for k, v in values.items() if v is not None])
+    client.set_tag(parent_id, CONVERGENCE_TAG, said)
+    client.set_tag(parent_id, MORE_TAG, more)
+    return said
+
+
+def with_noise(client, parent, noise: float | None) -> str | None:
+    """The statement of a search already estimated (its parent run, from the search's end) again,
+    now with the seed noise its champion's replicates measured; None if it was never estimated."""
+    tags, metrics = parent.data.tags, parent.data.metrics
+    if CONVERGENCE_TAG not in tags:
+        return None
+    return record(client, parent.info.run_id, metrics.get(BOUND_METRIC), noise, int(metrics.get(TRIALS_METRIC, 0)),
+                  tags.get(MORE_TAG, "captune sweep ... --resume --more-trials N"))
