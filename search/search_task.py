@@ -94,11 +94,11 @@ def run_search(job: SearchJob) -> ArchOutcome:
             limit, at_once = job.concurrent, f"up to {job.concurrent} at a time"
         if job.part:  # the sampler's start-up draws were the first run's
             told = len(optuna.load_study(study_name=job.experiment, storage=optuna_url(job.root, req.name)).trials)
-            drawn = f"{job.trials} more trials, the sampler told the study's {told} earlier ones"
+            drawn = f"{job.trials} more trials, the sampler told the study's {told} earlier ones, {at_once}, " \
+                    f"{settings.max_epochs} epochs at most"
         else:
-            drawn = f"{job.trials} trials, {at_once}; {sampler_line(settings)}"
-        progress.note(f"{drawn}; {settings.max_epochs} epochs at most; {stopping_line(settings)}; "
-                      f"results in {job.tune_path}")
+            drawn = f"{job.trials} trials, {at_once}, {settings.max_epochs} epochs at most; {sampler_line(settings)}"
+        progress.note(f"{drawn}; {stopping_line(settings)}; results in {job.tune_path}")
         tuner = tune.Tuner(
             trainable, param_space=search.space.to_tune(),
             tune_config=tune.TuneConfig(metric=objective(settings.metric), mode=MODE, search_alg=searcher, scheduler=scheduler,
