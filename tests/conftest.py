@@ -140,20 +140,28 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session, exitstatus):
     """Every test's seconds (setup, call, teardown), slowest first, in runs/test-durations.json:
-    the slow tests are known without running the suite again."""
+    the slow tests are known without running the suite again. A run of some tests updates theirs
+    and keeps the others' from earlier runs (each row says when it was measured), so a partial
+    run never wipes the whole suite's figures."""
     import json
     import time
 
     if not _durations:
         return
-    rows = sorted(({"test": k, "total": round(sum(v.values()), 2), **v} for k, v in _durations.items()),
-                  key=lambda r: -r["total"])
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
     try:  # a record of the run, never a reason for it to fail
+        try:
+            known = {r["test"]: r for r in json.loads(DURATIONS_FILE.read_text()).get("durations", [])}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            known = {}
+        for test, phases in _durations.items():
+            known[test] = {"test": test, "total": round(sum(phases.values()), 2), **phases, "measured": now}
+        rows = sorted(known.values(), key=lambda r: -r["total"])
         DURATIONS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        DURATIONS_FILE.write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                              "exit_status": int(exitstatus),
-                                              "args": list(session.config.invocation_params.args),
-                                              "tests": len(rows), "seconds": round(sum(r["total"] for r in rows), 1),
-                                              "durations": rows}, indent=1))
+        DURATIONS_FILE.write_text(json.dumps({
+            "last_run": {"finished": now, "exit_status": int(exitstatus),
+                         "args": list(session.config.invocation_params.args), "tests": len(_durations),
+                         "seconds": round(sum(sum(v.values()) for v in _durations.values()), 1)},
+            "tests": len(rows), "seconds": round(sum(r["total"] for r in rows), 1), "durations": rows}, indent=1))
     except OSError as e:
         print(f"\ntest durations not written to {DURATIONS_FILE}: {e}")
