@@ -25,7 +25,7 @@ from captune.infra.mlflow_relay import start_relay
 from captune.infra.mlflow_store import configure
 from captune.infra.raycluster import init_ray
 from captune.search.bootstrap import RESAMPLES, paired_bootstrap, require_resamples
-from captune.search.convergence import CONVERGENCE_TAG, seed_noise, with_noise
+from captune.search.convergence import CONVERGENCE_TAG, with_noise
 from captune.search.leaderboard import find_sweep
 from captune.search.objective import DEFAULT_METRIC, metric_of, objective
 from captune.search.request import storage_root
@@ -166,7 +166,7 @@ def _convergence(client, champions: dict, replicates: dict, metric: str) -> dict
     for arch, (parent, _, _) in champions.items():
         values = [v[objective(metric)] for v in replicates["architectures"][arch]["val"] if objective(metric) in v]
         with optional_step("the convergence estimate", client, parent.info.run_id, CONVERGENCE_TAG):
-            words = with_noise(client, client.get_run(parent.info.run_id), seed_noise(values))
+            words = with_noise(client, client.get_run(parent.info.run_id), values)
             if words:
                 said[arch] = words
     return said

@@ -51,8 +51,9 @@ def seed_noise(scores: list[float]) -> float | None:
     return statistics.stdev(scores) if len(scores) >= 2 else None
 
 
-def statement(bound: float | None, noise: float | None, finished: int, more: str) -> str:
-    """The verdict in words; `more`: the command that adds trials."""
+def statement(bound: float | None, noise: float | None, finished: int, more: str, seeds: int = 0) -> str:
+    """The verdict in words; `more`: the command that adds trials; `seeds`: how many the noise is over."""
+    over = f" over {seeds} seeds" if seeds else ""
     if bound is None:
         return f"convergence not estimated: {finished} finished trial(s), the regret bound needs {MIN_TRIALS}"
     if noise is None:
@@ -60,17 +61,18 @@ def statement(bound: float | None, noise: float | None, finished: int, more: str
                 f"measured yet (`--seeds 2` measures it)")
     if bound <= noise:
         return (f"converged: more trials unlikely to gain more than the seed noise (<= {bound:.4f} vs "
-                f"±{noise:.4f}, over {finished} trials)")
-    return f"not converged: more trials may gain up to {bound:.4f} (seed noise ±{noise:.4f}); `{more}`"
+                f"±{noise:.4f}{over}; bound over {finished} trials)")
+    return f"not converged: more trials may gain up to {bound:.4f} (seed noise ±{noise:.4f}{over}); `{more}`"
 
 
-def record(client, parent_id: str, bound: float | None, noise: float | None, finished: int, more: str) -> str:
+def record(client, parent_id: str, bound: float | None, noise: float | None, finished: int, more: str,
+           seeds: int = 0) -> str:
     """The statement on the search's parent run (its metrics and tags); returned."""
     import time
 
     from mlflow.entities import Metric
 
-    said = statement(bound, noise, finished, more)
+    said = statement(bound, noise, finished, more, seeds)
     now = int(time.time() * 1000)
     values = {BOUND_METRIC: bound, TRIALS_METRIC: float(finished), NOISE_METRIC: noise}
     client.log_batch(parent_id, metrics=[Metric(k, v, now, 0) for k, v in values.items() if v is not None])
@@ -79,11 +81,13 @@ def record(client, parent_id: str, bound: float | None, noise: float | None, fin
     return said
 
 
-def with_noise(client, parent, noise: float | None) -> str | None:
+def with_noise(client, parent, scores: list[float]) -> str | None:
     """The statement of a search already estimated (its parent run, from the search's end) again,
-    now with the seed noise its champion's replicates measured; None if it was never estimated."""
+    now with the seed noise its champion's replicates measured (`scores`: their objective); None if it
+    was never estimated."""
     tags, metrics = parent.data.tags, parent.data.metrics
     if CONVERGENCE_TAG not in tags:
         return None
-    return record(client, parent.info.run_id, metrics.get(BOUND_METRIC), noise, int(metrics.get(TRIALS_METRIC, 0)),
-                  tags.get(MORE_TAG, "captune sweep ... --resume --more-trials N"))
+    return record(client, parent.info.run_id, metrics.get(BOUND_METRIC), seed_noise(scores),
+                  int(metrics.get(TRIALS_METRIC, 0)), tags.get(MORE_TAG, "captune sweep ... --resume --more-trials N"),
+                  len(scores))

@@ -1,5 +1,9 @@
 """A sweep's time budget, its growth (`--resume --more-trials`) and a warm start from another
 sweep (`--warm-start`): with the real local Ray cluster, Optuna and MLflow on tiny generated data."""
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import optuna
@@ -13,6 +17,7 @@ from captune.search.request import SweepRequest, plan
 from captune.trainables.config import ConfigError
 from captune.trainables.reporting import Reporter
 from mlflow import MlflowClient
+from tests.conftest import attached
 from tests.test_sweep import assert_study_matches_mlflow, sweep_yaml, trial_runs
 
 
@@ -177,3 +182,39 @@ def test_a_warm_start_that_cannot_be_used_is_refused_before_anything_starts(synt
     assert main([*args, "--warm-start", "../x"]) == 2
     assert "--warm-start '../x' cannot name a sweep" in capsys.readouterr().err
     assert MlflowClient(tracking_uri).get_experiment_by_name("w2") is None and not (tmp_path / "tune").exists()
+
+
+def test_a_growth_stopped_by_ctrl_c_goes_on_with_the_plain_resume_it_prints(ray_cluster, synth_dir, tmp_path,
+                                                                           tracking_uri):
+    # Ctrl-C while `--resume --more-trials 2` trains: the command printed at the stop has no
+    # --more-trials (it would add 2 more), and it finishes the growth, nothing trained twice.
+    config = sweep_yaml(tmp_path / "sweep.yaml", trials=1, epochs=30, early_stopping="none", max_concurrent=1)
+    args = ["sweep", "--data", str(synth_dir), "--name", "gs", "--arch", "cnn-lstm", "--config", str(config),
+            "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri, "--no-control"]
+    assert main(args) == 0
+    client = MlflowClient(tracking_uri)
+    (first,) = trial_runs(client, "gs")
+    log = tmp_path / "grow.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "captune.cli", *args, "--resume", "--more-trials", "2"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **attached(ray_cluster)})
+    deadline = time.monotonic() + 150
+    while not [r for r in trial_runs(client, "gs") if r.info.run_id != first.info.run_id
+               and client.get_metric_history(r.info.run_id, "bleu4")]:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(60) == 130
+    text = log.read_text()
+    (printed,) = [line[line.index("captune sweep"):] for line in text.splitlines() if "To go on" in line]
+    assert "--resume" in printed and "--more-trials" not in printed, printed
+    assert main(args + ["--resume"]) == 0
+    runs = trial_runs(client, "gs")
+    assert len(runs) == 3 and all(r.data.tags["captune.end_state"] == "finished" for r in runs)
+    assert len(client.get_metric_history(first.info.run_id, "bleu4")) == 30  # the first trial: not trained again
+    study = assert_study_matches_mlflow(client, "gs", "cnn-lstm", tmp_path / "tune")
+    assert [t.number for t in study if t.state == optuna.trial.TrialState.COMPLETE] == [0, 1, 2]
+    (search,) = client.search_runs([client.get_experiment_by_name("gs").experiment_id],
+                                   filter_string="tags.`captune.kind` = 'search'")
+    assert search.data.tags["captune.trials_added"] == "2" and search.info.status == "FINISHED"

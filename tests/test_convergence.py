@@ -33,9 +33,9 @@ def test_the_seed_noise_is_the_standard_deviation_over_seeds():
 @pytest.mark.parametrize("bound, noise, words", [
     (None, None, "convergence not estimated: 2 finished trial(s), the regret bound needs 3"),
     (0.05, None, "more trials may gain up to 0.0500 (regret bound over 2 trials); the seed noise is not measured yet"),
-    (0.004, 0.03, "converged: more trials unlikely to gain more than the seed noise (<= 0.0040 vs ±0.0300, over 2 "
-                  "trials)"),
-    (0.05, 0.03, f"not converged: more trials may gain up to 0.0500 (seed noise ±0.0300); `{MORE}`"),
+    (0.004, 0.03, "converged: more trials unlikely to gain more than the seed noise (<= 0.0040 vs ±0.0300 over 3 "
+                  "seeds; bound over 2 trials)"),
+    (0.05, 0.03, f"not converged: more trials may gain up to 0.0500 (seed noise ±0.0300 over 3 seeds); `{MORE}`"),
 ])
 def test_the_statement_sets_the_bound_against_the_noise(bound, noise, words):
-    assert statement(bound, noise, 2, MORE).startswith(words)
+    assert statement(bound, noise, 2, MORE, seeds=3 if noise else 0).startswith(words)
