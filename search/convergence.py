@@ -16,7 +16,8 @@ it; above it, more trials may still pay.
 Estimated as each search ends (with the noise the sweep measured before, if any), and again by
 `captune compare --seeds K` (the sweep's last step) once the replicates have measured the noise.
 On the search's parent run: the metrics `regret_bound`, `regret_bound_trials` and `seed_noise`,
-the tag `captune.convergence` in words; the leaderboard and the console say the same words.
+the tag `captune.convergence` in words, also the last paragraph of its description (the UI shows
+a tag's value cut to a few words); the leaderboard and the console say the same words.
 """
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ import math
 import statistics
 import warnings
 
+from captune.infra.mlflow_names import NOTE_TAG
+
 MIN_TRIALS = 3  # finished trials the bound's GP needs
+NOTE_HEAD = "**Converged?**"  # the paragraph of the search run's description that says it
 CONVERGENCE_TAG = "captune.convergence"
 MORE_TAG = "captune.more_trials_command"  # the command that adds trials to the search, for the words
 BOUND_METRIC, TRIALS_METRIC, NOISE_METRIC = "regret_bound", "regret_bound_trials", "seed_noise"
@@ -78,6 +82,9 @@ def record(client, parent_id: str, bound: float | None, noise: float | None, fin
     client.log_batch(parent_id, metrics=[Metric(k, v, now, 0) for k, v in values.items() if v is not None])
     client.set_tag(parent_id, CONVERGENCE_TAG, said)
     client.set_tag(parent_id, MORE_TAG, more)
+    # and in the run's description, where the UI shows it whole (a tag's value is cut to a few words)
+    note = client.get_run(parent_id).data.tags.get(NOTE_TAG, "").split(NOTE_HEAD)[0].rstrip()
+    client.set_tag(parent_id, NOTE_TAG, f"{note}\n\n{NOTE_HEAD} {said}".lstrip())
     return said
 
 

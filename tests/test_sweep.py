@@ -312,6 +312,8 @@ def test_each_search_says_whether_more_trials_could_still_gain(s1, capsys):
                 f"more trials may gain up to {metrics['regret_bound']:.4f} (regret bound over 3 trials); the seed noise "
                 f"is not measured yet (`--seeds 2` measures it)")
             assert f"[{arch}] more trials may gain up to" in s1.out
+        assert tags["mlflow.note.content"].endswith(f"\n\n**Converged?** {tags['captune.convergence']}")
+        assert tags["mlflow.note.content"].startswith(f"**{arch}** search of sweep `s1`")
         more = tags["captune.more_trials_command"]
         assert more.startswith("captune sweep --name s1 --data ") and " --resume " in more
         assert more.endswith(" --more-trials 3")
