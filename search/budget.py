@@ -52,3 +52,22 @@ def out_of_time(deadline: float | None = None) -> bool:
         value = os.environ.get(DEADLINE_ENV)
         deadline = float(value) if value else None
     return deadline is not None and time.time() >= deadline
+
+
+def announce_budget(req, settings, searches: int) -> float | None:
+    """The time budget's deadline from now (None without one), and what runs after it, said
+    before the searches start. `req`: the SweepRequest; `settings`: its SweepSettings."""
+    if not settings.time_budget:
+        return None
+    from captune.search.progress import duration_text  # (the console's; this module stays light)
+
+    deadline = time.time() + settings.time_budget
+    after = [f"{searches} image-blind control(s), one per architecture" if req.control else "",
+             f"{req.seeds} seed replicate(s) of each champion" if req.seeds else "",
+             "the comparison on the test split"]
+    print(f"time budget {duration_text(settings.time_budget)}: no trial starts after "
+          f"{time.strftime('%H:%M:%S', time.localtime(deadline))}, and a trial running then stops at its next epoch "
+          f"(recorded out-of-time, its checkpoints kept). After it: {', '.join(filter(None, after))}"
+          + ("; each control and replicate trains as long as one full trial." if req.control or req.seeds else "."),
+          flush=True)
+    return deadline

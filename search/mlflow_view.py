@@ -101,3 +101,13 @@ def run_path(experiment_id: str, run_id: str, within: str = "") -> str:
     """A run's page (or `within` it, e.g. "/artifacts/champion/val_examples.png") as a link inside
     the MLflow UI, in its model-training mode (the UI otherwise shows a run among GenAI pages)."""
     return f"#/experiments/{experiment_id}/runs/{run_id}{within}?workflowType=machine_learning"
+
+
+def experiment_note(sweep: str, metric: str) -> str:
+    return (f"captune sweep `{sweep}`: per architecture a parent run (`captune.kind` = search) with a child run per "
+            f"trial (validation BLEU-1..4, CIDEr-D and ROUGE-L per epoch; `{objective(metric)}` at `best_epoch` is "
+            f"what the search ranks and what the champion keeps, the other `best_` scores are that epoch's), the "
+            f"champion's image-blind control, and the comparison on the test split.\n\n"
+            "The leaderboard is the saved view \"captune leaderboard\" (the views menu at the top of the runs page): "
+            "trials only, best first, with the searched parameters and charts. `captune leaderboard "
+            f"{sweep}` prints it in a terminal.")

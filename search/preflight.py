@@ -1,13 +1,20 @@
 """The sweep driver's look at the data before any trial starts: every image read once (a bad
 dataset stops the sweep here), a frozen encoder's features built once (here, or by a Ray Data job
-into shared storage), the vocabulary at the highest threshold a trial may draw, and the disk the
-checkpoints will take."""
+into shared storage), the vocabulary at the highest threshold a trial may draw, the disk the
+checkpoints will take, and the GPUs a GPU sweep asks for."""
 from __future__ import annotations
 
+import os
+import time
+
+import ray
 import torch
+from ray.autoscaler.sdk import request_resources
+
+from captune.infra import sizing
 
 from captune.data.prepare import PreparedData, prepare_data
-from captune.search.request import ArchSearch
+from captune.search.request import ArchSearch, SweepRequest
 from captune.search.space import DEFAULT_FILE
 from captune.trainables.config import ConfigError, TrainConfig
 from captune.trainables.feature_job import FeatureSet, build_features
@@ -52,3 +59,27 @@ def check_vocabulary(data: PreparedData, search: ArchSearch, config_file: str | 
         where = f"{config_file or DEFAULT_FILE} [{search.arch}]" if "vocab_threshold" in search.space.searched \
             else "the configuration"
         raise ConfigError(f"{where}: {e}") from None
+
+
+def wait_for_gpus(req: SweepRequest) -> None:
+    """A local cluster has its GPUs or none. An autoscaling cluster (cluster.yaml's GPU workers
+    start at zero) is asked for one trial's worth and given CAPTUNE_GPU_WAIT_S (default 900 s)
+    to add a GPU node before the sweep is refused."""
+    def gpus() -> float:
+        return ray.cluster_resources().get("GPU", 0)
+
+    if gpus() > 0:
+        return
+    where = "the local Ray cluster has no GPU (torch sees none)"
+    if sizing.attached(req.address):
+        wait = float(os.environ.get("CAPTUNE_GPU_WAIT_S", "900"))
+        print(f"waiting up to {wait:.0f}s for the autoscaler to add a GPU node ...", flush=True)
+        request_resources(bundles=[{"GPU": req.gpus_per_worker}] * req.workers_per_trial)
+        deadline = time.monotonic() + wait
+        while gpus() == 0 and time.monotonic() < deadline:
+            time.sleep(5)
+        request_resources(bundles=[])  # from now on, pending trials drive the autoscaler
+        if gpus() > 0:
+            return
+        where = f"the Ray cluster at {req.address or os.environ.get('RAY_ADDRESS')} has no GPU after {wait:.0f}s"
+    raise ConfigError(f"--gpus-per-worker {req.gpus_per_worker}: {where}; leave the option out to train on CPUs")

@@ -26,10 +26,10 @@ from captune.search.mlflow_trials import MlflowTrials, rank_trial_runs, ranked_t
 from captune.search.mlflow_view import run_path
 from captune.search.objective import MODE, end_state, objective, sampler_seed
 from captune.search.progress import ProgressEvents, held_back, quiet_libraries
-from captune.search.request import (ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command,
-                                    tune_name)
+from captune.search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command
 from captune.search.searcher import ResumableOptunaSearch
 from captune.search.budget import set_deadline
+from captune.search.growth import earlier_results
 from captune.search.convergence import CONVERGENCE_TAG, NOISE_METRIC, regret_bound
 from captune.search.convergence import record as record_convergence
 from captune.search.strategy import OutOfTime, analysis_epoch, make_sampler, sampler_line, scheduler_for, stopping_line
@@ -126,7 +126,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
     finally:  # ended or failed: its slots go to the other searches
         ray.get_actor(pool_name(req.name)).satisfied.remote(arch)
     try:
-        results = [*_earlier_results(job, trainable), *grid]  # the search's every trial, over its parts
+        results = [*earlier_results(job, trainable), *grid]  # the search's every trial, over its parts
         outcome = _finish(client, results, search, job.parent_run_id, req, job.experiment, settings,
                           optuna_url(job.root, req.name))
         if req.control and outcome.champion:
@@ -142,13 +142,6 @@ def run_search(job: SearchJob) -> ArchOutcome:
             f"MLflow at {job.tracking_uri} did not answer ({type(e).__name__}) when the {arch} search ended. Its "
             f"trials are done and kept in {job.tune_path}; once the server answers, `{resume_command(req)}` writes what "
             f"is missing and registers the champions without training again.") from None
-
-
-def _earlier_results(job: SearchJob, trainable) -> list:
-    """The results of the search's Tune runs before this one (its parts before `job.part`)."""
-    return [result for part in range(job.part)
-            for result in tune.Tuner.restore(f"{job.root}/{tune_name(job.req.name, job.search.arch, part)}",
-                                             trainable=trainable).get_results()]
 
 
 def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest, study_name: str,

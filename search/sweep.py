@@ -3,42 +3,40 @@ per architecture (captune.search.search_task) run side by side on this node, the
 stop (Ctrl-C, SIGTERM) recorded so that `--resume` goes on."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
 import mlflow
-import optuna
 import ray
 from optuna.storages import RDBStorage
 from ray import tune
-from ray.autoscaler.sdk import request_resources
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from captune.infra import sizing
 from captune.infra.errors import UserError
 from captune.infra.mlflow_logging import find_or_create_run, param_entities, unavailable
-from captune.infra.mlflow_names import (ADDED_TRIALS_TAG, ARCH_TAG, ERROR_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG,
+from captune.infra.mlflow_names import (ARCH_TAG, ERROR_TAG, KIND_TAG, NOTE_TAG, STATE_TAG, STOP_TAG,
                                         SWEEP_TAG, TRIAL_TAG)
 from captune.infra.mlflow_relay import start_relay
 from captune.infra.mlflow_store import (TrackingUnavailable, configure, default_tracking_uri, get_or_create_experiment,
                                 record_dataset, require_answering_store, require_free_space, require_not_deleted,
                                 require_writable_store, writable_folder)
 from captune.infra.raycluster import init_ray, require_seen_by_every_node, root_cause, signal_name, wait_one
-from captune.search.mlflow_view import save_leaderboard_view
+from captune.search.budget import announce_budget
+from captune.search.growth import planned_trials, require_finished_searches, search_part
+from captune.search.mlflow_view import experiment_note, save_leaderboard_view
 from captune.search.objective import metric_of, objective, sampler_seed
-from captune.search.preflight import FEATURE_KEYS, check_vocabulary, checkpoints_size, prepare
-from captune.search.progress import EventQueue, SweepView, duration_text, queue_name, quiet_libraries
+from captune.search.preflight import FEATURE_KEYS, check_vocabulary, checkpoints_size, prepare, wait_for_gpus
+from captune.search.progress import EventQueue, SweepView, queue_name, quiet_libraries
 from captune.search.request import (ArchOutcome, ArchSearch, SearchJob, SweepExists, SweepRequest, optuna_url, plan,
-                            resume_command, storage_root, sweep_seeds, tune_name)
+                            resume_command, storage_root, sweep_seeds)
 from captune.search.search_task import run_search
 from captune.search.slots import create_pool
 from captune.search.space import SweepSettings
 from captune.search.strategy import startup_trials
-from captune.search.warm_start import WARM_TAG, seed_study, warm_trials
+from captune.search.warm_start import tell_study, warm_trials
 from captune.trainables import WORKER_PRELOAD
-from captune.trainables.config import ConfigError
 from captune.trainables.feature_job import shared_feature_folder
 
 
@@ -75,7 +73,7 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
             if req.warm_start and not restorable[search.arch]}
     init_ray(req.address, preload=WORKER_PRELOAD)
     if req.gpus_per_worker > 0:
-        _wait_for_gpus(req)
+        wait_for_gpus(req)
     cpus = sizing.cpus_per_worker(req.address, req.gpus_per_worker)
     # max_concurrent fixes each search's trials at once; else the searches share the cluster's slots
     slots = 0 if settings.max_concurrent else max(len(searches), sizing.concurrent_trials(
@@ -103,11 +101,12 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
                 folders["the shared features"] = Path(features.manifest).parent
         require_seen_by_every_node(folders)
     experiment_id, parents = open_sweep_records(req, settings, searches, root)
-    parts = {search.arch: _part(client, req, settings, root, search.arch, parents[search.arch]) for search in searches}
+    parts = {search.arch: search_part(client, req, settings, root, search.arch, parents[search.arch])
+             for search in searches}
     # Trials, controls and replicates run on any node; MLflow is this node's (a loopback server, a
     # SQLite file): what they record goes through this relay (captune.infra.mlflow_relay).
     relay = start_relay(uri)
-    deadline = _budget(req, settings, len(searches))  # counted from here, the searches about to start
+    deadline = announce_budget(req, settings, len(searches))  # counted from here, the searches about to start
     jobs = []
     for search in searches:
         features = feature_sets[search.arch]
@@ -119,11 +118,11 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
         RDBStorage(optuna_url(root, req.name))
     for job in jobs:
         if job.search.arch in warm and not job.part:
-            _warm_start(client, job, *warm[job.search.arch])
+            tell_study(client, job, *warm[job.search.arch])
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     pool = _slot_pool(req.name, slots, [search.arch for search in searches])  # always: a resumed search may use it
     events = EventQueue.options(name=queue_name(req.name)).remote()
-    view = SweepView(req.name, {job.search.arch: _planned_trials(client, job) for job in jobs},
+    view = SweepView(req.name, {job.search.arch: planned_trials(client, job) for job in jobs},
                      {job.search.arch: job.concurrent for job in jobs}, metric=settings.metric, deadline=deadline)
     _show_finished_trials(view, client, experiment_id, req.name, settings.metric)
 
@@ -161,64 +160,6 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     return [outcomes[job.search.arch] for job in jobs]
 
 
-def _warm_start(client, job: SearchJob, trials: list, said: str) -> None:
-    """A new search's study created holding the earlier sweep's trials (captune.search.warm_start)."""
-    url = optuna_url(job.root, job.req.name)
-    if job.experiment not in optuna.get_all_study_names(url):  # (a study that exists has been told already)
-        seed_study(url, job.experiment, trials)
-        client.set_tag(job.parent_run_id, WARM_TAG, said)
-        print(f"[{job.search.arch}] {said}", flush=True)
-
-
-def _last_part(root: str, sweep: str, arch: str) -> int:
-    """The latest Tune run of a search on disk: 0 its first, k its k-th `--more-trials`; -1 none."""
-    part = -1
-    while _can_restore(f"{root}/{tune_name(sweep, arch, part + 1)}"):
-        part += 1
-    return part
-
-
-def _part(client, req: SweepRequest, settings: SweepSettings, root: str, arch: str,
-          parent_id: str) -> tuple[int, bool, int]:
-    """(part, restore, trials) of a search's Tune run now: its latest, restored if there is one,
-    or with --more-trials a new one after it (the search's trials so far counted on its parent)."""
-    last = _last_part(root, req.name, arch)
-    if not (req.more_trials and last >= 0):
-        return max(last, 0), last >= 0, settings.trials  # (a restored run's own count is in Tune's snapshot)
-    added = int(client.get_run(parent_id).data.tags.get(ADDED_TRIALS_TAG, "0")) + req.more_trials
-    client.set_tag(parent_id, ADDED_TRIALS_TAG, str(added))
-    return last + 1, False, req.more_trials
-
-
-def _planned_trials(client, job: SearchJob) -> int:
-    """A search's trials in all, as the view counts them: those ended before and this part's, when
-    it grows the search (its first run may have been cut short by a time budget); else the first
-    run's and every added one."""
-    if job.part and not job.restore:
-        ended = client.search_runs([job.experiment_id], max_results=10000, filter_string=(
-            f"tags.`{SWEEP_TAG}` = '{job.req.name}' and tags.`{KIND_TAG}` = 'trial' and "
-            f"tags.`{ARCH_TAG}` = '{job.search.arch}' and tags.`{STATE_TAG}` != 'interrupted'"))
-        return len(ended) + job.trials
-    added = client.get_run(job.parent_run_id).data.tags.get(ADDED_TRIALS_TAG, "0")
-    return job.settings.trials + int(added)
-
-
-def _budget(req: SweepRequest, settings: SweepSettings, searches: int) -> float | None:
-    """The time budget's deadline (None without one), and what runs after it, said before the start."""
-    if not settings.time_budget:
-        return None
-    deadline = time.time() + settings.time_budget
-    after = [f"{searches} image-blind control(s), one per architecture" if req.control else "",
-             f"{req.seeds} seed replicate(s) of each champion" if req.seeds else "",
-             "the comparison on the test split"]
-    print(f"time budget {duration_text(settings.time_budget)}: no trial starts after "
-          f"{time.strftime('%H:%M:%S', time.localtime(deadline))}, and a trial running then stops at its next epoch "
-          f"(recorded out-of-time, its checkpoints kept). After it: {', '.join(filter(None, after))}"
-          + ("; each control and replicate trains as long as one full trial." if req.control or req.seeds else "."),
-          flush=True)
-    return deadline
-
-
 def open_sweep_records(req: SweepRequest, settings: SweepSettings, searches: list[ArchSearch],
                        root: str) -> tuple[str, dict[str, str]]:
     """What the sweep shares in MLflow, written here before its searches start, each once: the
@@ -230,7 +171,7 @@ def open_sweep_records(req: SweepRequest, settings: SweepSettings, searches: lis
     experiment_id = get_or_create_experiment(req.name, uri)
     sweep_seeds(client, experiment_id, req)  # remembered as the sweep starts; --resume without --seeds reads them
     save_leaderboard_view(client, experiment_id, settings.metric)
-    client.set_experiment_tag(experiment_id, NOTE_TAG, _experiment_note(req.name, settings.metric))
+    client.set_experiment_tag(experiment_id, NOTE_TAG, experiment_note(req.name, settings.metric))
     return experiment_id, {search.arch: _parent_run(client, experiment_id, req, settings, search, root)
                            for search in searches}
 
@@ -312,14 +253,7 @@ def _check_name(client, uri: str, req: SweepRequest, root: str, archs: list[str]
     if req.resume and not any(restorable.values()) and not parents:
         raise SweepExists(f"--resume: there is no sweep {req.name!r} to resume (nothing under {root}, nothing in "
                           f"MLflow at {uri}); leave out --resume to start it")
-    if req.more_trials:
-        unfinished = [p.data.tags.get(ARCH_TAG, "?") for p in parents if p.data.tags.get(ARCH_TAG) in archs and not (
-            p.info.status == "FINISHED" or (p.info.status == "FAILED" and ERROR_TAG not in p.data.tags))]
-        if unfinished:
-            plain = SweepRequest(**{**vars(req), "more_trials": 0})
-            raise SweepExists(f"--more-trials adds trials to a finished search, and the {' and '.join(unfinished)} "
-                              f"search of sweep {req.name!r} has not finished: first `{resume_command(plain)}`, "
-                              f"then add trials")
+    require_finished_searches(req, parents, archs)
     return restorable
 
 
@@ -369,40 +303,6 @@ def _show_finished_trials(view: SweepView, client, experiment_id: str, sweep: st
         if run.data.tags.get(ARCH_TAG) in view.archs:
             view.ended_before(run.data.tags[ARCH_TAG], run.data.tags[TRIAL_TAG], run.data.metrics.get(objective(metric)),
                               int(run.data.metrics.get("best_epoch", 0)))
-
-
-def _experiment_note(sweep: str, metric: str) -> str:
-    return (f"captune sweep `{sweep}`: per architecture a parent run (`captune.kind` = search) with a child run per "
-            f"trial (validation BLEU-1..4, CIDEr-D and ROUGE-L per epoch; `{objective(metric)}` at `best_epoch` is "
-            f"what the search ranks and what the champion keeps, the other `best_` scores are that epoch's), the "
-            f"champion's image-blind control, and the comparison on the test split.\n\n"
-            "The leaderboard is the saved view \"captune leaderboard\" (the views menu at the top of the runs page): "
-            "trials only, best first, with the searched parameters and charts. `captune leaderboard "
-            f"{sweep}` prints it in a terminal.")
-
-
-def _wait_for_gpus(req: SweepRequest) -> None:
-    """A local cluster has its GPUs or none. An autoscaling cluster (cluster.yaml's GPU workers
-    start at zero) is asked for one trial's worth and given CAPTUNE_GPU_WAIT_S (default 900 s)
-    to add a GPU node before the sweep is refused."""
-    def gpus() -> float:
-        return ray.cluster_resources().get("GPU", 0)
-
-    if gpus() > 0:
-        return
-    where = "the local Ray cluster has no GPU (torch sees none)"
-    if _attached(req):
-        wait = float(os.environ.get("CAPTUNE_GPU_WAIT_S", "900"))
-        print(f"waiting up to {wait:.0f}s for the autoscaler to add a GPU node ...", flush=True)
-        request_resources(bundles=[{"GPU": req.gpus_per_worker}] * req.workers_per_trial)
-        deadline = time.monotonic() + wait
-        while gpus() == 0 and time.monotonic() < deadline:
-            time.sleep(5)
-        request_resources(bundles=[])  # from now on, pending trials drive the autoscaler
-        if gpus() > 0:
-            return
-        where = f"the Ray cluster at {req.address or os.environ.get('RAY_ADDRESS')} has no GPU after {wait:.0f}s"
-    raise ConfigError(f"--gpus-per-worker {req.gpus_per_worker}: {where}; leave the option out to train on CPUs")
 
 
 def _attached(req: SweepRequest) -> bool:

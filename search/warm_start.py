@@ -20,7 +20,7 @@ from ray.tune.search.optuna import OptunaSearch
 from captune.infra.errors import UserError
 from captune.infra.mlflow_names import ARCH_TAG, KIND_TAG, SWEEP_TAG
 from captune.search.objective import metric_of
-from captune.search.request import ArchSearch, optuna_url
+from captune.search.request import ArchSearch, SearchJob, optuna_url
 
 WARM_ATTR = "captune_warm_start"  # on a study trial added from another sweep: that sweep's name and trial number
 WARM_TAG = "captune.warm_start"  # on a search's parent run: what it was told, in words
@@ -97,7 +97,12 @@ def _typed(text: str, distribution):
         return None
 
 
-def seed_study(study_url: str, study_name: str, trials: list) -> None:
-    """Create the new search's study holding `trials`, before its searcher loads it."""
-    study = optuna.create_study(study_name=study_name, storage=study_url, direction="maximize")
-    study.add_trials(trials)
+def tell_study(client, job: SearchJob, trials: list, said: str) -> None:
+    """Create a new search's study holding `trials` (from warm_trials), before its searcher loads
+    it; say so on its parent run and the console. A study that exists has been told already."""
+    url = optuna_url(job.root, job.req.name)
+    if job.experiment in optuna.get_all_study_names(url):
+        return
+    optuna.create_study(study_name=job.experiment, storage=url, direction="maximize").add_trials(trials)
+    client.set_tag(job.parent_run_id, WARM_TAG, said)
+    print(f"[{job.search.arch}] {said}", flush=True)
