@@ -68,3 +68,22 @@ def test_a_resumed_sweep_counts_the_trials_that_ended_before():
                  "best_epoch": 2, "config": "lr=0.005", "time": 0})
     assert "[cnn-lstm] trial 2 (cc33) started" in out.getvalue()
     assert "cnn-lstm 2/3 done, 0 running, 1 pending, best 0.4000 by trial 2 (cc33)" in out.getvalue()
+
+
+def test_the_view_counts_the_budget_down_and_says_when_it_is_spent():
+    # the same stream under a 25 s budget: what is left of it after each trial's end; the estimate
+    # replaced by what the rest would take once it cannot fit; then the budget spent, with the one
+    # trial still running stopping at its next epoch
+    out, now = io.StringIO(), [0.0]
+    view = SweepView("demo", {"cnn-lstm": 3}, {"cnn-lstm": 1}, out=out, tty=False, clock=lambda: now[0], deadline=25)
+    for event in [e for e in EVENTS if e["arch"] == "cnn-lstm"]:
+        now[0] = event["time"]
+        view.handle(event)
+    lines = out.getvalue().splitlines()
+    assert lines[3] == ("sweep demo: cnn-lstm 1/3 done, 0 running, 2 pending, best 0.3100 by trial 1 (aa11) | 21s spent, "
+                        "the rest would take about 40s: some trials will not start | budget: 4s left")
+    assert lines[-1].endswith("| 27s spent, the rest would take about 12s: some trials will not start | budget spent: "
+                              "no trial starts")
+    now[0] = 26
+    view.handle({"arch": "cnn-lstm", "kind": "start", "trial": "dd44", "config": "lr=0.003", "time": 26})
+    assert view.summary().endswith("| budget spent: no trial starts, 1 running stop(s) at the next epoch")
