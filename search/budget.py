@@ -18,7 +18,7 @@ import time
 # Light: the CLI reads --time-budget with it before Ray loads. The stopper is in captune.search.strategy.
 DEADLINE_ENV = "CAPTUNE_SWEEP_DEADLINE"  # seconds since the epoch; unset: no budget
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)([smhd]))+")
+_PART = r"(\d+(?:\.\d+)?)([smhd])"  # one number and its unit: "1h" of "1h30m"
 
 
 def parse_duration(text: str | int | float, what: str = "--time-budget") -> float:
@@ -29,8 +29,8 @@ def parse_duration(text: str | int | float, what: str = "--time-budget") -> floa
         spelled = str(text).strip().lower().replace(" ", "")
         if re.fullmatch(r"\d+(?:\.\d+)?", spelled):
             seconds = float(spelled)
-        elif _DURATION.fullmatch(spelled):
-            seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhd])", spelled))
+        elif re.fullmatch(f"(?:{_PART})+", spelled):
+            seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(_PART, spelled))
         else:
             raise ValueError(f"{what} {text!r}: give a duration such as 90s, 30m, 6h or 1h30m (or seconds)")
     if not seconds > 0:
@@ -46,12 +46,10 @@ def set_deadline(deadline: float | None) -> None:
         os.environ[DEADLINE_ENV] = repr(deadline)
 
 
-def out_of_time(deadline: float | None = None) -> bool:
-    """Whether the deadline (given, else this process's) has passed."""
-    if deadline is None:
-        value = os.environ.get(DEADLINE_ENV)
-        deadline = float(value) if value else None
-    return deadline is not None and time.time() >= deadline
+def out_of_time() -> bool:
+    """Whether this process's deadline (set_deadline) has passed."""
+    value = os.environ.get(DEADLINE_ENV)
+    return bool(value) and time.time() >= float(value)
 
 
 def announce_budget(req, settings, searches: int) -> float | None:

@@ -25,6 +25,7 @@ import math
 import statistics
 import warnings
 
+from captune.infra.mlflow_logging import metric_entities
 from captune.infra.mlflow_names import NOTE_TAG
 
 MIN_TRIALS = 3  # finished trials the bound's GP needs
@@ -72,14 +73,9 @@ def statement(bound: float | None, noise: float | None, finished: int, more: str
 def record(client, parent_id: str, bound: float | None, noise: float | None, finished: int, more: str,
            seeds: int = 0) -> str:
     """The statement on the search's parent run (its metrics and tags); returned."""
-    import time
-
-    from mlflow.entities import Metric
-
     said = statement(bound, noise, finished, more, seeds)
-    now = int(time.time() * 1000)
-    values = {BOUND_METRIC: bound, TRIALS_METRIC: float(finished), NOISE_METRIC: noise}
-    client.log_batch(parent_id, metrics=[Metric(k, v, now, 0) for k, v in values.items() if v is not None])
+    values = {BOUND_METRIC: bound, TRIALS_METRIC: finished, NOISE_METRIC: noise}
+    client.log_batch(parent_id, metrics=metric_entities({k: v for k, v in values.items() if v is not None}))
     client.set_tag(parent_id, CONVERGENCE_TAG, said)
     client.set_tag(parent_id, MORE_TAG, more)
     # and in the run's description, where the UI shows it whole (a tag's value is cut to a few words)

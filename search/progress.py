@@ -201,15 +201,7 @@ class SweepView:
         return f"sweep {self.name}: " + "; ".join(parts) + f" | {duration_text(now - self.began)} spent" + self._left(now)
 
     def _left(self, now: float) -> str:
-        estimate = self._estimate(now)
-        if self.deadline is not None and estimate.startswith(", about"):
-            left = max(self._seconds_left(now))
-            if left > self.deadline - now:  # what is left cannot run in the budget: say so, not the estimate
-                estimate = f", the rest would take about {duration_text(left)}: some trials will not start"
-        return estimate + self._budget(now)
-
-    def _seconds_left(self, now: float) -> list[float]:
-        return [s.seconds_left(now) for s in self.archs.values() if len(s.done) < s.trials]
+        return self._estimate(now) + self._budget(now)
 
     def _budget(self, now: float) -> str:
         if self.deadline is None:
@@ -220,12 +212,15 @@ class SweepView:
         return " | budget spent: no trial starts" + (f", {running} running stop(s) at the next epoch" if running else "")
 
     def _estimate(self, now: float) -> str:
-        lefts = self._seconds_left(now)
+        lefts = [s.seconds_left(now) for s in self.archs.values() if len(s.done) < s.trials]
         if not lefts:
             return ""
         if any(left is None for left in lefts):
             return ", time left: known after the first trial ends"
-        return f", about {duration_text(max(lefts))} left"  # the searches run side by side
+        left = max(lefts)  # the searches run side by side
+        if self.deadline is not None and left > self.deadline - now:  # the rest cannot run in the budget
+            return f", the rest would take about {duration_text(left)}: some trials will not start"
+        return f", about {duration_text(left)} left"
 
     def _redraw(self) -> None:
         if not self.tty:

@@ -22,16 +22,16 @@ from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, 
 from captune.infra.mlflow_store import TrackingUnavailable, configure
 from captune.infra.raycluster import root_cause
 from captune.search.analysis import log_search_analysis
+from captune.search.budget import set_deadline
+from captune.search.convergence import CONVERGENCE_TAG, NOISE_METRIC, regret_bound
+from captune.search.convergence import record as record_convergence
+from captune.search.growth import earlier_results
 from captune.search.mlflow_trials import MlflowTrials, rank_trial_runs, ranked_trial_runs
 from captune.search.mlflow_view import run_path
 from captune.search.objective import MODE, end_state, objective, sampler_seed
 from captune.search.progress import ProgressEvents, held_back, quiet_libraries
 from captune.search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command
 from captune.search.searcher import ResumableOptunaSearch
-from captune.search.budget import set_deadline
-from captune.search.growth import earlier_results
-from captune.search.convergence import CONVERGENCE_TAG, NOISE_METRIC, regret_bound
-from captune.search.convergence import record as record_convergence
 from captune.search.strategy import OutOfTime, analysis_epoch, make_sampler, sampler_line, scheduler_for, stopping_line
 from captune.search.slots import SharedSlots, pool_name
 from captune.search.space import SweepSettings

@@ -28,8 +28,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from captune.search.budget import out_of_time
-from captune.search.warm_start import WARM_ATTR
 from captune.search.objective import DIVERGED, EARLY_STOPPED, FAILED, FINISHED, OUT_OF_TIME, end_state, objective
+from captune.search.warm_start import WARM_ATTR
 
 OPTUNA_STATE = {FINISHED: TrialState.COMPLETE, EARLY_STOPPED: TrialState.PRUNED, OUT_OF_TIME: TrialState.PRUNED,
                 DIVERGED: TrialState.FAIL, FAILED: TrialState.FAIL}

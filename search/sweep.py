@@ -117,7 +117,7 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
     if not all(job.restore for job in jobs):  # create the study database once, before the searches share it
         RDBStorage(optuna_url(root, req.name))
     for job in jobs:
-        if job.search.arch in warm and not job.part:
+        if job.search.arch in warm:  # (a search never run: its first part)
             tell_study(client, job, *warm[job.search.arch])
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     pool = _slot_pool(req.name, slots, [search.arch for search in searches])  # always: a resumed search may use it
