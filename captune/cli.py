@@ -173,8 +173,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --resume: add N trials to each finished search of the sweep; its Optuna study goes "
                         "on (the sampler told every earlier trial), nothing is trained again")
     w.add_argument("--seeds", type=_non_negative,
-                   help="end with `captune compare --seeds K`: each champion retrained with K new seeds (default 0; "
+                   help="choose each champion over seeds: each search's top configurations (--top) retrained with K "
+                        "new seeds, the best mean validation score wins; then `captune compare --seeds K` (default 0; "
                         "with --resume, what the sweep started with)")
+    w.add_argument("--top", type=_positive,
+                   help="with --seeds: how many configurations per search are retrained (default 3; with --resume, "
+                        "what the sweep started with)")
     w.add_argument("--no-control", action="store_true",
                    help="skip the image-blind control run of each champion (the floor its score must clear)")
     _tracking_args(w)

@@ -187,7 +187,7 @@ def cmd_sweep(args) -> int:
                        overrides=parse_overrides(args.set), workers_per_trial=args.workers_per_trial,
                        gpus_per_worker=args.gpus_per_worker, storage=args.storage, resume=args.resume,
                        more_trials=args.more_trials, warm_start=args.warm_start,
-                       seeds=args.seeds, control=not args.no_control, tracking_uri=args.tracking_uri,
+                       seeds=args.seeds, top=args.top, control=not args.no_control, tracking_uri=args.tracking_uri,
                        address=args.address, verbose=args.verbose)
     t0 = time.perf_counter()
     planned = plan(req)  # settings and spaces refused in a second, before Ray, MLflow and torch load
@@ -204,9 +204,11 @@ def cmd_sweep(args) -> int:
                    f"champion stays v{c['previous']['version']} ({label} {c['previous']['score']:.4f})") if c else ""
         others = ", ".join(f"{SCORE_LABELS[k]} {v:.4f}" for k, v in o.best["scores"].items()
                            if k in HEADLINE and k != o.best["metric"])
-        print(f"[{o.arch}] best trial {o.best['trial_id']}: best validation {label} {o.best['score']:.4f} "
+        print(f"[{o.arch}] {'champion' if o.choice else 'best'} trial {o.best['trial_id']}: best validation {label} {o.best['score']:.4f} "
               f"(epoch {o.best['epoch']}; {others}); registered {c.get('name')} v{c.get('version')}, {verdict}; "
               f"{o.errors} of {o.trials} trials failed")
+        if o.choice:
+            print(f"[{o.arch}] {o.choice.statement()}")
         if o.convergence:
             print(f"[{o.arch}] {o.convergence}")
         if o.control:

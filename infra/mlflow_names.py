@@ -40,6 +40,12 @@ PREVIOUS_CHAMPION_TAG = "captune.previous_champion"  # when it did not: the cham
 PREVIOUS_CHAMPION_SCORE_TAG = "captune.previous_champion_score"  # ... and its validation score in the sweep's metric
 PREVIOUS_CHAMPION_BLEU4_TAG = "captune.previous_champion_bleu4"  # (what sweeps recorded before the metric was chosen)
 CHAMPION_TRIAL_TAG = "captune.is_champion"  # "true" on the trial whose best epoch is its search's champion
+SEED_CHOICE_TAG = "captune.seed_choice"  # on a search's parent: its champion chosen over seeds, in words
+SEED_SUMMARY_TAG = "captune.seed_choice_summary"  # ... the same in one clause, for the verdict
+SEED_CHOICE_ERROR_TAG = "captune.seed_choice_error"  # ... or why it could not be (the top trial stands)
+SEED_GROUP_TAG = "captune.seed_group"  # on a trial retrained over seeds: chosen, tied (within seed noise) or behind
+SEED_MEAN_METRIC = "seed_mean"  # ... its new seeds' mean best validation score in the sweep's metric, and the
+SEED_LOW_METRIC, SEED_HIGH_METRIC = "seed_mean_low", "seed_mean_high"  # 95% interval of that mean
 NOTE_TAG = "mlflow.note.content"  # MLflow's description of an experiment or run (shown in the UI)
 
 
@@ -122,4 +128,5 @@ def control_verdict(tags: dict[str, str], metrics: dict[str, float], metric: str
 
 
 SEEDS_TAG = "captune.seeds"  # on a sweep's experiment: its --seeds (what `--resume` without --seeds compares with)
+TOP_TAG = "captune.top"  # ... and its --top (how many configurations per search are retrained over the seeds)
 EPOCHS_TAG = "captune.epochs"  # a `captune train` run's epochs asked for: a tag, not a param, as --resume may raise it

@@ -61,7 +61,8 @@ def announce_budget(req, settings, searches: int) -> float | None:
 
     deadline = time.time() + settings.time_budget
     after = [f"{searches} image-blind control(s), one per architecture" if req.control else "",
-             f"{req.seeds} seed replicate(s) of each champion" if req.seeds else "",
+             f"the top {req.top} configuration(s) of each search retrained with {req.seeds} new seed(s) each, to "
+             f"choose its champion" if req.seeds else "",
              "the comparison on the test split"]
     print(f"time budget {duration_text(settings.time_budget)}: no trial starts after "
           f"{time.strftime('%H:%M:%S', time.localtime(deadline))}, and a trial running then stops at its next epoch "

@@ -19,8 +19,9 @@ from mlflow import MlflowClient
 
 from captune.infra import sizing
 from captune.infra.mlflow_logging import find_or_create_run, metric_entities, optional_step, param_entities
-from captune.infra.mlflow_names import (ARCH_TAG, CHART_NOTE_PREFIX, COMPARE_KEY_TAG, CONTROLLED, KIND_TAG, NOTE_TAG,
-                                SWEEP_TAG, champion_record, control_record)
+from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHART_NOTE_PREFIX, COMPARE_KEY_TAG, CONTROLLED,
+                                        KIND_TAG, NOTE_TAG, SEED_CHOICE_TAG, SEED_SUMMARY_TAG, SWEEP_TAG,
+                                        champion_record, control_record)
 from captune.infra.mlflow_relay import start_relay
 from captune.infra.mlflow_store import configure
 from captune.infra.raycluster import init_ray
@@ -29,11 +30,11 @@ from captune.search.convergence import CONVERGENCE_TAG, with_noise
 from captune.search.leaderboard import find_sweep
 from captune.search.objective import DEFAULT_METRIC, metric_of, objective
 from captune.search.request import storage_root
-from captune.search.rerun_job import RerunJob
+from captune.search.rerun_job import replicate_jobs
 from captune.search.reruns import run_reruns
 from captune.trainables import WORKER_PRELOAD
 from captune.trainables.catalog import SCORE_LABELS, SCORES
-from captune.trainables.config import ConfigError, split_seed_of
+from captune.trainables.config import ConfigError
 from captune.trainables.evaluation import caption_split
 from captune.trainables.metrics import CaptionScorer, corpus_scores
 from captune.trainables.model_source import load_captioner
@@ -82,7 +83,7 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
             "version": champion["version"], "model": model_uri, "data": str(root), "images": len(refs),
             "val": {k: m[f"best_{k}"] for k in SCORES if f"best_{k}" in m},  # the search's best epoch
             **{f"beam{k}": corpus_scores(stats[k]) for k in beams},
-            "control": control_record(tags, m, metric)}
+            "control": control_record(tags, m, metric), "chosen_over_seeds": tags.get(SEED_SUMMARY_TAG)}
     if not results["models"]:
         raise ConfigError(f"sweep {name!r} has no registered champion yet: let its sweep finish (or --resume it)")
     archs = list(results["models"])
@@ -126,19 +127,21 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
     cpus = sizing.cpus_per_worker(address, gpus)
     jobs = []
     for arch, (parent, loaded, root) in champions.items():
-        config = dict(loaded.payload["train_config"])
-        config["split_seed"] = split_seed_of(config)  # a checkpoint from before split_seed drew it from seed
-        for seed in range(int(config["seed"]) + 1, int(config["seed"]) + 1 + seeds):
-            jobs.append(RerunJob(kind="replicate", config={**config, "seed": seed}, data_root=str(root),
-                                 relay=relay, storage=parent.data.params.get("storage") or storage_root(None),
-                                 experiment_id=experiment_id, parent_run_id=parent.info.run_id,
-                                 sweep=name, run_name=f"{arch}-seed{seed}", use_gpu=gpus > 0, threads=cpus,
-                                 echo_epochs=False))  # each run's epochs are in MLflow; the console stays short
+        # (the champion's own replicates when the sweep chose it over seeds: reused)
+        jobs += replicate_jobs(loaded.payload["train_config"], seeds,
+                               f"{arch}-{parent.data.tags.get(BEST_TRIAL_TAG, 'champion')}", data_root=str(root),
+                               relay=relay, storage=parent.data.params.get("storage") or storage_root(None),
+                               experiment_id=experiment_id, parent_run_id=parent.info.run_id, sweep=name,
+                               use_gpu=gpus > 0, threads=cpus,
+                               echo_epochs=False)  # each run's epochs are in MLflow; the console stays short
     concurrent = sizing.concurrent_trials(address, 1, gpus, cpus)
-    print(f"replicates: {len(jobs)} runs ({seeds} new seeds per champion), {concurrent} at a time", file=sys.stderr,
-          flush=True)
+
+    def announce(to_train: int, reused: int) -> None:
+        print(f"replicates: {len(jobs)} runs ({seeds} new seeds per champion): {to_train} to train, {concurrent} at a "
+              f"time; {reused} trained before, reused", file=sys.stderr, flush=True)
+
     try:
-        done = run_reruns(client, jobs, concurrent, cpus, gpus)
+        done = run_reruns(client, jobs, concurrent, cpus, gpus, announce)
     finally:
         ray.kill(relay)
     out: dict = {"seeds": seeds, "architectures": {}}
@@ -161,9 +164,13 @@ def _replicates(client, experiment_id: str, name: str, champions: dict, seeds: i
 def _convergence(client, champions: dict, replicates: dict, metric: str) -> dict[str, str]:
     """Each search's convergence statement again (captune.search.convergence), now against the
     seed noise its champion's replicates measured: the standard deviation of their best
-    validation scores (the search's objective)."""
+    validation scores (the search's objective); a search whose champion the sweep chose over
+    seeds set it against the noise pooled over its top configurations then."""
     said = {}
     for arch, (parent, _, _) in champions.items():
+        if SEED_CHOICE_TAG in parent.data.tags:  # measured on every configuration the sweep retrained: it stands
+            said[arch] = parent.data.tags.get(CONVERGENCE_TAG)
+            continue
         values = [v[objective(metric)] for v in replicates["architectures"][arch]["val"] if objective(metric) in v]
         with optional_step("the convergence estimate", client, parent.info.run_id, CONVERGENCE_TAG):
             words = with_noise(client, client.get_run(parent.info.run_id), values)
@@ -179,7 +186,9 @@ def _verdict(results: dict) -> str:
         return "one architecture only: nothing to compare"
     basis = (f"over {results['replicates']['seeds']} seed replicates each" if results["replicates"] else
              "champions only; --seeds K adds the variation of training seeds")
-    return f"{boot[results['metric']]['verdict']}; {basis}"
+    chosen = "".join(f"; {arch}: {m['chosen_over_seeds']}" for arch, m in results["models"].items()
+                     if m.get("chosen_over_seeds"))
+    return f"{boot[results['metric']]['verdict']}; {basis}{chosen}"
 
 
 def format_comparison(results: dict) -> str:

@@ -9,12 +9,15 @@ maintained library offers the bound; its use sits here alone. With fewer than 3 
 there is nothing to fit.
 
 The seed noise is the standard deviation of the search's objective over seeds of one
-configuration: the champion's seed replicates (`--seeds K`, K >= 2). A bound within that noise
+configuration: pooled over the top configurations the sweep retrained to choose its champion
+(captune.search.seed_choice, `--seeds K`, K >= 2), or the champion's seed replicates alone
+(`captune compare --seeds K` after a sweep without seeds). A bound within that noise
 says more trials are unlikely to find a configuration that is better by more than a reseed moves
 it; above it, more trials may still pay.
 
-Estimated as each search ends (with the noise the sweep measured before, if any), and again by
-`captune compare --seeds K` (the sweep's last step) once the replicates have measured the noise.
+Estimated as each search ends (with the noise its choice over seeds measured, else the noise the
+sweep measured before, if any), and again by `captune compare --seeds K` when the sweep did not
+choose over seeds, once the replicates have measured the noise.
 On the search's parent run: the metrics `regret_bound`, `regret_bound_trials` and `seed_noise`,
 the tag `captune.convergence` in words, also the last paragraph of its description (the UI shows
 a tag's value cut to a few words); the leaderboard and the console say the same words.
@@ -56,9 +59,13 @@ def seed_noise(scores: list[float]) -> float | None:
     return statistics.stdev(scores) if len(scores) >= 2 else None
 
 
-def statement(bound: float | None, noise: float | None, finished: int, more: str, seeds: int = 0) -> str:
-    """The verdict in words; `more`: the command that adds trials; `seeds`: how many the noise is over."""
+def statement(bound: float | None, noise: float | None, finished: int, more: str, seeds: int = 0,
+              configurations: int = 1) -> str:
+    """The verdict in words; `more`: the command that adds trials; `seeds`: how many the noise is
+    over (of how many `configurations`, pooled)."""
     over = f" over {seeds} seeds" if seeds else ""
+    if seeds and configurations > 1:
+        over += f" of {configurations} configurations"
     if bound is None:
         return f"convergence not estimated: {finished} finished trial(s), the regret bound needs {MIN_TRIALS}"
     if noise is None:
@@ -71,9 +78,9 @@ def statement(bound: float | None, noise: float | None, finished: int, more: str
 
 
 def record(client, parent_id: str, bound: float | None, noise: float | None, finished: int, more: str,
-           seeds: int = 0) -> str:
+           seeds: int = 0, configurations: int = 1) -> str:
     """The statement on the search's parent run (its metrics and tags); returned."""
-    said = statement(bound, noise, finished, more, seeds)
+    said = statement(bound, noise, finished, more, seeds, configurations)
     values = {BOUND_METRIC: bound, TRIALS_METRIC: finished, NOISE_METRIC: noise}
     client.log_batch(parent_id, metrics=metric_entities({k: v for k, v in values.items() if v is not None}))
     client.set_tag(parent_id, CONVERGENCE_TAG, said)

@@ -7,7 +7,8 @@ from __future__ import annotations
 from mlflow import MlflowClient
 
 from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, EPOCHS_RUN_TAG, ERROR_TAG,
-                                IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG, STATE_TAG,
+                                IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG,
+                                SEED_CHOICE_ERROR_TAG, SEED_CHOICE_TAG, SEED_GROUP_TAG, SEED_MEAN_METRIC, STATE_TAG,
                                 SWEEP_TAG, TRIAL_TAG, control_record)
 from captune.infra.mlflow_store import configure, require_not_deleted
 from captune.search.convergence import CONVERGENCE_TAG
@@ -40,6 +41,8 @@ def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -
             **{k: _number(p.get(k)) for k in PARAM_COLUMNS},
             "epochs": int(t.get(EPOCHS_RUN_TAG, 0)) or None, "end_state": t.get(STATE_TAG),
             "error": t.get(ERROR_TAG),
+            # retrained over new seeds to choose the champion (captune.search.seed_choice): mean, group
+            "seed_mean": m.get(SEED_MEAN_METRIC), "seed_group": t.get(SEED_GROUP_TAG),
         })
     return {"sweep": name, "metric": metric, "trials": rows,
             "searches": {r.data.tags[ARCH_TAG]: _search(r, metric) for r in parents}}
@@ -64,7 +67,8 @@ def _search(run, metric: str) -> dict:
             "importances": dict(sorted(((k.removeprefix(IMPORTANCE_PREFIX), v) for k, v in m.items() if k.startswith(IMPORTANCE_PREFIX)),
                                        key=lambda kv: -kv[1])),
             "importance_basis": t.get(IMPORTANCE_BASIS_TAG), "importance_note": t.get(IMPORTANCE_NOTE_TAG),
-            "convergence": t.get(CONVERGENCE_TAG)}
+            "convergence": t.get(CONVERGENCE_TAG), "seed_choice": t.get(SEED_CHOICE_TAG),
+            "seed_choice_error": t.get(SEED_CHOICE_ERROR_TAG)}
 
 
 def format_leaderboard(board: dict, top: int | None = None) -> str:
@@ -72,7 +76,7 @@ def format_leaderboard(board: dict, top: int | None = None) -> str:
     shown = [metric] + [k for k in HEADLINE if k != metric]
     head = (f"{'#':>3} " + " ".join(f"{SCORE_LABELS[k]:>8}" for k in shown) +
             f" {'@ep':>3} {'epochs':>6} {'lr':>9} {'hidden':>6} {'vthr':>4} {'emb':>4} {'drop':>5} {'batch':>5}  "
-            f"{'state':<13} trial")
+            f"{'state':<13} {'over seeds':<15} trial")
     lines = []
     archs = sorted({r["arch"] for r in board["trials"] if r["arch"]} | set(board["searches"]))
     for arch in archs:
@@ -83,12 +87,13 @@ def format_leaderboard(board: dict, top: int | None = None) -> str:
                          f" {_fmt(r['best_epoch']):>3} {_fmt(r['epochs']):>6} "
                          f"{_fmt(r['lr'], '.2e'):>9} {_fmt(r['hidden_size']):>6} {_fmt(r['vocab_threshold']):>4} "
                          f"{_fmt(r['embed_size']):>4} {_fmt(r['dropout'], '.2f'):>5} {_fmt(r['batch_size']):>5}  "
-                         f"{r['end_state'] or '-':<13} {r['trial_id']}")
+                         f"{r['end_state'] or '-':<13} {_seeds(r):<15} {r['trial_id']}")
             if r["error"]:
                 lines.append(f"      error: {r['error'][:150]}")
         search = board["searches"].get(arch)
         if search:
             lines += _floor_lines(search, metric) + _importance_lines(search)
+            lines += _seed_lines(search)
             lines.append(f"    convergence: {search['convergence'] or 'not estimated'}")
         lines.append("")
     return "\n".join(lines).rstrip()
@@ -111,11 +116,25 @@ def _floor_lines(search: dict, metric: str) -> list[str]:
     return lines
 
 
+def _seed_lines(search: dict) -> list[str]:
+    if search["seed_choice"]:
+        return [f"    champion over seeds: {search['seed_choice']}"]
+    if search["seed_choice_error"]:
+        return [f"    champion over seeds: WARNING: failed ({search['seed_choice_error'][:150]}); the top trial is the "
+                f"champion"]
+    return []
+
+
 def _importance_lines(search: dict) -> list[str]:
     if search["importances"]:
         return [f"    importance ({search['importance_basis']}):",
                 "      " + ", ".join(f"{k} {v:.2f}" for k, v in search["importances"].items())]
     return [f"    importance: {search['importance_note'] or 'not computed'}"]
+
+
+def _seeds(row: dict) -> str:
+    """A trial retrained over new seeds: its mean and group ("0.5312 chosen"); "-" for the others."""
+    return "-" if row["seed_mean"] is None else f"{row['seed_mean']:.4f} {row['seed_group'] or ''}".rstrip()
 
 
 def _int(value):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from captune.data.cache import default_cache_dir
-from captune.infra.mlflow_names import SEEDS_TAG
+from captune.infra.mlflow_names import SEEDS_TAG, TOP_TAG
 from captune.infra.storage import is_uri
 from captune.search.space import DEFAULT_FILE, SearchSpace, SweepSettings, load_spaces
 from captune.trainables.catalog import ARCHS, OBJECTIVES
@@ -41,6 +41,9 @@ def check_name(name: str, option: str = "--name") -> None:
         raise ConfigError(f"{option} {fault}")
 
 
+DEFAULT_TOP = 3  # configurations per search retrained over the seeds (captune.search.seed_choice)
+
+
 @dataclass
 class SweepRequest:
     name: str
@@ -58,7 +61,8 @@ class SweepRequest:
     resume: bool = False
     warm_start: str | None = None  # a new sweep's searches told another sweep's trials (captune.search.warm_start)
     more_trials: int = 0  # with resume: trials added to each finished search (a Tune run of its own, the study going on)
-    seeds: int | None = None  # seed replicates of the comparison at the end; None: as the sweep started (sweep_seeds)
+    seeds: int | None = None  # new seeds per configuration retrained; None: as the sweep started (sweep_seeds)
+    top: int | None = None  # configurations per search retrained over the seeds; None: as the sweep started, else 3
     control: bool = True  # after each search, train its champion's configuration image-blind
     tracking_uri: str | None = None
     address: str | None = None
@@ -86,6 +90,7 @@ class ArchOutcome:
     states: dict = field(default_factory=dict)  # {end state: trials} (captune.search.objective)
     first_error: str | None = None  # why the first trial that failed or diverged did
     convergence: str | None = None  # whether more trials could still gain, in words (captune.search.convergence)
+    choice: object = None  # its champion chosen over seeds (captune.search.seed_choice.SeedChoice), with --seeds
 
     def no_model_text(self) -> str:
         """Why the search has no model to register, and what to change."""
@@ -248,18 +253,24 @@ def resume_command(req: SweepRequest) -> str:
         words += ["--gpus-per-worker", f"{req.gpus_per_worker:g}"]
     if req.seeds:
         words += ["--seeds", str(req.seeds)]
+    if req.seeds and req.top not in (None, DEFAULT_TOP):
+        words += ["--top", str(req.top)]
     if not req.control:
         words.append("--no-control")
     return " ".join(words)
 
 
 def sweep_seeds(client, experiment_id: str, req: SweepRequest) -> int:
-    """The sweep's seed replicates, remembered in its experiment (SEEDS_TAG) as it starts, so that
-    `--resume` without `--seeds` compares as the sweep was started to; `--seeds` given wins and is
-    remembered. Sets req.seeds and returns it."""
+    """The sweep's seeds and top (how many configurations per search are retrained over them),
+    remembered in its experiment (SEEDS_TAG, TOP_TAG) as it starts, so that `--resume` without them
+    goes on as the sweep was started; given, they win and are remembered. Sets req.seeds and
+    req.top; returns the seeds."""
+    tags = client.get_experiment(experiment_id).tags if req.resume else {}
     if req.seeds is None and req.resume:
-        req.seeds = int(client.get_experiment(experiment_id).tags.get(SEEDS_TAG, 0))  # (0: a sweep from before)
-    else:
-        req.seeds = req.seeds or 0
-        client.set_experiment_tag(experiment_id, SEEDS_TAG, str(req.seeds))
+        req.seeds = int(tags.get(SEEDS_TAG, 0))  # (0: a sweep from before)
+    if req.top is None:
+        req.top = int(tags.get(TOP_TAG, 1 if SEEDS_TAG in tags else DEFAULT_TOP))  # (1: from before --top)
+    req.seeds = req.seeds or 0
+    client.set_experiment_tag(experiment_id, SEEDS_TAG, str(req.seeds))
+    client.set_experiment_tag(experiment_id, TOP_TAG, str(req.top))
     return req.seeds

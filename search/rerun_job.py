@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from captune.infra import storage
 from captune.infra.mlflow_names import ARCH_TAG, KIND_TAG, RERUN_KEY_TAG, SEED_TAG, SWEEP_TAG
+from captune.trainables.config import TrainConfig, split_seed_of
 
 
 @dataclass(frozen=True)
@@ -44,3 +45,17 @@ class RerunJob:
     def tags(self) -> dict[str, str]:
         return {SWEEP_TAG: self.sweep, KIND_TAG: self.kind, ARCH_TAG: self.config["arch"],
                 SEED_TAG: str(self.config["seed"]), RERUN_KEY_TAG: self.key, "mlflow.parentRunId": self.parent_run_id}
+
+
+def replicate_jobs(train_config: dict, seeds: int, label: str, **fields) -> list[RerunJob]:
+    """A configuration's seed replicates: trained with its own seed + 1 .. + `seeds` (a search's
+    best trials are picked on their own seed, so it is left out; the same new seeds for every
+    configuration, so they are compared seed by seed), on the validation and test images its own
+    split seed drew. The same configuration gives the same jobs (their keys) wherever they are
+    asked for: the sweep's choice of its champion and `captune compare --seeds` share them. `label`
+    names the runs (`<label>-seed<N>`); `fields`: the rest of RerunJob's."""
+    config = TrainConfig(**train_config).to_dict()
+    config["split_seed"] = split_seed_of(train_config)  # a checkpoint from before split_seed drew it from seed
+    first = int(config["seed"]) + 1
+    return [RerunJob(kind="replicate", config={**config, "seed": seed}, run_name=f"{label}-seed{seed}", **fields)
+            for seed in range(first, first + seeds)]

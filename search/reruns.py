@@ -22,10 +22,11 @@ from captune.search.rerun_job import RerunJob
 from captune.trainables.config import TrainConfig
 
 
-def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: float = 0.0) -> list[dict]:
+def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: float = 0.0,
+               announce=None) -> list[dict]:
     """Each job's result (captune.search.rerun.rerun), at most `concurrent` training at once; finished
-    ones are reused, stopped ones go on. A failed rerun fails the call, after the others have
-    ended."""
+    ones are reused, stopped ones go on; `announce(to_train, reused)` is told how many of each before
+    any trains. A failed rerun fails the call, after the others have ended."""
     jobs, results = list(jobs), [None] * len(jobs)
     task = ray.remote(_rerun).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     queue, pending, failures = [], {}, []
@@ -39,6 +40,8 @@ def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: f
             else:
                 jobs[i] = dataclasses.replace(job, run_id=_open_run(client, job))
                 queue.append(i)
+        if announce:
+            announce(len(queue), len(jobs) - len(queue))
         while queue or pending:
             while queue and len(pending) < concurrent:
                 i = queue.pop(0)

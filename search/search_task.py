@@ -17,7 +17,7 @@ from ray.tune import Checkpoint
 
 from captune.infra.mlflow_logging import metric_entities, optional_step, unavailable
 from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CONCURRENT_TAG,
-                                FAILED_TRIALS_TAG, NOTE_TAG, SLOTS_TAG, SWEEP_TAG, TRIAL_TAG, TRIALS_TAG,
+                                FAILED_TRIALS_TAG, NOTE_TAG, SEED_CHOICE_ERROR_TAG, SLOTS_TAG, SWEEP_TAG, TRIAL_TAG, TRIALS_TAG,
                                 champion_record, champion_tags)
 from captune.infra.mlflow_store import TrackingUnavailable, configure
 from captune.infra.raycluster import root_cause
@@ -29,12 +29,11 @@ from captune.search.growth import earlier_results
 from captune.search.mlflow_trials import MlflowTrials, rank_trial_runs, ranked_trial_runs
 from captune.search.mlflow_view import run_path
 from captune.search.objective import MODE, end_state, objective, sampler_seed
-from captune.search.progress import ProgressEvents, held_back, quiet_libraries
-from captune.search.request import ArchOutcome, ArchSearch, SearchJob, SweepRequest, optuna_url, resume_command
+from captune.search.progress import ProgressEvents, held_back, note, quiet_libraries
+from captune.search.request import ArchOutcome, SearchJob, optuna_url, resume_command
 from captune.search.searcher import ResumableOptunaSearch
 from captune.search.strategy import OutOfTime, analysis_epoch, make_sampler, sampler_line, scheduler_for, stopping_line
 from captune.search.slots import SharedSlots, pool_name
-from captune.search.space import SweepSettings
 from captune.search.trial import TrialSetup, trial_trainable
 from captune.trainables.catalog import SCORE_LABELS, SCORES
 
@@ -127,8 +126,7 @@ def run_search(job: SearchJob) -> ArchOutcome:
         ray.get_actor(pool_name(req.name)).satisfied.remote(arch)
     try:
         results = [*earlier_results(job, trainable), *grid]  # the search's every trial, over its parts
-        outcome = _finish(client, results, search, job.parent_run_id, req, job.experiment, settings,
-                          optuna_url(job.root, req.name))
+        outcome = _finish(client, results, job)
         if req.control and outcome.champion:
             from captune.search.control import run_control  # (its scoring loads nltk: only when there is a champion)
 
@@ -144,11 +142,11 @@ def run_search(job: SearchJob) -> ArchOutcome:
             f"is missing and registers the champions without training again.") from None
 
 
-def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest, study_name: str,
-            settings: SweepSettings, study_url: str) -> ArchOutcome:
+def _finish(client, grid, job: SearchJob) -> ArchOutcome:
     # registration reads the checkpoint with torch: loaded here, as the search ends, not at the task's start
     from captune.search.registry import promote
 
+    search, parent_id, req, settings = job.search, job.parent_run_id, job.req, job.settings
     metric, target = settings.metric, objective(settings.metric)
     scored = {r.metrics["trial_id"]: r for r in grid
               if r.error is None and r.metrics and target in r.metrics and not _diverged(r)}
@@ -167,6 +165,10 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
         if CHAMPION_TAG in tags and registered is not None and \
                 registered.data.metrics.get(target, 0.0) >= champion_run.data.metrics.get(target, 0.0):
             champion_run = registered  # registered before (a resumed sweep): nothing better since, nothing new
+        if req.seeds:  # the best mean over new seeds, not the best single trial (chosen alike on a resume)
+            outcome.choice = _choice(client, job, candidates, scored)
+            champion_run = next((r for r in candidates if r.info.run_id == outcome.choice.chosen.run_id), champion_run) \
+                if outcome.choice else champion_run
         trial_id = champion_run.data.tags[TRIAL_TAG]
         top = scored[trial_id]
         outcome.best = {"trial_id": trial_id, "run_id": champion_run.info.run_id,
@@ -190,23 +192,48 @@ def _finish(client, grid, search: ArchSearch, parent_id: str, req: SweepRequest,
     rank_trial_runs(client, ranked, search.arch, req.name, (outcome.best or {}).get("run_id"), metric)
     client.set_tag(parent_id, NOTE_TAG, _search_note(outcome, experiment_id, req.name))
     # (the study's URL as the driver worked it out: this task may run where CAPTUNE_STORAGE is not set)
-    log_search_analysis(client, parent_id, study_url, study_name,
+    # (the study's URL as the driver worked it out: this task may run where CAPTUNE_STORAGE is not set)
+    study_url = optuna_url(job.root, req.name)
+    log_search_analysis(client, parent_id, study_url, job.experiment,
                         list(search.space.searched), at_epoch=analysis_epoch(settings), metric=metric)
-    outcome.convergence = _convergence(client, parent, study_url, study_name, req, settings, search.arch)
+    outcome.convergence = _convergence(client, job, outcome.choice)
     return outcome
 
 
-def _convergence(client, parent, study_url: str, study_name: str, req: SweepRequest, settings: SweepSettings,
-                 arch: str) -> str | None:
+def _choice(client, job: SearchJob, candidates: list, scored: dict):
+    """The champion chosen over seeds (captune.search.seed_choice); None, the reason on the parent
+    run and the console, if its replicates failed: the top trial stands, and `--resume` tries again."""
+    from captune.search.seed_choice import choose_over_seeds
+
+    try:
+        return choose_over_seeds(client, job, candidates, scored)
+    except Exception as e:
+        if unavailable(e):
+            raise
+        reason = root_cause(e)
+        client.set_tag(job.parent_run_id, SEED_CHOICE_ERROR_TAG, reason[:5000])
+        note(job.req.name, job.search.arch, f"WARNING: the choice over seeds failed ({reason}); the top trial is the "
+                                            f"champion. `captune sweep --resume` tries again.")
+        return None
+
+
+def _convergence(client, job: SearchJob, choice) -> str | None:
     """Whether more trials could still gain (captune.search.convergence), on the parent run; set
-    against the seed noise this sweep measured before (a grown sweep), if any. An optional step."""
-    with optional_step("the convergence estimate", client, parent.info.run_id, CONVERGENCE_TAG):
-        trials = optuna.load_study(study_name=study_name, storage=study_url).get_trials(deepcopy=False)
+    against the seed noise the choice over seeds measured, else the one this sweep measured before
+    (a grown sweep), if any. An optional step."""
+    req, settings, parent_id = job.req, job.settings, job.parent_run_id
+    with optional_step("the convergence estimate", client, parent_id, CONVERGENCE_TAG):
+        trials = optuna.load_study(study_name=job.experiment, storage=optuna_url(job.root, req.name)).get_trials(
+            deepcopy=False)
         finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
         more = f"{resume_command(req)} --more-trials {settings.trials}"
-        return record_convergence(client, parent.info.run_id, regret_bound(trials, sampler_seed(settings.seed, arch)),
-                                  parent.data.metrics.get(NOISE_METRIC), finished, more)
-    return client.get_run(parent.info.run_id).data.tags.get(CONVERGENCE_TAG)
+        bound = regret_bound(trials, sampler_seed(settings.seed, job.search.arch))
+        if choice and choice.noise is not None:
+            return record_convergence(client, parent_id, bound, choice.noise, finished, more, len(choice.seeds),
+                                      len(choice.candidates))
+        return record_convergence(client, parent_id, bound, client.get_run(parent_id).data.metrics.get(NOISE_METRIC),
+                                  finished, more)
+    return client.get_run(parent_id).data.tags.get(CONVERGENCE_TAG)
 
 
 def _search_note(outcome: ArchOutcome, experiment_id: str, sweep: str) -> str:

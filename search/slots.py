@@ -101,13 +101,18 @@ class SharedSlots(ConcurrencyLimiter):
 
 
 @contextmanager
-def held_slot(sweep: str, search: str, key: str, poll_s: float = 1.0):
-    """Wait for one of the sweep's slots for work outside Tune (a search's control run), hold it
-    for the block, give it back."""
+def held_slot(sweep: str, search: str, key: str, poll_s: float = 1.0, most: int = 1):
+    """Wait for one of the sweep's slots for work outside Tune (a search's control run, its seed
+    replicates), take up to `most` as the pool allows then, hold them for the block (which is
+    given their number), give them back."""
     pool = ray.get_actor(pool_name(sweep))
     while not ray.get(pool.acquire.remote(search, key)):
         time.sleep(poll_s)
+    keys = [key]
+    while len(keys) < most and ray.get(pool.acquire.remote(search, f"{key}-{len(keys)}")):
+        keys.append(f"{key}-{len(keys)}")
     try:
-        yield
+        yield len(keys)
     finally:
-        pool.release.remote(search, key)
+        for held in keys:
+            pool.release.remote(search, held)

@@ -58,9 +58,9 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def finished_sweep(ray_cluster, synth_dir, store_template, tmp_path_factory) -> SimpleNamespace:
     """Sweep "s1" of both architectures (3 trials of 2 epochs each) maximising CIDEr-D (the other
-    sweeps of the tests maximise the default, BLEU-4), champions registered, shared by the tests
-    that read a finished sweep: its folder (storage in folder/tune), tracking URI, sweep file and
-    console output."""
+    sweeps of the tests maximise the default, BLEU-4), each champion chosen over 2 new seeds of
+    the top 2 configurations and registered, shared by the tests that read a finished sweep: its
+    folder (storage in folder/tune), tracking URI, sweep file and console output."""
     from captune.cli import main
     from tests.test_sweep import sweep_yaml
 
@@ -72,7 +72,8 @@ def finished_sweep(ray_cluster, synth_dir, store_template, tmp_path_factory) -> 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(["sweep", "--data", str(synth_dir), "--name", "s1", "--config", str(config),
-                     "--storage", str(folder / "tune"), "--tracking-uri", tracking_uri, "--metric", "cider"])
+                     "--storage", str(folder / "tune"), "--tracking-uri", tracking_uri, "--metric", "cider",
+                     "--seeds", "2", "--top", "2"])
     assert code == 0, out.getvalue()[-3000:]
     return SimpleNamespace(folder=folder, tracking_uri=tracking_uri, config=config, out=out.getvalue())
 

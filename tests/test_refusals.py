@@ -214,13 +214,15 @@ def test_the_resume_command_carries_the_seeds():
     from captune.search.request import SweepRequest, resume_command
 
     words = shlex.split(resume_command(SweepRequest(name="s", data_root="d", seeds=2, resume=True)))
-    assert words[words.index("--seeds") + 1] == "2"
+    assert words[words.index("--seeds") + 1] == "2" and "--top" not in words  # (the default top)
     assert "--seeds" not in resume_command(SweepRequest(name="s", data_root="d", seeds=0))
+    words = shlex.split(resume_command(SweepRequest(name="s", data_root="d", seeds=2, top=5, resume=True)))
+    assert words[words.index("--top") + 1] == "5"
 
 
 def test_a_sweep_remembers_its_seeds_and_resume_uses_them(synth_dir, tmp_path, tracking_uri):
-    # A sweep started with --seeds 2 records them as its MLflow records open; its --resume without
-    # --seeds goes on with 2, and prints them in its resume command; --seeds given on resume wins.
+    # A sweep started with --seeds 2 --top 2 records them as its MLflow records open; its --resume
+    # without them goes on with 2 and 2, and prints them in its resume command; given on resume, they win.
     from captune.search.request import SweepRequest, plan, resume_command, storage_root
     from captune.search.sweep import open_sweep_records
 
@@ -233,10 +235,13 @@ def test_a_sweep_remembers_its_seeds_and_resume_uses_them(synth_dir, tmp_path, t
         open_sweep_records(req, settings, searches, storage_root(storage))
         return req
 
-    assert sweep(seeds=2).seeds == 2
+    started = sweep(seeds=2, top=2)
+    assert started.seeds == 2 and started.top == 2
     client = MlflowClient(uri)
     assert client.get_experiment_by_name("seeded").tags["captune.seeds"] == "2"
+    assert client.get_experiment_by_name("seeded").tags["captune.top"] == "2"
     resumed = sweep(resume=True)
-    assert resumed.seeds == 2 and "--seeds 2" in resume_command(resumed)
+    assert resumed.seeds == 2 and resumed.top == 2 and "--seeds 2 --top 2" in resume_command(resumed)
+    assert sweep(resume=True, top=3).top == 3 and sweep(resume=True).top == 3  # given on resume, it wins
     assert sweep(resume=True, seeds=0).seeds == 0 and client.get_experiment_by_name("seeded").tags["captune.seeds"] == "0"
     assert sweep(resume=True).seeds == 0

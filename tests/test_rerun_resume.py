@@ -1,6 +1,8 @@
-"""Reruns stopped part-way (the image-blind control of `captune sweep`, the seed replicates of
-`captune compare --seeds K`) go on from their last epoch, in their own MLflow run, when the
-command printed at the stop (or the same compare) is run again (D2, D3, D21)."""
+"""Reruns stopped part-way (the seed replicates by which `captune sweep --seeds K` chooses its
+champion, then its image-blind control; the replicates of `captune compare --seeds K`) go on from
+their last epoch, in their own MLflow run, when the command printed at the stop (or the same
+compare) is run again (D2, D3, D21). A sweep's replicates and its control are reruns of one kind
+(captune.search.reruns), run alike in the search's task: the sweep is stopped in its replicate."""
 import os
 import shlex
 import signal
@@ -13,7 +15,7 @@ from mlflow import MlflowClient
 from tests.conftest import attached
 from tests.test_sweep import sweep_yaml
 
-EPOCHS = 10  # the control trains as long as the trials: long enough to be stopped in the middle
+EPOCHS = 10  # the reruns train as long as the trials: long enough to be stopped in the middle
 # Each epoch a fraction of a second, not TINY's 0.1 s: a stop lands in the middle of a rerun, not after it.
 SPACE = {"lr": {"loguniform": [0.001, 0.01]}, "image_size": 64, "hidden_size": 128}
 NAME = "rr"
@@ -47,8 +49,8 @@ def _finish(argv: list[str], log: Path, env: dict) -> str:
     return log.read_text()
 
 
-def test_a_stopped_control_and_replicate_go_on_from_their_last_epoch_in_their_own_run(ray_cluster, synth_dir,
-                                                                                       tmp_path, tracking_uri):
+def test_stopped_replicates_of_a_sweep_and_of_compare_go_on_from_their_last_epoch_in_their_own_run(
+        ray_cluster, synth_dir, tmp_path, tracking_uri):
     config = sweep_yaml(tmp_path / "sweep.yaml", trials=1, epochs=EPOCHS, space=SPACE)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **attached(ray_cluster)}
     client = MlflowClient(tracking_uri)
@@ -87,26 +89,29 @@ def test_a_stopped_control_and_replicate_go_on_from_their_last_epoch_in_their_ow
         assert "captune.stop_reason" not in after.data.tags
         assert epochs(after) == list(range(1, EPOCHS + 1))
 
-    # D2, D3: Ctrl-C while the sweep's control trains, then the command it prints, as a user pastes it.
+    # D2, D3: Ctrl-C while the sweep's replicate trains (its champion chosen over one new seed),
+    # then the command it prints, as a user pastes it.
     sweep = ["sweep", "--data", str(synth_dir), "--name", NAME, "--arch", "cnn-lstm", "--config", str(config),
              "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri, "--seeds", "1"]
     t0 = time.monotonic()
     text = _ctrl_c_once(_command(sweep, tmp_path / "sweep.log", env), tmp_path / "sweep.log",
-                        lambda: any(len(epochs(r)) >= 2 for r in runs("control")), "the sweep's control")
+                        lambda: any(len(epochs(r)) >= 2 for r in runs("replicate")), "the sweep's replicate")
     print(f"sweep to the stop: {time.monotonic() - t0:.0f}s")
     (printed,) = [line[line.index("captune sweep"):] for line in text.splitlines() if "To go on" in line]
     assert "--seeds 1" in printed, printed
-    control, kept = stopped_run("control")
-    assert not runs("replicate")
+    replicate, kept = stopped_run("replicate")
+    assert not runs("control")  # the control follows the champion the replicates choose
     words = shlex.split(printed)
     assert words[0] == "captune"
     t0 = time.monotonic()
     _finish(words[1:], tmp_path / "resumed.log", env)
     print(f"resumed sweep: {time.monotonic() - t0:.0f}s")
-    went_on(control, kept)
-    (replicate,) = runs("replicate")
-    assert replicate.info.status == "FINISHED" and epochs(replicate) == list(range(1, EPOCHS + 1))
+    went_on(replicate, kept)
+    (control,) = runs("control")
+    assert control.info.status == "FINISHED" and epochs(control) == list(range(1, EPOCHS + 1))
     seed = int(replicate.data.tags["captune.seed"])
+    (parent,) = runs("search")
+    assert parent.data.tags["captune.seed_choice"].startswith("chosen over 1 new seed each from the top 1: #1")
 
     # D21: Ctrl-C while `compare --seeds 2` trains its second replicate (the first is the sweep's).
     compare = ["compare", NAME, "--tracking-uri", tracking_uri, "--seeds", "2"]
@@ -119,7 +124,7 @@ def test_a_stopped_control_and_replicate_go_on_from_their_last_epoch_in_their_ow
     _finish(compare, tmp_path / "compared.log", env)
     print(f"compare again: {time.monotonic() - t0:.0f}s")
     went_on(second, kept)
-    (first,) = runs("replicate", seed)  # reused, not trained again
+    (first,) = runs("replicate", seed)  # the sweep's, reused, not trained again
     assert first.info.run_id == replicate.info.run_id and epochs(first) == list(range(1, EPOCHS + 1))
 
 

@@ -1,6 +1,8 @@
 """Sweeps on tiny generated data, with the real local Ray cluster, Optuna and MLflow."""
 import json
+import math
 import os
+import re
 import statistics
 import signal
 import subprocess
@@ -131,7 +133,8 @@ def test_an_epoch_is_recorded_under_the_same_names_whoever_trained_it(s1):
     from captune.trainables.reporting import mlflow_epoch
 
     def per_epoch(run) -> set[str]:
-        return {k for k in run.data.metrics if not k.startswith(("system/", "test_")) and k != "epochs_run"}
+        # (not the system metrics, a rerun's test scores, or a retrained trial's mean over seeds)
+        return {k for k in run.data.metrics if not k.startswith(("system/", "test_", "seed_mean")) and k != "epochs_run"}
 
     (control,) = [r for r in s1.client.search_runs([s1.exp.experiment_id],
                                                    filter_string="tags.`captune.kind` = 'control'")
@@ -150,7 +153,7 @@ def test_trial_runs_are_ranked_by_name_and_the_champion_trial_is_tagged_and_link
         scores = [r.data.metrics["best_cider"] for r in mine]
         assert scores == sorted(scores, reverse=True) and f"#1 {arch} lr=" in mine[0].info.run_name
         champions = [r for r in mine if r.data.tags.get("captune.is_champion") == "true"]
-        assert len(champions) == 1 and champions[0].data.metrics["best_cider"] == scores[0]
+        assert len(champions) == 1 and champions[0].data.tags["captune.seed_group"] == "chosen"  # over seeds
         assert "champion trial" in champions[0].data.tags["mlflow.note.content"]
         # early-stopped trials say so right after their rank, where a narrow name column still shows it
         for run in mine:
@@ -239,10 +242,12 @@ def test_both_champions_are_registered_at_their_best_epoch_and_caption_an_image(
     for arch in ("cnn-lstm", "resnet-gru"):
         version = s1.client.get_model_version_by_alias(f"captune-{arch}", "champion")
         mine = [r for r in s1.trials if r.data.params["arch"] == arch]
-        assert float(version.tags["cider"]) == max(r.data.metrics["best_cider"] for r in mine)
+        (parent,) = [p for p in s1.parents if p.data.tags["arch"] == arch]
+        assert version.tags["trial_id"] == parent.data.tags["captune.best_trial"]  # the one chosen over seeds
+        best = [r for r in mine if r.data.tags["captune.trial_id"] == version.tags["trial_id"]][0]
+        assert float(version.tags["cider"]) == best.data.metrics["best_cider"]
         assert version.tags["metric"] == "cider" and {"bleu4", "rouge_l"} <= set(version.tags)
         # the registered checkpoint is its trial's best epoch's
-        best = [r for r in mine if r.data.tags["captune.trial_id"] == version.tags["trial_id"]][0]
         assert int(version.tags["epoch"]) == int(best.data.metrics["best_epoch"])
         assert load_captioner(f"models:/captune-{arch}/{version.version}", s1.tracking_uri).payload["epoch"] == \
                int(best.data.metrics["best_epoch"])
@@ -255,37 +260,77 @@ def test_both_champions_are_registered_at_their_best_epoch_and_caption_an_image(
         assert str(image) in capsys.readouterr().out
 
 
-def test_compare_trains_seed_replicates_records_them_and_reuses_them(s1, capsys):
+def _replicates(s1) -> list:
+    return s1.client.search_runs([s1.exp.experiment_id], filter_string="tags.`captune.kind` = 'replicate'")
+
+
+def _pooled_sd(groups: list[list[float]]) -> float:
+    return math.sqrt(sum((v - statistics.mean(g)) ** 2 for g in groups for v in g) / sum(len(g) - 1 for g in groups))
+
+
+def test_each_champion_is_the_best_mean_of_its_top_configurations_over_new_seeds(s1, capsys):
+    replicates = _replicates(s1)
+    for parent in s1.parents:
+        arch, tags = parent.data.tags["arch"], parent.data.tags
+        retrained = sorted((r for r in s1.trials if r.data.params["arch"] == arch and "captune.seed_group" in r.data.tags),
+                           key=lambda r: r.info.run_name)
+        assert [r.info.run_name.split()[0] for r in retrained] == ["#1", "#2"]  # the top 2 by the search
+        groups = []
+        for run in retrained:  # each retrained with the same 2 new seeds, its mean and interval on its run
+            mine = [r for r in replicates if r.info.run_name.startswith(f"{arch}-{run.data.tags['captune.trial_id']}-seed")]
+            assert sorted(r.data.tags["captune.seed"] for r in mine) == ["1", "2"], [r.info.run_name for r in mine]
+            assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+                       for r in mine)
+            assert all(r.data.params[k] == run.data.params[k] for r in mine for k in ("lr", "hidden_size", "dropout"))
+            groups.append([r.data.metrics["best_cider"] for r in mine])  # validation: the test split is not looked at
+            m = run.data.metrics
+            assert m["seed_mean"] == pytest.approx(statistics.mean(groups[-1]))
+            assert m["seed_mean_low"] < m["seed_mean"] < m["seed_mean_high"]
+        (chosen,) = [r for r in retrained if r.data.tags["captune.seed_group"] == "chosen"]
+        assert chosen.data.metrics["seed_mean"] == max(r.data.metrics["seed_mean"] for r in retrained)
+        assert tags["captune.best_trial"] == chosen.data.tags["captune.trial_id"]  # registered, controlled
+        other = next(r for r in retrained if r is not chosen)
+        overlap = other.data.metrics["seed_mean_high"] >= chosen.data.metrics["seed_mean_low"]
+        assert other.data.tags["captune.seed_group"] == ("tied" if overlap else "behind")
+        # the seed noise pooled over both configurations, which the convergence statement is set against
+        assert parent.data.metrics["seed_noise"] == pytest.approx(_pooled_sd(groups))
+        assert "over 2 seeds of 2 configurations" in tags["captune.convergence"]
+        said = tags["captune.seed_choice"]
+        assert f"from the top 2: {chosen.info.run_name.split()[0]} ({arch} lr=" in said
+        assert ("2 configurations tied within seed noise" in said) == overlap
+        assert f"[{arch}] {said}" in s1.out and f"{arch}: {tags['captune.seed_choice_summary']}" in s1.out  # (the verdict)
+    capsys.readouterr()
+    assert main(["leaderboard", "s1", "--tracking-uri", s1.tracking_uri]) == 0
+    text = capsys.readouterr().out
+    assert text.count("    champion over seeds: ") == 2 and " over seeds      trial" in text
+    assert len(re.findall(r" \d\.\d{4} chosen +[0-9a-f]{8}$", text, re.M)) == 2  # the column, on its trial's row
+
+
+def test_compare_reuses_the_sweeps_replicates_of_each_champion_and_records_them(s1, capsys):
     client, exp = s1.client, s1.exp
+    before = {r.info.run_id for r in _replicates(s1)}
     capsys.readouterr()
     assert main(["compare", "s1", "--seeds", "2", "--resamples", "200", "--json", "--tracking-uri", s1.tracking_uri]) == 0
     first = json.loads(capsys.readouterr().out)
-    replicates = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'replicate'")
-    assert sorted((s1.by_parent[r.data.tags["mlflow.parentRunId"]], r.data.tags["captune.seed"]) for r in replicates) \
-           == [("cnn-lstm", "1"), ("cnn-lstm", "2"), ("resnet-gru", "1"), ("resnet-gru", "2")]
-    assert all(r.info.status == "FINISHED" and "test_bleu4" in r.data.metrics for r in replicates)
+    assert {r.info.run_id for r in _replicates(s1)} == before  # the champions' were trained by the sweep's choice
     reps = first["replicates"]["architectures"]
-    for arch in ("cnn-lstm", "resnet-gru"):
-        values = sorted(r.data.metrics["test_bleu4"] for r in replicates if r.data.params["arch"] == arch)
-        assert sorted(reps[arch]["test_bleu4"]["values"]) == pytest.approx(values)
+    for parent in s1.parents:
+        arch = parent.data.tags["arch"]
+        runs = [client.get_run(run_id) for run_id in reps[arch]["runs"]]
+        assert {r.info.run_name for r in runs} == {f"{arch}-{parent.data.tags['captune.best_trial']}-seed{k}" for k in (1, 2)}
+        assert sorted(reps[arch]["test_bleu4"]["values"]) == pytest.approx(sorted(r.data.metrics["test_bleu4"] for r in runs))
         assert set(first["models"][arch]["control"]["scores"]) == {"bleu4", "cider"}
         assert set(first["models"][arch]["beam1"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l"}
+        # the convergence statement stands as the sweep's choice set it (noise pooled over its configurations)
+        assert first["convergence"][arch] == parent.data.tags["captune.convergence"]
+        assert first["models"][arch]["chosen_over_seeds"] == parent.data.tags["captune.seed_choice_summary"]
     for boots in (first["bootstrap"], first["replicates"]["bootstrap"]):
         assert set(boots) == {"bleu4", "cider"}
         for boot in boots.values():
             assert boot["resamples"] == 200 and boot["low"] <= boot["difference"] <= boot["high"]
-    assert first["metric"] == "cider" and "CIDEr-D" in first["verdict"]
-    # the replicates measured the seed noise: each search's convergence statement says it now
-    for parent in s1.parents:
-        arch = parent.data.tags["arch"]
-        after = client.get_run(parent.info.run_id).data
-        values = [v["best_cider"] for v in reps[arch]["val"]]
-        assert after.metrics["seed_noise"] == pytest.approx(statistics.stdev(values))
-        assert first["convergence"][arch] == after.tags["captune.convergence"]
-        assert after.tags["captune.convergence"].startswith(("converged: more trials unlikely to gain more than the "
-                                                             "seed noise", "not converged: more trials may gain up to"))
+    assert first["metric"] == "cider" and "CIDEr-D" in first["verdict"] and "cnn-lstm: " in first["verdict"]
     comparison = client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'compare' and "
-                                                                         "params.seeds = '2'")[0]
+                                                                         "params.resamples = '200'")[0]
     assert {"comparison.json", "comparison.png"} <= {a.path for a in client.list_artifacts(comparison.info.run_id)}
     assert comparison.data.params["seeds"] == "2" and "cnn-lstm.model" in comparison.data.params
     assert {"replicates.bleu4_difference_low", "replicates.cider_difference_low", "cider_difference"} <= \
@@ -294,24 +339,26 @@ def test_compare_trains_seed_replicates_records_them_and_reuses_them(s1, capsys)
             "resnet-gru.beam1.rouge_l"} <= set(comparison.data.metrics)
     assert main(["compare", "s1", "--seeds", "2", "--resamples", "200", "--json", "--tracking-uri", s1.tracking_uri]) == 0
     again = json.loads(capsys.readouterr().out)
-    assert len(client.search_runs([exp.experiment_id], filter_string="tags.`captune.kind` = 'replicate'")) == 4
+    assert {r.info.run_id for r in _replicates(s1)} == before
     assert again["replicates"] == first["replicates"] and again["bootstrap"] == first["bootstrap"]
-    # the sweep's own comparison and the seeded one are two runs, each with its settings
-    assert sorted(r.data.params["seeds"] for r in client.search_runs(
-        [exp.experiment_id], filter_string="tags.`captune.kind` = 'compare'")) == ["0", "2"]
+    # the sweep's own comparison and this one are two runs, each with its settings
+    assert sorted(r.data.params["resamples"] for r in client.search_runs(
+        [exp.experiment_id], filter_string="tags.`captune.kind` = 'compare'")) == ["1000", "200"]
 
 
 def test_each_search_says_whether_more_trials_could_still_gain(s1, capsys):
-    # As each search ends: Optuna's regret bound over its 3 finished trials, the seed noise not yet
-    # measured (the replicates of `compare --seeds` measure it), the command that adds trials.
+    # As each search ends: Optuna's regret bound over its 3 finished trials against the seed noise
+    # its choice over seeds measured, the command that adds trials.
     for parent in s1.parents:
         arch, tags, metrics = parent.data.tags["arch"], parent.data.tags, parent.data.metrics
         assert metrics["regret_bound_trials"] == 3 and metrics["regret_bound"] >= 0
-        if "seed_noise" not in metrics:  # (a comparison with replicates has not run yet)
-            assert tags["captune.convergence"] == (
-                f"more trials may gain up to {metrics['regret_bound']:.4f} (regret bound over 3 trials); the seed noise "
-                f"is not measured yet (`--seeds 2` measures it)")
-            assert f"[{arch}] more trials may gain up to" in s1.out
+        bound, noise = metrics["regret_bound"], metrics["seed_noise"]
+        assert tags["captune.convergence"].startswith(
+            f"converged: more trials unlikely to gain more than the seed noise (<= {bound:.4f} vs ±{noise:.4f} over 2 "
+            f"seeds of 2 configurations" if bound <= noise else
+            f"not converged: more trials may gain up to {bound:.4f} (seed noise ±{noise:.4f} over 2 seeds of 2 "
+            f"configurations); `captune sweep --name s1 ")
+        assert f"[{arch}] {tags['captune.convergence']}" in s1.out
         assert tags["mlflow.note.content"].endswith(f"\n\n**Converged?** {tags['captune.convergence']}")
         assert tags["mlflow.note.content"].startswith(f"**{arch}** search of sweep `s1`")
         more = tags["captune.more_trials_command"]
