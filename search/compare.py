@@ -196,8 +196,10 @@ def format_comparison(results: dict) -> str:
     archs = list(models)
     col = lambda values: "".join(f"{v:>14}" for v in values)  # noqa: E731
     val = lambda a: models[a]["val"].get(metric)  # noqa: E731
+    chosen = ("mean validation " if all(models[a].get("chosen_over_seeds") for a in archs) else "validation ")
     lines = [f"champions of sweep {results['sweep']} on the {results['split']} split "
-             f"({models[archs[0]]['images']:,} images), chosen by validation {SCORE_LABELS[metric]}: " +
+             f"({models[archs[0]]['images']:,} images), chosen by {chosen}{SCORE_LABELS[metric]}"
+             f"{' over new seeds' if chosen.startswith('mean') else ''}: " +
              ", ".join(f"{a} v{models[a]['version']} (validation best {val(a):.4f})" if val(a) is not None else
                        f"{a} v{models[a]['version']}" for a in archs),
              f"{'':<18}" + col(archs)]

@@ -23,10 +23,11 @@ from captune.trainables.config import TrainConfig
 
 
 def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: float = 0.0,
-               announce=None) -> list[dict]:
+               announce=None, each=None) -> list[dict]:
     """Each job's result (captune.search.rerun.rerun), at most `concurrent` training at once; finished
     ones are reused, stopped ones go on; `announce(to_train, reused)` is told how many of each before
-    any trains. A failed rerun fails the call, after the others have ended."""
+    any trains, and `each(job, result)` each one trained as it ends. A failed rerun fails the call,
+    after the others have ended."""
     jobs, results = list(jobs), [None] * len(jobs)
     task = ray.remote(_rerun).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     queue, pending, failures = [], {}, []
@@ -50,6 +51,8 @@ def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: f
             i = pending.pop(ref)
             try:
                 results[i] = ray.get(ref)
+                if each:
+                    each(jobs[i], results[i])
             except Exception as e:
                 failures.append(e)
                 queue.clear()  # start nothing more; let the running ones end and be recorded

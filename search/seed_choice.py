@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 
 from captune.infra.mlflow_logging import metric_entities
 from captune.infra.mlflow_names import (SEED_CHOICE_TAG, SEED_GROUP_TAG, SEED_HIGH_METRIC, SEED_LOW_METRIC,
-                                        SEED_MEAN_METRIC, SEED_SUMMARY_TAG, TRIAL_TAG, trial_run_name)
+                                        SEED_MEAN_METRIC, SEED_SUMMARY_TAG, STATE_TAG, TRIAL_TAG,
+                                        trial_run_name)
 from captune.search.convergence import NOISE_METRIC
 from captune.search.objective import objective
-from captune.search.progress import note
+from captune.search.progress import duration_text, note
 from captune.search.rerun_job import replicate_jobs
 from captune.search.reruns import run_reruns
 from captune.search.slots import held_slot
@@ -145,14 +146,23 @@ def choose_over_seeds(client, job, ranked: list, scored: dict) -> SeedChoice:
                                data_root=req.data_root, relay=job.relay, storage=job.root,
                                experiment_id=job.experiment_id, parent_run_id=job.parent_run_id, sweep=req.name,
                                use_gpu=req.gpus_per_worker > 0, threads=job.cpus, echo_epochs=req.verbose)
+    trained, label = [], SCORE_LABELS[metric]
+
     def announce(to_train: int, reused: int) -> None:
+        took = _trial_seconds(ranked)
+        about = f", about {duration_text(took * math.ceil(to_train / slots))}" if took and to_train else ""
         note(req.name, arch, f"choosing the champion over seeds: the top {len(candidates)} configuration(s), each with "
-                             f"{req.seeds} new seed(s): {to_train} run(s) to train, {slots} at a time"
+                             f"{req.seeds} new seed(s): {to_train} run(s) to train, {slots} at a time{about}"
                              + (f"; {reused} trained before, reused" if reused else ""))
+
+    def each(rerun, result) -> None:
+        trained.append(rerun)
+        note(req.name, arch, f"replicate {rerun.run_name} ({len(trained)} trained): best validation {label} "
+                             f"{result['val'][objective(metric)]:.4f}")
 
     with held_slot(req.name, arch, "replicates", most=len(jobs)) as slots:
         results = run_reruns(client, jobs, concurrent=slots, cpus=job.cpus, gpus=req.gpus_per_worker,
-                             announce=announce)
+                             announce=announce, each=each)
     for i, candidate in enumerate(candidates):
         mine = results[i * req.seeds:(i + 1) * req.seeds]
         candidate.values = [float(r["val"][objective(metric)]) for r in mine]
@@ -160,6 +170,14 @@ def choose_over_seeds(client, job, ranked: list, scored: dict) -> SeedChoice:
     record(client, choice, job.parent_run_id)
     note(req.name, arch, choice.statement())
     return choice
+
+
+def _trial_seconds(ranked: list) -> float | None:
+    """How long the search's trials that trained every epoch took, on average (a replicate trains
+    as long): None when none did."""
+    spans = [(r.info.end_time - r.info.start_time) / 1000 for r in ranked
+             if r.info.end_time and r.data.tags.get(STATE_TAG) == "finished"]
+    return sum(spans) / len(spans) if spans else None
 
 
 def record(client, choice: SeedChoice, parent_id: str) -> None:

@@ -79,3 +79,35 @@ def test_replicates_of_a_configuration_are_the_same_jobs_from_a_trial_or_its_che
     assert all(j.config["split_seed"] == 5 and j.kind == "replicate" for j in from_trial)  # the trial's own split
     other = replicate_jobs({**base, "lr": 0.003}, 2, "cnn-lstm-t2", **fields)
     assert [j.config["seed"] for j in other] == [8, 9] and not {j.key for j in other} & {j.key for j in from_trial}
+
+
+def test_a_choice_whose_replicates_fail_leaves_the_top_trial_and_says_why(monkeypatch, tracking_uri):
+    # An optional step: the search's results stand (its top trial is registered), the reason is on
+    # the parent run and in the console, and `--resume` tries again. A store that does not answer
+    # is not swallowed: the search says how to go on once it answers.
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from captune.search import search_task
+
+    client = MlflowClient(tracking_uri)
+    parent = client.create_run(client.create_experiment("c1")).info.run_id
+    job = SimpleNamespace(parent_run_id=parent, req=SimpleNamespace(name="c1"), search=SimpleNamespace(arch="cnn-lstm"))
+    said = []
+    monkeypatch.setattr(search_task, "note", lambda sweep, arch, text: said.append(text))
+
+    def fails(*args):
+        raise RuntimeError("replicate cnn-lstm-t1-seed1 ran out of memory")
+
+    monkeypatch.setattr("captune.search.seed_choice.choose_over_seeds", fails)
+    assert search_task._choice(client, job, [], {}) is None
+    assert client.get_run(parent).data.tags["captune.seed_choice_error"] == "replicate cnn-lstm-t1-seed1 ran out of memory"
+    assert said == ["WARNING: the choice over seeds failed (replicate cnn-lstm-t1-seed1 ran out of memory); the top "
+                    "trial is the champion. `captune sweep --resume` tries again."]
+
+    def unreachable(*args):
+        raise MlflowException("API request to http://127.0.0.1:5000 failed: Connection refused")
+
+    monkeypatch.setattr("captune.search.seed_choice.choose_over_seeds", unreachable)
+    with pytest.raises(MlflowException):
+        search_task._choice(client, job, [], {})
