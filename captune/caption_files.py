@@ -266,12 +266,15 @@ class Summary:
     skipped: list[str] = field(default_factory=list)  # one message per unreadable image
 
 
-def caption_files(loaded: Loaded, images: list[str], out: CaptionFile, beam: int = 3, batch_size: int = 32,
+def caption_files(loaded: Loaded, images: list[str], out: CaptionFile, decoding=None, batch_size: int = 32,
                   device: torch.device | None = None) -> Summary:
     """Caption `images` not already in `out`, `batch_size` at a time, reading the next batch
-    while the model captions this one. Unreadable images are reported and skipped."""
+    while the model captions this one, by `decoding` (a captune.trainables.decoding.Decoding;
+    default: the model's own). Unreadable images are reported and skipped."""
     # torch loads here, not with this module: the CLI checks the paths and --out first, in a second
-    from captune.trainables.inference import caption_pixels, image_size_of
+    from captune.trainables.inference import caption_pixels, decoding_of, image_size_of
+
+    how = decoding or decoding_of(loaded)
 
     todo = [image for image in images if real(image) not in out.done]
     summary = Summary(already=len(images) - len(todo))
@@ -294,7 +297,7 @@ def caption_files(loaded: Loaded, images: list[str], out: CaptionFile, beam: int
                     summary.skipped.append(str(e))
                     bar.write(f"skipped {e}", file=sys.stderr)
             if names:
-                out.write(list(zip(names, caption_pixels(loaded, np.stack(pixels), beam, device=device))))
+                out.write(list(zip(names, caption_pixels(loaded, np.stack(pixels), how.beam, how.max_len, device, how.alpha))))
                 summary.captioned += len(names)
             bar.update(len(batch))
     bar.close()

@@ -12,7 +12,7 @@ from captune.commands import (cmd_caption, cmd_check, cmd_compare, cmd_evaluate,
 from captune.infra.errors import UserError
 from captune.infra.package_files import package_folder
 from captune.infra.raycluster import signal_name, stop_on_signals
-from captune.trainables.catalog import ARCHS, CAPTION_BEAM, MAX_BEAM, OBJECTIVES, RESNET_ENCODERS, VGG_ENCODERS
+from captune.trainables.catalog import ARCHS, CAPTION_BEAM, MAX_ALPHA, MAX_BEAM, OBJECTIVES, RESNET_ENCODERS, VGG_ENCODERS
 
 
 def entry() -> None:
@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="checkpoint path, or MLflow URI (runs:/ID/model, models:/NAME@ALIAS)")
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
-    e.add_argument("--beam", type=_beam, default=1, help=f"beam width, 1..{MAX_BEAM} (1 = greedy)")
+    _decoding_args(e)
     e.add_argument("--skip-bad", action="store_true")
     e.add_argument("--json", action="store_true")
     _tracking_args(e)
@@ -228,13 +228,26 @@ def _parser() -> argparse.ArgumentParser:
                                    "images already in it. Unreadable images are listed and skipped: exit code 1.")
     k.add_argument("model", help="checkpoint path, or MLflow URI (runs:/ID/model, models:/NAME@ALIAS)")
     k.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder")
-    k.add_argument("--beam", type=_beam, default=CAPTION_BEAM, help=f"beam width, 1..{MAX_BEAM} (1 = greedy; "
-                                                                   f"default {CAPTION_BEAM})")
+    _decoding_args(k)
     k.add_argument("--out", type=Path, help="FILE.csv or FILE.jsonl (default: CSV on stdout)")
     k.add_argument("--batch-size", type=_positive, default=32, help="images captioned at once")
     _tracking_args(k)
     k.set_defaults(run=cmd_caption)
     return p
+
+
+def _decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam", type=_beam, help=f"beam width, 1..{MAX_BEAM} (1 = greedy; default: the decoding "
+                                              f"stored with the model when it was registered, else {CAPTION_BEAM})")
+    p.add_argument("--alpha", type=_alpha, help=f"length penalty, 0..{MAX_ALPHA:g} (0: captions ranked by total "
+                                                "log-probability, which favours short ones; default: the model's)")
+
+
+def _alpha(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= MAX_ALPHA:
+        raise argparse.ArgumentTypeError(f"the length penalty's alpha must be in 0..{MAX_ALPHA:g}, got {text}")
+    return value
 
 
 def _tracking_args(p: argparse.ArgumentParser) -> None:

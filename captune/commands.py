@@ -129,14 +129,27 @@ def cmd_evaluate(args) -> int:
     from captune.trainables.model_source import load_captioner
 
     loaded = load_captioner(args.model, args.tracking_uri)  # a wrong path fails before torch loads
+    from captune.trainables.decoding import Decoding
     from captune.trainables.evaluation import evaluate_split
 
-    scores = evaluate_split(loaded, args.data, split=args.split, beam=args.beam, skip_bad=args.skip_bad)
+    how = _decoding(loaded, args, otherwise=Decoding(beam=1))  # (scores are greedy unless the model says)
+    scores = evaluate_split(loaded, args.data, split=args.split, beam=how, skip_bad=args.skip_bad)
     if args.json:
         print(json.dumps(scores))
     else:
-        print(f"{args.split} split, {scores['images']:,} images, beam {args.beam}: {_scores_text(scores)}")
+        print(f"{args.split} split, {scores['images']:,} images, {how.text()}: {_scores_text(scores)}")
     return 0
+
+
+def _decoding(loaded, args, **otherwise):
+    """The model's stored decoding (captune.trainables.inference.decoding_of), --beam and --alpha
+    given overriding it."""
+    import dataclasses
+
+    from captune.trainables.inference import decoding_of
+
+    given = {k: v for k, v in (("beam", args.beam), ("alpha", args.alpha)) if v is not None}
+    return dataclasses.replace(decoding_of(loaded, **otherwise), **given)
 
 
 def _scores_text(scores: dict) -> str:
@@ -159,7 +172,7 @@ def cmd_caption(args) -> int:
         from captune.caption_files import caption_files
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        summary = caption_files(loaded, images, out, args.beam, args.batch_size, device)
+        summary = caption_files(loaded, images, out, _decoding(loaded, args), args.batch_size, device)
     except KeyboardInterrupt:
         if args.out:
             print(f"captune: {len(out.done):,} captions are in {args.out}; run the same command again to caption "
@@ -209,6 +222,8 @@ def cmd_sweep(args) -> int:
               f"{o.errors} of {o.trials} trials failed")
         if o.choice:
             print(f"[{o.arch}] {o.choice.statement()}")
+        if c.get("decoding"):
+            print(f"[{o.arch}] champion's {c['decoding']}")
         if o.convergence:
             print(f"[{o.arch}] {o.convergence}")
         if o.control:

@@ -31,6 +31,8 @@ IMPORTANCE_NOTE_TAG = "captune.importance_note"  # on a search's parent: why no 
 IMPORTANCE_BASIS_TAG = "captune.importance_basis"  # on a search's parent: what the importances explain
 IMPORTANCE_PREFIX = "importance_"  # a search parent's metric per searched parameter
 FIGURES_NOTE_TAG = "captune.figures_note"  # on a champion trial's run: why its figures were not made
+DECODING_NOTE_TAG = "captune.decoding_note"  # ... why its decoding search was not made (it captions at beam 3)
+DECODING_TAG = "captune.decoding"  # on a search's parent: its champion's decoding, chosen on the validation split (words)
 CHART_NOTE_PREFIX = "captune.chart_note."  # + a chart's file name: why that chart was not made
 CONTROLLED = ("bleu4", "cider")  # the scores a search parent's control metrics are kept in (captune.search.control)
 CONTROL_FIELDS = ("control", "control_test", "test", "gap", "gap_low", "gap_high")
@@ -75,6 +77,8 @@ def champion_tags(record: dict) -> dict[str, str]:
     enough to read whole in the MLflow UI."""
     tags = {CHAMPION_TAG: f"models:/{record['name']}/{record['version']}",
             CHAMPION_PROMOTED_TAG: str(record["promoted"]).lower()}
+    if record.get("decoding"):
+        tags[DECODING_TAG] = record["decoding"]
     if record["previous"]:
         tags[PREVIOUS_CHAMPION_TAG] = f"models:/{record['name']}/{record['previous']['version']}"
         tags[PREVIOUS_CHAMPION_SCORE_TAG] = f"{record['previous']['score']:.6f}"

@@ -36,6 +36,7 @@ from captune.trainables import WORKER_PRELOAD
 from captune.trainables.catalog import SCORE_LABELS, SCORES
 from captune.trainables.config import ConfigError
 from captune.trainables.evaluation import caption_split
+from captune.trainables.inference import decoding_of
 from captune.trainables.metrics import CaptionScorer, corpus_scores
 from captune.trainables.model_source import load_captioner
 
@@ -70,7 +71,8 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
             raise ConfigError(f"sweep {name!r}: the {arch} search records no dataset; pass --data")
         loaded = load_captioner(model_uri, uri)
         skip = skip_bad or bool(loaded.payload.get("train_config", {}).get("skip_bad", False))
-        captions, refs = caption_split(loaded, root, split, beams, skip_bad=skip)
+        tuned = decoding_of(loaded, otherwise=None)  # chosen on the validation split as it was registered
+        captions, refs = caption_split(loaded, root, split, beams + ((tuned,) if tuned else ()), skip_bad=skip)
         champions[arch] = (parent, loaded, root)
         key = json.dumps(refs)  # the two champions are scored by one scorer when their images agree
         if key not in scorers:
@@ -83,6 +85,8 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
             "version": champion["version"], "model": model_uri, "data": str(root), "images": len(refs),
             "val": {k: m[f"best_{k}"] for k in SCORES if f"best_{k}" in m},  # the search's best epoch
             **{f"beam{k}": corpus_scores(stats[k]) for k in beams},
+            **({"tuned": {"decoding": tuned.text(), **corpus_scores(scorer.statistics(captions[tuned]))}}
+               if tuned else {}),
             "control": control_record(tags, m, metric), "chosen_over_seeds": tags.get(SEED_SUMMARY_TAG)}
     if not results["models"]:
         raise ConfigError(f"sweep {name!r} has no registered champion yet: let its sweep finish (or --resume it)")
@@ -207,6 +211,10 @@ def format_comparison(results: dict) -> str:
         for k in SCORES:
             label = f"{SCORE_LABELS[k]} {'greedy' if beam == 'beam1' else beam.replace('beam', 'beam ')}"
             lines.append(f"{label:<18}" + col(f"{models[a][beam][k]:.4f}" for a in archs))
+    if all("tuned" in models[a] for a in archs):  # each champion's decoding, chosen on the validation split
+        for k in SCORES:
+            lines.append(f"{SCORE_LABELS[k] + ' tuned':<18}" + col(f"{models[a]['tuned'][k]:.4f}" for a in archs))
+        lines.append("tuned decoding: " + "; ".join(f"{a} {models[a]['tuned']['decoding']}" for a in archs))
     controls = {a: models[a]["control"] for a in archs}
     if any(controls.values()):
         for score in CONTROLLED:
@@ -258,6 +266,8 @@ def _log(client, experiment_id: str, name: str, results: dict, beams, resamples:
     if created:
         client.log_batch(run_id, params=param_entities(params))
     metrics = {f"{a}.beam{k}.{score}": m[f"beam{k}"][score] for a, m in models.items() for k in beams for score in SCORES}
+    metrics.update({f"{a}.tuned.{score}": m["tuned"][score] for a, m in models.items() if "tuned" in m
+                    for score in SCORES})
     # validation beside test: the split the search ranked by, and the one it never saw
     metrics.update({f"{a}.val_best_{score}": v for a, m in models.items() for score, v in m["val"].items()})
     for prefix, boots in (("", results["bootstrap"]), ("replicates.", (results["replicates"] or {}).get("bootstrap"))):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, EPOCHS_RUN_TAG, ERROR_TAG,
-                                IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG,
+from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, DECODING_TAG, EPOCHS_RUN_TAG,
+                                ERROR_TAG, IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG,
                                 SEED_CHOICE_ERROR_TAG, SEED_CHOICE_TAG, SEED_GROUP_TAG, SEED_MEAN_METRIC, STATE_TAG,
                                 SWEEP_TAG, TRIAL_TAG, control_record)
 from captune.infra.mlflow_store import configure, require_not_deleted
@@ -67,7 +67,7 @@ def _search(run, metric: str) -> dict:
             "importances": dict(sorted(((k.removeprefix(IMPORTANCE_PREFIX), v) for k, v in m.items() if k.startswith(IMPORTANCE_PREFIX)),
                                        key=lambda kv: -kv[1])),
             "importance_basis": t.get(IMPORTANCE_BASIS_TAG), "importance_note": t.get(IMPORTANCE_NOTE_TAG),
-            "convergence": t.get(CONVERGENCE_TAG), "seed_choice": t.get(SEED_CHOICE_TAG),
+            "convergence": t.get(CONVERGENCE_TAG), "seed_choice": t.get(SEED_CHOICE_TAG), "decoding": t.get(DECODING_TAG),
             "seed_choice_error": t.get(SEED_CHOICE_ERROR_TAG)}
 
 
@@ -94,6 +94,8 @@ def format_leaderboard(board: dict, top: int | None = None) -> str:
         if search:
             lines += _floor_lines(search, metric) + _importance_lines(search)
             lines += _seed_lines(search)
+            if search["decoding"]:
+                lines.append(f"    champion's {search['decoding']}")
             lines.append(f"    convergence: {search['convergence'] or 'not estimated'}")
         lines.append("")
     return "\n".join(lines).rstrip()

@@ -20,12 +20,13 @@ from PIL import Image, ImageOps
 
 from captune.data.layouts import load_corpus
 from captune.infra.mlflow_logging import optional_step
-from captune.infra.mlflow_names import FIGURES_NOTE_TAG
+from captune.infra.mlflow_names import DECODING_NOTE_TAG, FIGURES_NOTE_TAG
 from captune.trainables.catalog import SCORE_LABELS, SCORES
 from captune.trainables.checkpoint import load_checkpoint, read_payload
 from captune.trainables.config import split_seed_of
 from captune.trainables.evaluation import evaluate_split
 from captune.trainables.inference import caption_images
+from captune.search.decoding_search import choose_decoding
 from captune.serving.logged_model import log_captioner
 from captune.trainables.model_source import load_captioner
 
@@ -61,20 +62,24 @@ def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
         raise RuntimeError(f"{checkpoint}: the checkpoint of epoch {payload['epoch']}, not of trial "
                            f"{best['trial_id']}'s best epoch {best['epoch']}")
     key = validation_key(data_root, payload["train_config"])
+    choice = None
     with tempfile.TemporaryDirectory() as tmp:
         loaded = write_champion_files(checkpoint, Path(tmp))
         with optional_step("the champion's figures", client, best["run_id"], FIGURES_NOTE_TAG):
             draw_champion_figures(loaded, data_root, Path(tmp))
+        with optional_step("the decoding search", client, best["run_id"], DECODING_NOTE_TAG):
+            choice = choose_decoding(loaded, data_root, best["metric"])  # (else it captions at beam 3)
         client.log_artifacts(best["run_id"], tmp, "champion")
     with mlflow.start_run(run_id=best["run_id"]):
-        info = log_captioner(checkpoint, registered_name=name)
+        info = log_captioner(checkpoint, registered_name=name, decoding=choice.chosen if choice else None)
     version = str(info.registered_model_version)
     for tag, value in {**best["scores"], "metric": best["metric"], "epoch": payload["epoch"], "val_key": key,
-                       "trial_id": best["trial_id"]}.items():
+                       "trial_id": best["trial_id"], **(choice.tags() if choice else {})}.items():
         client.set_model_version_tag(name, version, tag, str(value))
     with promotion_lock(client, name):
-        return claim_alias(client, name, version, best["score"], key, data_root, payload["train_config"],
-                           best["metric"])
+        record = claim_alias(client, name, version, best["score"], key, data_root, payload["train_config"],
+                             best["metric"])
+    return {**record, "decoding": choice.statement() if choice else None}
 
 
 def claim_alias(client, name: str, version: str, score: float, key: str, data_root, train_config: dict,

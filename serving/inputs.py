@@ -1,5 +1,5 @@
 """What a served captioner answers: rows of base64-encoded JPEG/PNG content (in-process, also
-image file paths), params `beam` and `max_len`; one caption per row. Every fault a request can
+image file paths), params `beam`, `max_len` and `alpha` (the length penalty); one caption per row. Every fault a request can
 hold is a RequestError naming the row, checked before anything is captioned."""
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import numpy as np
 
 from captune.data.images import ImageError, read_image, read_image_bytes
 from captune.data.synth import draw, random_scene
-from captune.trainables.catalog import CAPTION_BEAM, MAX_BEAM, MAX_CAPTION_WORDS
+from captune.trainables.catalog import MAX_ALPHA, MAX_BEAM, MAX_CAPTION_WORDS
+from captune.trainables.decoding import Decoding
 
 MAX_ROWS = 256  # images per request
 MAX_IMAGE_BYTES = 10 * 2**20  # one image's file size (base64 text is 4/3 of it)
 MAX_PIXELS = 50_000_000  # one image's width x height (a 10 MB PNG can hold a billion pixels)
-PARAMS = ("beam", "max_len")
+PARAMS = ("beam", "max_len", "alpha")
 _PATH_CHARS = 4096  # longer values are never taken for a file path
 MAX_MESSAGE = 1500  # characters of an error's message: MLflow's quote the request
 
@@ -28,12 +29,18 @@ class RequestError(ValueError):
     """A request the model cannot answer: the message names the row or param at fault."""
 
 
-def checked_params(params: dict | None, default_max_len: int) -> tuple[int, int]:
-    """(beam, max_len) of a request's params, defaults filled in; anything else refused."""
+def checked_params(params: dict | None, default: Decoding, default_max_len: int) -> Decoding:
+    """The decoding a request's params ask for, the model's `default` (its max_len, if it has none,
+    `default_max_len`) where they say nothing; anything else refused."""
     params = dict(params or {})
     refuse_unknown(params)
-    beam = _bounded(params, "beam", CAPTION_BEAM, MAX_BEAM)
-    return beam, _bounded(params, "max_len", default_max_len, MAX_CAPTION_WORDS)
+    beam = _bounded(params, "beam", default.beam, MAX_BEAM)
+    max_len = _bounded(params, "max_len", default.max_len or default_max_len, MAX_CAPTION_WORDS)
+    alpha = params.get("alpha", default.alpha)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) or \
+            not 0 <= alpha <= MAX_ALPHA:
+        raise RequestError(f"param alpha: the length penalty must be a number in 0..{MAX_ALPHA:g}, got {alpha!r}")
+    return Decoding(beam=beam, alpha=float(alpha), max_len=max_len)
 
 
 def refuse_unknown(params: dict) -> None:

@@ -1,8 +1,9 @@
 """MLflow pyfunc wrapper of a captune checkpoint, logged as code (MLflow "models from code").
 
 Input: a DataFrame with a column `image`, each value a JPEG or PNG file's content in base64 (how
-REST clients send images) or, in-process only, an image file's path. Params: `beam` (1 = greedy)
-and `max_len` (words). Output: one caption per row. A request's fault raises MlflowException
+REST clients send images) or, in-process only, an image file's path. Params: `beam` (1 = greedy),
+`max_len` (words) and `alpha` (the length penalty), by default the decoding stored with the model
+(captune.trainables.inference.decoding_of). Output: one caption per row. A request's fault raises MlflowException
 INVALID_PARAMETER_VALUE, which MLflow's scoring server answers with HTTP 400 and a JSON error; a
 body the server cannot read is answered so too (`answer_request_faults_in_json`). The model runs
 on the GPU where there is one.
@@ -22,7 +23,7 @@ from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, scoring_server
 
 from captune.trainables.checkpoint import load_checkpoint
-from captune.trainables.inference import caption_pixels, image_size_of, max_len_of
+from captune.trainables.inference import caption_pixels, decoding_of, image_size_of, max_len_of
 from captune.serving.inputs import (PARAMS, RequestError, checked_params, refuse_unknown, request_pixels, shortened,
                                 unreadable_body)
 
@@ -41,11 +42,11 @@ class CaptionerModel(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         try:
-            beam, max_len = checked_params(params, max_len_of(self.loaded))
+            how = checked_params(params, decoding_of(self.loaded), max_len_of(self.loaded))
             pixels = request_pixels(list(model_input["image"]), image_size_of(self.loaded), allow_paths=not serving())
         except RequestError as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
-        return caption_pixels(self.loaded, pixels, beam, max_len, self.device)
+        return caption_pixels(self.loaded, pixels, how.beam, how.max_len, self.device, how.alpha)
 
 
 def serving() -> bool:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -130,3 +132,34 @@ def test_refuses_files_that_are_not_checkpoints(tmp_path):
         read_payload(tmp_path / "y.pt")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         read_payload(tmp_path / "missing.pt")
+
+
+class ScriptedDecoder:
+    """A decoder whose next-token probabilities depend only on the last token: after <start>,
+    <end> 0.5 and "a" 0.5; after "a", <end> 0.9 and "a" 0.1 (ids: 0 <start>, 1 <end>, 2 "a")."""
+
+    NEXT = {0: [0.0, 0.5, 0.5], 2: [0.0, 0.9, 0.1], 1: [0.0, 1.0, 0.0]}
+
+    def start(self, feats):
+        return None
+
+    def step(self, tokens, state):
+        return torch.log(torch.tensor([self.NEXT[int(t)] for t in tokens]).clamp_min(1e-12)), state
+
+    def reorder(self, state, index):
+        return state
+
+
+def test_the_length_penalty_changes_which_hypothesis_wins():
+    # "<end>" alone: log 0.5 = -0.693; "a <end>": log 0.5 + log 0.9 = -0.799. By total log-probability
+    # (alpha 0) the empty caption wins. GNMT's penalty ((5 + |Y|) / 6) ** alpha, at alpha 1: 1 for
+    # the first (length 1), 7/6 for the second: -0.693 against -0.799 / (7/6) = -0.685: "a <end>" wins.
+    feats = torch.zeros(1, 1)
+    assert generate(ScriptedDecoder(), feats, 0, 1, max_len=4, beam=2).tolist()[0][0] == 1  # (then <end> padding)
+    assert generate(ScriptedDecoder(), feats, 0, 1, max_len=4, beam=2, alpha=1.0).tolist()[0][:2] == [2, 1]
+    assert math.log(0.5) > math.log(0.5) + math.log(0.9)
+    assert math.log(0.5) / 1.0 < (math.log(0.5) + math.log(0.9)) / (7 / 6)
+    # (greedy takes the first most likely token, as before, whatever alpha)
+    assert generate(ScriptedDecoder(), feats, 0, 1, max_len=4, beam=1, alpha=1.0).tolist() == [[1]]
+    with pytest.raises(ValueError, match="alpha in 0..2.0"):
+        generate(ScriptedDecoder(), feats, 0, 1, max_len=4, beam=2, alpha=-1)

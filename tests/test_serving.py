@@ -22,6 +22,7 @@ from captune.cli import main
 from captune.data.vocab import Vocabulary
 from captune.trainables.checkpoint import save_checkpoint
 from captune.serving.inputs import MAX_IMAGE_BYTES, RequestError, checked_params, request_pixels
+from captune.trainables.decoding import Decoding
 from tests.test_models import tiny
 
 BIN = Path(sys.executable).parent  # `mlflow models serve` runs `uvicorn` from PATH
@@ -70,12 +71,17 @@ def test_each_fault_of_a_request_is_refused_naming_its_row_or_param(synth_dir, t
     with pytest.raises(RequestError, match="row 0: `image` is not base64"):
         request_pixels([str(jpeg)], 32, allow_paths=False)
 
-    assert checked_params(None, 30) == (3, 30) and checked_params({"beam": 3, "max_len": 12}, 30) == (3, 12)
+    plain, tuned = Decoding(beam=3), Decoding(beam=5, alpha=1.0)  # a model's stored decoding, or the plain one
+    assert checked_params(None, plain, 30) == Decoding(3, 0.0, 30)
+    assert checked_params({"beam": 3, "max_len": 12}, plain, 30) == Decoding(3, 0.0, 12)
+    assert checked_params(None, tuned, 30) == Decoding(5, 1.0, 30)  # what the request leaves out is the model's
+    assert checked_params({"beam": 1, "alpha": 0}, tuned, 30) == Decoding(1, 0.0, 30)  # what it says wins
     for params, message in (({"beem": 3}, "unknown param\\(s\\) beem"), ({"beam": 0}, "beam: must be in 1..20, got 0"),
                             ({"beam": 21}, "beam: must be in 1..20"), ({"max_len": 101}, "max_len: must be in 1..100"),
-                            ({"beam": "3"}, "beam: must be an integer")):
+                            ({"beam": "3"}, "beam: must be an integer"), ({"alpha": -0.5}, "alpha: the length penalty"),
+                            ({"alpha": "1"}, "must be a number in 0..2")):
         with pytest.raises(RequestError, match=message):
-            checked_params(params, 30)
+            checked_params(params, plain, 30)
 
 
 # --- served over HTTP ----------------------------------------------------------------------------
@@ -145,6 +151,21 @@ def test_served_champion_captions_base64_images_as_the_cli_does_and_refuses_bad_
             assert post(port, body) == (200, {"predictions": expected}), (beam, list(body))
     status, answer = post(port, {"inputs": {"image": images[:1]}, "params": {"beam": 3, "max_len": 2}})
     assert status == 200 and len(answer["predictions"][0].split()) <= 2
+    # Unless a request says otherwise, the model captions by the decoding the sweep chose for it on
+    # the validation split (stored with it; its version's tags say which), as `captune caption` does.
+    from captune.trainables.inference import caption_pixels, decoding_of, image_size_of
+    from captune.trainables.model_source import load_captioner
+
+    loaded = load_captioner("models:/captune-resnet-gru@champion", uri)
+    stored, tags = decoding_of(loaded), finished_sweep_version_tags(uri)
+    assert (stored.beam, stored.alpha) == (int(tags["decoding_beam"]), float(tags["decoding_alpha"]))
+    pixels = request_pixels(images, image_size_of(loaded), allow_paths=False)
+    by_stored = caption_pixels(loaded, pixels, stored.beam, stored.max_len, alpha=stored.alpha)
+    assert post(port, {"inputs": {"image": images}}) == (200, {"predictions": by_stored})
+    assert main(["caption", "models:/captune-resnet-gru@champion", str(jpeg), str(png), "--tracking-uri", uri]) == 0
+    assert [row[1] for row in list(csv.reader(io.StringIO(capsys.readouterr().out)))[1:]] == by_stored
+    plain = caption_pixels(loaded, pixels, 3, alpha=0.0)
+    assert post(port, {"inputs": {"image": images}, "params": {"beam": 3, "alpha": 0.0}}) == (200, {"predictions": plain})
 
     bad = {
         "row 0: `image` is not base64": {"inputs": {"image": ["not base64!"]}},
@@ -174,7 +195,12 @@ def test_logged_model_carries_its_signature_an_input_example_and_its_code(finish
     mlflow.set_tracking_uri(finished_sweep.tracking_uri)
     info = get_model_info("models:/captune-cnn-lstm@champion")
     assert info.signature.inputs.input_names() == ["image"]
-    assert {p.name: p.default for p in info.signature.params.params} == {"beam": 3, "max_len": 30}
+    # its param defaults: the decoding chosen for it on the validation split (its version's tags)
+    tags = finished_sweep_version_tags(finished_sweep.tracking_uri, "captune-cnn-lstm")
+    assert {p.name: p.default for p in info.signature.params.params} == {
+        "beam": int(tags["decoding_beam"]), "max_len": int(tags["decoding_max_len"]) if tags["decoding_max_len"] != "None"
+        else 30, "alpha": float(tags["decoding_alpha"])}
+    assert float(tags["decoding_val_gain"]) >= 0  # (the grid holds the plain decoding: the best is no worse)
     assert info.saved_input_example_info is not None
     # the code it runs travels with it: a machine with its pip requirements serves it
     local = Path(mlflow.artifacts.download_artifacts("models:/captune-cnn-lstm@champion", dst_path=str(tmp_path)))
@@ -182,6 +208,12 @@ def test_logged_model_carries_its_signature_an_input_example_and_its_code(finish
     assert sorted(p.name for p in code.iterdir()) == ["__init__.py", "data", "infra", "serving", "trainables"]
     assert all((code / package / "__init__.py").is_file() for package in ("data", "infra", "trainables"))
     assert not list(local.rglob("__pycache__"))
+
+
+def finished_sweep_version_tags(uri: str, name: str = "captune-resnet-gru") -> dict:
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri).get_model_version_by_alias(name, "champion").tags
 
 
 # --- captioning folders --------------------------------------------------------------------------

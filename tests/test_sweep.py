@@ -306,6 +306,24 @@ def test_each_champion_is_the_best_mean_of_its_top_configurations_over_new_seeds
     assert len(re.findall(r" \d\.\d{4} chosen +[0-9a-f]{8}$", text, re.M)) == 2  # the column, on its trial's row
 
 
+def test_each_champion_captions_by_the_decoding_chosen_for_it_on_the_validation_split(s1, capsys):
+    from captune.search.decoding_search import grid
+
+    for parent in s1.parents:
+        arch, said = parent.data.tags["arch"], parent.data.tags["captune.decoding"]
+        version = s1.client.get_model_version_by_alias(f"captune-{arch}", "champion")
+        tags = version.tags
+        assert said.startswith(f"decoding: {tags['decoding']}, validation CIDEr-D {float(tags['decoding_val_cider']):.4f} "
+                               f"({float(tags['decoding_val_gain']):+.4f} over beam 3 without length penalty; the best "
+                               f"of {len(grid(30))} decodings on the validation split)")
+        # the grid holds greedy search, by which the trial's epochs were scored: the choice is no worse
+        assert float(tags["decoding_val_cider"]) >= float(tags["cider"]) - 1e-9
+        assert f"[{arch}] champion's {said}" in s1.out
+    capsys.readouterr()
+    assert main(["leaderboard", "s1", "--tracking-uri", s1.tracking_uri]) == 0
+    assert capsys.readouterr().out.count("    champion's decoding: ") == 2
+
+
 def test_compare_reuses_the_sweeps_replicates_of_each_champion_and_records_them(s1, capsys):
     client, exp = s1.client, s1.exp
     before = {r.info.run_id for r in _replicates(s1)}
@@ -324,6 +342,10 @@ def test_compare_reuses_the_sweeps_replicates_of_each_champion_and_records_them(
         # the convergence statement stands as the sweep's choice set it (noise pooled over its configurations)
         assert first["convergence"][arch] == parent.data.tags["captune.convergence"]
         assert first["models"][arch]["chosen_over_seeds"] == parent.data.tags["captune.seed_choice_summary"]
+        # the test split scored once more, with the decoding chosen for the champion on the validation split
+        version = client.get_model_version_by_alias(f"captune-{arch}", "champion")
+        assert first["models"][arch]["tuned"]["decoding"] == version.tags["decoding"]
+        assert set(first["models"][arch]["tuned"]) == {"decoding", "bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l"}
     for boots in (first["bootstrap"], first["replicates"]["bootstrap"]):
         assert set(boots) == {"bleu4", "cider"}
         for boot in boots.values():

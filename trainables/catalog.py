@@ -9,6 +9,7 @@ RESNET_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # found ends at once): from about 40 on the built-in dataset every caption came out empty, and
 # memory grows with the width. Refused above this, before anything is decoded.
 MAX_BEAM = 20
+MAX_ALPHA = 2.0  # the largest length penalty exponent decoding takes (captune.trainables.decoding.length_penalty)
 CAPTION_BEAM = 3  # captioning new images (`captune caption`, a served model) unless asked otherwise
 
 # The scores of generated captions (captune.trainables.metrics), and their names in the literature.

@@ -61,11 +61,14 @@ def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocabulary, *, en
     return path
 
 
-def without_optimizer(src: str | Path, dst: str | Path) -> Path:
+def without_optimizer(src: str | Path, dst: str | Path, decoding: dict | None = None) -> Path:
     """A copy of checkpoint `src` for inference: the optimizer's state, which only resuming
-    needs and which is twice the trained weights' size (Adam's two moments), is left out."""
+    needs and which is twice the trained weights' size (Adam's two moments), is left out; with
+    `decoding` (captune.trainables.decoding.Decoding's fields), how it captions by default."""
     payload = read_payload(src)
     payload.pop("optimizer", None)
+    if decoding is not None:
+        payload["decoding"] = decoding
     torch.save(payload, dst)
     return Path(dst)
 

@@ -10,16 +10,19 @@ import torch.distributed as dist
 
 from captune.data.images import read_image
 from captune.data.vocab import Vocabulary
+from captune.trainables.catalog import CAPTION_BEAM
 from captune.trainables.checkpoint import Loaded
+from captune.trainables.decoding import Decoding
 from captune.trainables.models import Captioner
 
 
 @torch.no_grad()
 def generate_captions(model: Captioner, inputs: np.ndarray, rows: np.ndarray, vocab: Vocabulary,
                       max_len: int, beam: int, *, encode: bool, device: torch.device, rank: int = 0,
-                      world_size: int = 1, batch_size: int = 256) -> list[str]:
-    """Free-running captions of inputs[rows] (pixels if `encode`, else features). With several
-    ranks, each captions an interleaved share and all exchange them, so all return the full list."""
+                      world_size: int = 1, batch_size: int = 256, alpha: float = 0.0) -> list[str]:
+    """Free-running captions of inputs[rows] (pixels if `encode`, else features); `alpha`: the
+    length penalty's (captune.trainables.decoding). With several ranks, each captions an
+    interleaved share and all exchange them, so all return the full list."""
     model.eval()
     mine = np.arange(rank, len(rows), world_size)
     hyps = []
@@ -27,7 +30,7 @@ def generate_captions(model: Captioner, inputs: np.ndarray, rows: np.ndarray, vo
         x = torch.from_numpy(np.ascontiguousarray(inputs[rows[mine[start:start + batch_size]]])).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats = model.encoder(x) if encode else x.float()
-            ids = model.caption(feats, vocab.start_id, vocab.end_id, max_len, beam)
+            ids = model.caption(feats, vocab.start_id, vocab.end_id, max_len, beam, alpha)
         hyps += [vocab.to_text(seq) for seq in ids.tolist()]
     if world_size == 1:
         return hyps
@@ -39,6 +42,13 @@ def generate_captions(model: Captioner, inputs: np.ndarray, rows: np.ndarray, vo
     return out
 
 
+def decoding_of(loaded: Loaded, otherwise: Decoding = Decoding(beam=CAPTION_BEAM)) -> Decoding:
+    """How the model captions by default: the decoding chosen for it on the validation split and
+    stored with it when it was registered (captune.search.decoding_search), else `otherwise`."""
+    stored = loaded.payload.get("decoding")
+    return Decoding(**stored) if stored else otherwise
+
+
 def image_size_of(loaded: Loaded) -> int:
     return int(loaded.payload.get("train_config", {}).get("image_size", 224))
 
@@ -48,17 +58,17 @@ def max_len_of(loaded: Loaded) -> int:
 
 
 def caption_images(loaded: Loaded, paths: list[str | Path], beam: int = 1,
-                   device: torch.device | None = None) -> list[str]:
+                   device: torch.device | None = None, alpha: float = 0.0) -> list[str]:
     """One caption per image file (any size, JPEG or PNG), prepared as in training."""
     size = image_size_of(loaded)
-    return caption_pixels(loaded, np.stack([read_image(p, size) for p in paths]), beam, device=device)
+    return caption_pixels(loaded, np.stack([read_image(p, size) for p in paths]), beam, device=device, alpha=alpha)
 
 
 def caption_pixels(loaded: Loaded, pixels: np.ndarray, beam: int = 1, max_len: int | None = None,
-                   device: torch.device | None = None) -> list[str]:
+                   device: torch.device | None = None, alpha: float = 0.0) -> list[str]:
     """One caption per image of `pixels` (N, 3, S, S) uint8, S the model's image size, at most
-    `max_len` words (default: the training setting)."""
+    `max_len` words (default: the training setting), with the length penalty's `alpha`."""
     device = device or torch.device("cpu")
     model = loaded.model.to(device)
     return generate_captions(model, pixels, np.arange(len(pixels)), loaded.vocab,
-                             max_len or max_len_of(loaded), beam, encode=True, device=device)
+                             max_len or max_len_of(loaded), beam, encode=True, device=device, alpha=alpha)

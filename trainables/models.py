@@ -77,9 +77,9 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def caption(self, feats: torch.Tensor, start_id: int, end_id: int, max_len: int,
-                beam: int = 1) -> torch.Tensor:
-        """Token ids (B, <=max_len) by beam search; beam=1 is greedy search."""
-        return generate(self, feats, start_id, end_id, max_len, beam)
+                beam: int = 1, alpha: float = 0.0) -> torch.Tensor:
+        """Token ids (B, <=max_len) by beam search; beam=1 is greedy search; `alpha`: the length penalty's."""
+        return generate(self, feats, start_id, end_id, max_len, beam, alpha)
 
 
 class CnnLstm(Captioner):
