@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 
-from captune.infra.mlflow_names import KIND_TAG, STATE_TAG
+from captune.infra.mlflow_names import KIND_TAG, SEED_GROUP_TAG, SEED_MEAN_METRIC, STATE_TAG
 from captune.search.objective import DEFAULT_METRIC, objective
 from captune.trainables.catalog import HEADLINE, SCORE_LABELS
 
@@ -32,13 +32,16 @@ def column(kind: str, key: str) -> str:
 
 
 def columns(metric: str) -> list[str]:
-    """The leaderboard's columns: the objective first, then the best epoch's other headline scores.
+    """The leaderboard's columns: the objective first, then the best epoch's other headline scores,
+    last the choice over seeds (captune.search.seed_choice).
     No attribute columns: in a 1600 x 1000 window, with the UI's assistant panel open, the Dataset
     and Models columns pushed every score off-screen (tests/test_mlflow_view.py, in a browser)."""
     scores = [metric] + [k for k in HEADLINE if k != metric]
     return [column("params", "arch"), *(column("metrics", objective(k)) for k in scores),
             column("metrics", "best_epoch"), column("params", "lr"), column("params", "hidden_size"),
-            column("params", "vocab_threshold"), column("tags", STATE_TAG)]
+            column("params", "vocab_threshold"), column("tags", STATE_TAG),
+            # a trial retrained over new seeds to choose the champion: its mean, and chosen / tied / behind
+            column("metrics", SEED_MEAN_METRIC), column("tags", SEED_GROUP_TAG)]
 
 
 def leaderboard_state(metric: str = DEFAULT_METRIC) -> dict:

@@ -30,7 +30,7 @@ def test_the_view_is_an_experiment_tag_in_the_ui_s_saved_view_form(tmp_path):
     assert state["selectedColumns"] == ["params.`arch`", "metrics.`best_bleu4`", "metrics.`best_cider`",
                                         "metrics.`best_rouge_l`", "metrics.`best_epoch`",
                                         "params.`lr`", "params.`hidden_size`", "params.`vocab_threshold`",
-                                        "tags.`captune.end_state`"]
+                                        "tags.`captune.end_state`", "metrics.`seed_mean`", "tags.`captune.seed_group`"]
     assert state["runsHiddenMode"] == "SHOW_ALL"  # every trial, not the first 10
     charts = {c["type"]: c for c in state["compareRunCharts"]}
     assert charts["BAR"]["metricKey"] == "best_bleu4" and charts["LINE"]["selectedMetricKeys"] == ["bleu4"]
