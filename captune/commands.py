@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from captune.trainables.catalog import HEADLINE, SCORE_LABELS, SCORES
+from captune.trainables.catalog import SCORE_LABELS, SCORES
 
 
 def cmd_synth(args) -> int:
@@ -209,26 +209,7 @@ def cmd_sweep(args) -> int:
     outcomes = run_sweep(req, planned)
     print(f"\nsweep {args.name} done in {time.perf_counter() - t0:.0f}s")
     for o in outcomes:
-        if o.best is None:
-            print(f"[{o.arch}] {o.no_model_text()}")
-            continue
-        c, label = o.champion or {}, SCORE_LABELS[o.best["metric"]]
-        verdict = ("now champion" if c.get("promoted") else
-                   f"champion stays v{c['previous']['version']} ({label} {c['previous']['score']:.4f})") if c else ""
-        others = ", ".join(f"{SCORE_LABELS[k]} {v:.4f}" for k, v in o.best["scores"].items()
-                           if k in HEADLINE and k != o.best["metric"])
-        print(f"[{o.arch}] {'champion' if o.choice else 'best'} trial {o.best['trial_id']}: best validation {label} {o.best['score']:.4f} "
-              f"(epoch {o.best['epoch']}; {others}); registered {c.get('name')} v{c.get('version')}, {verdict}; "
-              f"{o.errors} of {o.trials} trials failed")
-        if o.choice:
-            print(f"[{o.arch}] {o.choice.statement()}")
-        if c.get("decoding"):
-            print(f"[{o.arch}] champion's {c['decoding']}")
-        if o.convergence:
-            print(f"[{o.arch}] {o.convergence}")
-        if o.control:
-            print(f"[{o.arch}] image-blind control: best validation {label} "
-                  f"{o.control['scores'][o.best['metric']]['control']:.4f}; {o.control['verdict']['text']}")
+        print("\n".join(f"[{o.arch}] {line}" for line in o.summary()))
     try:
         print("\nleaderboard:")
         print(format_leaderboard(leaderboard(args.name, args.tracking_uri), top=20))

@@ -10,7 +10,6 @@ import hashlib
 import json
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from captune.infra.mlflow_relay import start_relay
 from captune.infra.mlflow_store import configure
 from captune.infra.raycluster import init_ray
 from captune.search.bootstrap import RESAMPLES, paired_bootstrap, require_resamples
+from captune.search.compare_chart import draw_comparison
 from captune.search.convergence import CONVERGENCE_TAG, with_noise
 from captune.search.leaderboard import find_sweep
 from captune.search.objective import DEFAULT_METRIC, metric_of, objective
@@ -39,8 +39,6 @@ from captune.trainables.evaluation import caption_split
 from captune.trainables.inference import decoding_of
 from captune.trainables.metrics import CaptionScorer, corpus_scores
 from captune.trainables.model_source import load_captioner
-
-# matplotlib is imported where a figure is drawn, after its Agg backend is chosen.
 
 BOOTSTRAPPED = CONTROLLED  # the scores compared by paired bootstrap: BLEU-4 and CIDEr-D
 
@@ -281,51 +279,7 @@ def _log(client, experiment_id: str, name: str, results: dict, beams, resamples:
     with tempfile.TemporaryDirectory(prefix="captune-compare-") as tmp:
         (Path(tmp) / "comparison.json").write_text(json.dumps(results, indent=2))
         with optional_step("the comparison chart", client, run_id, f"{CHART_NOTE_PREFIX}comparison.png"):
-            _chart(results, name, Path(tmp) / "comparison.png")
+            draw_comparison(results, name, Path(tmp) / "comparison.png")
         client.log_artifacts(run_id, tmp)
     client.set_tag(run_id, NOTE_TAG, results["verdict"])
     client.set_terminated(run_id, "FINISHED")
-
-
-def _chart(results: dict, name: str, path: Path) -> None:
-    """Test scores per architecture (one colour each): BLEU-1..4 and ROUGE-L on the left, CIDEr-D
-    (another scale) on the right; the champion (greedy), the seed replicates' mean with their
-    standard deviation as error bars, and the image-blind control's BLEU-4 and CIDEr-D as dashed
-    floors over that architecture's bars; the verdict below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models, reps = results["models"], (results["replicates"] or {}).get("architectures") or {}
-    bars = [(a, what) for a in models for what in ("champion", "replicates") if what == "champion" or a in reps]
-    width = 0.8 / len(bars)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5), gridspec_kw={"width_ratios": [5, 1.4]})
-    for ax, keys in ((left, ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l")), (right, ("cider",))):
-        for i, (arch, what) in enumerate(bars):
-            colour = f"C{list(models).index(arch)}"
-            x = [n + i * width for n in range(len(keys))]
-            if what == "champion":
-                ax.bar(x, [models[arch]["beam1"][k] for k in keys], width, color=colour, label=f"{arch} champion")
-            else:
-                ax.bar(x, [reps[arch][f"test_{k}"]["mean"] for k in keys], width, color=colour, alpha=0.5,
-                       hatch="//", capsize=3, yerr=[reps[arch][f"test_{k}"]["std"] for k in keys],
-                       label=f"{arch}, {len(reps[arch]['seeds'])} new seeds (mean ± sd)")
-        for arch, m in models.items():
-            for score in CONTROLLED:
-                floor = ((m.get("control") or {}).get("scores") or {}).get(score)
-                if floor and score in keys:
-                    mine = [i for i, (a, _) in enumerate(bars) if a == arch]
-                    at = keys.index(score)
-                    ax.hlines(floor["control_test"], at + mine[0] * width - width / 2, at + mine[-1] * width + width / 2,
-                              colors=f"C{list(models).index(arch)}", linestyles="dashed", linewidth=2, zorder=3,
-                              label=f"{arch} image-blind control" if score == "bleu4" else None)
-        ax.set_xticks([n + (len(bars) - 1) * width / 2 for n in range(len(keys))], [SCORE_LABELS[k] for k in keys])
-    left.set(ylim=(0, 1.22), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0], ylabel=f"{results['split']} split, greedy search",
-             title=f"sweep {name}: champions compared")
-    right.set(ylim=(0, max(1.0, 1.25 * max(models[a]["beam1"]["cider"] for a in models))), title="on its own scale")
-    left.legend(fontsize=8, loc="upper left", ncol=3)
-    fig.text(0.01, 0.01, textwrap.fill(f"verdict: {results['verdict']}", 150), fontsize=7.5, va="bottom")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

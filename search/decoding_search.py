@@ -37,9 +37,13 @@ class DecodingChoice:
     tried: int
 
     def statement(self) -> str:
+        edge = [f"{what} {value:g}" for what, value, largest in (("beam", self.chosen.beam, max(BEAMS)),
+                                                                 ("alpha", self.chosen.alpha, max(ALPHAS)))
+                if value == largest]
         return (f"decoding: {self.chosen.text()}, validation {SCORE_LABELS[self.metric]} {self.score:.4f} "
                 f"({self.score - self.baseline:+.4f} over {BASELINE.text()} without length penalty; the best of "
-                f"{self.tried} decodings on the validation split)")
+                f"{self.tried} decodings on the validation split)"
+                + (f"; at the grid's edge ({', '.join(edge)}): beyond it is untried" if edge else ""))
 
     def tags(self) -> dict[str, str]:
         """Its model version's tags."""
@@ -47,18 +51,23 @@ class DecodingChoice:
                 f"decoding_val_{self.metric}": f"{self.score:.6f}", "decoding_val_gain": f"{self.score - self.baseline:.6f}"}
 
 
-def choose_decoding(loaded, data_root, metric: str) -> DecodingChoice:
+def choose_decoding(loaded, data_root, metric: str, feature_set: str | None = None) -> DecodingChoice:
     """The decoding of the grid with the best validation score in `metric`; of equal scores, the
-    cheapest (the smaller beam, then the smaller alpha, then the training limit)."""
+    cheapest (the smaller beam, then the smaller alpha, then the training limit). The validation
+    images are read as the trials read them: from the cache their configuration names, or, with
+    shared features (`feature_set`, a manifest: captune.trainables.feature_job), from those, no
+    image decoded."""
     from captune.trainables.config import TrainConfig
     from captune.trainables.evaluation import caption_split
+    from captune.trainables.feature_job import load_feature_set
     from captune.trainables.inference import max_len_of
     from captune.trainables.metrics import CaptionScorer
 
     tried = grid(max_len_of(loaded))
-    skip_bad = bool(loaded.payload.get("train_config", {}).get("skip_bad", False))
-    cache = TrainConfig(**loaded.payload["train_config"]).cache_path() if "train_config" in loaded.payload else None
-    captions, refs = caption_split(loaded, data_root, "val", tuple(tried), cache_dir=cache, skip_bad=skip_bad)
+    cfg = TrainConfig(**loaded.payload["train_config"])
+    data = load_feature_set(feature_set, cfg.cache_path()) if feature_set else None
+    captions, refs = caption_split(loaded, data_root, "val", tuple(tried), cache_dir=cfg.cache_path(),
+                                   skip_bad=cfg.skip_bad, data=data)
     scorer = CaptionScorer(refs)
     scores = {d: scorer.scores(captions[d])[metric] for d in tried}
     chosen = max(tried, key=lambda d: (scores[d], -d.beam, -d.alpha, d.max_len is None))

@@ -51,9 +51,11 @@ def validation_key(data_root: str | Path, train_config: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
-    """Log the best trial's model in its run, register it, and move the champion alias if it wins.
-    `best`: captune.search.request.ArchOutcome.best, with the "checkpoint" of its best epoch."""
+def promote(client, arch: str, best: dict, data_root: str | Path, feature_set: str | None = None) -> dict:
+    """Log the best trial's model in its run, with the decoding chosen for it on the validation
+    split (captune.search.decoding_search), register it, and move the champion alias if it wins.
+    `best`: captune.search.request.ArchOutcome.best, with the "checkpoint" of its best epoch;
+    `feature_set`: the shared features its trials read, if any."""
     name, checkpoint = model_name(arch), Path(best["checkpoint"])
     payload = read_payload(checkpoint)
     if payload["model_config"]["arch"] != arch:  # never register one architecture under the other's name
@@ -68,7 +70,7 @@ def promote(client, arch: str, best: dict, data_root: str | Path) -> dict:
         with optional_step("the champion's figures", client, best["run_id"], FIGURES_NOTE_TAG):
             draw_champion_figures(loaded, data_root, Path(tmp))
         with optional_step("the decoding search", client, best["run_id"], DECODING_NOTE_TAG):
-            choice = choose_decoding(loaded, data_root, best["metric"])  # (else it captions at beam 3)
+            choice = choose_decoding(loaded, data_root, best["metric"], feature_set)  # (else at beam 3)
         client.log_artifacts(best["run_id"], tmp, "champion")
     with mlflow.start_run(run_id=best["run_id"]):
         info = log_captioner(checkpoint, registered_name=name, decoding=choice.chosen if choice else None)

@@ -13,7 +13,7 @@ from captune.data.cache import default_cache_dir
 from captune.infra.mlflow_names import SEEDS_TAG, TOP_TAG
 from captune.infra.storage import is_uri
 from captune.search.space import DEFAULT_FILE, SearchSpace, SweepSettings, load_spaces
-from captune.trainables.catalog import ARCHS, OBJECTIVES
+from captune.trainables.catalog import ARCHS, HEADLINE, OBJECTIVES, SCORE_LABELS
 from captune.trainables.config import ConfigError, TrainConfig, compose, preset_layers, replace
 
 
@@ -91,6 +91,28 @@ class ArchOutcome:
     first_error: str | None = None  # why the first trial that failed or diverged did
     convergence: str | None = None  # whether more trials could still gain, in words (captune.search.convergence)
     choice: object = None  # its champion chosen over seeds (captune.search.seed_choice.SeedChoice), with --seeds
+
+    def summary(self) -> list[str]:
+        """What the search ended with, a line each: its champion trial and its registration, how
+        it was chosen over seeds, its decoding, whether more trials could gain, its control."""
+        if self.best is None:
+            return [self.no_model_text()]
+        c, metric = self.champion or {}, self.best["metric"]
+        label = SCORE_LABELS[metric]
+        verdict = ("now champion" if c.get("promoted") else
+                   f"champion stays v{c['previous']['version']} ({label} {c['previous']['score']:.4f})") if c else ""
+        others = ", ".join(f"{SCORE_LABELS[k]} {v:.4f}" for k, v in self.best["scores"].items()
+                           if k in HEADLINE and k != metric)
+        lines = [f"{'champion' if self.choice else 'best'} trial {self.best['trial_id']}: best validation {label} "
+                 f"{self.best['score']:.4f} (epoch {self.best['epoch']}; {others}); registered {c.get('name')} "
+                 f"v{c.get('version')}, {verdict}; {self.errors} of {self.trials} trials failed"]
+        lines += [self.choice.statement()] if self.choice else []
+        lines += [f"champion's {c['decoding']}"] if c.get("decoding") else []
+        lines += [self.convergence] if self.convergence else []
+        if self.control:
+            lines.append(f"image-blind control: best validation {label} "
+                         f"{self.control['scores'][metric]['control']:.4f}; {self.control['verdict']['text']}")
+        return lines
 
     def no_model_text(self) -> str:
         """Why the search has no model to register, and what to change."""

@@ -182,7 +182,7 @@ def _finish(client, grid, job: SearchJob) -> ArchOutcome:
             with _best_checkpoint(top).as_directory() as folder, held_back(not req.verbose):
                 # (the checkpoint is downloaded when the storage is remote)
                 outcome.champion = promote(client, search.arch, {**outcome.best, "checkpoint": Path(folder) / "model.pt"},
-                                           req.data_root)
+                                           req.data_root, job.feature_set)
             client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in champion_tags(outcome.champion).items()])
         # the best trial's best epoch, every score (the objective among them), on the search's run
         client.log_batch(parent_id, metrics=metric_entities({f"best_{k}": v for k, v in outcome.best["scores"].items()}))
