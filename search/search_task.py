@@ -17,8 +17,8 @@ from ray.tune import Checkpoint
 
 from captune.infra.mlflow_logging import metric_entities, optional_step, unavailable
 from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CONCURRENT_TAG,
-                                FAILED_TRIALS_TAG, NOTE_TAG, SEED_CHOICE_ERROR_TAG, SLOTS_TAG, SWEEP_TAG, TRIAL_TAG, TRIALS_TAG,
-                                champion_record, champion_tags)
+                                FAILED_TRIALS_TAG, NOTE_TAG, SEED_CHOICE_ERROR_TAG, SLOTS_TAG, SWEEP_TAG, TRIAL_TAG,
+                                TRIALS_TAG, champion_record, champion_tags)
 from captune.infra.mlflow_store import TrackingUnavailable, configure
 from captune.infra.raycluster import root_cause
 from captune.search.analysis import log_search_analysis
@@ -167,8 +167,8 @@ def _finish(client, grid, job: SearchJob) -> ArchOutcome:
             champion_run = registered  # registered before (a resumed sweep): nothing better since, nothing new
         if req.seeds:  # the best mean over new seeds, not the best single trial (chosen alike on a resume)
             outcome.choice = _choice(client, job, candidates, scored)
-            champion_run = next((r for r in candidates if r.info.run_id == outcome.choice.chosen.run_id), champion_run) \
-                if outcome.choice else champion_run
+            if outcome.choice:
+                champion_run = next(r for r in candidates if r.info.run_id == outcome.choice.chosen.run_id)
         trial_id = champion_run.data.tags[TRIAL_TAG]
         top = scored[trial_id]
         outcome.best = {"trial_id": trial_id, "run_id": champion_run.info.run_id,
@@ -191,7 +191,6 @@ def _finish(client, grid, job: SearchJob) -> ArchOutcome:
     client.set_tag(parent_id, FAILED_TRIALS_TAG, str(errors))
     rank_trial_runs(client, ranked, search.arch, req.name, (outcome.best or {}).get("run_id"), metric)
     client.set_tag(parent_id, NOTE_TAG, _search_note(outcome, experiment_id, req.name))
-    # (the study's URL as the driver worked it out: this task may run where CAPTUNE_STORAGE is not set)
     # (the study's URL as the driver worked it out: this task may run where CAPTUNE_STORAGE is not set)
     study_url = optuna_url(job.root, req.name)
     log_search_analysis(client, parent_id, study_url, job.experiment,
