@@ -178,12 +178,13 @@ def caption_rate(checkpoint: Path, folder: Path, work: Path) -> dict:
     # the steady rate: in this process, the model loaded, over the same folder
     from captune.caption_files import CaptionFile, caption_files, find_images
     from captune.trainables.checkpoint import load_checkpoint
+    from captune.trainables.decoding import Decoding
 
     loaded, again = load_checkpoint(checkpoint), work / "again.csv"
     images = find_images([folder])
     writer = CaptionFile(again)
     start = time.perf_counter()
-    caption_files(loaded, images, writer, beam=3)
+    caption_files(loaded, images, writer, Decoding(beam=3))
     steady = time.perf_counter() - start
     writer.close()
     return {"seconds": seconds, "images_per_s_whole": 1000 / seconds, "images_per_s_steady": 1000 / steady}
