@@ -182,6 +182,9 @@ def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
     if req.more_trials and not req.resume:
         raise ConfigError(f"--more-trials {req.more_trials}: it adds trials to a sweep that has run; give --resume "
                           f"with it (a new sweep takes --trials)")
+    if req.top is not None and not req.seeds and not req.resume:  # (a resume reads the seeds it started with)
+        raise ConfigError(f"--top {req.top}: it says how many configurations are retrained over new seeds to "
+                          f"choose each champion; give --seeds K (2 or more) with it")
     if req.warm_start is not None:
         check_name(req.warm_start, "--warm-start")
         if req.resume or req.warm_start == req.name:

@@ -81,6 +81,16 @@ def test_replicates_of_a_configuration_are_the_same_jobs_from_a_trial_or_its_che
     assert [j.config["seed"] for j in other] == [8, 9] and not {j.key for j in other} & {j.key for j in from_trial}
 
 
+def test_top_without_seeds_is_refused_before_anything_starts(synth_dir):
+    from captune.search.request import SweepRequest, plan
+    from captune.trainables.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--top 2: it says how many configurations are retrained over new seeds"):
+        plan(SweepRequest(name="t", data_root=str(synth_dir), top=2))
+    plan(SweepRequest(name="t", data_root=str(synth_dir), top=2, seeds=2))
+    plan(SweepRequest(name="t", data_root=str(synth_dir), top=2, resume=True))  # (the sweep's seeds are read then)
+
+
 def test_a_choice_whose_replicates_fail_leaves_the_top_trial_and_says_why(monkeypatch, tracking_uri):
     # An optional step: the search's results stand (its top trial is registered), the reason is on
     # the parent run and in the console, and `--resume` tries again. A store that does not answer
