@@ -297,7 +297,7 @@ def caption_files(loaded: Loaded, images: list[str], out: CaptionFile, decoding=
                     summary.skipped.append(str(e))
                     bar.write(f"skipped {e}", file=sys.stderr)
             if names:
-                out.write(list(zip(names, caption_pixels(loaded, np.stack(pixels), how.beam, how.max_len, device, how.alpha))))
+                out.write(list(zip(names, caption_pixels(loaded, np.stack(pixels), how, device))))
                 summary.captioned += len(names)
             bar.update(len(batch))
     bar.close()

@@ -198,10 +198,11 @@ def format_comparison(results: dict) -> str:
     archs = list(models)
     col = lambda values: "".join(f"{v:>14}" for v in values)  # noqa: E731
     val = lambda a: models[a]["val"].get(metric)  # noqa: E731
-    chosen = ("mean validation " if all(models[a].get("chosen_over_seeds") for a in archs) else "validation ")
+    over_seeds = all(models[a].get("chosen_over_seeds") for a in archs)
+    chosen = f"mean validation {SCORE_LABELS[metric]} over new seeds" if over_seeds else \
+        f"validation {SCORE_LABELS[metric]}"
     lines = [f"champions of sweep {results['sweep']} on the {results['split']} split "
-             f"({models[archs[0]]['images']:,} images), chosen by {chosen}{SCORE_LABELS[metric]}"
-             f"{' over new seeds' if chosen.startswith('mean') else ''}: " +
+             f"({models[archs[0]]['images']:,} images), chosen by {chosen}: " +
              ", ".join(f"{a} v{models[a]['version']} (validation best {val(a):.4f})" if val(a) is not None else
                        f"{a} v{models[a]['version']}" for a in archs),
              f"{'':<18}" + col(archs)]

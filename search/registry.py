@@ -195,7 +195,7 @@ def draw_champion_figures(loaded, data_root: str | Path, out: Path, images: int 
     corpus = load_corpus(data_root, seed=split_seed_of(payload["train_config"]))
     names = corpus.splits["val"][:images]
     paths = [corpus.image_path(n) for n in names]
-    hyps = caption_images(loaded, paths, beam=1)
+    hyps = caption_images(loaded, paths, 1)  # greedy
     examples_figure(paths, hyps, [corpus.captions[n] for n in names], out / "val_examples.png")
 
 

@@ -51,11 +51,12 @@ def run_reruns(client, jobs: list[RerunJob], concurrent: int, cpus: int, gpus: f
             i = pending.pop(ref)
             try:
                 results[i] = ray.get(ref)
-                if each:
-                    each(jobs[i], results[i])
             except Exception as e:
                 failures.append(e)
                 queue.clear()  # start nothing more; let the running ones end and be recorded
+            else:  # (a fault of the caller's `each` is not the rerun's)
+                if each:
+                    each(jobs[i], results[i])
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the reruns in progress end now, recorded as stopped
         for ref in pending:
             ray.cancel(ref, force=True)

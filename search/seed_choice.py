@@ -119,14 +119,14 @@ def choose(candidates: list[Candidate], seeds: list[int], metric: str) -> SeedCh
 
 def top_configurations(ranked: list, scored: dict, top: int) -> list:
     """The first `top` trial runs of `ranked` (the leaderboard's order, only those in `scored`: Tune
-    results by trial id) whose configurations differ: (run, result) each."""
+    results by trial id) whose configurations differ: (rank, run, result) each."""
     seen, out = set(), []
-    for run in ranked:
+    for rank, run in enumerate(ranked, 1):
         result = scored[run.data.tags[TRIAL_TAG]]
         key = json.dumps(result.config, sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)
-            out.append((run, result))
+            out.append((rank, run, result))
         if len(out) == top:
             break
     return out
@@ -136,9 +136,8 @@ def choose_over_seeds(client, job, ranked: list, scored: dict) -> SeedChoice:
     """In the search's task (`job`: its captune.search.request.SearchJob): its top configurations
     retrained over `--seeds` new seeds, the choice made and recorded."""
     req, arch, metric = job.req, job.search.arch, job.settings.metric
-    chosen_from = top_configurations(ranked, scored, req.top)
     candidates, jobs = [], []
-    for rank, (run, result) in [(ranked.index(run) + 1, (run, result)) for run, result in chosen_from]:
+    for rank, run, result in top_configurations(ranked, scored, req.top):
         trial_id = run.data.tags[TRIAL_TAG]
         candidates.append(Candidate(rank, trial_id, run.info.run_id, trial_run_name(arch, result.config),
                                     float(result.metrics[objective(metric)])))

@@ -3,8 +3,8 @@ with the packages it runs), and loaded back by URI as the checkpoint it was made
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict
 import tempfile
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 

@@ -46,7 +46,7 @@ class CaptionerModel(PythonModel):
             pixels = request_pixels(list(model_input["image"]), image_size_of(self.loaded), allow_paths=not serving())
         except RequestError as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
-        return caption_pixels(self.loaded, pixels, how.beam, how.max_len, self.device, how.alpha)
+        return caption_pixels(self.loaded, pixels, how, self.device)
 
 
 def serving() -> bool:

@@ -62,7 +62,8 @@ def test_the_top_configurations_are_distinct_in_the_leaderboards_order():
     ranked = [run("a"), run("b"), run("c"), run("d")]
     scored = {"a": SimpleNamespace(config={"lr": 1}), "b": SimpleNamespace(config={"lr": 1}),  # b repeats a
               "c": SimpleNamespace(config={"lr": 2}), "d": SimpleNamespace(config={"lr": 3})}
-    assert [r.data.tags["captune.trial_id"] for r, _ in top_configurations(ranked, scored, 2)] == ["a", "c"]
+    assert [(rank, r.data.tags["captune.trial_id"]) for rank, r, _ in top_configurations(ranked, scored, 2)] == \
+           [(1, "a"), (3, "c")]  # (their ranks in the leaderboard, repeats counted)
     assert len(top_configurations(ranked, scored, 10)) == 3
 
 

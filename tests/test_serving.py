@@ -160,11 +160,11 @@ def test_served_champion_captions_base64_images_as_the_cli_does_and_refuses_bad_
     stored, tags = decoding_of(loaded), finished_sweep_version_tags(uri)
     assert (stored.beam, stored.alpha) == (int(tags["decoding_beam"]), float(tags["decoding_alpha"]))
     pixels = request_pixels(images, image_size_of(loaded), allow_paths=False)
-    by_stored = caption_pixels(loaded, pixels, stored.beam, stored.max_len, alpha=stored.alpha)
+    by_stored = caption_pixels(loaded, pixels, stored)
     assert post(port, {"inputs": {"image": images}}) == (200, {"predictions": by_stored})
     assert main(["caption", "models:/captune-resnet-gru@champion", str(jpeg), str(png), "--tracking-uri", uri]) == 0
     assert [row[1] for row in list(csv.reader(io.StringIO(capsys.readouterr().out)))[1:]] == by_stored
-    plain = caption_pixels(loaded, pixels, 3, alpha=0.0)
+    plain = caption_pixels(loaded, pixels, Decoding(beam=3, alpha=0.0))
     assert post(port, {"inputs": {"image": images}, "params": {"beam": 3, "alpha": 0.0}}) == (200, {"predictions": plain})
 
     bad = {

@@ -57,18 +57,19 @@ def max_len_of(loaded: Loaded) -> int:
     return int(loaded.payload.get("train_config", {}).get("max_len", 30))
 
 
-def caption_images(loaded: Loaded, paths: list[str | Path], beam: int = 1,
-                   device: torch.device | None = None, alpha: float = 0.0) -> list[str]:
+def caption_images(loaded: Loaded, paths: list[str | Path], decoding: int | Decoding = 1,
+                   device: torch.device | None = None) -> list[str]:
     """One caption per image file (any size, JPEG or PNG), prepared as in training."""
     size = image_size_of(loaded)
-    return caption_pixels(loaded, np.stack([read_image(p, size) for p in paths]), beam, device=device, alpha=alpha)
+    return caption_pixels(loaded, np.stack([read_image(p, size) for p in paths]), decoding, device)
 
 
-def caption_pixels(loaded: Loaded, pixels: np.ndarray, beam: int = 1, max_len: int | None = None,
-                   device: torch.device | None = None, alpha: float = 0.0) -> list[str]:
-    """One caption per image of `pixels` (N, 3, S, S) uint8, S the model's image size, at most
-    `max_len` words (default: the training setting), with the length penalty's `alpha`."""
-    device = device or torch.device("cpu")
+def caption_pixels(loaded: Loaded, pixels: np.ndarray, decoding: int | Decoding = 1,
+                   device: torch.device | None = None) -> list[str]:
+    """One caption per image of `pixels` (N, 3, S, S) uint8, S the model's image size, by
+    `decoding` (a beam width, or a Decoding; its words at most the training setting unless it
+    says)."""
+    how, device = Decoding.of(decoding), device or torch.device("cpu")
     model = loaded.model.to(device)
     return generate_captions(model, pixels, np.arange(len(pixels)), loaded.vocab,
-                             max_len or max_len_of(loaded), beam, encode=True, device=device, alpha=alpha)
+                             how.max_len or max_len_of(loaded), how.beam, encode=True, device=device, alpha=how.alpha)
