@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from captune.commands import (cmd_caption, cmd_check, cmd_compare, cmd_evaluate, cmd_features, cmd_leaderboard,
-                              cmd_record, cmd_sweep, cmd_synth, cmd_train)
+                              cmd_record, cmd_speed, cmd_sweep, cmd_synth, cmd_train)
 from captune.infra.errors import UserError
 from captune.infra.package_files import package_folder
 from captune.infra.raycluster import signal_name, stop_on_signals
@@ -63,6 +63,13 @@ def _beam(text: str) -> int:
     if not 1 <= value <= MAX_BEAM:
         raise argparse.ArgumentTypeError(f"beam width must be in 1..{MAX_BEAM} (1 = greedy; papers use 3-5), "
                                          f"got {value}")
+    return value
+
+
+def _score_difference(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a validation score difference, 0 or more, got {text}")
     return value
 
 
@@ -179,6 +186,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--top", type=_positive,
                    help="with --seeds: how many configurations per search are retrained (default 3; with --resume, "
                         "what the sweep started with)")
+    w.add_argument("--fast-within", type=_score_difference, metavar="X",
+                   help="@fast: the fastest model whose validation score is within X of the champion's (default: "
+                        "the seed noise --seeds measures; with --resume, what the sweep started with)")
     w.add_argument("--no-control", action="store_true",
                    help="skip the image-blind control run of each champion (the floor its score must clear)")
     _tracking_args(w)
@@ -210,6 +220,21 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--address", help="Ray cluster address for --seeds (default: RAY_ADDRESS, else a local cluster)")
     _tracking_args(cp)
     cp.set_defaults(run=cmd_compare)
+
+    sp = sub.add_parser("speed", help="measure a sweep's trials' latency and size, their Pareto fronts and @fast "
+                                      "again (on this machine: the one you serve from)",
+                        description="Each finished trial's model: parameters, checkpoint MB, latency per image at "
+                                    "batch 1 (p50, p90) and throughput at batch 32, greedy and at the champion's "
+                                    "decoding, on one core and one torch thread; then each architecture's Pareto "
+                                    "front of validation score against latency, and @fast registered. `captune "
+                                    "sweep` does this as it ends; this measures again.")
+    sp.add_argument("name")
+    sp.add_argument("--data", help="dataset folder (default: the sweep's)")
+    sp.add_argument("--fast-within", type=_score_difference, metavar="X",
+                    help="@fast within X of the champion's validation score (default: the sweep's, else its seed "
+                         "noise)")
+    _tracking_args(sp)
+    sp.set_defaults(run=cmd_speed)
 
     e = sub.add_parser("evaluate", help="BLEU-1..4, CIDEr-D and ROUGE-L of a model on a dataset split")
     e.add_argument("model", help="checkpoint path, or MLflow URI (runs:/ID/model, models:/NAME@ALIAS)")

@@ -200,7 +200,8 @@ def cmd_sweep(args) -> int:
                        overrides=parse_overrides(args.set), workers_per_trial=args.workers_per_trial,
                        gpus_per_worker=args.gpus_per_worker, storage=args.storage, resume=args.resume,
                        more_trials=args.more_trials, warm_start=args.warm_start,
-                       seeds=args.seeds, top=args.top, control=not args.no_control, tracking_uri=args.tracking_uri,
+                       seeds=args.seeds, top=args.top, fast_within=args.fast_within, control=not args.no_control,
+                       tracking_uri=args.tracking_uri,
                        address=args.address, verbose=args.verbose)
     t0 = time.perf_counter()
     planned = plan(req)  # settings and spaces refused in a second, before Ray, MLflow and torch load
@@ -248,6 +249,13 @@ def cmd_leaderboard(args) -> int:
 
     board = leaderboard(args.name, args.tracking_uri)
     print(json.dumps(board, indent=2) if args.json else format_leaderboard(board, top=args.top))
+    return 0
+
+
+def cmd_speed(args) -> int:
+    from captune.search.speed import measure_sweep
+
+    print("\n".join(measure_sweep(args.name, args.tracking_uri, args.data, within=args.fast_within, again=True)))
     return 0
 
 

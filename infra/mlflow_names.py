@@ -48,6 +48,29 @@ SEED_CHOICE_ERROR_TAG = "captune.seed_choice_error"  # ... or why it could not b
 SEED_GROUP_TAG = "captune.seed_group"  # on a trial retrained over seeds: chosen, tied (within seed noise) or behind
 SEED_MEAN_METRIC = "seed_mean"  # ... its new seeds' mean best validation score in the sweep's metric, and the
 SEED_LOW_METRIC, SEED_HIGH_METRIC = "seed_mean_low", "seed_mean_high"  # 95% interval of that mean
+CHECKPOINT_TAG = "captune.checkpoint"  # on a trial run: where its best epoch's checkpoint is kept (a path or a URI)
+# how fast a trial's model is (captune.search.speed): on its run, the machine it was measured on,
+# the tuned decoding it was measured at, and which Pareto fronts it is on ("greedy", "tuned", both, "-")
+SPEED_MACHINE_TAG = "captune.speed_machine"
+TUNED_DECODING_TAG = "captune.tuned_decoding"
+FRONT_TAG = "captune.front"
+SPEED_NOTE_TAG = "captune.speed_note"  # on a search's parent: why its trials' speed was not measured
+FAST_TAG = "captune.fast"  # on a search's parent: its @fast model, in words
+FAST_MODEL_TAG = "captune.fast_model"  # ... that model, models:/<name>/<version>
+# ... and the latency per image (batch 1, p50) of the champion at its decoding and of @fast at its own
+CHAMPION_LATENCY_METRIC, FAST_LATENCY_METRIC = "champion_latency_p50_ms", "fast_latency_p50_ms"
+FAST_WITHIN_TAG = "captune.fast_within"  # on a sweep's experiment: its --fast-within, kept for --resume
+# ... and its metrics (captune.trainables.speed.measure), per decoding: "greedy" and "tuned"
+SPEED_METRICS = ("params", "checkpoint_mb", *(f"{what}_{decoding}" for decoding in ("greedy", "tuned")
+                                             for what in ("latency_p50_ms", "latency_p90_ms", "throughput_b32")))
+
+
+def tuned_metric(metric: str) -> str:
+    """A trial run's validation score in the sweep's metric at its architecture's tuned decoding
+    ("tuned_bleu4"; its objective, best_bleu4, is at the training's validation decoding)."""
+    return f"tuned_{metric}"
+
+
 NOTE_TAG = "mlflow.note.content"  # MLflow's description of an experiment or run (shown in the UI)
 
 

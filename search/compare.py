@@ -18,9 +18,10 @@ from mlflow import MlflowClient
 
 from captune.infra import sizing
 from captune.infra.mlflow_logging import find_or_create_run, metric_entities, optional_step, param_entities
-from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHART_NOTE_PREFIX, COMPARE_KEY_TAG, CONTROLLED,
-                                        KIND_TAG, NOTE_TAG, SEED_CHOICE_TAG, SEED_SUMMARY_TAG, SWEEP_TAG,
-                                        champion_record, control_record)
+from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_LATENCY_METRIC, CHART_NOTE_PREFIX,
+                                        COMPARE_KEY_TAG, CONTROLLED, FAST_LATENCY_METRIC, FAST_MODEL_TAG, KIND_TAG,
+                                        NOTE_TAG, SEED_CHOICE_TAG, SEED_SUMMARY_TAG, SWEEP_TAG, champion_record,
+                                        control_record)
 from captune.infra.mlflow_relay import start_relay
 from captune.infra.mlflow_store import configure
 from captune.infra.raycluster import init_ray
@@ -86,6 +87,11 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
             **({"tuned": {"decoding": tuned.text(), **corpus_scores(scorer.statistics(captions[tuned]))}}
                if tuned else {}),
             "control": control_record(tags, m, metric), "chosen_over_seeds": tags.get(SEED_SUMMARY_TAG)}
+        fast = _fast(parent, model_uri, uri, root, split, skip, scorer)
+        if fast:  # @fast beside it; when @fast is the champion, its scores are the champion's at its decoding
+            results["models"][arch]["fast"] = fast if "decoding" in fast else {
+                **fast, **results["models"][arch].get("tuned", {"decoding": "beam 3",
+                                                                 **results["models"][arch].get("beam3", {})})}
     if not results["models"]:
         raise ConfigError(f"sweep {name!r} has no registered champion yet: let its sweep finish (or --resume it)")
     archs = list(results["models"])
@@ -102,6 +108,24 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
     results["verdict"] = _verdict(results)
     _log(client, experiment.experiment_id, name, results, beams, resamples, bootstrap_seed, seeds)
     return results
+
+
+def _fast(parent, champion_uri: str, uri: str, root, split: str, skip: bool, scorer) -> dict:
+    """The search's @fast model (captune.search.speed), to set beside its champion: its model,
+    latency and the champion's, and (unless it is the champion) its decoding and scores on the
+    split at it; {} if none was chosen."""
+    tags, m = parent.data.tags, parent.data.metrics
+    if FAST_MODEL_TAG not in tags or FAST_LATENCY_METRIC not in m:
+        return {}
+    model = tags[FAST_MODEL_TAG]
+    fast = {"model": model, "version": model.rsplit("/", 1)[1], "latency_p50_ms": m[FAST_LATENCY_METRIC],
+            "champion_latency_p50_ms": m.get(CHAMPION_LATENCY_METRIC), "same": model == champion_uri}
+    if fast["same"]:
+        return fast
+    loaded = load_captioner(model, uri)
+    decoding = decoding_of(loaded)
+    captions, _ = caption_split(loaded, root, split, (decoding,), skip_bad=skip)
+    return {**fast, "decoding": decoding.text(), **corpus_scores(scorer.statistics(captions[decoding]))}
 
 
 def _bootstraps(stats_a, stats_b, names: tuple[str, str], resamples: int, seed: int) -> dict[str, dict]:
@@ -214,6 +238,8 @@ def format_comparison(results: dict) -> str:
         for k in SCORES:
             lines.append(f"{SCORE_LABELS[k] + ' tuned':<18}" + col(f"{models[a]['tuned'][k]:.4f}" for a in archs))
         lines.append("tuned decoding: " + "; ".join(f"{a} {models[a]['tuned']['decoding']}" for a in archs))
+    if any("fast" in models[a] for a in archs):  # the two aliases side by side, each at its own decoding
+        lines += _alias_lines(models, archs, metric, col)
     controls = {a: models[a]["control"] for a in archs}
     if any(controls.values()):
         for score in CONTROLLED:
@@ -244,6 +270,26 @@ def format_comparison(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _alias_lines(models: dict, archs: list[str], metric: str, col) -> list[str]:
+    """@champion and @fast on the split, each at the decoding it serves, with its latency per image."""
+    fast = {a: models[a].get("fast") for a in archs}
+    label = SCORE_LABELS[metric]
+    lines = ["@champion and @fast (each at its own decoding; latency per image, batch 1, p50, one core):"]
+    champion = {a: models[a].get("tuned") or {"decoding": "beam 3", **models[a]["beam3"]} for a in archs}
+    lines.append(f"{'@champion ' + label:<18}" + col(f"{champion[a][metric]:.4f}" for a in archs))
+    lines.append(f"{'  ms per image':<18}" + col(_ms((fast[a] or {}).get("champion_latency_p50_ms")) for a in archs))
+    lines.append(f"{'@fast ' + label:<18}" + col(f"{fast[a][metric]:.4f}" if fast[a] else "-" for a in archs))
+    lines.append(f"{'  ms per image':<18}" + col(_ms((fast[a] or {}).get("latency_p50_ms")) for a in archs))
+    lines.append(f"{'  model':<18}" + col(("= @champion" if fast[a]["same"] else f"v{fast[a]['version']}")
+                                          if fast[a] else "not chosen" for a in archs))
+    lines.append("@fast decoding: " + "; ".join(f"{a} {fast[a]['decoding']}" for a in archs if fast[a]))
+    return lines
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _bootstrap_line(what: str, b: dict) -> str:
     return (f"{what}: {b['a']} - {b['b']} {SCORE_LABELS[b['metric']]} {b['difference']:+.4f}, {b['level']:.0%} "
             f"interval [{b['low']:+.4f}, {b['high']:+.4f}] over {b['resamples']:,} resamples (seed {b['seed']}); "
@@ -267,6 +313,8 @@ def _log(client, experiment_id: str, name: str, results: dict, beams, resamples:
     metrics = {f"{a}.beam{k}.{score}": m[f"beam{k}"][score] for a, m in models.items() for k in beams for score in SCORES}
     metrics.update({f"{a}.tuned.{score}": m["tuned"][score] for a, m in models.items() if "tuned" in m
                     for score in SCORES})
+    metrics.update({f"{a}.fast.{score}": m["fast"][score] for a, m in models.items() if "fast" in m
+                    for score in SCORES if score in m["fast"]})
     # validation beside test: the split the search ranked by, and the one it never saw
     metrics.update({f"{a}.val_best_{score}": v for a, m in models.items() for score, v in m["val"].items()})
     for prefix, boots in (("", results["bootstrap"]), ("replicates.", (results["replicates"] or {}).get("bootstrap"))):

@@ -53,22 +53,37 @@ class DecodingChoice:
 
 def choose_decoding(loaded, data_root, metric: str, feature_set: str | None = None) -> DecodingChoice:
     """The decoding of the grid with the best validation score in `metric`; of equal scores, the
-    cheapest (the smaller beam, then the smaller alpha, then the training limit). The validation
-    images are read as the trials read them: from the cache their configuration names, or, with
-    shared features (`feature_set`, a manifest: captune.trainables.feature_job), from those, no
-    image decoded."""
+    cheapest (the smaller beam, then the smaller alpha, then the training limit)."""
+    from captune.trainables.inference import max_len_of
+
+    tried = grid(max_len_of(loaded))
+    scores = validation_scores(loaded, data_root, tried, metric, feature_set)
+    chosen = max(tried, key=lambda d: (scores[d], -d.beam, -d.alpha, d.max_len is None))
+    return DecodingChoice(metric, chosen, scores[chosen], scores[BASELINE], len(tried))
+
+
+def validation_scores(loaded, data_root, decodings: list[Decoding], metric: str,
+                      feature_set: str | None = None) -> dict[Decoding, float]:
+    """The model's validation score in `metric` at each decoding. The validation images are read
+    as the trials read them: from the cache their configuration names, or, with shared features
+    (`feature_set`, a manifest: captune.trainables.feature_job), from those, no image decoded."""
     from captune.trainables.config import TrainConfig
     from captune.trainables.evaluation import caption_split
     from captune.trainables.feature_job import load_feature_set
-    from captune.trainables.inference import max_len_of
     from captune.trainables.metrics import CaptionScorer
 
-    tried = grid(max_len_of(loaded))
     cfg = TrainConfig(**loaded.payload["train_config"])
     data = load_feature_set(feature_set, cfg.cache_path()) if feature_set else None
-    captions, refs = caption_split(loaded, data_root, "val", tuple(tried), cache_dir=cfg.cache_path(),
+    captions, refs = caption_split(loaded, data_root, "val", tuple(decodings), cache_dir=cfg.cache_path(),
                                    skip_bad=cfg.skip_bad, data=data)
     scorer = CaptionScorer(refs)
-    scores = {d: scorer.scores(captions[d])[metric] for d in tried}
-    chosen = max(tried, key=lambda d: (scores[d], -d.beam, -d.alpha, d.max_len is None))
-    return DecodingChoice(metric, chosen, scores[chosen], scores[BASELINE], len(tried))
+    return {d: scorer.scores(captions[d])[metric] for d in decodings}
+
+
+def decoding_from_tags(tags: dict[str, str]) -> Decoding | None:
+    """The decoding a model version was registered with (DecodingChoice.tags), if one was chosen."""
+    if "decoding_beam" not in tags:
+        return None
+    limit = tags.get("decoding_max_len", "None")
+    return Decoding(int(tags["decoding_beam"]), float(tags.get("decoding_alpha", 0.0)),
+                    None if limit in ("None", "") else int(limit))

@@ -7,9 +7,10 @@ from __future__ import annotations
 from mlflow import MlflowClient
 
 from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_TAG, DECODING_TAG, EPOCHS_RUN_TAG,
-                                ERROR_TAG, IMPORTANCE_BASIS_TAG, IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG,
-                                SEED_CHOICE_ERROR_TAG, SEED_CHOICE_TAG, SEED_GROUP_TAG, SEED_MEAN_METRIC, STATE_TAG,
-                                SWEEP_TAG, TRIAL_TAG, control_record)
+                                ERROR_TAG, FAST_MODEL_TAG, FAST_TAG, FRONT_TAG, IMPORTANCE_BASIS_TAG,
+                                IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG, SEED_CHOICE_ERROR_TAG,
+                                SEED_CHOICE_TAG, SEED_GROUP_TAG, SEED_MEAN_METRIC, SPEED_METRICS, SPEED_NOTE_TAG,
+                                STATE_TAG, SWEEP_TAG, TRIAL_TAG, TUNED_DECODING_TAG, control_record, tuned_metric)
 from captune.infra.mlflow_store import configure, require_not_deleted
 from captune.search.convergence import CONVERGENCE_TAG
 from captune.search.objective import DEFAULT_METRIC, metric_of, objective, trial_order
@@ -43,6 +44,9 @@ def leaderboard(name: str, tracking_uri: str | None = None, limit: int = 1000) -
             "error": t.get(ERROR_TAG),
             # retrained over new seeds to choose the champion (captune.search.seed_choice): mean, group
             "seed_mean": m.get(SEED_MEAN_METRIC), "seed_group": t.get(SEED_GROUP_TAG),
+            # how fast its model is, greedy and at the tuned decoding, and its fronts (captune.search.speed)
+            "tuned_score": m.get(tuned_metric(metric)), "tuned_decoding": t.get(TUNED_DECODING_TAG),
+            **{k: m.get(k) for k in SPEED_METRICS}, "front": t.get(FRONT_TAG),
         })
     return {"sweep": name, "metric": metric, "trials": rows,
             "searches": {r.data.tags[ARCH_TAG]: _search(r, metric) for r in parents}}
@@ -68,7 +72,8 @@ def _search(run, metric: str) -> dict:
                                        key=lambda kv: -kv[1])),
             "importance_basis": t.get(IMPORTANCE_BASIS_TAG), "importance_note": t.get(IMPORTANCE_NOTE_TAG),
             "convergence": t.get(CONVERGENCE_TAG), "seed_choice": t.get(SEED_CHOICE_TAG), "decoding": t.get(DECODING_TAG),
-            "seed_choice_error": t.get(SEED_CHOICE_ERROR_TAG)}
+            "seed_choice_error": t.get(SEED_CHOICE_ERROR_TAG), "fast": t.get(FAST_TAG),
+            "fast_model": t.get(FAST_MODEL_TAG), "speed_note": t.get(SPEED_NOTE_TAG)}
 
 
 def format_leaderboard(board: dict, top: int | None = None) -> str:
@@ -76,7 +81,7 @@ def format_leaderboard(board: dict, top: int | None = None) -> str:
     shown = [metric] + [k for k in HEADLINE if k != metric]
     head = (f"{'#':>3} " + " ".join(f"{SCORE_LABELS[k]:>8}" for k in shown) +
             f" {'@ep':>3} {'epochs':>6} {'lr':>9} {'hidden':>6} {'vthr':>4} {'emb':>4} {'drop':>5} {'batch':>5}  "
-            f"{'state':<13} {'over seeds':<15} trial")
+            f"{'state':<13} {'over seeds':<15} {'tuned':>6} {'ms g/t':>11} {'front':<12} trial")
     lines = []
     archs = sorted({r["arch"] for r in board["trials"] if r["arch"]} | set(board["searches"]))
     for arch in archs:
@@ -87,7 +92,8 @@ def format_leaderboard(board: dict, top: int | None = None) -> str:
                          f" {_fmt(r['best_epoch']):>3} {_fmt(r['epochs']):>6} "
                          f"{_fmt(r['lr'], '.2e'):>9} {_fmt(r['hidden_size']):>6} {_fmt(r['vocab_threshold']):>4} "
                          f"{_fmt(r['embed_size']):>4} {_fmt(r['dropout'], '.2f'):>5} {_fmt(r['batch_size']):>5}  "
-                         f"{r['end_state'] or '-':<13} {_seeds(r):<15} {r['trial_id']}")
+                         f"{r['end_state'] or '-':<13} {_seeds(r):<15} {_fmt(r['tuned_score'], '.4f'):>6} "
+                         f"{_speed(r):>11} {r['front'] or '-':<12} {r['trial_id']}")
             if r["error"]:
                 lines.append(f"      error: {r['error'][:150]}")
         search = board["searches"].get(arch)
@@ -96,6 +102,7 @@ def format_leaderboard(board: dict, top: int | None = None) -> str:
             lines += _seed_lines(search)
             if search["decoding"]:
                 lines.append(f"    champion's {search['decoding']}")
+            lines += _fast_lines(search, rows)
             lines.append(f"    convergence: {search['convergence'] or 'not estimated'}")
         lines.append("")
     return "\n".join(lines).rstrip()
@@ -132,6 +139,23 @@ def _importance_lines(search: dict) -> list[str]:
         return [f"    importance ({search['importance_basis']}):",
                 "      " + ", ".join(f"{k} {v:.2f}" for k, v in search["importances"].items())]
     return [f"    importance: {search['importance_note'] or 'not computed'}"]
+
+
+def _fast_lines(search: dict, rows: list[dict]) -> list[str]:
+    """The speed columns' key, and @fast (captune.search.tradeoff)."""
+    if search["speed_note"]:
+        return [f"    speed: WARNING: {search['speed_note'][:200]}"]
+    if not any(r["latency_p50_ms_greedy"] is not None for r in rows):
+        return []
+    tuned = next((r["tuned_decoding"] for r in rows if r["tuned_decoding"]), "the champion's")
+    return [f"    speed: tuned = validation score at the tuned decoding ({tuned}); ms g/t = latency per image, batch 1, "
+            f"p50, greedy / tuned; front = on the Pareto front of score against that latency",
+            f"    {search['fast'] or '@fast: not chosen'}"]
+
+
+def _speed(row: dict) -> str:
+    greedy, tuned = row["latency_p50_ms_greedy"], row["latency_p50_ms_tuned"]
+    return "-" if greedy is None else f"{greedy:.1f}/{_fmt(tuned, '.1f')}"
 
 
 def _seeds(row: dict) -> str:

@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 
-from captune.infra.mlflow_names import KIND_TAG, SEED_GROUP_TAG, SEED_MEAN_METRIC, STATE_TAG
+from captune.infra.mlflow_names import FRONT_TAG, KIND_TAG, SEED_GROUP_TAG, SEED_MEAN_METRIC, STATE_TAG, tuned_metric
 from captune.search.objective import DEFAULT_METRIC, objective
 from captune.trainables.catalog import HEADLINE, SCORE_LABELS
 
@@ -41,13 +41,17 @@ def columns(metric: str) -> list[str]:
             column("metrics", "best_epoch"), column("params", "lr"), column("params", "hidden_size"),
             column("params", "vocab_threshold"), column("tags", STATE_TAG),
             # a trial retrained over new seeds to choose the champion: its mean, and chosen / tied / behind
-            column("metrics", SEED_MEAN_METRIC), column("tags", SEED_GROUP_TAG)]
+            column("metrics", SEED_MEAN_METRIC), column("tags", SEED_GROUP_TAG),
+            # how fast it is (captune.search.speed): its score at the tuned decoding, latency, fronts
+            column("metrics", tuned_metric(metric)), column("metrics", "latency_p50_ms_greedy"),
+            column("metrics", "latency_p50_ms_tuned"), column("tags", FRONT_TAG)]
 
 
 def leaderboard_state(metric: str = DEFAULT_METRIC) -> dict:
     """Trials only, best first by the sweep's `metric`, the leaderboard's columns, every run
-    shown, and three charts in a section of their own: the best score per trial (bar), parallel
-    coordinates of the searched parameters against it, and its curves per epoch."""
+    shown, and five charts in a section of their own: the best score per trial (bar), parallel
+    coordinates of the searched parameters against it, its curves per epoch, and the score against
+    latency per image, greedy and at the tuned decoding (scatter: the Pareto fronts)."""
     section, target, label = _id("section"), objective(metric), SCORE_LABELS[metric]
     charts = [
         {**_card("BAR", "bar", section), "metricKey": target, "displayName": f"best {label} per trial",
@@ -60,6 +64,10 @@ def leaderboard_state(metric: str = DEFAULT_METRIC) -> dict:
          "range": {}, "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [],
          "ignoreOutliers": False, "useGlobalXaxisKey": False, "useGlobalLineSmoothing": False,
          "runsCountToCompare": 100},
+        *({**_card("SCATTER", f"speed-{decoding}", section), "runsCountToCompare": 100,
+           "xaxis": {"key": f"latency_p50_ms_{decoding}", "type": "METRIC"}, "yaxis": {"key": score, "type": "METRIC"},
+           "displayName": f"{label} against ms per image, {decoding}"}
+          for decoding, score in (("greedy", target), ("tuned", tuned_metric(metric)))),
     ]
     sections = [{"uuid": section, "name": "Leaderboard", "display": True, "isReordered": False, "deleted": False,
                  "isGenerated": False},

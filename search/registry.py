@@ -12,6 +12,7 @@ import tempfile
 import textwrap
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -24,6 +25,7 @@ from captune.infra.mlflow_names import DECODING_NOTE_TAG, FIGURES_NOTE_TAG
 from captune.trainables.catalog import SCORE_LABELS, SCORES
 from captune.trainables.checkpoint import load_checkpoint, read_payload
 from captune.trainables.config import split_seed_of
+from captune.trainables.decoding import Decoding
 from captune.trainables.evaluation import evaluate_split
 from captune.trainables.inference import caption_images
 from captune.search.decoding_search import choose_decoding
@@ -33,6 +35,7 @@ from captune.trainables.model_source import load_captioner
 # matplotlib is imported where a figure is drawn, after its Agg backend is chosen.
 
 ALIAS = "champion"
+FAST_ALIAS = "fast"  # the fastest model within reach of the champion's score (captune.search.tradeoff)
 LOCK_SUFFIX = ".promotion-lock"
 
 
@@ -82,6 +85,39 @@ def promote(client, arch: str, best: dict, data_root: str | Path, feature_set: s
         record = claim_alias(client, name, version, best["score"], key, data_root, payload["train_config"],
                              best["metric"])
     return {**record, "decoding": choice.statement() if choice else None}
+
+
+def register_fast(client, arch: str, run_id: str, checkpoint: Path | None, decoding: Decoding, tags: dict,
+                  champion_version: str) -> tuple[str, bool]:
+    """Register a trial's model at `decoding` as `captune-<arch>` (once: found again by its run and
+    decoding; the champion's own version when it is the champion at its decoding) and move the
+    alias `fast` to it, if the sweep's champion (`champion_version`) holds the champion alias:
+    @fast is measured against that champion, not another sweep's. `checkpoint`: its best
+    epoch's, None to take the champion's version. Returns (version, whether the alias moved)."""
+    name = model_name(arch)
+    if checkpoint is None:
+        version = champion_version
+    else:
+        mine = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+                if v.tags.get("decoding") == decoding.text() and v.tags.get("role") == FAST_ALIAS]
+        if mine:
+            version = mine[0].version
+        else:
+            with mlflow.start_run(run_id=run_id):
+                version = str(log_captioner(checkpoint, registered_name=name, decoding=decoding).registered_model_version)
+            version_tags = {**tags, "role": FAST_ALIAS, "decoding": decoding.text(),
+                            **{f"decoding_{k}": str(v) for k, v in asdict(decoding).items()}}
+            for tag, value in version_tags.items():
+                client.set_model_version_tag(name, version, tag, str(value))
+    with promotion_lock(client, name):
+        try:
+            holder = str(client.get_model_version_by_alias(name, ALIAS).version)  # (an int from some stores)
+        except MlflowException:
+            holder = None
+        if holder != str(champion_version):
+            return version, False
+        client.set_registered_model_alias(name, FAST_ALIAS, version)
+    return version, True
 
 
 def claim_alias(client, name: str, version: str, score: float, key: str, data_root, train_config: dict,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from captune.data.cache import default_cache_dir
-from captune.infra.mlflow_names import SEEDS_TAG, TOP_TAG
+from captune.infra.mlflow_names import FAST_WITHIN_TAG, SEEDS_TAG, TOP_TAG
 from captune.infra.storage import is_uri
 from captune.search.space import DEFAULT_FILE, SearchSpace, SweepSettings, load_spaces
 from captune.trainables.catalog import ARCHS, HEADLINE, OBJECTIVES, SCORE_LABELS
@@ -64,6 +64,7 @@ class SweepRequest:
     seeds: int | None = None  # new seeds per configuration retrained; None: as the sweep started (sweep_seeds)
     top: int | None = None  # configurations per search retrained over the seeds; None: as the sweep started, else 3
     control: bool = True  # after each search, train its champion's configuration image-blind
+    fast_within: float | None = None  # @fast's reach below the champion's score; None: the seed noise (captune.search.tradeoff)
     tracking_uri: str | None = None
     address: str | None = None
     verbose: bool = False  # Tune's own output and every trial's epoch lines, not the driver's view
@@ -185,6 +186,9 @@ def plan(req: SweepRequest) -> tuple[SweepSettings, list[ArchSearch]]:
     if req.top is not None and not req.seeds and not req.resume:  # (a resume reads the seeds it started with)
         raise ConfigError(f"--top {req.top}: it says how many configurations are retrained over new seeds to "
                           f"choose each champion; give --seeds K (2 or more) with it")
+    if req.fast_within is not None and not 0 <= req.fast_within < float("inf"):
+        raise ConfigError(f"--fast-within {req.fast_within:g}: a validation score difference, 0 or more (how far "
+                          f"below the champion's score @fast may be)")
     if req.warm_start is not None:
         check_name(req.warm_start, "--warm-start")
         if req.resume or req.warm_start == req.name:
@@ -280,13 +284,16 @@ def resume_command(req: SweepRequest) -> str:
         words += ["--seeds", str(req.seeds)]
     if req.seeds and req.top not in (None, DEFAULT_TOP):
         words += ["--top", str(req.top)]
+    if req.fast_within is not None:
+        words += ["--fast-within", f"{req.fast_within:g}"]
     if not req.control:
         words.append("--no-control")
     return " ".join(words)
 
 
 def sweep_seeds(client, experiment_id: str, req: SweepRequest) -> int:
-    """The sweep's seeds and top (how many configurations per search are retrained over them),
+    """The sweep's seeds and top (how many configurations per search are retrained over them), and
+    its --fast-within,
     remembered in its experiment (SEEDS_TAG, TOP_TAG) as it starts, so that `--resume` without them
     goes on as the sweep was started; given, they win and are remembered. Sets req.seeds and
     req.top; returns the seeds."""
@@ -296,6 +303,10 @@ def sweep_seeds(client, experiment_id: str, req: SweepRequest) -> int:
     if req.top is None:
         req.top = int(tags.get(TOP_TAG, 1 if SEEDS_TAG in tags else DEFAULT_TOP))  # (1: from before --top)
     req.seeds = req.seeds or 0
+    if req.fast_within is None and tags.get(FAST_WITHIN_TAG):
+        req.fast_within = float(tags[FAST_WITHIN_TAG])
+    if req.fast_within is not None:
+        client.set_experiment_tag(experiment_id, FAST_WITHIN_TAG, f"{req.fast_within:g}")
     client.set_experiment_tag(experiment_id, SEEDS_TAG, str(req.seeds))
     client.set_experiment_tag(experiment_id, TOP_TAG, str(req.top))
     return req.seeds

@@ -16,9 +16,9 @@ from ray import tune
 from ray.tune import Checkpoint
 
 from captune.infra.mlflow_logging import metric_entities, optional_step, unavailable
-from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CONCURRENT_TAG,
-                                FAILED_TRIALS_TAG, NOTE_TAG, SEED_CHOICE_ERROR_TAG, SLOTS_TAG, SWEEP_TAG, TRIAL_TAG,
-                                TRIALS_TAG, champion_record, champion_tags)
+from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CHAMPION_TAG, CHAMPION_TRIAL_TAG, CHECKPOINT_TAG,
+                                CONCURRENT_TAG, FAILED_TRIALS_TAG, NOTE_TAG, SEED_CHOICE_ERROR_TAG, SLOTS_TAG,
+                                SWEEP_TAG, TRIAL_TAG, TRIALS_TAG, champion_record, champion_tags)
 from captune.infra.mlflow_store import TrackingUnavailable, configure
 from captune.infra.raycluster import root_cause
 from captune.search.analysis import log_search_analysis
@@ -159,6 +159,7 @@ def _finish(client, grid, job: SearchJob) -> ArchOutcome:
     experiment_id, tags = parent.info.experiment_id, parent.data.tags
     ranked = ranked_trial_runs(client, experiment_id, req.name, search.arch, metric)
     candidates = [run for run in ranked if run.data.tags.get(TRIAL_TAG) in scored]  # the leaderboard's order
+    _tag_checkpoints(client, candidates, scored)
     if candidates:
         champion_run = candidates[0]
         registered = next((r for r in candidates if r.data.tags[TRIAL_TAG] == tags.get(BEST_TRIAL_TAG)), None)
@@ -265,6 +266,17 @@ def _states(grid, max_epochs: int) -> dict[str, int]:
 def _diverged(result) -> bool:
     """A trial that diverged reports scores of 0 with the reason (captune.search.trial): not a candidate."""
     return bool((result.metrics or {}).get("diverged_reason"))
+
+
+def _tag_checkpoints(client, runs: list, scored: dict) -> None:
+    """Each scored trial's run names its best epoch's checkpoint (a path, or a URI when the storage
+    is remote): what captune.search.speed measures once every search has ended."""
+    for run in runs:
+        checkpoint = _best_checkpoint(scored[run.data.tags[TRIAL_TAG]])
+        kind = checkpoint.filesystem.type_name
+        where = checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+        if run.data.tags.get(CHECKPOINT_TAG) != where:
+            client.set_tag(run.info.run_id, CHECKPOINT_TAG, where)
 
 
 def _best_checkpoint(result):

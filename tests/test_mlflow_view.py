@@ -30,8 +30,14 @@ def test_the_view_is_an_experiment_tag_in_the_ui_s_saved_view_form(tmp_path):
     assert state["selectedColumns"] == ["params.`arch`", "metrics.`best_bleu4`", "metrics.`best_cider`",
                                         "metrics.`best_rouge_l`", "metrics.`best_epoch`",
                                         "params.`lr`", "params.`hidden_size`", "params.`vocab_threshold`",
-                                        "tags.`captune.end_state`", "metrics.`seed_mean`", "tags.`captune.seed_group`"]
+                                        "tags.`captune.end_state`", "metrics.`seed_mean`", "tags.`captune.seed_group`",
+                                        "metrics.`tuned_bleu4`", "metrics.`latency_p50_ms_greedy`",
+                                        "metrics.`latency_p50_ms_tuned`", "tags.`captune.front`"]
     assert state["runsHiddenMode"] == "SHOW_ALL"  # every trial, not the first 10
+    # the Pareto fronts: the objective against latency, greedy; the score at the tuned decoding against its latency
+    scatters = [(c["xaxis"], c["yaxis"]) for c in state["compareRunCharts"] if c["type"] == "SCATTER"]
+    assert scatters == [({"key": "latency_p50_ms_greedy", "type": "METRIC"}, {"key": "best_bleu4", "type": "METRIC"}),
+                        ({"key": "latency_p50_ms_tuned", "type": "METRIC"}, {"key": "tuned_bleu4", "type": "METRIC"})]
     charts = {c["type"]: c for c in state["compareRunCharts"]}
     assert charts["BAR"]["metricKey"] == "best_bleu4" and charts["LINE"]["selectedMetricKeys"] == ["bleu4"]
     assert charts["PARALLEL"]["selectedParams"] == ["lr", "hidden_size", "vocab_threshold"]

@@ -302,8 +302,8 @@ def test_each_champion_is_the_best_mean_of_its_top_configurations_over_new_seeds
     capsys.readouterr()
     assert main(["leaderboard", "s1", "--tracking-uri", s1.tracking_uri]) == 0
     text = capsys.readouterr().out
-    assert text.count("    champion over seeds: ") == 2 and " over seeds      trial" in text
-    assert len(re.findall(r" \d\.\d{4} chosen +[0-9a-f]{8}$", text, re.M)) == 2  # the column, on its trial's row
+    assert text.count("    champion over seeds: ") == 2 and " over seeds " in text
+    assert len(re.findall(r" \d\.\d{4} chosen +\S.* [0-9a-f]{8}$", text, re.M)) == 2  # the column, on its trial's row
 
 
 def test_each_champion_captions_by_the_decoding_chosen_for_it_on_the_validation_split(s1, capsys):
@@ -322,6 +322,57 @@ def test_each_champion_captions_by_the_decoding_chosen_for_it_on_the_validation_
     capsys.readouterr()
     assert main(["leaderboard", "s1", "--tracking-uri", s1.tracking_uri]) == 0
     assert capsys.readouterr().out.count("    champion's decoding: ") == 2
+
+
+def test_every_trial_is_measured_for_speed_and_each_search_has_its_fronts_and_fast_model(s1, capsys):
+    from captune.search.tradeoff import MIN_SPEEDUP, Model, front
+
+    for parent in s1.parents:
+        arch, tags, m = parent.data.tags["arch"], parent.data.tags, parent.data.metrics
+        champion = s1.client.get_model_version_by_alias(f"captune-{arch}", "champion")
+        runs = [s1.client.get_run(r.info.run_id) for r in s1.trials if r.data.params["arch"] == arch]
+        assert len(runs) == 3
+        models = []
+        for run in runs:  # each finished trial: its size, latency and throughput, greedy and tuned, on its run
+            rm, rt = run.data.metrics, run.data.tags
+            assert Path(rt["captune.checkpoint"], "model.pt").is_file()
+            assert rm["params"] > 1000 and 0.01 < rm["checkpoint_mb"] < 1000  # (fine-tuned: the encoder, Adam moments)
+            for d in ("greedy", "tuned"):
+                assert 0 < rm[f"latency_p50_ms_{d}"] <= rm[f"latency_p90_ms_{d}"] < 2000
+                assert rm[f"throughput_b32_{d}"] > 1
+            assert rt["captune.tuned_decoding"] == champion.tags["decoding"]
+            assert "1 torch thread" in rt["captune.speed_machine"]
+            rank = int(run.info.run_name.split()[0][1:])
+            models += [Model(rank, run.info.run_id, rt["captune.trial_id"], "greedy", rm["best_cider"],
+                             rm["latency_p50_ms_greedy"]),
+                       Model(rank, run.info.run_id, rt["captune.trial_id"], "tuned", rm["tuned_cider"],
+                             rm["latency_p50_ms_tuned"])]
+        # the champion's trial at the tuned decoding scores what the decoding search found for it
+        mine = next(r for r in runs if r.data.tags["captune.trial_id"] == champion.tags["trial_id"])
+        assert mine.data.metrics["tuned_cider"] == pytest.approx(float(champion.tags["decoding_val_cider"]), abs=1e-6)
+        # each run's front tag says which fronts of the measured points it is on
+        for run in runs:
+            on = [d for d in ("greedy", "tuned") if run.info.run_id in {x.run_id for x in front([x for x in models if x.decoding == d])}]
+            assert run.data.tags["captune.front"] == ("+".join(on) or "-")
+        # @fast: registered, aliased, within the seed noise of the champion and at least MIN_SPEEDUP as fast, or it
+        fast = s1.client.get_model_version_by_alias(f"captune-{arch}", "fast")
+        assert tags["captune.fast_model"] == f"models:/captune-{arch}/{fast.version}"
+        assert m["champion_latency_p50_ms"] == mine.data.metrics["latency_p50_ms_tuned"]
+        if str(fast.version) == str(champion.version):
+            assert tags["captune.fast"].startswith("@fast is the champion")
+        else:
+            assert fast.tags["role"] == "fast" and m["fast_latency_p50_ms"] * MIN_SPEEDUP <= m["champion_latency_p50_ms"]
+            assert float(fast.tags["cider"]) >= float(champion.tags["decoding_val_cider"]) - m["seed_noise"] - 1e-6
+        assert "pareto.png" in {a.path.rsplit("/", 1)[-1] for a in s1.client.list_artifacts(parent.info.run_id, "tradeoff")}
+        assert f"[{arch}] {tags['captune.fast']}" in s1.out
+        # served by its alias, at its stored decoding
+        loaded = load_captioner(f"models:/captune-{arch}@fast", s1.tracking_uri)
+        assert loaded.payload["decoding"]["beam"] == int(fast.tags["decoding_beam"])
+    capsys.readouterr()
+    assert main(["leaderboard", "s1", "--tracking-uri", s1.tracking_uri]) == 0
+    text = capsys.readouterr().out
+    assert text.count("    speed: tuned = validation score at the tuned decoding") == 2 and "ms g/t" in text
+    assert len(re.findall(r" \d+\.\d/\d+\.\d (greedy|tuned|greedy\+tuned|-) +[0-9a-f]{8}$", text, re.M)) == 6
 
 
 def test_compare_reuses_the_sweeps_replicates_of_each_champion_and_records_them(s1, capsys):
@@ -346,6 +397,14 @@ def test_compare_reuses_the_sweeps_replicates_of_each_champion_and_records_them(
         version = client.get_model_version_by_alias(f"captune-{arch}", "champion")
         assert first["models"][arch]["tuned"]["decoding"] == version.tags["decoding"]
         assert set(first["models"][arch]["tuned"]) == {"decoding", "bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l"}
+        # @fast beside it, on the same split at its own decoding (the champion's scores when it is the champion)
+        fast = first["models"][arch]["fast"]
+        assert fast["model"] == parent.data.tags["captune.fast_model"] and fast["latency_p50_ms"] > 0
+        assert fast["same"] == (fast["version"] == str(version.version))
+        if fast["same"]:
+            assert fast["cider"] == first["models"][arch]["tuned"]["cider"]
+        else:
+            assert {"decoding", "bleu4", "cider"} <= set(fast)
     for boots in (first["bootstrap"], first["replicates"]["bootstrap"]):
         assert set(boots) == {"bleu4", "cider"}
         for boot in boots.values():

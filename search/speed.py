@@ -1,0 +1,185 @@
+"""How fast each finished trial's model is, and the quality-for-speed trade-off it leaves
+(captune.search.tradeoff): run once every search of a sweep has ended (nothing else trains then),
+by the sweep (a Ray task of its own on the driver's node) or by `captune speed`.
+
+Per trial, from its best epoch's checkpoint (its run's `captune.checkpoint`): its parameters and
+checkpoint size, its latency per image at batch 1 (p50, p90) and throughput at batch 32, greedy
+and at its architecture's tuned decoding (the champion's), on the first 32 validation images, one
+core and one torch thread (captune.trainables.speed); and its validation score at the tuned
+decoding. Then per architecture: the Pareto fronts (a tag on each trial run), the chart on the
+parent run, and the @fast model registered and aliased. A trial measured before at the same tuned
+decoding is not measured again (`again` does)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import RunTag
+from ray.tune import Checkpoint
+
+from captune.data.images import read_image
+from captune.data.layouts import load_corpus
+from captune.infra.mlflow_logging import metric_entities, optional_step
+from captune.infra.mlflow_names import (ARCH_TAG, CHAMPION_LATENCY_METRIC, CHART_NOTE_PREFIX, CHECKPOINT_TAG,
+                                        FAST_LATENCY_METRIC, FAST_MODEL_TAG, FAST_TAG, FAST_WITHIN_TAG, FRONT_TAG,
+                                        KIND_TAG, SPEED_MACHINE_TAG, SPEED_NOTE_TAG, SWEEP_TAG, TRIAL_TAG,
+                                        TUNED_DECODING_TAG, champion_record, tuned_metric)
+from captune.infra.mlflow_store import configure
+from captune.search.convergence import NOISE_METRIC
+from captune.search.decoding_search import BASELINE, decoding_from_tags, validation_scores
+from captune.search.leaderboard import find_sweep
+from captune.search.mlflow_trials import ranked_trial_runs
+from captune.search.objective import metric_of, objective
+from captune.search.registry import model_name, register_fast
+from captune.search.tradeoff import DECODINGS, FastChoice, Model, choose_fast, draw_fronts, front
+from captune.trainables.checkpoint import load_checkpoint
+from captune.trainables.config import split_seed_of
+from captune.trainables.decoding import Decoding
+from captune.trainables.inference import image_size_of
+from captune.trainables.speed import BATCH, machine, measure, pinned
+
+MEASURED = "latency_p50_ms_greedy"  # a trial run with it was measured
+
+
+def measure_sweep(sweep: str, tracking_uri: str | None = None, data_root: str | None = None,
+                  feature_sets: dict[str, str | None] | None = None, within: float | None = None,
+                  again: bool = False) -> list[str]:
+    """Measure a sweep's trials and choose each architecture's @fast; returns what to print. Each
+    architecture is an optional step: what fails is noted on its parent run (`captune.speed_note`)
+    and the others go on."""
+    uri = configure(tracking_uri)
+    client = MlflowClient(uri)
+    experiment = find_sweep(client, uri, sweep)
+    parents = client.search_runs([experiment.experiment_id],
+                                 filter_string=f"tags.`{KIND_TAG}` = 'search' and tags.`{SWEEP_TAG}` = '{sweep}'")
+    if within is None and experiment.tags.get(FAST_WITHIN_TAG):  # the sweep's --fast-within
+        within = float(experiment.tags[FAST_WITHIN_TAG])
+    lines = []
+    for parent in parents:
+        arch = parent.data.tags[ARCH_TAG]
+        with optional_step(f"the {arch} trials' speed", client, parent.info.run_id, SPEED_NOTE_TAG):
+            lines += [f"[{arch}] {line}" for line in _architecture(
+                client, experiment.experiment_id, sweep, parent, data_root or parent.data.params.get("data"),
+                (feature_sets or {}).get(arch), within, again)]
+    return lines
+
+
+def _architecture(client, experiment_id: str, sweep: str, parent, data_root: str, feature_set: str | None,
+                  within: float | None, again: bool) -> list[str]:
+    arch, metric = parent.data.tags[ARCH_TAG], metric_of(parent.data.params)
+    record = champion_record(parent.data.tags, 0.0, metric)
+    if record is None:
+        return ["speed: not measured (no champion registered: its tuned decoding is what the trials are measured at)"]
+    champion_version = client.get_model_version(record["name"], record["version"])
+    tuned = decoding_from_tags(champion_version.tags) or BASELINE  # what the champion serves
+    ranked = ranked_trial_runs(client, experiment_id, sweep, arch, metric)
+    kept = [run for run in ranked if CHECKPOINT_TAG in run.data.tags]
+    todo = [run for run in kept if again or MEASURED not in run.data.metrics
+            or run.data.tags.get(TUNED_DECODING_TAG) != tuned.text()]
+    where, images = None, {}
+    for run in todo:
+        where = _measure_trial(client, run, images, tuned, data_root, feature_set, metric)
+    ranked = ranked_trial_runs(client, experiment_id, sweep, arch, metric)  # with what was just logged
+    models = _models(ranked, metric)
+    before = "again" if again else f"{len(kept) - len(todo)} measured before"
+    lines = [f"speed: {len(todo)} trial(s) measured" + (f" on {where}" if where else "") +
+             f" ({before}); greedy and the tuned decoding ({tuned.text()})"]
+    if not models:
+        return lines
+    fronts = {d: front([m for m in models if m.decoding == d]) for d in DECODINGS}
+    on = {run.info.run_id: [d for d in DECODINGS if any(m.run_id == run.info.run_id for m in fronts[d])]
+          for run in ranked if MEASURED in run.data.metrics}
+    for run_id, decodings in on.items():
+        client.set_tag(run_id, FRONT_TAG, "+".join(decodings) or "-")
+    lines += [f"Pareto front ({d}): " + ", ".join(f"#{m.rank} {m.p50_ms:.1f} ms {m.score:.4f}" for m in fronts[d])
+              for d in DECODINGS]
+    champion_trial = champion_version.tags.get("trial_id")
+    champion = next((m for m in models if m.trial_id == champion_trial and m.decoding == "tuned"), None)
+    statement, choice = _fast(client, parent, models, champion, metric, within, record["version"], tuned)
+    lines.append(statement)
+    with optional_step("the Pareto chart", client, parent.info.run_id, f"{CHART_NOTE_PREFIX}pareto.png"):
+        with tempfile.TemporaryDirectory(prefix="captune-pareto-") as tmp:
+            draw_fronts({arch: models}, {arch: champion} if champion else {}, {arch: choice} if choice else {},
+                        metric, Path(tmp) / "pareto.png")
+            client.log_artifacts(parent.info.run_id, tmp, "tradeoff")
+    return lines
+
+
+def _measure_trial(client, run, images: dict, tuned: Decoding, data_root: str, feature_set: str | None,
+                   metric: str) -> str:
+    """One trial's speed and size, and its validation score at the tuned decoding, on its run.
+    `images`: the validation pixels read so far, by (image size, split seed)."""
+    with Checkpoint(run.data.tags[CHECKPOINT_TAG]).as_directory() as folder:  # (downloaded if remote)
+        path = Path(folder) / "model.pt"
+        loaded = load_checkpoint(path)
+        size_mb = path.stat().st_size / 1e6
+    cfg = loaded.payload["train_config"]
+    key = (image_size_of(loaded), split_seed_of(cfg))
+    if key not in images:
+        images[key] = _validation_pixels(data_root, *key)
+    pixels = images[key]
+    with pinned() as core:
+        speed = measure(loaded, pixels, {"greedy": Decoding(1), "tuned": tuned})
+    score = validation_scores(loaded, data_root, [tuned], metric, feature_set)[tuned]
+    client.log_batch(run.info.run_id, metrics=metric_entities({**speed, "checkpoint_mb": size_mb,
+                                                                tuned_metric(metric): score}),
+                     tags=[RunTag(SPEED_MACHINE_TAG, machine(core)), RunTag(TUNED_DECODING_TAG, tuned.text())])
+    return machine(core)
+
+
+def _validation_pixels(data_root: str, size: int, split_seed: int) -> np.ndarray:
+    """The first BATCH validation images (repeated if the split has fewer), `size` pixels square."""
+    corpus = load_corpus(data_root, seed=split_seed)
+    names = corpus.splits["val"][:BATCH]
+    pixels = np.stack([read_image(corpus.image_path(n), size) for n in names])
+    return np.concatenate([pixels] * -(-BATCH // len(pixels)))[:BATCH]
+
+
+def _models(ranked: list, metric: str) -> list[Model]:
+    """Each measured trial at greedy (its objective) and at the tuned decoding."""
+    out = []
+    for rank, run in enumerate(ranked, 1):
+        m = run.data.metrics
+        if MEASURED not in m or objective(metric) not in m:
+            continue
+        common = dict(rank=rank, run_id=run.info.run_id, trial_id=run.data.tags.get(TRIAL_TAG, ""),
+                      name=run.info.run_name or "")
+        out.append(Model(decoding="greedy", score=m[objective(metric)], p50_ms=m["latency_p50_ms_greedy"], **common))
+        if tuned_metric(metric) in m:
+            out.append(Model(decoding="tuned", score=m[tuned_metric(metric)], p50_ms=m["latency_p50_ms_tuned"],
+                             **common))
+    return out
+
+
+def _fast(client, parent, models: list[Model], champion: Model | None, metric: str, within: float | None,
+          champion_version: str, tuned: Decoding) -> tuple[str, FastChoice | None]:
+    """The @fast choice, registered and aliased, on the parent run: (in words, the choice); or why
+    there is none (in words, None)."""
+    if champion is None:
+        return "@fast: not chosen (the champion's trial was not measured)", None
+    noise = parent.data.metrics.get(NOISE_METRIC)
+    if within is None and noise is None:
+        return ("@fast: not chosen: no seed noise was measured to say what is within reach of the champion "
+                "(`--seeds 2` or more), and no --fast-within was given"), None
+    choice = choose_fast(models, champion, metric, within if within is not None else noise,
+                         "--fast-within" if within is not None else "the seed noise")
+    chosen, arch = choice.chosen, parent.data.tags[ARCH_TAG]
+    decoding = tuned if chosen.decoding == "tuned" else Decoding(1)
+    tags = {"trial_id": chosen.trial_id, "metric": metric, metric: f"{chosen.score:.6f}",
+            "latency_p50_ms": f"{chosen.p50_ms:.3f}"}
+    if choice.is_champion():
+        version, moved = register_fast(client, arch, chosen.run_id, None, decoding, tags, champion_version)
+    else:
+        run = client.get_run(chosen.run_id)
+        with Checkpoint(run.data.tags[CHECKPOINT_TAG]).as_directory() as folder:
+            version, moved = register_fast(client, arch, chosen.run_id, Path(folder) / "model.pt", decoding, tags,
+                                           champion_version)
+    statement = choice.statement() + f"; models:/{model_name(arch)}/{version}" + (
+        "" if moved else " (alias not moved: the champion alias holds another sweep's model)")
+    client.log_batch(parent.info.run_id, metrics=metric_entities({CHAMPION_LATENCY_METRIC: champion.p50_ms,
+                                                                   FAST_LATENCY_METRIC: chosen.p50_ms}),
+                     tags=[RunTag(FAST_TAG, statement[:5000]),
+                           RunTag(FAST_MODEL_TAG, f"models:/{model_name(arch)}/{version}")])
+    return statement, choice

@@ -1,0 +1,85 @@
+"""Quality for speed (captune.search.tradeoff): the Pareto front and the @fast choice, on planted
+models whose answers can be worked out by hand."""
+import pytest
+
+from captune.search.tradeoff import Model, choose_fast, front
+
+
+def model(rank: int, score: float, ms: float, decoding: str = "tuned") -> Model:
+    return Model(rank=rank, run_id=f"run{rank}", trial_id=f"t{rank}", decoding=decoding, score=score, p50_ms=ms)
+
+
+def test_the_front_keeps_only_models_no_other_beats_on_both_axes():
+    a, b, c, d, e = model(1, 0.60, 20.0), model(2, 0.58, 10.0), model(3, 0.55, 12.0), model(4, 0.50, 5.0), \
+        model(5, 0.58, 10.0)
+    # c: slower and worse than b; e: b's equal, given after it; the rest: each faster or better than the others
+    assert front([a, b, c, d, e]) == [d, b, a]
+    assert front([]) == []
+
+
+def test_fast_is_the_fastest_model_within_reach_of_the_champion():
+    champion = model(1, 0.60, 20.0)
+    near_slow, near_fast, far_fastest = model(2, 0.585, 12.0), model(3, 0.571, 8.0), model(4, 0.50, 3.0)
+    choice = choose_fast([champion, near_slow, near_fast, far_fastest], champion, "bleu4", within=0.03,
+                         basis="the seed noise")
+    assert choice.chosen == near_fast and not choice.is_champion()  # 0.571 >= 0.60 - 0.03; 0.50 is not
+    words = choice.statement()
+    assert "#3 at tuned" in words and "2.5x faster" in words and "-0.0290" in words and "the seed noise" in words
+    # a reach of 0.01 leaves only the champion and #2 ... which is faster: #2
+    assert choose_fast([champion, near_slow, near_fast], champion, "bleu4", 0.02, "--fast-within").chosen == near_slow
+
+
+def test_fast_is_the_champion_when_nothing_within_reach_is_faster():
+    champion = model(1, 0.60, 5.0)
+    choice = choose_fast([champion, model(2, 0.59, 9.0), model(3, 0.40, 2.0)], champion, "cider", 0.05, "--fast-within")
+    assert choice.is_champion()
+    assert choice.statement().startswith("@fast is the champion (#1 at tuned, 5.0 ms per image)")
+    # within reach but less than MIN_SPEEDUP (1.1x) faster: not known to be faster than the champion
+    assert choose_fast([champion, model(2, 0.60, 4.6)], champion, "cider", 0.05, "--fast-within").is_champion()
+    assert choose_fast([champion, model(2, 0.60, 4.5)], champion, "cider", 0.05, "--fast-within").chosen.rank == 2
+
+
+def test_the_same_trial_greedy_can_be_fast_when_its_greedy_score_is_within_reach():
+    champion, greedy_self = model(1, 0.60, 20.0, "tuned"), model(1, 0.59, 9.0, "greedy")
+    choice = choose_fast([champion, greedy_self], champion, "bleu4", 0.02, "the seed noise")
+    assert choice.chosen == greedy_self and not choice.is_champion()
+
+
+def test_a_models_speed_is_measured_per_decoding_on_one_core_and_one_thread(tmp_path):
+    import os
+
+    import numpy as np
+    import torch
+
+    from captune.trainables.checkpoint import load_checkpoint
+    from captune.trainables.decoding import Decoding
+    from captune.trainables.speed import BATCH, measure, pinned
+    from tests.test_serving import tiny_checkpoint
+
+    loaded = load_checkpoint(tiny_checkpoint(tmp_path))
+    pixels = np.random.default_rng(0).integers(0, 255, (BATCH, 3, 32, 32), dtype=np.uint8)
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    with pinned() as core:
+        assert os.sched_getaffinity(0) == {core} and core == max(cores) and torch.get_num_threads() == 1
+        speed = measure(loaded, pixels, {"greedy": Decoding(1), "tuned": Decoding(3, 1.0)})
+    assert os.sched_getaffinity(0) == cores and torch.get_num_threads() == threads  # as before
+    assert speed["params"] == sum(p.numel() for p in loaded.model.parameters())
+    for d in ("greedy", "tuned"):
+        assert 0 < speed[f"latency_p50_ms_{d}"] <= speed[f"latency_p90_ms_{d}"]
+        assert speed[f"throughput_b32_{d}"] > 0
+    with pytest.raises(ValueError, match=f"measuring speed needs {BATCH} images, got 3"):
+        measure(loaded, pixels[:3], {"greedy": Decoding(1)})
+
+
+def test_a_negative_fast_within_is_refused_before_anything_starts(synth_dir):
+    import argparse
+
+    from captune.cli import _score_difference
+    from captune.search.request import SweepRequest, plan
+    from captune.trainables.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--fast-within -0.1: a validation score difference, 0 or more"):
+        plan(SweepRequest(name="t", data_root=str(synth_dir), fast_within=-0.1))
+    with pytest.raises(argparse.ArgumentTypeError, match="0 or more, got nan"):
+        _score_difference("nan")
+    assert _score_difference("0.02") == 0.02
