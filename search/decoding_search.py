@@ -63,10 +63,11 @@ def choose_decoding(loaded, data_root, metric: str, feature_set: str | None = No
 
 
 def validation_scores(loaded, data_root, decodings: list[Decoding], metric: str,
-                      feature_set: str | None = None) -> dict[Decoding, float]:
+                      feature_set: str | None = None, scorers: dict | None = None) -> dict[Decoding, float]:
     """The model's validation score in `metric` at each decoding. The validation images are read
     as the trials read them: from the cache their configuration names, or, with shared features
-    (`feature_set`, a manifest: captune.trainables.feature_job), from those, no image decoded."""
+    (`feature_set`, a manifest: captune.trainables.feature_job), from those, no image decoded.
+    `scorers`: scorers made before, by their references (kept there), for several models' scores."""
     from captune.trainables.config import TrainConfig
     from captune.trainables.evaluation import caption_split
     from captune.trainables.feature_job import load_feature_set
@@ -76,8 +77,11 @@ def validation_scores(loaded, data_root, decodings: list[Decoding], metric: str,
     data = load_feature_set(feature_set, cfg.cache_path()) if feature_set else None
     captions, refs = caption_split(loaded, data_root, "val", tuple(decodings), cache_dir=cfg.cache_path(),
                                    skip_bad=cfg.skip_bad, data=data)
-    scorer = CaptionScorer(refs)
-    return {d: scorer.scores(captions[d])[metric] for d in decodings}
+    scorers = {} if scorers is None else scorers
+    key = "\n".join("\t".join(r) for r in refs)
+    if key not in scorers:  # (preparing the references is most of a scorer's cost)
+        scorers[key] = CaptionScorer(refs)
+    return {d: scorers[key].scores(captions[d])[metric] for d in decodings}
 
 
 def decoding_from_tags(tags: dict[str, str]) -> Decoding | None:

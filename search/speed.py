@@ -38,17 +38,19 @@ from captune.trainables.checkpoint import load_checkpoint
 from captune.trainables.config import split_seed_of
 from captune.trainables.decoding import Decoding
 from captune.trainables.inference import image_size_of
-from captune.trainables.speed import BATCH, machine, measure, pinned
+from captune.trainables.speed import BATCH, Subject, machine, measure, pinned
 
 MEASURED = "latency_p50_ms_greedy"  # a trial run with it was measured
+AT_ONCE = 32  # trials loaded and timed together at most (each holds its model in memory meanwhile)
 
 
 def measure_sweep(sweep: str, tracking_uri: str | None = None, data_root: str | None = None,
                   feature_sets: dict[str, str | None] | None = None, within: float | None = None,
                   again: bool = False) -> list[str]:
-    """Measure a sweep's trials and choose each architecture's @fast; returns what to print. Each
-    architecture is an optional step: what fails is noted on its parent run (`captune.speed_note`)
-    and the others go on."""
+    """Measure a sweep's trials and choose each architecture's @fast; returns what to print. The
+    trials of every architecture are timed together, taking turns (captune.trainables.speed), so
+    that what the machine does meanwhile slows them alike. Each architecture is an optional step:
+    what fails is noted on its parent run (`captune.speed_note`) and the others go on."""
     uri = configure(tracking_uri)
     client = MlflowClient(uri)
     experiment = find_sweep(client, uri, sweep)
@@ -56,77 +58,124 @@ def measure_sweep(sweep: str, tracking_uri: str | None = None, data_root: str | 
                                  filter_string=f"tags.`{KIND_TAG}` = 'search' and tags.`{SWEEP_TAG}` = '{sweep}'")
     if within is None and experiment.tags.get(FAST_WITHIN_TAG):  # the sweep's --fast-within
         within = float(experiment.tags[FAST_WITHIN_TAG])
-    lines = []
+    searches, lines = [], []
     for parent in parents:
         arch = parent.data.tags[ARCH_TAG]
-        with optional_step(f"the {arch} trials' speed", client, parent.info.run_id, SPEED_NOTE_TAG):
-            lines += [f"[{arch}] {line}" for line in _architecture(
-                client, experiment.experiment_id, sweep, parent, data_root or parent.data.params.get("data"),
-                (feature_sets or {}).get(arch), within, again)]
+        with _step(client, parent):
+            search = _Search(client, experiment.experiment_id, sweep, parent,
+                             data_root or parent.data.params.get("data"), (feature_sets or {}).get(arch), again)
+            if search.record is None:
+                lines.append(f"[{arch}] speed: not measured (no champion registered: its tuned decoding is what the "
+                             f"trials are measured at)")
+            else:
+                search.load()
+                searches.append(search)
+    where = _time_together(client, searches)
+    for search in searches:
+        with _step(client, search.parent):
+            lines += [f"[{search.arch}] {line}" for line in search.finish(where, within)]
     return lines
 
 
-def _architecture(client, experiment_id: str, sweep: str, parent, data_root: str, feature_set: str | None,
-                  within: float | None, again: bool) -> list[str]:
-    arch, metric = parent.data.tags[ARCH_TAG], metric_of(parent.data.params)
-    record = champion_record(parent.data.tags, 0.0, metric)
-    if record is None:
-        return ["speed: not measured (no champion registered: its tuned decoding is what the trials are measured at)"]
-    champion_version = client.get_model_version(record["name"], record["version"])
-    tuned = decoding_from_tags(champion_version.tags) or BASELINE  # what the champion serves
-    ranked = ranked_trial_runs(client, experiment_id, sweep, arch, metric)
-    kept = [run for run in ranked if CHECKPOINT_TAG in run.data.tags]
-    todo = [run for run in kept if again or MEASURED not in run.data.metrics
-            or run.data.tags.get(TUNED_DECODING_TAG) != tuned.text()]
-    where, images = None, {}
-    for run in todo:
-        where = _measure_trial(client, run, images, tuned, data_root, feature_set, metric)
-    ranked = ranked_trial_runs(client, experiment_id, sweep, arch, metric)  # with what was just logged
-    models = _models(ranked, metric)
-    before = "again" if again else f"{len(kept) - len(todo)} measured before"
-    lines = [f"speed: {len(todo)} trial(s) measured" + (f" on {where}" if where else "") +
-             f" ({before}); greedy and the tuned decoding ({tuned.text()})"]
-    if not models:
+def _step(client, parent):
+    return optional_step(f"the {parent.data.tags[ARCH_TAG]} trials' speed", client, parent.info.run_id,
+                         SPEED_NOTE_TAG)
+
+
+class _Search:
+    """One architecture's search as its trials are measured: the champion's decoding (what each
+    trial is measured at besides greedy), the trials to measure, then what they show."""
+
+    def __init__(self, client, experiment_id: str, sweep: str, parent, data_root: str, feature_set: str | None,
+                 again: bool):
+        self.client, self.experiment_id, self.sweep, self.parent = client, experiment_id, sweep, parent
+        self.arch, self.metric = parent.data.tags[ARCH_TAG], metric_of(parent.data.params)
+        self.data_root, self.feature_set, self.again = data_root, feature_set, again
+        self.record = champion_record(parent.data.tags, 0.0, self.metric)
+        if self.record is None:
+            return
+        self.champion = client.get_model_version(self.record["name"], self.record["version"])
+        self.tuned = decoding_from_tags(self.champion.tags) or BASELINE  # what the champion serves
+        ranked = ranked_trial_runs(client, experiment_id, sweep, self.arch, self.metric)
+        self.kept = [run for run in ranked if CHECKPOINT_TAG in run.data.tags]
+        self.todo = [run for run in self.kept if again or MEASURED not in run.data.metrics
+                     or run.data.tags.get(TUNED_DECODING_TAG) != self.tuned.text()]
+        self.loaded, self.sizes, self.speed = {}, {}, {}
+
+    def load(self) -> None:
+        """Each trial to measure: its best epoch's checkpoint, loaded."""
+        for run in self.todo:
+            with Checkpoint(run.data.tags[CHECKPOINT_TAG]).as_directory() as folder:  # (downloaded if remote)
+                path = Path(folder) / "model.pt"
+                self.loaded[run.info.run_id] = load_checkpoint(path)
+                self.sizes[run.info.run_id] = path.stat().st_size / 1e6
+
+    def finish(self, where: str | None, within: float | None) -> list[str]:
+        """Each timed trial's figures and its validation score at the tuned decoding on its run; then
+        the fronts, @fast and the chart."""
+        client, metric, tuned, scorers = self.client, self.metric, self.tuned, {}
+        for run_id, model in self.loaded.items():
+            score = validation_scores(model, self.data_root, [tuned], metric, self.feature_set, scorers)[tuned]
+            client.log_batch(run_id, metrics=metric_entities({**self.speed[run_id], "checkpoint_mb": self.sizes[run_id],
+                                                              tuned_metric(metric): score}),
+                             tags=[RunTag(SPEED_MACHINE_TAG, where), RunTag(TUNED_DECODING_TAG, tuned.text())])
+        ranked = ranked_trial_runs(client, self.experiment_id, self.sweep, self.arch, metric)  # with what was logged
+        models = _models(ranked, metric)
+        before = "again" if self.again else f"{len(self.kept) - len(self.todo)} measured before"
+        lines = [f"speed: {len(self.todo)} trial(s) measured" + (f" on {where}" if self.todo else "") +
+                 f" ({before}); greedy and the tuned decoding ({tuned.text()})"]
+        if not models:
+            return lines
+        fronts = {d: front([m for m in models if m.decoding == d]) for d in DECODINGS}
+        for run in ranked:
+            if MEASURED in run.data.metrics:
+                on = [d for d in DECODINGS if any(m.run_id == run.info.run_id for m in fronts[d])]
+                client.set_tag(run.info.run_id, FRONT_TAG, "+".join(on) or "-")
+        lines += [f"Pareto front ({d}): " + ", ".join(f"#{m.rank} {m.p50_ms:.1f} ms {m.score:.4f}" for m in fronts[d])
+                  for d in DECODINGS]
+        champion = next((m for m in models if m.trial_id == self.champion.tags.get("trial_id")
+                         and m.decoding == "tuned"), None)
+        statement, choice = _fast(client, self.parent, models, champion, metric, within, self.record["version"],
+                                  tuned)
+        lines.append(statement)
+        parent_id = self.parent.info.run_id
+        with optional_step("the Pareto chart", client, parent_id, f"{CHART_NOTE_PREFIX}pareto.png"):
+            with tempfile.TemporaryDirectory(prefix="captune-pareto-") as tmp:
+                draw_fronts({self.arch: models}, {self.arch: champion} if champion else {},
+                            {self.arch: choice} if choice else {}, metric, Path(tmp) / "pareto.png")
+                client.log_artifacts(parent_id, tmp, "tradeoff")
         return lines
-    fronts = {d: front([m for m in models if m.decoding == d]) for d in DECODINGS}
-    on = {run.info.run_id: [d for d in DECODINGS if any(m.run_id == run.info.run_id for m in fronts[d])]
-          for run in ranked if MEASURED in run.data.metrics}
-    for run_id, decodings in on.items():
-        client.set_tag(run_id, FRONT_TAG, "+".join(decodings) or "-")
-    lines += [f"Pareto front ({d}): " + ", ".join(f"#{m.rank} {m.p50_ms:.1f} ms {m.score:.4f}" for m in fronts[d])
-              for d in DECODINGS]
-    champion_trial = champion_version.tags.get("trial_id")
-    champion = next((m for m in models if m.trial_id == champion_trial and m.decoding == "tuned"), None)
-    statement, choice = _fast(client, parent, models, champion, metric, within, record["version"], tuned)
-    lines.append(statement)
-    with optional_step("the Pareto chart", client, parent.info.run_id, f"{CHART_NOTE_PREFIX}pareto.png"):
-        with tempfile.TemporaryDirectory(prefix="captune-pareto-") as tmp:
-            draw_fronts({arch: models}, {arch: champion} if champion else {}, {arch: choice} if choice else {},
-                        metric, Path(tmp) / "pareto.png")
-            client.log_artifacts(parent.info.run_id, tmp, "tradeoff")
-    return lines
 
 
-def _measure_trial(client, run, images: dict, tuned: Decoding, data_root: str, feature_set: str | None,
-                   metric: str) -> str:
-    """One trial's speed and size, and its validation score at the tuned decoding, on its run.
-    `images`: the validation pixels read so far, by (image size, split seed)."""
-    with Checkpoint(run.data.tags[CHECKPOINT_TAG]).as_directory() as folder:  # (downloaded if remote)
-        path = Path(folder) / "model.pt"
-        loaded = load_checkpoint(path)
-        size_mb = path.stat().st_size / 1e6
-    cfg = loaded.payload["train_config"]
-    key = (image_size_of(loaded), split_seed_of(cfg))
-    if key not in images:
-        images[key] = _validation_pixels(data_root, *key)
-    pixels = images[key]
-    with pinned() as core:
-        speed = measure(loaded, pixels, {"greedy": Decoding(1), "tuned": tuned})
-    score = validation_scores(loaded, data_root, [tuned], metric, feature_set)[tuned]
-    client.log_batch(run.info.run_id, metrics=metric_entities({**speed, "checkpoint_mb": size_mb,
-                                                                tuned_metric(metric): score}),
-                     tags=[RunTag(SPEED_MACHINE_TAG, machine(core)), RunTag(TUNED_DECODING_TAG, tuned.text())])
-    return machine(core)
+def _time_together(client, searches: list[_Search]) -> str | None:
+    """Every loaded trial of every search timed together, AT_ONCE at a time, greedy and at its
+    search's tuned decoding, on the validation images of its size, pinned to one core. Returns the
+    machine in words. If the timing fails, each search's parent says why and it is left out."""
+    timed = [(search, run_id) for search in searches for run_id in search.loaded]
+    if not timed:
+        return None
+    try:
+        images: dict[tuple, np.ndarray] = {}
+        with pinned() as core:
+            for start in range(0, len(timed), AT_ONCE):
+                chunk = timed[start:start + AT_ONCE]
+                subjects = {}
+                for search, run_id in chunk:
+                    model = search.loaded[run_id]
+                    key = (search.data_root, image_size_of(model), split_seed_of(model.payload["train_config"]))
+                    if key not in images:
+                        images[key] = _validation_pixels(*key)
+                    subjects[run_id] = Subject(model, images[key], {"greedy": Decoding(1), "tuned": search.tuned})
+                figures = measure(subjects)
+                for search, run_id in chunk:
+                    search.speed[run_id] = figures[run_id]
+        return machine(core)
+    except Exception as e:
+        for search in list(searches):
+            with _step(client, search.parent):
+                raise e
+            searches.remove(search)
+        return None
 
 
 def _validation_pixels(data_root: str, size: int, split_seed: int) -> np.ndarray:

@@ -53,7 +53,7 @@ def test_a_models_speed_is_measured_per_decoding_on_one_core_and_one_thread(tmp_
 
     from captune.trainables.checkpoint import load_checkpoint
     from captune.trainables.decoding import Decoding
-    from captune.trainables.speed import BATCH, measure, pinned
+    from captune.trainables.speed import BATCH, Subject, measure, pinned
     from tests.test_serving import tiny_checkpoint
 
     loaded = load_checkpoint(tiny_checkpoint(tmp_path))
@@ -61,14 +61,16 @@ def test_a_models_speed_is_measured_per_decoding_on_one_core_and_one_thread(tmp_
     cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
     with pinned() as core:
         assert os.sched_getaffinity(0) == {core} and core == max(cores) and torch.get_num_threads() == 1
-        speed = measure(loaded, pixels, {"greedy": Decoding(1), "tuned": Decoding(3, 1.0)})
+        decodings = {"greedy": Decoding(1), "tuned": Decoding(3, 1.0)}
+        both = measure({"a": Subject(loaded, pixels, decodings), "b": Subject(loaded, pixels, decodings)})
     assert os.sched_getaffinity(0) == cores and torch.get_num_threads() == threads  # as before
-    assert speed["params"] == sum(p.numel() for p in loaded.model.parameters())
-    for d in ("greedy", "tuned"):
-        assert 0 < speed[f"latency_p50_ms_{d}"] <= speed[f"latency_p90_ms_{d}"]
-        assert speed[f"throughput_b32_{d}"] > 0
-    with pytest.raises(ValueError, match=f"measuring speed needs {BATCH} images, got 3"):
-        measure(loaded, pixels[:3], {"greedy": Decoding(1)})
+    for speed in both.values():  # (the same model twice, taking turns)
+        assert speed["params"] == sum(p.numel() for p in loaded.model.parameters())
+        for d in ("greedy", "tuned"):
+            assert 0 < speed[f"latency_p50_ms_{d}"] <= speed[f"latency_p90_ms_{d}"]
+            assert speed[f"throughput_b32_{d}"] > 0
+    with pytest.raises(ValueError, match=f"measuring a's speed needs {BATCH} images, got 3"):
+        measure({"a": Subject(loaded, pixels[:3], {"greedy": Decoding(1)})})
 
 
 def test_a_negative_fast_within_is_refused_before_anything_starts(synth_dir):
@@ -83,3 +85,36 @@ def test_a_negative_fast_within_is_refused_before_anything_starts(synth_dir):
     with pytest.raises(argparse.ArgumentTypeError, match="0 or more, got nan"):
         _score_difference("nan")
     assert _score_difference("0.02") == 0.02
+
+
+def test_a_failed_measurement_keeps_the_sweep_and_says_why(tmp_path, tracking_uri, synth_dir, capsys):
+    # An optional step: a trial whose checkpoint is gone fails its architecture's measurement; the
+    # sweep's records stand, the reason is on the search's parent run and in the leaderboard.
+    import mlflow
+    from mlflow import MlflowClient
+
+    from captune.cli import main
+    from captune.search.speed import measure_sweep
+    from captune.serving.logged_model import log_captioner
+    from tests.test_serving import tiny_checkpoint
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("sw")
+    parent = client.create_run(experiment_id, tags={"captune.kind": "search", "captune.sweep": "sw", "arch": "cnn-lstm"})
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=parent.info.run_id):
+        version = log_captioner(tiny_checkpoint(tmp_path), registered_name="captune-cnn-lstm").registered_model_version
+    client.set_tag(parent.info.run_id, "captune.champion", f"models:/captune-cnn-lstm/{version}")
+    client.set_tag(parent.info.run_id, "captune.champion_promoted", "true")
+    trial = client.create_run(experiment_id, tags={"captune.kind": "trial", "captune.sweep": "sw", "arch": "cnn-lstm",
+                                                   "captune.trial_id": "t1", "captune.end_state": "finished",
+                                                   "captune.checkpoint": str(tmp_path / "gone")})
+    client.log_metric(trial.info.run_id, "best_bleu4", 0.5)
+    client.log_param(trial.info.run_id, "arch", "cnn-lstm")
+    lines = measure_sweep("sw", tracking_uri, str(synth_dir))  # (does not raise)
+    note = client.get_run(parent.info.run_id).data.tags["captune.speed_note"]
+    assert note.startswith("the cnn-lstm trials' speed not made: ") and "gone" in note
+    assert "WARNING: the cnn-lstm trials' speed not made" in capsys.readouterr().out and lines == []
+    assert client.get_run(trial.info.run_id).data.metrics == {"best_bleu4": 0.5}  # nothing half-written
+    assert main(["leaderboard", "sw", "--tracking-uri", tracking_uri]) == 0
+    assert "    speed: WARNING: the cnn-lstm trials' speed not made" in capsys.readouterr().out

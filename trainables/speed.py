@@ -9,6 +9,7 @@ import os
 import platform
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from captune.trainables.inference import caption_pixels
 
 BATCH = 32  # the throughput's batch
 SINGLES = 32  # images captioned one at a time: p50 and p90 of their latencies
-BATCH_REPEATS = 3  # batches of BATCH timed: their median
+ROUNDS = 8  # the models take turns: each round, SINGLES / ROUNDS images one at a time each
+BATCHES = 4  # ... and every other round, one batch: the throughput is the median of these
 
 
 @contextmanager
@@ -53,22 +55,47 @@ def machine(core: int) -> str:
     return f"{model}, core {core} of {os.cpu_count()}, 1 torch thread, torch {torch.__version__}"
 
 
-def measure(loaded: Loaded, pixels: np.ndarray, decodings: dict[str, Decoding]) -> dict[str, float]:
-    """{"params", and per decoding name d: "latency_p50_ms_d", "latency_p90_ms_d",
-    "throughput_b32_d" (images per second)}. `pixels`: (N >= BATCH, 3, S, S) uint8, real images
-    of the model's size (caption lengths, and so times, depend on what the images show). Each
-    decoding is warmed up first (one image, one batch)."""
-    if len(pixels) < BATCH:
-        raise ValueError(f"measuring speed needs {BATCH} images, got {len(pixels)}")
-    out = {"params": float(sum(p.numel() for p in loaded.model.parameters()))}
-    for name, decoding in decodings.items():
-        caption_pixels(loaded, pixels[:1], decoding)  # warm-up: the first call allocates
-        caption_pixels(loaded, pixels[:BATCH], decoding)
-        singles = [_seconds(loaded, pixels[i:i + 1], decoding) for i in range(SINGLES)]
-        batches = [_seconds(loaded, pixels[:BATCH], decoding) for _ in range(BATCH_REPEATS)]
-        out[f"latency_p50_ms_{name}"] = 1000 * float(np.percentile(singles, 50))
-        out[f"latency_p90_ms_{name}"] = 1000 * float(np.percentile(singles, 90))
-        out[f"throughput_b32_{name}"] = BATCH / float(np.median(batches))
+@dataclass
+class Subject:
+    """A model to time: on `pixels` (N >= BATCH, 3, S, S) uint8, real images of its size (caption
+    lengths, and so times, depend on what the images show), at each of `decodings` (by name)."""
+    loaded: Loaded
+    pixels: np.ndarray
+    decodings: dict[str, Decoding]
+
+
+def measure(subjects: dict[str, Subject], rounds: int = ROUNDS) -> dict[str, dict[str, float]]:
+    """Per subject: {"params", and per decoding name d: "latency_p50_ms_d", "latency_p90_ms_d",
+    "throughput_b32_d" (images per second)}.
+
+    Every model and decoding is warmed up first (one image, one batch); then the models take turns,
+    `rounds` times, each timing its share of the SINGLES images one at a time (and, BATCHES times in
+    all, one batch): a moment when something else holds the core slows every model a little, not
+    one model a lot."""
+    for name, s in subjects.items():
+        if len(s.pixels) < BATCH:
+            raise ValueError(f"measuring {name}'s speed needs {BATCH} images, got {len(s.pixels)}")
+    singles = {(n, d): [] for n, s in subjects.items() for d in s.decodings}
+    batches = {(n, d): [] for n, s in subjects.items() for d in s.decodings}
+    for s in subjects.values():
+        for decoding in s.decodings.values():
+            caption_pixels(s.loaded, s.pixels[:1], decoding)  # the first call allocates
+            caption_pixels(s.loaded, s.pixels[:BATCH], decoding)
+    share = -(-SINGLES // rounds)
+    for r in range(rounds):
+        for n, s in subjects.items():
+            for d, decoding in s.decodings.items():
+                singles[n, d] += [_seconds(s.loaded, s.pixels[i:i + 1], decoding)
+                                  for i in range(r * share, min((r + 1) * share, SINGLES))]
+                if r % max(1, rounds // BATCHES) == 0:
+                    batches[n, d].append(_seconds(s.loaded, s.pixels[:BATCH], decoding))
+    out = {}
+    for n, s in subjects.items():
+        out[n] = {"params": float(sum(p.numel() for p in s.loaded.model.parameters()))}
+        for d in s.decodings:
+            out[n][f"latency_p50_ms_{d}"] = 1000 * float(np.percentile(singles[n, d], 50))
+            out[n][f"latency_p90_ms_{d}"] = 1000 * float(np.percentile(singles[n, d], 90))
+            out[n][f"throughput_b32_{d}"] = BATCH / float(np.median(batches[n, d]))
     return out
 
 
