@@ -2,7 +2,7 @@
 `captune caption` captions a folder.
 
     python benchmarks/serve.py [--data datasets/synth] [--work /tmp/captune-serve] [--epochs 3]
-                               [--model cnn-lstm=runs/x/model.pt ...] [--requests 50]
+                               [--model cnn-lstm=runs/x/model.pt ...] [--requests 50] [--pin]
 
 Each architecture's default model (the dataset's preset; trained for --epochs here unless
 --model gives one) is logged and registered as MLflow does for a sweep's champion, then served
@@ -10,6 +10,10 @@ by the real `mlflow models serve`. Printed per architecture: single-image reques
 (beam 1 and 3) and batch-of-32 throughput, over HTTP and through the same pyfunc model loaded
 in-process, with their ratio (the HTTP overhead); then captions per second of `captune caption`
 on a folder of 1,000 built-in images, whole command and steady rate.
+
+--pin separates what MLflow's server costs from what the benchmark's own client costs on a small
+machine: the server runs on the last core with one torch thread (`taskset`, OMP_NUM_THREADS=1),
+the client on the first core, and the in-process model on the server's core with one thread.
 """
 from __future__ import annotations
 
@@ -39,6 +43,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--model", action="append", default=[], metavar="ARCH=PATH")
     p.add_argument("--requests", type=int, default=50)
+    p.add_argument("--pin", action="store_true", help="server and in-process model on the last core, one thread; "
+                                                      "the client on the first")
+    p.add_argument("--skip-caption", action="store_true", help="only the serving figures")
     args = p.parse_args()
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     shutil.rmtree(args.work, ignore_errors=True)
@@ -52,17 +59,21 @@ def main() -> None:
         checkpoint = Path(given[arch]) if arch in given else train(arch, args)
         register(arch, checkpoint, uri)
         rows.append(measure(arch, uri, images, args))
-    folder = photo_folder(images, args.work / "photos", 1000)
-    caption = caption_rate(Path(given.get("resnet-gru") or args.work / "resnet-gru" / "model.pt"), folder, args.work)
+    caption = None
+    if not args.skip_caption:
+        folder = photo_folder(images, args.work / "photos", 1000)
+        caption = caption_rate(Path(given.get("resnet-gru") or args.work / "resnet-gru" / "model.pt"), folder,
+                               args.work)
 
     print(f"\n{'model':11s} {'what':32s} {'HTTP':>10s} {'in-process':>11s} {'HTTP / in-process':>18s}")
     for r in rows:
         for what, (http, local) in r["figures"].items():
             unit = "img/s" if "throughput" in what else "ms"
             print(f"{r['arch']:11s} {what:32s} {http:7.1f} {unit:>5s} {local:8.1f} {unit:>5s} {http / local:18.2f}")
-    print(f"\ncaptune caption, 1,000 images, beam 3, resnet-gru: {caption['images_per_s_whole']:.1f} captions/s "
-          f"for the whole command ({caption['seconds']:.1f} s, start-up and model load included), "
-          f"{caption['images_per_s_steady']:.1f} captions/s steady")
+    if caption:
+        print(f"\ncaptune caption, 1,000 images, beam 3, resnet-gru: {caption['images_per_s_whole']:.1f} captions/s "
+              f"for the whole command ({caption['seconds']:.1f} s, start-up and model load included), "
+              f"{caption['images_per_s_steady']:.1f} captions/s steady")
     (args.work / "results.json").write_text(json.dumps({"models": rows, "caption": caption}, indent=1))
 
 
@@ -92,13 +103,18 @@ def measure(arch: str, uri: str, images: list[Path], args) -> dict:
     one = [base64.b64encode(images[0].read_bytes()).decode()]
     batch = [base64.b64encode(p.read_bytes()).decode() for p in images[:32]]
     cases = {"single image, beam 1 (p50)": (one, 1), "single image, beam 3 (p50)": (one, 3)}
-    with serve(f"models:/captune-{arch}@champion", uri, args.work / f"serve-{arch}.log") as port:
-        http = {name: timings(lambda: post(port, rows, beam), args.requests) for name, (rows, beam) in cases.items()}
-        http_batch = timings(lambda: post(port, batch, 3), 10)
+    cores = sorted(os.sched_getaffinity(0))
+    server_core, client_core = (cores[-1], cores[0]) if args.pin else (None, None)
+    with serve(f"models:/captune-{arch}@champion", uri, args.work / f"serve-{arch}.log", server_core) as port:
+        with on_core(client_core):
+            http = {name: timings(lambda: post(port, rows, beam), args.requests)
+                    for name, (rows, beam) in cases.items()}
+            http_batch = timings(lambda: post(port, batch, 3), 10)
     model = mlflow.pyfunc.load_model(f"models:/captune-{arch}@champion")
-    local = {name: timings(lambda: model.predict(pd.DataFrame({"image": rows}), params={"beam": beam}),
-                           args.requests) for name, (rows, beam) in cases.items()}
-    local_batch = timings(lambda: model.predict(pd.DataFrame({"image": batch}), params={"beam": 3}), 10)
+    with on_core(server_core, threads=1 if args.pin else None):
+        local = {name: timings(lambda: model.predict(pd.DataFrame({"image": rows}), params={"beam": beam}),
+                               args.requests) for name, (rows, beam) in cases.items()}
+        local_batch = timings(lambda: model.predict(pd.DataFrame({"image": batch}), params={"beam": 3}), 10)
     figures = {}
     for name in cases:
         figures[name] = (quantile(http[name], 0.5), quantile(local[name], 0.5))
@@ -131,16 +147,42 @@ def post(port: int, images: list[str], beam: int) -> list[str]:
         return json.loads(response.read())["predictions"]
 
 
-class serve:
-    """`mlflow models serve` of a model on a free port, for a `with` block."""
+class on_core:
+    """This process on one core (and torch on `threads` threads) for a `with` block; None: as it is."""
 
-    def __init__(self, model: str, uri: str, log: Path):
+    def __init__(self, core: int | None, threads: int | None = None):
+        self.core, self.threads = core, threads
+
+    def __enter__(self):
+        import torch
+
+        self.before = (os.sched_getaffinity(0), torch.get_num_threads())
+        if self.core is not None:
+            os.sched_setaffinity(0, {self.core})
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        os.sched_setaffinity(0, self.before[0])
+        torch.set_num_threads(self.before[1])
+
+
+class serve:
+    """`mlflow models serve` of a model on a free port (on one core with one torch thread if
+    `core` is given), for a `with` block."""
+
+    def __init__(self, model: str, uri: str, log: Path, core: int | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
+        pin = [] if core is None else ["taskset", "-c", str(core)]
+        if core is not None:
+            env["OMP_NUM_THREADS"] = "1"
         self.log = log.open("w")
-        self.proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
+        self.proc = subprocess.Popen([*pin, str(BIN / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
                                       "--host", "127.0.0.1", "--port", str(self.port)],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
