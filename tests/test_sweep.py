@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from captune.cli import main
-from captune.infra.mlflow_names import champion_record
+from captune.infra.mlflow_names import SPEED_METRICS, champion_record
 from captune.search.slots import pool_name
 from captune.trainables.model_source import load_captioner
 from mlflow import MlflowClient
@@ -133,8 +133,9 @@ def test_an_epoch_is_recorded_under_the_same_names_whoever_trained_it(s1):
     from captune.trainables.reporting import mlflow_epoch
 
     def per_epoch(run) -> set[str]:
-        # (not the system metrics, a rerun's test scores, or a retrained trial's mean over seeds)
-        return {k for k in run.data.metrics if not k.startswith(("system/", "test_", "seed_mean")) and k != "epochs_run"}
+        # (not the system metrics, a rerun's test scores, a retrained trial's mean over seeds, or a trial's speed)
+        return {k for k in run.data.metrics if not k.startswith(("system/", "test_", "seed_mean", "tuned_"))
+                and k != "epochs_run" and k not in SPEED_METRICS}
 
     (control,) = [r for r in s1.client.search_runs([s1.exp.experiment_id],
                                                    filter_string="tags.`captune.kind` = 'control'")
