@@ -32,6 +32,7 @@ from captune.search.leaderboard import find_sweep
 from captune.search.objective import DEFAULT_METRIC, metric_of, objective
 from captune.search.request import storage_root
 from captune.search.rerun_job import replicate_jobs
+from captune.search.tradeoff import alias_lines
 from captune.search.reruns import run_reruns
 from captune.trainables import WORKER_PRELOAD
 from captune.trainables.catalog import SCORE_LABELS, SCORES
@@ -239,7 +240,7 @@ def format_comparison(results: dict) -> str:
             lines.append(f"{SCORE_LABELS[k] + ' tuned':<18}" + col(f"{models[a]['tuned'][k]:.4f}" for a in archs))
         lines.append("tuned decoding: " + "; ".join(f"{a} {models[a]['tuned']['decoding']}" for a in archs))
     if any("fast" in models[a] for a in archs):  # the two aliases side by side, each at its own decoding
-        lines += _alias_lines(models, archs, metric, col)
+        lines += alias_lines(models, archs, metric, col)
     controls = {a: models[a]["control"] for a in archs}
     if any(controls.values()):
         for score in CONTROLLED:
@@ -268,26 +269,6 @@ def format_comparison(results: dict) -> str:
         lines.append(f"[{arch}] {words}")
     lines.append(f"verdict ({SCORE_LABELS[metric]}, the sweep's metric): {results['verdict']}")
     return "\n".join(lines)
-
-
-def _alias_lines(models: dict, archs: list[str], metric: str, col) -> list[str]:
-    """@champion and @fast on the split, each at the decoding it serves, with its latency per image."""
-    fast = {a: models[a].get("fast") for a in archs}
-    label = SCORE_LABELS[metric]
-    lines = ["@champion and @fast (each at its own decoding; latency per image, batch 1, p50, one core):"]
-    champion = {a: models[a].get("tuned") or {"decoding": "beam 3", **models[a]["beam3"]} for a in archs}
-    lines.append(f"{'@champion ' + label:<18}" + col(f"{champion[a][metric]:.4f}" for a in archs))
-    lines.append(f"{'  ms per image':<18}" + col(_ms((fast[a] or {}).get("champion_latency_p50_ms")) for a in archs))
-    lines.append(f"{'@fast ' + label:<18}" + col(f"{fast[a][metric]:.4f}" if fast[a] else "-" for a in archs))
-    lines.append(f"{'  ms per image':<18}" + col(_ms((fast[a] or {}).get("latency_p50_ms")) for a in archs))
-    lines.append(f"{'  model':<18}" + col(("= @champion" if fast[a]["same"] else f"v{fast[a]['version']}")
-                                          if fast[a] else "not chosen" for a in archs))
-    lines.append("@fast decoding: " + "; ".join(f"{a} {fast[a]['decoding']}" for a in archs if fast[a]))
-    return lines
-
-
-def _ms(value) -> str:
-    return "-" if value is None else f"{value:.1f}"
 
 
 def _bootstrap_line(what: str, b: dict) -> str:

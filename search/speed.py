@@ -11,27 +11,31 @@ parent run, and the @fast model registered and aliased. A trial measured before 
 decoding is not measured again (`again` does)."""
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import ray
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from ray.tune import Checkpoint
 
 from captune.data.images import read_image
 from captune.data.layouts import load_corpus
-from captune.infra.mlflow_logging import metric_entities, optional_step
+from captune.infra.mlflow_logging import metric_entities, optional_step, unavailable
 from captune.infra.mlflow_names import (ARCH_TAG, CHAMPION_LATENCY_METRIC, CHART_NOTE_PREFIX, CHECKPOINT_TAG,
                                         FAST_LATENCY_METRIC, FAST_MODEL_TAG, FAST_TAG, FAST_WITHIN_TAG, FRONT_TAG,
                                         KIND_TAG, SPEED_MACHINE_TAG, SPEED_NOTE_TAG, SWEEP_TAG, TRIAL_TAG,
                                         TUNED_DECODING_TAG, champion_record, tuned_metric)
 from captune.infra.mlflow_store import configure
+from captune.infra.raycluster import root_cause
 from captune.search.convergence import NOISE_METRIC
 from captune.search.decoding_search import BASELINE, decoding_from_tags, validation_scores
 from captune.search.leaderboard import find_sweep
 from captune.search.mlflow_trials import ranked_trial_runs
 from captune.search.objective import metric_of, objective
+from captune.search.progress import held_back
 from captune.search.registry import model_name, register_fast
 from captune.search.tradeoff import DECODINGS, FastChoice, Model, choose_fast, draw_fronts, front
 from captune.trainables.checkpoint import load_checkpoint
@@ -42,6 +46,35 @@ from captune.trainables.speed import BATCH, Subject, machine, measure, pinned
 
 MEASURED = "latency_p50_ms_greedy"  # a trial run with it was measured
 AT_ONCE = 32  # trials loaded and timed together at most (each holds its model in memory meanwhile)
+
+
+def measure_after_searches(req, uri: str, here, feature_sets: dict[str, str | None]) -> None:
+    """The sweep's step once nothing trains any more (captune.search.sweep): measure_sweep in a Ray
+    task of its own on the driver's node (`here`), whose process ends with it (it pins that process
+    to one core). A failure is said and the sweep keeps its results; Ctrl-C says how to go on.
+    `req`: the captune.search.request.SweepRequest."""
+    print("\nmeasuring each trial's latency and size (one core, one torch thread) ...", flush=True)
+    task = ray.remote(num_cpus=0, max_retries=0, max_calls=1)(_speed_task).options(scheduling_strategy=here)
+    ref = task.remote(req.name, uri, str(Path(req.data_root).resolve()), feature_sets, req.fast_within,
+                      not req.verbose)
+    try:
+        print("\n".join(ray.get(ref)), flush=True)
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        print(f"\ncaptune: the searches are done; `captune speed {req.name}` measures the trials' speed and "
+              f"chooses @fast", file=sys.stderr, flush=True)
+        raise
+    except Exception as e:
+        if unavailable(e):
+            raise
+        print(f"WARNING: the trials' speed was not measured ({root_cause(e)}); the sweep's results are kept: "
+              f"`captune speed {req.name}` measures it", flush=True)
+
+
+def _speed_task(sweep: str, uri: str, data_root: str, feature_sets: dict, within: float | None,
+                quiet: bool) -> list[str]:
+    with held_back(quiet):  # (MLflow's lines as it registers @fast)
+        return measure_sweep(sweep, uri, data_root, feature_sets, within)
 
 
 def measure_sweep(sweep: str, tracking_uri: str | None = None, data_root: str | None = None,

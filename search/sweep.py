@@ -34,6 +34,7 @@ from captune.search.request import (ArchOutcome, ArchSearch, SearchJob, SweepExi
 from captune.search.search_task import run_search
 from captune.search.slots import create_pool
 from captune.search.space import SweepSettings
+from captune.search.speed import measure_after_searches
 from captune.search.strategy import startup_trials
 from captune.search.warm_start import tell_study, warm_trials
 from captune.trainables import WORKER_PRELOAD
@@ -156,41 +157,10 @@ def _run_sweep(req: SweepRequest, planned: tuple[SweepSettings, list[ArchSearch]
         ray.kill(relay)
     view.close()
     if any(o.champion for o in outcomes.values()):
-        _measure_speed(req, uri, here, {arch: f.manifest if f else None for arch, f in feature_sets.items()})
+        measure_after_searches(req, uri, here, {arch: f.manifest if f else None for arch, f in feature_sets.items()})
     if failures:
         _search_failed(client, experiment_id, req, failures)
     return [outcomes[job.search.arch] for job in jobs]
-
-
-def _measure_speed(req: SweepRequest, uri: str, here, feature_sets: dict) -> None:
-    """Every trial's latency and size, the Pareto fronts and @fast (captune.search.speed), once
-    nothing trains any more: in a Ray task of its own on this node (it pins its process to one
-    core; a process that ends with it), each architecture an optional step."""
-    print("\nmeasuring each trial's latency and size (one core, one torch thread) ...", flush=True)
-    task = ray.remote(num_cpus=0, max_retries=0, max_calls=1)(_speed_task).options(scheduling_strategy=here)
-    ref = task.remote(req.name, uri, str(Path(req.data_root).resolve()), feature_sets, req.fast_within,
-                      not req.verbose)
-    try:
-        print("\n".join(ray.get(ref)), flush=True)
-    except KeyboardInterrupt:
-        ray.cancel(ref, force=True)
-        print(f"\ncaptune: the searches are done; `captune speed {req.name}` measures the trials' speed and "
-              f"chooses @fast", file=sys.stderr, flush=True)
-        raise
-    except Exception as e:
-        if unavailable(e):
-            raise
-        print(f"WARNING: the trials' speed was not measured ({root_cause(e)}); the sweep's results are kept: "
-              f"`captune speed {req.name}` measures it", flush=True)
-
-
-def _speed_task(sweep: str, uri: str, data_root: str, feature_sets: dict, within: float | None,
-                quiet: bool) -> list[str]:
-    from captune.search.progress import held_back
-    from captune.search.speed import measure_sweep
-
-    with held_back(quiet):  # (MLflow's lines as it registers @fast)
-        return measure_sweep(sweep, uri, data_root, feature_sets, within)
 
 
 def open_sweep_records(req: SweepRequest, settings: SweepSettings, searches: list[ArchSearch],

@@ -117,3 +117,24 @@ def draw_fronts(points: dict[str, list[Model]], champions: dict[str, Model], fas
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def alias_lines(models: dict, archs: list[str], metric: str, col) -> list[str]:
+    """captune compare's rows: @champion and @fast on the split, each at the decoding it serves, with
+    its latency per image. `models`: compare's results per architecture; `col`: a row's cells."""
+    fast = {a: models[a].get("fast") for a in archs}
+    label = SCORE_LABELS[metric]
+    lines = ["@champion and @fast (each at its own decoding; latency per image, batch 1, p50, one core):"]
+    champion = {a: models[a].get("tuned") or {"decoding": "beam 3", **models[a]["beam3"]} for a in archs}
+    lines.append(f"{'@champion ' + label:<18}" + col(f"{champion[a][metric]:.4f}" for a in archs))
+    lines.append(f"{'  ms per image':<18}" + col(_ms((fast[a] or {}).get("champion_latency_p50_ms")) for a in archs))
+    lines.append(f"{'@fast ' + label:<18}" + col(f"{fast[a][metric]:.4f}" if fast[a] else "-" for a in archs))
+    lines.append(f"{'  ms per image':<18}" + col(_ms((fast[a] or {}).get("latency_p50_ms")) for a in archs))
+    lines.append(f"{'  model':<18}" + col(("= @champion" if fast[a]["same"] else f"v{fast[a]['version']}")
+                                          if fast[a] else "not chosen" for a in archs))
+    lines.append("@fast decoding: " + "; ".join(f"{a} {fast[a]['decoding']}" for a in archs if fast[a]))
+    return lines
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
