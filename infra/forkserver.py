@@ -175,6 +175,7 @@ def _become_worker(conn: socket.socket, request: dict, fds: list[int]) -> None:
         if "numpy" in sys.modules:  # a new process seeds NumPy's global generator afresh; forks share it
             sys.modules["numpy"].random.seed()
         threading.Thread(target=_end_with_stand_in, args=(conn,), daemon=True, name="stand-in watch").start()
+        sys.unraisablehook = _report_unraisable
         runpy.run_path(sys.argv[0], run_name="__main__")
         code = 0
     except SystemExit as e:
@@ -188,6 +189,16 @@ def _become_worker(conn: socket.socket, request: dict, fds: list[int]) -> None:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _report_unraisable(unraisable) -> None:
+    """Ray ends a worker with SIGTERM (a stopped sweep's trials, reruns), its handler raising
+    SystemExit wherever the interpreter is; raised inside a weakref callback or a finalizer, Python
+    reports it as "Exception ignored in ... Traceback ... SystemExit" and Ray carries that to the
+    user's console. That SystemExit is the worker ending as asked: not reported. Anything else is,
+    as Python would."""
+    if not issubclass(unraisable.exc_type, SystemExit):
+        sys.__unraisablehook__(unraisable)
 
 
 def _end_with_stand_in(conn: socket.socket) -> None:

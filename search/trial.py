@@ -12,10 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import signal
-import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -161,29 +157,8 @@ def _entry() -> _Entry:
     if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
         import captune.trainables.loop  # noqa: F401
         import captune.trainables.ray_train  # noqa: F401
-
-        _quiet_when_ended()
     return _Entry()
 
-
-def _quiet_when_ended() -> None:
-    """A trial actor ended by SIGTERM (its search stopped: Ctrl-C, a failed search) exits through
-    the handler Ray set, which raises SystemExit wherever the interpreter is; raised inside a
-    weakref callback, Python prints it as "Exception ignored in ... Traceback ... SystemExit" and
-    Ray carries that to the user's console (seen once in the suite). The actor is going away on
-    purpose, so its Python stderr goes to /dev/null first; the handler then runs as before."""
-    if threading.current_thread() is not threading.main_thread():
-        return  # (signal handlers are set from the main thread only)
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def ended(signum, frame):
-        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process is ending)
-        if callable(previous):
-            previous(signum, frame)
-        else:
-            raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, ended)
 
 
 def trial_trainable(setup: TrialSetup):

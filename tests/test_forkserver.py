@@ -26,6 +26,22 @@ WORKER = textwrap.dedent("""
                       "preloaded": "captune.trainables.loop" in sys.modules}), flush=True)
     if sys.argv[1] == "sleep":
         time.sleep(300)
+    if sys.argv[1] == "unraisable":  # errors raised where Python can only report them: weakref callbacks
+        import weakref
+
+        class Target:
+            pass
+
+        def raiser(error):
+            def callback(ref):
+                raise error
+            return callback
+
+        refs = []
+        for error in (SystemExit(1), ValueError("a real fault")):
+            target = Target()
+            refs.append(weakref.ref(target, raiser(error)))
+            del target
     sys.exit(int(sys.argv[2]))
 """)
 
@@ -66,6 +82,20 @@ def test_worker_runs_as_a_fork_with_the_stand_ins_arguments_streams_and_exit_sta
     assert seen["env"] == "from the stand-in"
     assert seen["pgid"] == proc.pid  # the stand-in's process group, which Ray signals to end it
     assert seen["preloaded"]  # the training code was imported before the fork
+
+
+@pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
+def test_a_worker_ending_by_systemexit_in_a_callback_reports_no_traceback_and_other_faults_still_show(worker_script):
+    # Ray's SIGTERM handler raises SystemExit wherever the worker is; inside a weakref callback Python
+    # would print "Exception ignored ... SystemExit" to the user's console. Other faults there still show.
+    proc = subprocess.Popen([sys.executable, "-m", "captune.infra.fork_stand_in", PRELOAD, str(worker_script),
+                             "unraisable", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=worker_script.parent, process_group=0)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert "captune.infra.forkserver" in psutil.Process(json.loads(out.splitlines()[0])["ppid"]).cmdline()  # a fork
+    assert "ValueError: a real fault" in err and err.count("Exception ignored") == 1, err
+    assert "SystemExit" not in err, err
 
 
 @pytest.mark.slow  # its own Ray cluster, server or processes: not in make test-fast
