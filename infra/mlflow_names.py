@@ -60,9 +60,22 @@ FAST_MODEL_TAG = "captune.fast_model"  # ... that model, models:/<name>/<version
 # ... and the latency per image (batch 1, p50) of the champion at its decoding and of @fast at its own
 CHAMPION_LATENCY_METRIC, FAST_LATENCY_METRIC = "champion_latency_p50_ms", "fast_latency_p50_ms"
 FAST_WITHIN_TAG = "captune.fast_within"  # on a sweep's experiment: its --fast-within, kept for --resume
-# ... and its metrics (captune.trainables.speed.measure), per decoding: "greedy" and "tuned"
-SPEED_METRICS = ("params", "checkpoint_mb", *(f"{what}_{decoding}" for decoding in ("greedy", "tuned")
-                                             for what in ("latency_p50_ms", "latency_p90_ms", "throughput_b32")))
+# ... and its metrics (captune.trainables.speed.measure): per decoding ("greedy", "tuned") each figure
+SPEED_FIGURES = ("latency_p50_ms", "latency_p90_ms", "throughput_b32")
+
+
+def speed_metric(figure: str, decoding: str) -> str:
+    """A trial run's speed figure at a decoding ("latency_p50_ms_greedy")."""
+    return f"{figure}_{decoding}"
+
+
+def p50_metric(decoding: str) -> str:
+    """Its batch-1 latency's median at a decoding, what the Pareto fronts and @fast read."""
+    return speed_metric("latency_p50_ms", decoding)
+
+
+SPEED_METRICS = ("params", "checkpoint_mb", *(speed_metric(figure, decoding) for decoding in ("greedy", "tuned")
+                                             for figure in SPEED_FIGURES))
 
 
 def tuned_metric(metric: str) -> str:

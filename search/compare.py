@@ -32,7 +32,7 @@ from captune.search.leaderboard import find_sweep
 from captune.search.objective import DEFAULT_METRIC, metric_of, objective
 from captune.search.request import storage_root
 from captune.search.rerun_job import replicate_jobs
-from captune.search.tradeoff import alias_lines
+from captune.search.tradeoff import alias_lines, served
 from captune.search.reruns import run_reruns
 from captune.trainables import WORKER_PRELOAD
 from captune.trainables.catalog import SCORE_LABELS, SCORES
@@ -90,9 +90,7 @@ def compare(name: str, data_root: str | None = None, tracking_uri: str | None = 
             "control": control_record(tags, m, metric), "chosen_over_seeds": tags.get(SEED_SUMMARY_TAG)}
         fast = _fast(parent, model_uri, uri, root, split, skip, scorer)
         if fast:  # @fast beside it; when @fast is the champion, its scores are the champion's at its decoding
-            results["models"][arch]["fast"] = fast if "decoding" in fast else {
-                **fast, **results["models"][arch].get("tuned", {"decoding": "beam 3",
-                                                                 **results["models"][arch].get("beam3", {})})}
+            results["models"][arch]["fast"] = fast if "decoding" in fast else {**fast, **served(results["models"][arch])}
     if not results["models"]:
         raise ConfigError(f"sweep {name!r} has no registered champion yet: let its sweep finish (or --resume it)")
     archs = list(results["models"])

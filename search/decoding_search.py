@@ -47,8 +47,8 @@ class DecodingChoice:
 
     def tags(self) -> dict[str, str]:
         """Its model version's tags."""
-        return {"decoding": self.chosen.text(), **{f"decoding_{k}": str(v) for k, v in asdict(self.chosen).items()},
-                f"decoding_val_{self.metric}": f"{self.score:.6f}", "decoding_val_gain": f"{self.score - self.baseline:.6f}"}
+        return {**decoding_tags(self.chosen), f"decoding_val_{self.metric}": f"{self.score:.6f}",
+                "decoding_val_gain": f"{self.score - self.baseline:.6f}"}
 
 
 def choose_decoding(loaded, data_root, metric: str, feature_set: str | None = None) -> DecodingChoice:
@@ -84,8 +84,13 @@ def validation_scores(loaded, data_root, decodings: list[Decoding], metric: str,
     return {d: scorers[key].scores(captions[d])[metric] for d in decodings}
 
 
+def decoding_tags(decoding: Decoding) -> dict[str, str]:
+    """A model version's tags for the decoding it captions by (decoding_from_tags reads them back)."""
+    return {"decoding": decoding.text(), **{f"decoding_{k}": str(v) for k, v in asdict(decoding).items()}}
+
+
 def decoding_from_tags(tags: dict[str, str]) -> Decoding | None:
-    """The decoding a model version was registered with (DecodingChoice.tags), if one was chosen."""
+    """The decoding a model version was registered with (decoding_tags), if one was chosen."""
     if "decoding_beam" not in tags:
         return None
     limit = tags.get("decoding_max_len", "None")

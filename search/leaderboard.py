@@ -10,7 +10,8 @@ from captune.infra.mlflow_names import (ARCH_TAG, BEST_TRIAL_TAG, CONTROL_ERROR_
                                 ERROR_TAG, FAST_MODEL_TAG, FAST_TAG, FRONT_TAG, IMPORTANCE_BASIS_TAG,
                                 IMPORTANCE_NOTE_TAG, IMPORTANCE_PREFIX, KIND_TAG, SEED_CHOICE_ERROR_TAG,
                                 SEED_CHOICE_TAG, SEED_GROUP_TAG, SEED_MEAN_METRIC, SPEED_METRICS, SPEED_NOTE_TAG,
-                                STATE_TAG, SWEEP_TAG, TRIAL_TAG, TUNED_DECODING_TAG, control_record, tuned_metric)
+                                STATE_TAG, SWEEP_TAG, TRIAL_TAG, TUNED_DECODING_TAG, control_record, p50_metric,
+                                tuned_metric)
 from captune.infra.mlflow_store import configure, require_not_deleted
 from captune.search.convergence import CONVERGENCE_TAG
 from captune.search.objective import DEFAULT_METRIC, metric_of, objective, trial_order
@@ -145,7 +146,7 @@ def _fast_lines(search: dict, rows: list[dict]) -> list[str]:
     """The speed columns' key, and @fast (captune.search.tradeoff)."""
     if search["speed_note"]:
         return [f"    speed: WARNING: {search['speed_note'][:200]}"]
-    if not any(r["latency_p50_ms_greedy"] is not None for r in rows):
+    if not any(r[p50_metric("greedy")] is not None for r in rows):
         return []
     tuned = next((r["tuned_decoding"] for r in rows if r["tuned_decoding"]), "the champion's")
     return [f"    speed: tuned = validation score at the tuned decoding ({tuned}); ms g/t = latency per image, batch 1, "
@@ -154,7 +155,7 @@ def _fast_lines(search: dict, rows: list[dict]) -> list[str]:
 
 
 def _speed(row: dict) -> str:
-    greedy, tuned = row["latency_p50_ms_greedy"], row["latency_p50_ms_tuned"]
+    greedy, tuned = row[p50_metric("greedy")], row[p50_metric("tuned")]
     return "-" if greedy is None else f"{greedy:.1f}/{_fmt(tuned, '.1f')}"
 
 

@@ -14,7 +14,8 @@ import json
 import time
 import uuid
 
-from captune.infra.mlflow_names import FRONT_TAG, KIND_TAG, SEED_GROUP_TAG, SEED_MEAN_METRIC, STATE_TAG, tuned_metric
+from captune.infra.mlflow_names import (FRONT_TAG, KIND_TAG, SEED_GROUP_TAG, SEED_MEAN_METRIC, STATE_TAG, p50_metric,
+                                        tuned_metric)
 from captune.search.objective import DEFAULT_METRIC, objective
 from captune.trainables.catalog import HEADLINE, SCORE_LABELS
 
@@ -43,8 +44,8 @@ def columns(metric: str) -> list[str]:
             # a trial retrained over new seeds to choose the champion: its mean, and chosen / tied / behind
             column("metrics", SEED_MEAN_METRIC), column("tags", SEED_GROUP_TAG),
             # how fast it is (captune.search.speed): its score at the tuned decoding, latency, fronts
-            column("metrics", tuned_metric(metric)), column("metrics", "latency_p50_ms_greedy"),
-            column("metrics", "latency_p50_ms_tuned"), column("tags", FRONT_TAG)]
+            column("metrics", tuned_metric(metric)), column("metrics", p50_metric("greedy")),
+            column("metrics", p50_metric("tuned")), column("tags", FRONT_TAG)]
 
 
 def leaderboard_state(metric: str = DEFAULT_METRIC) -> dict:
@@ -65,7 +66,7 @@ def leaderboard_state(metric: str = DEFAULT_METRIC) -> dict:
          "ignoreOutliers": False, "useGlobalXaxisKey": False, "useGlobalLineSmoothing": False,
          "runsCountToCompare": 100},
         *({**_card("SCATTER", f"speed-{decoding}", section), "runsCountToCompare": 100,
-           "xaxis": {"key": f"latency_p50_ms_{decoding}", "type": "METRIC"}, "yaxis": {"key": score, "type": "METRIC"},
+           "xaxis": {"key": p50_metric(decoding), "type": "METRIC"}, "yaxis": {"key": score, "type": "METRIC"},
            "displayName": f"{label} against ms per image, {decoding}"}
           for decoding, score in (("greedy", target), ("tuned", tuned_metric(metric)))),
     ]

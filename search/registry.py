@@ -12,7 +12,6 @@ import tempfile
 import textwrap
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -28,7 +27,7 @@ from captune.trainables.config import split_seed_of
 from captune.trainables.decoding import Decoding
 from captune.trainables.evaluation import evaluate_split
 from captune.trainables.inference import caption_images
-from captune.search.decoding_search import choose_decoding
+from captune.search.decoding_search import choose_decoding, decoding_tags
 from captune.serving.logged_model import log_captioner
 from captune.trainables.model_source import load_captioner
 
@@ -105,9 +104,7 @@ def register_fast(client, arch: str, run_id: str, checkpoint: Path | None, decod
         else:
             with mlflow.start_run(run_id=run_id):
                 version = str(log_captioner(checkpoint, registered_name=name, decoding=decoding).registered_model_version)
-            version_tags = {**tags, "role": FAST_ALIAS, "decoding": decoding.text(),
-                            **{f"decoding_{k}": str(v) for k, v in asdict(decoding).items()}}
-            for tag, value in version_tags.items():
+            for tag, value in {**tags, "role": FAST_ALIAS, **decoding_tags(decoding)}.items():
                 client.set_model_version_tag(name, version, tag, str(value))
     with promotion_lock(client, name):
         try:

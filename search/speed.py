@@ -27,7 +27,7 @@ from captune.infra.mlflow_logging import metric_entities, optional_step, unavail
 from captune.infra.mlflow_names import (ARCH_TAG, CHAMPION_LATENCY_METRIC, CHART_NOTE_PREFIX, CHECKPOINT_TAG,
                                         FAST_LATENCY_METRIC, FAST_MODEL_TAG, FAST_TAG, FAST_WITHIN_TAG, FRONT_TAG,
                                         KIND_TAG, SPEED_MACHINE_TAG, SPEED_NOTE_TAG, SWEEP_TAG, TRIAL_TAG,
-                                        TUNED_DECODING_TAG, champion_record, tuned_metric)
+                                        TUNED_DECODING_TAG, champion_record, p50_metric, tuned_metric)
 from captune.infra.mlflow_store import configure
 from captune.infra.raycluster import root_cause
 from captune.search.convergence import NOISE_METRIC
@@ -44,7 +44,7 @@ from captune.trainables.decoding import Decoding
 from captune.trainables.inference import image_size_of
 from captune.trainables.speed import BATCH, Subject, machine, measure, pinned
 
-MEASURED = "latency_p50_ms_greedy"  # a trial run with it was measured
+MEASURED = p50_metric("greedy")  # a trial run with it was measured
 AT_ONCE = 32  # trials loaded and timed together at most (each holds its model in memory meanwhile)
 
 
@@ -230,10 +230,10 @@ def _models(ranked: list, metric: str) -> list[Model]:
         common = dict(rank=rank, run_id=run.info.run_id, trial_id=run.data.tags.get(TRIAL_TAG, ""),
                       name=run.info.run_name or "")
         if run.data.params.get("val_beam", "1") == "1":  # (its objective is its greedy score)
-            out.append(Model(decoding="greedy", score=m[objective(metric)], p50_ms=m["latency_p50_ms_greedy"],
+            out.append(Model(decoding="greedy", score=m[objective(metric)], p50_ms=m[p50_metric("greedy")],
                              **common))
         if tuned_metric(metric) in m:
-            out.append(Model(decoding="tuned", score=m[tuned_metric(metric)], p50_ms=m["latency_p50_ms_tuned"],
+            out.append(Model(decoding="tuned", score=m[tuned_metric(metric)], p50_ms=m[p50_metric("tuned")],
                              **common))
     return out
 

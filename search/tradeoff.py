@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from captune.trainables.catalog import SCORE_LABELS
+from captune.trainables.catalog import CAPTION_BEAM, SCORE_LABELS
+from captune.trainables.decoding import Decoding
 
 DECODINGS = ("greedy", "tuned")
 # Two measurements of one model's p50 on one idle machine differ by up to ~10 % (RESULTS.md): a
@@ -119,13 +120,19 @@ def draw_fronts(points: dict[str, list[Model]], champions: dict[str, Model], fas
     plt.close(fig)
 
 
+def served(entry: dict) -> dict:
+    """A champion's scores in captune compare's results at the decoding it serves: its tuned one,
+    else beam CAPTION_BEAM, how a model without one captions; with that decoding in words."""
+    return entry.get("tuned") or {"decoding": Decoding(CAPTION_BEAM).text(), **entry.get(f"beam{CAPTION_BEAM}", {})}
+
+
 def alias_lines(models: dict, archs: list[str], metric: str, col) -> list[str]:
     """captune compare's rows: @champion and @fast on the split, each at the decoding it serves, with
     its latency per image. `models`: compare's results per architecture; `col`: a row's cells."""
     fast = {a: models[a].get("fast") for a in archs}
     label = SCORE_LABELS[metric]
     lines = ["@champion and @fast (each at its own decoding; latency per image, batch 1, p50, one core):"]
-    champion = {a: models[a].get("tuned") or {"decoding": "beam 3", **models[a]["beam3"]} for a in archs}
+    champion = {a: served(models[a]) for a in archs}
     lines.append(f"{'@champion ' + label:<18}" + col(f"{champion[a][metric]:.4f}" for a in archs))
     lines.append(f"{'  ms per image':<18}" + col(_ms((fast[a] or {}).get("champion_latency_p50_ms")) for a in archs))
     lines.append(f"{'@fast ' + label:<18}" + col(f"{fast[a][metric]:.4f}" if fast[a] else "-" for a in archs))

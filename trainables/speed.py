@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from captune.infra.mlflow_names import speed_metric
 from captune.trainables.checkpoint import Loaded
 from captune.trainables.decoding import Decoding
 from captune.trainables.inference import caption_pixels
@@ -93,9 +94,9 @@ def measure(subjects: dict[str, Subject], rounds: int = ROUNDS) -> dict[str, dic
     for n, s in subjects.items():
         out[n] = {"params": float(sum(p.numel() for p in s.loaded.model.parameters()))}
         for d in s.decodings:
-            out[n][f"latency_p50_ms_{d}"] = 1000 * float(np.percentile(singles[n, d], 50))
-            out[n][f"latency_p90_ms_{d}"] = 1000 * float(np.percentile(singles[n, d], 90))
-            out[n][f"throughput_b32_{d}"] = BATCH / float(np.median(batches[n, d]))
+            out[n][speed_metric("latency_p50_ms", d)] = 1000 * float(np.percentile(singles[n, d], 50))
+            out[n][speed_metric("latency_p90_ms", d)] = 1000 * float(np.percentile(singles[n, d], 90))
+            out[n][speed_metric("throughput_b32", d)] = BATCH / float(np.median(batches[n, d]))
     return out
 
 
