@@ -270,9 +270,14 @@ def _diverged(result) -> bool:
 
 def _tag_checkpoints(client, runs: list, scored: dict) -> None:
     """Each scored trial's run names its best epoch's checkpoint (a path, or a URI when the storage
-    is remote): what captune.search.speed measures once every search has ended."""
+    is remote): what captune.search.speed measures once every search has ended. A trial whose
+    checkpoint was not kept is left untagged (not measured, said then): the speed is optional, the
+    search's results are not."""
     for run in runs:
-        checkpoint = _best_checkpoint(scored[run.data.tags[TRIAL_TAG]])
+        try:
+            checkpoint = _best_checkpoint(scored[run.data.tags[TRIAL_TAG]])
+        except RuntimeError:
+            continue
         kind = checkpoint.filesystem.type_name
         where = checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
         if run.data.tags.get(CHECKPOINT_TAG) != where:

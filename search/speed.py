@@ -26,7 +26,7 @@ from captune.data.layouts import load_corpus
 from captune.infra.mlflow_logging import metric_entities, optional_step, unavailable
 from captune.infra.mlflow_names import (ARCH_TAG, CHAMPION_LATENCY_METRIC, CHART_NOTE_PREFIX, CHECKPOINT_TAG,
                                         FAST_LATENCY_METRIC, FAST_MODEL_TAG, FAST_TAG, FAST_WITHIN_TAG, FRONT_TAG,
-                                        KIND_TAG, SPEED_MACHINE_TAG, SPEED_NOTE_TAG, SWEEP_TAG, TRIAL_TAG,
+                                        KIND_TAG, SPEED_MACHINE_TAG, SPEED_NOTE_TAG, STATE_TAG, SWEEP_TAG, TRIAL_TAG,
                                         TUNED_DECODING_TAG, champion_record, p50_metric, tuned_metric)
 from captune.infra.mlflow_store import configure
 from captune.infra.raycluster import root_cause
@@ -34,7 +34,7 @@ from captune.search.convergence import NOISE_METRIC
 from captune.search.decoding_search import BASELINE, decoding_from_tags, validation_scores
 from captune.search.leaderboard import find_sweep
 from captune.search.mlflow_trials import ranked_trial_runs
-from captune.search.objective import metric_of, objective
+from captune.search.objective import USABLE, metric_of, objective
 from captune.search.progress import held_back
 from captune.search.registry import model_name, register_fast
 from captune.search.tradeoff import DECODINGS, FastChoice, Model, choose_fast, draw_fronts, front
@@ -155,8 +155,10 @@ class _Search:
         ranked = ranked_trial_runs(client, self.experiment_id, self.sweep, self.arch, metric)  # with what was logged
         models = _models(ranked, metric)
         before = "again" if self.again else f"{len(self.kept) - len(self.todo)} measured before"
+        unkept = sum(run.data.tags.get(STATE_TAG) in USABLE and CHECKPOINT_TAG not in run.data.tags for run in ranked)
         lines = [f"speed: {len(self.todo)} trial(s) measured" + (f" on {where}" if self.todo else "") +
-                 f" ({before}); greedy and the tuned decoding ({tuned.text()})"]
+                 f" ({before}" + (f"; {unkept} without a kept checkpoint, not measured" if unkept else "") +
+                 f"); greedy and the tuned decoding ({tuned.text()})"]
         if not models:
             return lines
         fronts = {d: front([m for m in models if m.decoding == d]) for d in DECODINGS}

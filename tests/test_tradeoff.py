@@ -118,3 +118,25 @@ def test_a_failed_measurement_keeps_the_sweep_and_says_why(tmp_path, tracking_ur
     assert client.get_run(trial.info.run_id).data.metrics == {"best_bleu4": 0.5}  # nothing half-written
     assert main(["leaderboard", "sw", "--tracking-uri", tracking_uri]) == 0
     assert "    speed: WARNING: the cnn-lstm trials' speed not made" in capsys.readouterr().out
+
+
+def test_a_trial_whose_best_checkpoint_was_not_kept_is_left_unmeasured_not_a_failed_search(tmp_path, tracking_uri):
+    # Naming each trial's checkpoint for the speed step must not cost a search its results.
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+    from ray.tune import Checkpoint
+
+    from captune.search.search_task import _tag_checkpoints
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("tags")
+    kept, lost = (client.create_run(experiment_id, tags={"captune.trial_id": t}) for t in ("a", "b"))
+    (tmp_path / "ckpt").mkdir()
+    scored = {"a": SimpleNamespace(metrics={"best_epoch": 2}, best_checkpoints=[(Checkpoint(str(tmp_path / "ckpt")),
+                                                                                 {"epoch": 2})]),
+              "b": SimpleNamespace(metrics={"best_epoch": 2, "trial_id": "b"}, best_checkpoints=[],
+                                   metrics_dataframe=None, path=str(tmp_path / "b"))}
+    _tag_checkpoints(client, [client.get_run(kept.info.run_id), client.get_run(lost.info.run_id)], scored)
+    assert client.get_run(kept.info.run_id).data.tags["captune.checkpoint"] == str(tmp_path / "ckpt")
+    assert "captune.checkpoint" not in client.get_run(lost.info.run_id).data.tags
